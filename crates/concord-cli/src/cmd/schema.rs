@@ -1,0 +1,33 @@
+//! `concord schema`: the JSON Schema agents validate against.
+
+use anyhow::Result;
+
+/// Which schema.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum Which {
+    /// What agents send.
+    Intent,
+    /// What the coordinator answers.
+    Preview,
+    /// The error reply to a malformed intent.
+    DecodeError,
+}
+
+/// Arguments.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Which schema to print.
+    #[arg(value_enum, default_value = "intent")]
+    which: Which,
+}
+
+/// Prints the schema.
+pub fn run(a: Args) -> Result<u8> {
+    let schema = match a.which {
+        Which::Intent => concord_proto::intent_schema(),
+        Which::Preview => concord_proto::preview_schema(),
+        Which::DecodeError => concord_proto::decode_error_schema(),
+    };
+    println!("{}", serde_json::to_string_pretty(&schema)?);
+    Ok(0)
+}

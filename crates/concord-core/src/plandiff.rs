@@ -1,0 +1,146 @@
+//! The difference between two versions of a plan, and scope expansion.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use concord_proto::preview::{Expansion, PlanDiff, StepChange};
+use concord_proto::{Compensation, Intent, Op, ResourcePath, Step, StepKind, StepSpec};
+
+/// Every spec a plan may run: its steps and its `undo` compensations.
+fn specs(plan: &Intent) -> Vec<(&Step, StepSpec)> {
+    let mut out = Vec::new();
+    for s in &plan.steps {
+        out.push((
+            s,
+            StepSpec {
+                path: s.path.clone(),
+                op: s.op.clone(),
+            },
+        ));
+        if let Compensation::Undo(u) = &s.compensation {
+            out.push((s, u.clone()));
+        }
+    }
+    out
+}
+
+/// The numeric value a spec raises its target to, if any (`set` of a number, `scale`).
+fn raised(op: &Op) -> Option<f64> {
+    match op {
+        Op::Set(a) => a.value.as_f64(),
+        Op::Scale(a) => Some(a.replicas.into()),
+        _ => None,
+    }
+}
+
+/// Compares `new` against `old` (an earlier version of the same lineage).
+pub fn plan_diff(old: &Intent, new: &Intent) -> PlanDiff {
+    let old_steps: BTreeMap<&str, &Step> = old.steps.iter().map(|s| (s.id.as_str(), s)).collect();
+    let new_ids: BTreeSet<&str> = new.steps.iter().map(|s| s.id.as_str()).collect();
+    let mut added = Vec::new();
+    let mut changed = Vec::new();
+    for s in &new.steps {
+        match old_steps.get(s.id.as_str()) {
+            None => added.push(s.id.clone()),
+            Some(o) => {
+                let fields = differing_fields(o, s);
+                if !fields.is_empty() {
+                    changed.push(StepChange {
+                        step: s.id.clone(),
+                        fields,
+                    });
+                }
+            }
+        }
+    }
+    let removed = old
+        .steps
+        .iter()
+        .filter(|s| !new_ids.contains(s.id.as_str()))
+        .map(|s| s.id.clone())
+        .collect();
+
+    let old_specs = specs(old);
+    let old_paths: Vec<&ResourcePath> = old_specs.iter().map(|(_, sp)| &sp.path).collect();
+    let old_kinds: BTreeSet<StepKind> = old_specs.iter().map(|(_, sp)| sp.op.kind()).collect();
+    let old_kind_paths: BTreeSet<(StepKind, &ResourcePath)> =
+        old_specs.iter().map(|(_, sp)| (sp.op.kind(), &sp.path)).collect();
+    let mut old_max: BTreeMap<(&ResourcePath, StepKind), f64> = BTreeMap::new();
+    for (_, sp) in &old_specs {
+        if let Some(v) = raised(&sp.op) {
+            let e = old_max.entry((&sp.path, sp.op.kind())).or_insert(f64::NEG_INFINITY);
+            *e = e.max(v);
+        }
+    }
+    let old_grants: BTreeSet<(&ResourcePath, String)> = old_specs
+        .iter()
+        .filter_map(|(_, sp)| match &sp.op {
+            Op::Grant(g) => Some((&sp.path, format!("{}:{}", g.principal, g.role))),
+            _ => None,
+        })
+        .collect();
+
+    let mut expansion = Vec::new();
+    let mut push = |kind: &str, step: &Step, detail: String| {
+        let e = Expansion {
+            kind: kind.to_string(),
+            step: step.id.clone(),
+            detail,
+        };
+        if !expansion.contains(&e) {
+            expansion.push(e);
+        }
+    };
+    for (step, sp) in specs(new) {
+        let kind = sp.op.kind();
+        if !old_paths.iter().any(|p| p.covers(&sp.path)) {
+            push(
+                "new_path",
+                step,
+                format!("`{}` is not under any path of v{}", sp.path, old.version),
+            );
+        }
+        if !old_kinds.contains(&kind) {
+            push("new_kind", step, format!("`{kind}` appears only in v{}", new.version));
+        }
+        if kind.destructive() && !old_kind_paths.contains(&(kind, &sp.path)) {
+            push("destructive", step, format!("destructive `{kind}` on `{}`", sp.path));
+        }
+        if let Some(v) = raised(&sp.op)
+            && let Some(&was) = old_max.get(&(&sp.path, kind))
+            && v > was
+        {
+            push(
+                "raised_value",
+                step,
+                format!("`{}` raised to {v} (v{} went to {was})", sp.path, old.version),
+            );
+        }
+        if let Op::Grant(g) = &sp.op {
+            let member = format!("{}:{}", g.principal, g.role);
+            if !old_grants.contains(&(&sp.path, member.clone())) {
+                push("new_grant", step, format!("grants `{member}` on `{}`", sp.path));
+            }
+        }
+    }
+    PlanDiff {
+        previous_version: old.version,
+        previous_hash: old.content_hash(),
+        added,
+        removed,
+        changed,
+        scope_expansion: expansion,
+    }
+}
+
+fn differing_fields(a: &Step, b: &Step) -> Vec<String> {
+    let (Ok(serde_json::Value::Object(a)), Ok(serde_json::Value::Object(b))) =
+        (serde_json::to_value(a), serde_json::to_value(b))
+    else {
+        return vec!["step".into()];
+    };
+    let keys: BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+    keys.into_iter()
+        .filter(|k| a.get(*k) != b.get(*k))
+        .map(|k| k.to_string())
+        .collect()
+}

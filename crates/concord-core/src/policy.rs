@@ -1,0 +1,580 @@
+//! Policy: per-agent autonomy and allowlists, the built-in invariants'
+//! settings, and user rules in CEL. Parsed from TOML, compiled once.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use concord_proto::{StepKind, Verdict};
+use globset::{Glob, GlobBuilder, GlobSet, GlobSetBuilder};
+use serde::{Deserialize, Serialize};
+
+/// Why a policy was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyError {
+    /// The TOML does not parse or does not fit the policy's shape.
+    #[error("policy: {0}")]
+    Parse(String),
+    /// A path glob does not compile.
+    #[error("policy: rule `{rule}`: glob `{glob}`: {detail}")]
+    Glob {
+        /// The rule.
+        rule: String,
+        /// The glob.
+        glob: String,
+        /// What is wrong.
+        detail: String,
+    },
+    /// A CEL expression does not compile.
+    #[error("policy: rule `{rule}`: CEL `{expr}`: {detail}")]
+    Cel {
+        /// The rule.
+        rule: String,
+        /// The expression.
+        expr: String,
+        /// What is wrong.
+        detail: String,
+    },
+    /// A setting is out of range or inconsistent.
+    #[error("policy: rule `{rule}`: {detail}")]
+    Invalid {
+        /// The rule.
+        rule: String,
+        /// What is wrong.
+        detail: String,
+    },
+}
+
+/// What a rule's failure leads to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// A human decides.
+    NeedsApproval,
+    /// Refused.
+    Reject,
+}
+
+impl Outcome {
+    /// As a verdict.
+    pub fn verdict(self) -> Verdict {
+        match self {
+            Outcome::NeedsApproval => Verdict::NeedsApproval,
+            Outcome::Reject => Verdict::Reject,
+        }
+    }
+}
+
+/// How much an agent may do alone.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Autonomy {
+    /// May only report observations: every plan is rejected.
+    Observe,
+    /// Every plan waits for a human (read-only plus review queue).
+    Propose,
+    /// Plans within policy are admitted.
+    Bounded,
+}
+
+impl Autonomy {
+    /// The wire name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Autonomy::Observe => "observe",
+            Autonomy::Propose => "propose",
+            Autonomy::Bounded => "bounded",
+        }
+    }
+}
+
+/// One allowlist entry: these kinds on paths matching these globs.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AllowEntry {
+    /// Step kinds.
+    pub kinds: Vec<StepKind>,
+    /// Path globs (`*` within a segment, `**` across segments).
+    pub paths: Vec<String>,
+}
+
+/// An agent's settings.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    /// Autonomy level.
+    pub autonomy: Autonomy,
+    /// If present, every step (and every compensation step) must match an entry.
+    #[serde(default)]
+    pub allow: Option<Vec<AllowEntry>>,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        // An agent nobody configured gets a human in the loop.
+        AgentConfig {
+            autonomy: Autonomy::Propose,
+            allow: None,
+        }
+    }
+}
+
+/// Paths plus an outcome.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PathsRule {
+    /// Path globs the rule watches.
+    pub paths: Vec<String>,
+    /// What failure leads to.
+    pub outcome: Outcome,
+}
+
+/// An outcome only.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutcomeRule {
+    /// What failure leads to.
+    pub outcome: Outcome,
+}
+
+/// Network rule settings.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkConfig {
+    /// Paths holding network rule lists.
+    pub paths: Vec<String>,
+    /// What a widening leads to.
+    pub outcome: Outcome,
+    /// What a failed or missing preflight leads to.
+    pub preflight_outcome: Outcome,
+}
+
+/// A protected prefix.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProtectedConfig {
+    /// Rule id, e.g. `protected.auth`.
+    pub id: String,
+    /// Path globs nothing may change.
+    pub paths: Vec<String>,
+    /// What a change leads to.
+    pub outcome: Outcome,
+}
+
+/// Allowlisted deploy artifacts.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ArtifactsConfig {
+    /// Artifact globs, e.g. `registry/*:v[0-9]*`.
+    pub allow: Vec<String>,
+    /// What an unlisted artifact leads to.
+    pub outcome: Outcome,
+}
+
+/// A numeric ceiling with two thresholds.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CeilingConfig {
+    /// Rule id.
+    pub id: String,
+    /// Path globs.
+    pub paths: Vec<String>,
+    /// Above this a human decides.
+    pub approve_above: Option<f64>,
+    /// Above this the plan is rejected.
+    pub reject_above: Option<f64>,
+}
+
+/// A per-step rate-of-change limit.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateConfig {
+    /// Rule id.
+    pub id: String,
+    /// Path globs.
+    pub paths: Vec<String>,
+    /// Largest allowed after/before ratio in one step (e.g. 2.0).
+    pub max_factor: f64,
+    /// What a larger step leads to.
+    pub outcome: Outcome,
+}
+
+/// A user rule in CEL.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CelConfig {
+    /// Rule id.
+    pub id: String,
+    /// For people.
+    #[serde(default)]
+    pub description: String,
+    /// Path globs the expression reads; only these are bound in `before` and `after`.
+    pub reads: Vec<String>,
+    /// A CEL expression that must be `true`.
+    pub expr: String,
+    /// What `false` (or an error) leads to.
+    pub outcome: Outcome,
+    /// Named CEL expressions whose values the report shows.
+    #[serde(default)]
+    pub figures: BTreeMap<String, String>,
+}
+
+/// The built-in invariants' settings and the user rules.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RulesConfig {
+    /// `permissions.no_increase`.
+    #[serde(default = "default_permissions")]
+    pub permissions: PathsRule,
+    /// `network.no_widen` and `network.preflight`.
+    #[serde(default = "default_network")]
+    pub network: NetworkConfig,
+    /// `delete.confirmed`.
+    #[serde(default = "reject")]
+    pub delete: OutcomeRule,
+    /// `agent.allowlist`.
+    #[serde(default = "reject")]
+    pub allowlist: OutcomeRule,
+    /// `plan.assumptions`.
+    #[serde(default = "reject")]
+    pub assumptions: OutcomeRule,
+    /// `replan.scope_expansion`.
+    #[serde(default = "needs_approval")]
+    pub scope_expansion: OutcomeRule,
+    /// `deploy.artifacts`.
+    #[serde(default)]
+    pub artifacts: Option<ArtifactsConfig>,
+    /// Protected prefixes.
+    #[serde(default)]
+    pub protected: Vec<ProtectedConfig>,
+    /// Numeric ceilings.
+    #[serde(default)]
+    pub ceiling: Vec<CeilingConfig>,
+    /// Rate-of-change limits.
+    #[serde(default)]
+    pub rate: Vec<RateConfig>,
+    /// User rules.
+    #[serde(default)]
+    pub cel: Vec<CelConfig>,
+}
+
+impl Default for RulesConfig {
+    fn default() -> Self {
+        RulesConfig {
+            permissions: default_permissions(),
+            network: default_network(),
+            delete: reject(),
+            allowlist: reject(),
+            assumptions: reject(),
+            scope_expansion: needs_approval(),
+            artifacts: None,
+            protected: Vec::new(),
+            ceiling: Vec::new(),
+            rate: Vec::new(),
+            cel: Vec::new(),
+        }
+    }
+}
+
+fn default_permissions() -> PathsRule {
+    PathsRule {
+        paths: vec!["iam/**".into(), "**/grants".into()],
+        outcome: Outcome::Reject,
+    }
+}
+fn default_network() -> NetworkConfig {
+    NetworkConfig {
+        paths: vec!["**/ingress".into(), "**/egress".into()],
+        outcome: Outcome::Reject,
+        preflight_outcome: Outcome::Reject,
+    }
+}
+fn reject() -> OutcomeRule {
+    OutcomeRule {
+        outcome: Outcome::Reject,
+    }
+}
+fn needs_approval() -> OutcomeRule {
+    OutcomeRule {
+        outcome: Outcome::NeedsApproval,
+    }
+}
+
+/// The policy file.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyConfig {
+    /// Settings for agents not listed under `agents`.
+    #[serde(default)]
+    pub defaults: AgentConfig,
+    /// Per-agent settings.
+    #[serde(default)]
+    pub agents: BTreeMap<String, AgentConfig>,
+    /// Rules.
+    #[serde(default)]
+    pub rules: RulesConfig,
+}
+
+/// A set of path globs, with the literal prefixes used to find candidates
+/// without scanning the whole world.
+#[derive(Clone, Debug)]
+pub struct Globs {
+    set: GlobSet,
+    /// Literal text each glob starts with, deduplicated (`""` means the whole world).
+    pub prefixes: Vec<String>,
+    /// The globs as written.
+    pub patterns: Vec<String>,
+}
+
+impl Globs {
+    /// Compiles globs; `*` stays within a segment, `**` crosses segments.
+    pub fn new(rule: &str, patterns: &[String]) -> Result<Globs, PolicyError> {
+        let mut b = GlobSetBuilder::new();
+        let mut prefixes: Vec<String> = Vec::new();
+        for p in patterns {
+            b.add(glob(rule, p)?);
+            let lit: String = p
+                .chars()
+                .take_while(|c| !matches!(c, '*' | '?' | '[' | '{' | '\\'))
+                .collect();
+            prefixes.push(lit);
+        }
+        prefixes.sort();
+        // A prefix covered by a shorter one adds nothing.
+        let mut kept: Vec<String> = Vec::new();
+        for p in prefixes {
+            if !kept.iter().any(|k| p.starts_with(k.as_str())) {
+                kept.push(p);
+            }
+        }
+        let set = b.build().map_err(|e| PolicyError::Glob {
+            rule: rule.to_string(),
+            glob: patterns.join(", "),
+            detail: e.to_string(),
+        })?;
+        Ok(Globs {
+            set,
+            prefixes: kept,
+            patterns: patterns.to_vec(),
+        })
+    }
+
+    /// Whether `text` matches any glob.
+    pub fn matches(&self, text: &str) -> bool {
+        self.set.is_match(text)
+    }
+
+    /// The first glob `text` matches, as written.
+    pub fn first_match(&self, text: &str) -> Option<&str> {
+        self.set.matches(text).first().map(|&i| self.patterns[i].as_str())
+    }
+}
+
+fn glob(rule: &str, pattern: &str) -> Result<Glob, PolicyError> {
+    GlobBuilder::new(pattern)
+        .literal_separator(true)
+        .build()
+        .map_err(|e| PolicyError::Glob {
+            rule: rule.to_string(),
+            glob: pattern.to_string(),
+            detail: e.to_string(),
+        })
+}
+
+/// A compiled agent entry.
+#[derive(Clone, Debug)]
+pub struct AgentRules {
+    /// Autonomy level.
+    pub autonomy: Autonomy,
+    /// Allowlist: kinds and their path globs.
+    pub allow: Option<Vec<(Vec<StepKind>, Globs)>>,
+}
+
+/// A compiled CEL rule.
+#[derive(Debug)]
+pub struct CelRule {
+    /// The configuration.
+    pub config: CelConfig,
+    /// What it reads.
+    pub reads: Globs,
+    /// The compiled expression.
+    pub program: cel::Program,
+    /// Compiled figures, in name order.
+    pub figures: Vec<(String, cel::Program)>,
+    /// Whether the expression or a figure references `plan` or `agent` (then it is never skipped).
+    pub reads_plan_or_agent: bool,
+}
+
+/// A compiled policy: what previews evaluate.
+pub struct Policy {
+    /// The configuration it was compiled from.
+    pub config: PolicyConfig,
+    /// BLAKE3 of the canonical JSON of `config`.
+    pub hash: String,
+    pub(crate) defaults: AgentRules,
+    pub(crate) agents: BTreeMap<String, AgentRules>,
+    pub(crate) permissions: Globs,
+    pub(crate) network: Globs,
+    pub(crate) protected: Vec<(ProtectedConfig, Globs)>,
+    pub(crate) artifacts: Option<(ArtifactsConfig, Globs)>,
+    pub(crate) ceilings: Vec<(CeilingConfig, Globs)>,
+    pub(crate) rates: Vec<(RateConfig, Globs)>,
+    pub(crate) cel: Vec<CelRule>,
+    pub(crate) env: Arc<cel::Env>,
+}
+
+impl std::fmt::Debug for Policy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Policy")
+            .field("hash", &self.hash)
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Policy {
+    /// Parses and compiles a TOML policy.
+    pub fn from_toml_str(s: &str) -> Result<Policy, PolicyError> {
+        let config: PolicyConfig = toml::from_str(s).map_err(|e| PolicyError::Parse(e.to_string()))?;
+        Policy::compile(config)
+    }
+
+    /// Compiles a policy configuration.
+    pub fn compile(config: PolicyConfig) -> Result<Policy, PolicyError> {
+        let canonical = serde_json::to_vec(&config).map_err(|e| PolicyError::Parse(e.to_string()))?;
+        let hash = blake3::hash(&canonical).to_hex().to_string();
+        let agent = |name: &str, a: &AgentConfig| -> Result<AgentRules, PolicyError> {
+            let allow = match &a.allow {
+                None => None,
+                Some(entries) => Some(
+                    entries
+                        .iter()
+                        .map(|e| Ok((e.kinds.clone(), Globs::new(&format!("agents.{name}.allow"), &e.paths)?)))
+                        .collect::<Result<Vec<_>, PolicyError>>()?,
+                ),
+            };
+            Ok(AgentRules {
+                autonomy: a.autonomy,
+                allow,
+            })
+        };
+        let r = &config.rules;
+        let mut ids = std::collections::BTreeSet::new();
+        let mut unique = |id: &str| -> Result<(), PolicyError> {
+            if id.trim().is_empty() || !ids.insert(id.to_string()) {
+                return Err(PolicyError::Invalid {
+                    rule: id.to_string(),
+                    detail: "rule ids must be non-empty and unique".into(),
+                });
+            }
+            Ok(())
+        };
+        for c in &r.ceiling {
+            unique(&c.id)?;
+            if c.approve_above.is_none() && c.reject_above.is_none() {
+                return Err(PolicyError::Invalid {
+                    rule: c.id.clone(),
+                    detail: "a ceiling needs `approve_above`, `reject_above`, or both".into(),
+                });
+            }
+            if let (Some(a), Some(b)) = (c.approve_above, c.reject_above)
+                && a > b
+            {
+                return Err(PolicyError::Invalid {
+                    rule: c.id.clone(),
+                    detail: format!("approve_above ({a}) is above reject_above ({b})"),
+                });
+            }
+        }
+        for c in &r.rate {
+            unique(&c.id)?;
+            if !(c.max_factor.is_finite() && c.max_factor >= 1.0) {
+                return Err(PolicyError::Invalid {
+                    rule: c.id.clone(),
+                    detail: format!("max_factor must be a finite number >= 1, not {}", c.max_factor),
+                });
+            }
+        }
+        for c in &r.protected {
+            unique(&c.id)?;
+        }
+        let env = Arc::new(cel::Env::stdlib());
+        let mut cel_rules = Vec::new();
+        for c in &r.cel {
+            unique(&c.id)?;
+            let compile = |expr: &str| {
+                env.compile(expr).map_err(|e| PolicyError::Cel {
+                    rule: c.id.clone(),
+                    expr: expr.to_string(),
+                    detail: e.to_string(),
+                })
+            };
+            let program = compile(&c.expr)?;
+            let figures = c
+                .figures
+                .iter()
+                .map(|(name, expr)| Ok((name.clone(), compile(expr)?)))
+                .collect::<Result<Vec<_>, PolicyError>>()?;
+            let uses = |p: &cel::Program| {
+                let refs = p.references();
+                refs.has_variable("plan") || refs.has_variable("agent")
+            };
+            let reads_plan_or_agent = uses(&program) || figures.iter().any(|(_, p)| uses(p));
+            cel_rules.push(CelRule {
+                config: c.clone(),
+                reads: Globs::new(&c.id, &c.reads)?,
+                program,
+                figures,
+                reads_plan_or_agent,
+            });
+        }
+        Ok(Policy {
+            hash,
+            defaults: agent("defaults", &config.defaults)?,
+            agents: config
+                .agents
+                .iter()
+                .map(|(n, a)| Ok((n.clone(), agent(n, a)?)))
+                .collect::<Result<_, PolicyError>>()?,
+            permissions: Globs::new("permissions.no_increase", &r.permissions.paths)?,
+            network: Globs::new("network.no_widen", &r.network.paths)?,
+            protected: r
+                .protected
+                .iter()
+                .map(|p| Ok((p.clone(), Globs::new(&p.id, &p.paths)?)))
+                .collect::<Result<_, PolicyError>>()?,
+            artifacts: match &r.artifacts {
+                None => None,
+                Some(a) => Some((a.clone(), Globs::new("deploy.artifacts", &a.allow)?)),
+            },
+            ceilings: r
+                .ceiling
+                .iter()
+                .map(|c| Ok((c.clone(), Globs::new(&c.id, &c.paths)?)))
+                .collect::<Result<_, PolicyError>>()?,
+            rates: r
+                .rate
+                .iter()
+                .map(|c| Ok((c.clone(), Globs::new(&c.id, &c.paths)?)))
+                .collect::<Result<_, PolicyError>>()?,
+            cel: cel_rules,
+            env,
+            config,
+        })
+    }
+
+    /// The settings that apply to `agent`.
+    pub fn agent(&self, agent: &str) -> &AgentRules {
+        self.agents.get(agent).unwrap_or(&self.defaults)
+    }
+
+    /// Number of rules the policy evaluates (built-ins plus configured ones).
+    pub fn rule_count(&self) -> usize {
+        // autonomy, allowlist, permissions, network widen, network preflight,
+        // delete, assumptions, scope expansion, plan.applies (+ artifacts).
+        9 + usize::from(self.artifacts.is_some())
+            + self.protected.len()
+            + self.ceilings.len()
+            + self.rates.len()
+            + self.cel.len()
+    }
+}

@@ -1,0 +1,555 @@
+//! The preview: what a plan would change, every rule's result, and the verdict.
+//!
+//! Rules are evaluated in every state the plan can leave the world in: after
+//! each step prefix, and after each prefix of the compensation that would run
+//! if the plan failed there. A plan that raises replicas before it lowers the
+//! pool breaks a connection budget in between, and that is caught.
+//!
+//! Cost grows with the paths the plan touches and the paths rules declare
+//! they read, never with the size of the world: states are change sets over
+//! the base world, and rules read the base through prefix range scans.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use cel::{Context, Value as CelValue};
+use concord_proto::preview::*;
+use concord_proto::{Compensation, Intent, Op, PreflightResult, ResourcePath, StepKind, StepSpec, Value};
+
+use crate::apply::{PathChange, apply, restore};
+use crate::celx;
+use crate::plandiff::plan_diff;
+use crate::policy::{Autonomy, CelRule, Outcome, Policy};
+use crate::rules;
+use crate::world::{State, World};
+
+/// The core's version, recorded in every preview.
+pub const CORE_VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// Everything a preview is computed from.
+#[derive(Clone, Copy, Debug)]
+pub struct PreviewInput<'a> {
+    /// The world before the plan.
+    pub world: &'a World,
+    /// The plan.
+    pub intent: &'a Intent,
+    /// The proposing agent (from its credentials, never the payload).
+    pub agent: &'a str,
+    /// The policy.
+    pub policy: &'a Policy,
+    /// An earlier version of the plan, for the plan diff and scope expansion.
+    pub previous: Option<&'a Intent>,
+}
+
+/// One state the world may pass through.
+#[derive(Clone, Debug)]
+pub(crate) struct EvalState {
+    pub label: String,
+    pub changes: BTreeMap<ResourcePath, Option<Value>>,
+}
+
+/// The simulated run of a plan and of its compensations.
+pub(crate) struct Run<'w> {
+    pub world: &'w World,
+    /// Distinct states, forward ones first, in the order they can occur.
+    pub states: Vec<EvalState>,
+    /// Per step: what it changed when applied in order.
+    pub step_changes: Vec<Vec<PathChange>>,
+    /// Compensations that would run after the whole plan, in order.
+    pub compensation: Vec<CompensationEntry>,
+    /// Steps or compensations that cannot be applied.
+    pub apply_errors: Vec<String>,
+    /// Every path any state changes.
+    pub touched: BTreeSet<ResourcePath>,
+    /// Last step that changed each path of the final state.
+    pub last_writer: BTreeMap<ResourcePath, concord_proto::Id>,
+    /// The final state's changes.
+    pub final_changes: BTreeMap<ResourcePath, Option<Value>>,
+}
+
+pub(crate) fn spec(step: &concord_proto::Step) -> StepSpec {
+    StepSpec {
+        path: step.path.clone(),
+        op: step.op.clone(),
+    }
+}
+
+fn to_changes(changes: &[PathChange], step: &concord_proto::Id) -> Vec<Change> {
+    changes
+        .iter()
+        .map(|c| Change {
+            path: c.path.clone(),
+            before: c.before.clone(),
+            after: c.after.clone(),
+            step: step.clone(),
+        })
+        .collect()
+}
+
+impl<'w> Run<'w> {
+    pub(crate) fn simulate(world: &'w World, intent: &Intent) -> Run<'w> {
+        let mut apply_errors = Vec::new();
+        let mut forward: Vec<State<'w>> = vec![State::new(world)];
+        let mut step_changes = Vec::with_capacity(intent.steps.len());
+        let mut last_writer = BTreeMap::new();
+        for step in &intent.steps {
+            let mut s = forward.last().cloned().unwrap_or_else(|| State::new(world));
+            match apply(&mut s, &spec(step)) {
+                Ok(ch) => {
+                    for c in &ch {
+                        last_writer.insert(c.path.clone(), step.id.clone());
+                    }
+                    step_changes.push(ch);
+                }
+                Err(e) => {
+                    apply_errors.push(format!("step {}: {e}", step.id));
+                    step_changes.push(Vec::new());
+                }
+            }
+            forward.push(s);
+        }
+        let mut states: Vec<EvalState> = Vec::new();
+        let push = |label: String, s: &State<'_>, states: &mut Vec<EvalState>| {
+            if !states.iter().any(|e| &e.changes == s.changes()) {
+                states.push(EvalState {
+                    label,
+                    changes: s.changes().clone(),
+                });
+            }
+        };
+        for (i, s) in forward.iter().enumerate().skip(1) {
+            push(format!("after step {}", intent.steps[i - 1].id), s, &mut states);
+        }
+        // A failure can come after any step (a failed verification leaves the
+        // step applied), so undo steps f..1 from each forward state f.
+        let mut compensation = Vec::new();
+        let n = intent.steps.len();
+        for (f, after_f) in forward.iter().enumerate().skip(1) {
+            let mut s = after_f.clone();
+            for j in (0..f).rev() {
+                let step = &intent.steps[j];
+                let (mode, changes, note) = match &step.compensation {
+                    Compensation::Restore => ("restore", restore(&mut s, &step_changes[j]), None),
+                    Compensation::Undo(u) => match apply(&mut s, u) {
+                        Ok(ch) => ("undo", ch, None),
+                        Err(e) => {
+                            let msg = format!("compensation of step {}: {e}", step.id);
+                            if !apply_errors.contains(&msg) {
+                                apply_errors.push(msg);
+                            }
+                            ("undo", Vec::new(), None)
+                        }
+                    },
+                    Compensation::Irreversible { reason } => ("irreversible", Vec::new(), Some(reason.to_string())),
+                };
+                if f == n {
+                    compensation.push(CompensationEntry {
+                        step: step.id.clone(),
+                        mode: mode.to_string(),
+                        changes: to_changes(&changes, &step.id),
+                        note,
+                    });
+                }
+                push(
+                    format!(
+                        "after undoing step {} (rollback after step {})",
+                        step.id,
+                        intent.steps[f - 1].id
+                    ),
+                    &s,
+                    &mut states,
+                );
+            }
+        }
+        let touched = states.iter().flat_map(|s| s.changes.keys().cloned()).collect();
+        let final_changes = forward.last().map(|s| s.changes().clone()).unwrap_or_default();
+        Run {
+            world,
+            states,
+            step_changes,
+            compensation,
+            apply_errors,
+            touched,
+            last_writer,
+            final_changes,
+        }
+    }
+}
+
+/// Computes the preview of a plan.
+pub fn preview(input: PreviewInput<'_>) -> Preview {
+    let PreviewInput {
+        world,
+        intent,
+        agent,
+        policy,
+        previous,
+    } = input;
+    let run = Run::simulate(world, intent);
+
+    let diff: Vec<Change> = run
+        .final_changes
+        .iter()
+        .map(|(path, after)| Change {
+            path: path.clone(),
+            before: world.get(path).cloned(),
+            after: after.clone(),
+            step: run
+                .last_writer
+                .get(path)
+                .cloned()
+                .unwrap_or_else(|| intent.steps[0].id.clone()),
+        })
+        .collect();
+    let actions: Vec<Action> = intent
+        .steps
+        .iter()
+        .filter_map(|s| {
+            let note = match &s.op {
+                Op::Restart(_) => "restarts the service; no modelled value changes".to_string(),
+                Op::Exec(a) => format!(
+                    "runs `{}` with {} argument(s); its effects are opaque to concord",
+                    a.program,
+                    a.args.len()
+                ),
+                _ => return None,
+            };
+            Some(Action {
+                step: s.id.clone(),
+                kind: s.kind(),
+                path: s.path.clone(),
+                note,
+            })
+        })
+        .collect();
+
+    let mut touched_all: BTreeSet<ResourcePath> = run.touched.clone();
+    touched_all.extend(actions.iter().map(|a| a.path.clone()));
+    let blast_radius = blast_radius(world, &touched_all);
+
+    let plan_diff = previous.map(|p| plan_diff(p, intent));
+    let mut invariants = rules::builtin(&run, intent, agent, policy, plan_diff.as_ref());
+    invariants.extend(rules::ceilings(&run, policy));
+    invariants.extend(rules::rates(&run, intent, policy));
+    let (assumptions, assumption_rule) = rules::assumptions(world, intent, policy);
+    invariants.push(assumption_rule);
+    if !policy.cel.is_empty() {
+        let plan_val = plan_value(intent);
+        let agent_val = celx::record(vec![
+            ("id", CelValue::String(Arc::new(agent.to_string()))),
+            (
+                "autonomy",
+                CelValue::String(Arc::new(policy.agent(agent).autonomy.name().to_string())),
+            ),
+        ]);
+        for rule in &policy.cel {
+            invariants.push(eval_cel(rule, policy, &run, &plan_val, &agent_val));
+        }
+    }
+
+    let mut reasons: Vec<Reason> = invariants
+        .iter()
+        .filter(|r| matches!(r.status, RuleStatus::Fail | RuleStatus::Error))
+        .map(|r| Reason {
+            rule: r.id.clone(),
+            outcome: r.outcome,
+            message: r.message.clone(),
+        })
+        .collect();
+    reasons.sort_by(|a, b| b.outcome.cmp(&a.outcome).then_with(|| a.rule.cmp(&b.rule)));
+    let verdict = reasons.first().map(|r| r.outcome).unwrap_or(Verdict::Admit);
+
+    let steps = intent
+        .steps
+        .iter()
+        .map(|s| StepSummary {
+            id: s.id.clone(),
+            kind: s.kind(),
+            path: s.path.clone(),
+            confidence: s.confidence,
+            compensation: match s.compensation {
+                Compensation::Restore => "restore",
+                Compensation::Undo(_) => "undo",
+                Compensation::Irreversible { .. } => "irreversible",
+            }
+            .to_string(),
+        })
+        .collect::<Vec<_>>();
+    let risk = risk(intent, &blast_radius, policy.agent(agent).autonomy);
+
+    Preview {
+        preview_version: PREVIEW_VERSION,
+        core_version: CORE_VERSION.to_string(),
+        policy_hash: policy.hash.clone(),
+        plan: PlanRef {
+            agent: agent.to_string(),
+            lineage: intent.lineage.clone(),
+            version: intent.version,
+            hash: intent.content_hash(),
+            goal: intent.goal.to_string(),
+        },
+        verdict,
+        reasons,
+        diff,
+        actions,
+        blast_radius,
+        compensation: run.compensation.clone(),
+        invariants,
+        assumptions,
+        unknowns: intent.unknowns.iter().map(|u| u.to_string()).collect(),
+        steps,
+        plan_diff,
+        risk,
+    }
+}
+
+fn blast_radius(world: &World, touched: &BTreeSet<ResourcePath>) -> Vec<Affected> {
+    let mut out: Vec<Affected> = Vec::new();
+    for (name, svc) in &world.services {
+        let owns = touched.iter().find(|p| svc.path.overlaps(p));
+        let dep = touched.iter().find(|p| svc.depends_on.iter().any(|d| d.overlaps(p)));
+        if let Some(p) = owns {
+            out.push(Affected {
+                service: name.clone(),
+                via: p.clone(),
+                relation: "owns".into(),
+            });
+        } else if let Some(p) = dep {
+            out.push(Affected {
+                service: name.clone(),
+                via: p.clone(),
+                relation: "depends_on".into(),
+            });
+        }
+    }
+    out
+}
+
+fn risk(intent: &Intent, blast: &[Affected], autonomy: Autonomy) -> Risk {
+    let mut high = Vec::new();
+    let mut medium = Vec::new();
+    for s in &intent.steps {
+        if s.kind().destructive() {
+            high.push(format!("step {} is a destructive `{}`", s.id, s.kind()));
+        }
+        if let Compensation::Irreversible { .. } = s.compensation {
+            high.push(format!("step {} is irreversible", s.id));
+        }
+        if s.confidence < 0.5 {
+            high.push(format!("step {}: agent confidence {}", s.id, s.confidence));
+        } else if s.confidence < 0.8 {
+            medium.push(format!("step {}: agent confidence {}", s.id, s.confidence));
+        }
+        if s.kind() == StepKind::Deploy && s.verification.is_none() {
+            medium.push(format!("step {}: deploy without a verification", s.id));
+        }
+    }
+    if blast.len() >= 3 {
+        high.push(format!("{} services in the blast radius", blast.len()));
+    } else if !blast.is_empty() {
+        medium.push(format!("{} service(s) in the blast radius", blast.len()));
+    }
+    if !intent.unknowns.is_empty() {
+        medium.push(format!("the agent lists {} unknown(s)", intent.unknowns.len()));
+    }
+    if autonomy == Autonomy::Observe {
+        high.push("the agent may only observe".into());
+    }
+    let level = if !high.is_empty() {
+        "high"
+    } else if !medium.is_empty() {
+        "medium"
+    } else {
+        "low"
+    };
+    high.extend(medium);
+    Risk {
+        level: level.into(),
+        factors: high,
+    }
+}
+
+fn plan_value(intent: &Intent) -> CelValue {
+    let steps = intent
+        .steps
+        .iter()
+        .map(|s| {
+            let args = serde_json::to_value(&s.op)
+                .ok()
+                .and_then(|v| serde_json::from_value::<Value>(v).ok())
+                .map(|v| celx::to_cel(&v))
+                .unwrap_or(CelValue::Null);
+            celx::record(vec![
+                ("id", CelValue::String(Arc::new(s.id.to_string()))),
+                ("kind", CelValue::String(Arc::new(s.kind().name().to_string()))),
+                ("path", CelValue::String(Arc::new(s.path.to_string()))),
+                ("confidence", CelValue::Float(s.confidence)),
+                ("args", args),
+            ])
+        })
+        .collect::<Vec<_>>();
+    celx::record(vec![
+        ("lineage", CelValue::String(Arc::new(intent.lineage.to_string()))),
+        ("version", CelValue::Int(intent.version.into())),
+        ("goal", CelValue::String(Arc::new(intent.goal.to_string()))),
+        ("steps", CelValue::List(Arc::new(steps))),
+    ])
+}
+
+enum Eval {
+    Pass,
+    Fail,
+    Error(String),
+}
+
+fn run_program(
+    program: &cel::Program,
+    policy: &Policy,
+    before: &CelValue,
+    after: &CelValue,
+    plan: &CelValue,
+    agent: &CelValue,
+) -> Result<CelValue, String> {
+    let mut ctx = Context::with_env(policy.env.clone());
+    celx::add_helpers(&mut ctx)?;
+    ctx.add_variable_from_value("before", before.clone());
+    ctx.add_variable_from_value("after", after.clone());
+    ctx.add_variable_from_value("plan", plan.clone());
+    ctx.add_variable_from_value("agent", agent.clone());
+    program.execute(&ctx).map_err(|e| e.to_string())
+}
+
+fn eval_cel(rule: &CelRule, policy: &Policy, run: &Run<'_>, plan: &CelValue, agent: &CelValue) -> RuleResult {
+    let outcome = rule.config.outcome.verdict();
+    let affected = run.touched.iter().any(|p| rule.reads.matches(p.as_str()));
+    if !affected && !rule.reads_plan_or_agent {
+        return RuleResult {
+            id: rule.config.id.clone(),
+            status: RuleStatus::Skipped,
+            outcome,
+            at: None,
+            pre_existing: false,
+            figures: BTreeMap::new(),
+            message: "reads no path this plan touches".into(),
+        };
+    }
+    let mut base: BTreeMap<ResourcePath, Value> = BTreeMap::new();
+    for prefix in &rule.reads.prefixes {
+        for (p, v) in run.world.scan_prefix(prefix) {
+            if rule.reads.matches(p.as_str()) {
+                base.insert(p.clone(), v.clone());
+            }
+        }
+    }
+    let before = celx::nested(&base);
+    let project = |changes: &BTreeMap<ResourcePath, Option<Value>>| {
+        let mut m = base.clone();
+        for (p, v) in changes {
+            match v {
+                Some(v) => m.insert(p.clone(), v.clone()),
+                None => m.remove(p),
+            };
+        }
+        celx::nested(&m)
+    };
+    let eval = |after: &CelValue| match run_program(&rule.program, policy, &before, after, plan, agent) {
+        Ok(CelValue::Bool(true)) => Eval::Pass,
+        Ok(CelValue::Bool(false)) => Eval::Fail,
+        Ok(other) => Eval::Error(format!("the rule must give a bool, it gave {other:?}")),
+        Err(e) => Eval::Error(e),
+    };
+    let figures = |after: &CelValue| -> BTreeMap<String, Value> {
+        rule.figures
+            .iter()
+            .map(|(name, p)| {
+                let v = match run_program(p, policy, &before, after, plan, agent) {
+                    Ok(v) => celx::from_cel(&v),
+                    Err(e) => Value::Str(format!("error: {e}")),
+                };
+                (name.clone(), v)
+            })
+            .collect()
+    };
+    // Evaluate each distinct projection once.
+    let mut seen: Vec<BTreeMap<&ResourcePath, &Option<Value>>> = Vec::new();
+    let mut last_after = before.clone();
+    for state in &run.states {
+        let restricted: BTreeMap<&ResourcePath, &Option<Value>> = state
+            .changes
+            .iter()
+            .filter(|(p, _)| rule.reads.matches(p.as_str()))
+            .collect();
+        if seen.contains(&restricted) {
+            continue;
+        }
+        let owned: BTreeMap<ResourcePath, Option<Value>> =
+            restricted.iter().map(|(p, v)| ((*p).clone(), (*v).clone())).collect();
+        seen.push(restricted);
+        let after = project(&owned);
+        match eval(&after) {
+            Eval::Pass => last_after = after,
+            Eval::Fail => {
+                // A rule that reads the plan or the agent fails because of the
+                // plan itself; only a rule over the world alone can already be
+                // failing before the plan.
+                let pre_existing =
+                    !rule.reads_plan_or_agent && (owned.is_empty() || matches!(eval(&before), Eval::Fail));
+                return RuleResult {
+                    id: rule.config.id.clone(),
+                    status: RuleStatus::Fail,
+                    outcome: if pre_existing {
+                        Verdict::NeedsApproval.min(outcome)
+                    } else {
+                        outcome
+                    },
+                    at: Some(state.label.clone()),
+                    pre_existing,
+                    figures: figures(&after),
+                    message: if pre_existing {
+                        format!("{} (already failing before this plan; a human decides)", describe(rule))
+                    } else {
+                        format!("broken {}: {}", state.label, describe(rule))
+                    },
+                };
+            }
+            Eval::Error(e) => {
+                return RuleResult {
+                    id: rule.config.id.clone(),
+                    status: RuleStatus::Error,
+                    outcome,
+                    at: Some(state.label.clone()),
+                    pre_existing: false,
+                    figures: BTreeMap::new(),
+                    message: format!("evaluation failed {} (fails closed): {e}", state.label),
+                };
+            }
+        }
+    }
+    RuleResult {
+        id: rule.config.id.clone(),
+        status: RuleStatus::Pass,
+        outcome,
+        at: None,
+        pre_existing: false,
+        figures: figures(&last_after),
+        message: format!("{} holds in every state", describe(rule)),
+    }
+}
+
+fn describe(rule: &CelRule) -> String {
+    if rule.config.description.is_empty() {
+        format!("`{}`", rule.config.expr)
+    } else {
+        rule.config.description.clone()
+    }
+}
+
+/// Whether an `Outcome` is the stricter of two.
+pub(crate) fn outcome_verdict(o: Outcome) -> Verdict {
+    o.verdict()
+}
+
+/// A step's network preflight failed.
+pub(crate) fn preflight_failed(op: &Op) -> bool {
+    matches!(op, Op::Network(a) if a.preflight.result == PreflightResult::Failed)
+}

@@ -1,0 +1,206 @@
+//! The world model as previews see it: resource paths to values, and the
+//! services with the resources they depend on.
+//!
+//! Values live only at leaves: a path holds a value or has descendants, never
+//! both, so the tree has one meaning whichever way it is read.
+
+use std::collections::BTreeMap;
+use std::ops::Bound;
+
+use concord_proto::{ResourcePath, Value};
+use serde::{Deserialize, Serialize};
+
+/// Why a world document was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum WorldError {
+    /// The document does not parse.
+    #[error("world document: {0}")]
+    Parse(String),
+    /// A path holds a value and also has descendants.
+    #[error("world: `{path}` holds a value but `{child}` is under it; values live only at leaves")]
+    ValueAndChildren {
+        /// The path with a value.
+        path: ResourcePath,
+        /// A descendant that also exists.
+        child: ResourcePath,
+    },
+    /// A value breaks a limit.
+    #[error("world: `{path}`: {detail}")]
+    Value {
+        /// The path.
+        path: ResourcePath,
+        /// What is wrong.
+        detail: String,
+    },
+}
+
+/// A service: a subtree of the world and the resources it depends on.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Service {
+    /// The subtree the service owns, e.g. `svc/api`.
+    pub path: ResourcePath,
+    /// Resources it depends on, e.g. `db/primary`.
+    #[serde(default)]
+    pub depends_on: Vec<ResourcePath>,
+}
+
+/// The world: values at paths, and services.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct World {
+    /// Values by path.
+    #[serde(default)]
+    pub resources: BTreeMap<ResourcePath, Value>,
+    /// Services by name.
+    #[serde(default)]
+    pub services: BTreeMap<String, Service>,
+}
+
+impl World {
+    /// Parses a world from TOML.
+    pub fn from_toml_str(s: &str) -> Result<World, WorldError> {
+        let w: World = toml::from_str(s).map_err(|e| WorldError::Parse(e.to_string()))?;
+        w.validate()?;
+        Ok(w)
+    }
+
+    /// Parses a world from JSON.
+    pub fn from_json_str(s: &str) -> Result<World, WorldError> {
+        let w: World = serde_json::from_str(s).map_err(|e| WorldError::Parse(e.to_string()))?;
+        w.validate()?;
+        Ok(w)
+    }
+
+    /// Checks that values live only at leaves and respect the value limits.
+    pub fn validate(&self) -> Result<(), WorldError> {
+        for (path, value) in &self.resources {
+            value.check().map_err(|(rule, detail)| WorldError::Value {
+                path: path.clone(),
+                detail: format!("{rule}: {detail}"),
+            })?;
+            if let Some(child) = first_descendant(&self.resources, path) {
+                return Err(WorldError::ValueAndChildren {
+                    path: path.clone(),
+                    child,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The value at `path`.
+    pub fn get(&self, path: &ResourcePath) -> Option<&Value> {
+        self.resources.get(path)
+    }
+
+    /// Every (path, value) whose path text starts with `prefix`, in order.
+    pub fn scan_prefix<'a>(&'a self, prefix: &'a str) -> impl Iterator<Item = (&'a ResourcePath, &'a Value)> + 'a {
+        scan_prefix(&self.resources, prefix)
+    }
+}
+
+/// Entries of a path-keyed map whose path text starts with `prefix`.
+pub(crate) fn scan_prefix<'a, V>(
+    map: &'a BTreeMap<ResourcePath, V>,
+    prefix: &'a str,
+) -> impl Iterator<Item = (&'a ResourcePath, &'a V)> + 'a {
+    // Paths sort as strings, so every path starting with `prefix` is in one run.
+    let start = ResourcePath::parse(prefix.trim_end_matches('/')).ok();
+    let iter: Box<dyn Iterator<Item = (&'a ResourcePath, &'a V)> + 'a> = match start {
+        Some(start) if !prefix.is_empty() => Box::new(map.range((Bound::Included(start), Bound::Unbounded))),
+        _ => Box::new(map.iter()),
+    };
+    iter.skip_while(move |(p, _)| !p.as_str().starts_with(prefix))
+        .take_while(move |(p, _)| p.as_str().starts_with(prefix))
+}
+
+fn first_descendant<V>(map: &BTreeMap<ResourcePath, V>, path: &ResourcePath) -> Option<ResourcePath> {
+    let prefix = path.descendant_prefix();
+    scan_prefix(map, &prefix).next().map(|(p, _)| p.clone())
+}
+
+/// A world as a plan would leave it: the base world plus the changes of the
+/// steps applied so far. Changes equal to the base are dropped, so two
+/// states are the same exactly when their change maps are equal.
+#[derive(Clone, Debug)]
+pub struct State<'w> {
+    base: &'w World,
+    /// Path -> new value (`None`: removed).
+    changes: BTreeMap<ResourcePath, Option<Value>>,
+}
+
+impl<'w> State<'w> {
+    /// The base world, unchanged.
+    pub fn new(base: &'w World) -> Self {
+        State {
+            base,
+            changes: BTreeMap::new(),
+        }
+    }
+
+    /// The base world.
+    pub fn base(&self) -> &'w World {
+        self.base
+    }
+
+    /// The changes against the base.
+    pub fn changes(&self) -> &BTreeMap<ResourcePath, Option<Value>> {
+        &self.changes
+    }
+
+    /// The value at `path` in this state.
+    pub fn get(&self, path: &ResourcePath) -> Option<&Value> {
+        match self.changes.get(path) {
+            Some(v) => v.as_ref(),
+            None => self.base.get(path),
+        }
+    }
+
+    /// Writes (`Some`) or removes (`None`) the value at `path`.
+    pub fn put(&mut self, path: ResourcePath, value: Option<Value>) {
+        let same_as_base = match (&value, self.base.get(&path)) {
+            (None, None) => true,
+            (Some(a), Some(b)) => a == b,
+            _ => false,
+        };
+        if same_as_base {
+            self.changes.remove(&path);
+        } else {
+            self.changes.insert(path, value);
+        }
+    }
+
+    /// Every existing (path, value) whose path text starts with `prefix`, in order.
+    pub fn scan_prefix(&self, prefix: &str) -> Vec<(ResourcePath, Value)> {
+        let mut out: BTreeMap<ResourcePath, Value> = self
+            .base
+            .scan_prefix(prefix)
+            .map(|(p, v)| (p.clone(), v.clone()))
+            .collect();
+        for (p, v) in scan_prefix(&self.changes, prefix) {
+            match v {
+                Some(v) => out.insert(p.clone(), v.clone()),
+                None => out.remove(p),
+            };
+        }
+        out.into_iter().collect()
+    }
+
+    /// The nearest ancestor of `path` that holds a value, if any.
+    pub fn valued_ancestor(&self, path: &ResourcePath) -> Option<ResourcePath> {
+        let mut cur = path.parent();
+        while let Some(p) = cur {
+            if self.get(&p).is_some() {
+                return Some(p);
+            }
+            cur = p.parent();
+        }
+        None
+    }
+
+    /// Whether anything exists strictly under `path`.
+    pub fn has_descendants(&self, path: &ResourcePath) -> bool {
+        !self.scan_prefix(&path.descendant_prefix()).is_empty()
+    }
+}
