@@ -472,7 +472,6 @@ fn eval_cel(rule: &CelRule, policy: &Policy, run: &Run<'_>, plan: &CelValue, age
     };
     // Evaluate each distinct projection once.
     let mut seen: Vec<BTreeMap<&ResourcePath, &Option<Value>>> = Vec::new();
-    let mut last_after = before.clone();
     for state in &run.states {
         let restricted: BTreeMap<&ResourcePath, &Option<Value>> = state
             .changes
@@ -487,7 +486,7 @@ fn eval_cel(rule: &CelRule, policy: &Policy, run: &Run<'_>, plan: &CelValue, age
         seen.push(restricted);
         let after = project(&owned);
         match eval(&after) {
-            Eval::Pass => last_after = after,
+            Eval::Pass => {}
             Eval::Fail => {
                 // A rule that reads the plan or the agent fails because of the
                 // plan itself; only a rule over the world alone can already be
@@ -531,7 +530,18 @@ fn eval_cel(rule: &CelRule, policy: &Policy, run: &Run<'_>, plan: &CelValue, age
         outcome,
         at: None,
         pre_existing: false,
-        figures: figures(&last_after),
+        // Figures of a rule that holds are those of the world the plan ends in.
+        figures: if rule.figures.is_empty() {
+            BTreeMap::new()
+        } else {
+            let end: BTreeMap<ResourcePath, Option<Value>> = run
+                .final_changes
+                .iter()
+                .filter(|(p, _)| rule.reads.matches(p.as_str()))
+                .map(|(p, v)| (p.clone(), v.clone()))
+                .collect();
+            figures(&project(&end))
+        },
         message: format!("{} holds in every state", describe(rule)),
     }
 }

