@@ -8,6 +8,9 @@ use concord_proto::{StepKind, Verdict};
 use globset::{Glob, GlobBuilder, GlobSet, GlobSetBuilder};
 use serde::{Deserialize, Serialize};
 
+/// Longest CEL expression a rule or figure may have, in bytes.
+pub const CEL_EXPR_BYTES_MAX: usize = 4096;
+
 /// Why a policy was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum PolicyError {
@@ -502,6 +505,13 @@ impl Policy {
         for c in &r.cel {
             unique(&c.id)?;
             let compile = |expr: &str| {
+                if expr.len() > CEL_EXPR_BYTES_MAX {
+                    return Err(PolicyError::Cel {
+                        rule: c.id.clone(),
+                        expr: expr.chars().take(40).collect::<String>() + "...",
+                        detail: format!("expression is {} bytes; at most {CEL_EXPR_BYTES_MAX}", expr.len()),
+                    });
+                }
                 env.compile(expr).map_err(|e| PolicyError::Cel {
                     rule: c.id.clone(),
                     expr: expr.to_string(),

@@ -23,6 +23,10 @@ use crate::policy::{Autonomy, CelRule, Outcome, Policy};
 use crate::rules;
 use crate::world::{State, World};
 
+/// Most world paths one CEL rule's `reads` may reach (scanned by prefix):
+/// the rule's evaluation budget.
+pub const CEL_SCAN_PATHS_MAX: usize = 10_000;
+
 /// The core's version, recorded in every preview.
 pub const CORE_VERSION: &str = env!("CARGO_PKG_VERSION");
 
@@ -434,8 +438,27 @@ fn eval_cel(rule: &CelRule, policy: &Policy, run: &Run<'_>, plan: &CelValue, age
         };
     }
     let mut base: BTreeMap<ResourcePath, Value> = BTreeMap::new();
+    let mut scanned = 0usize;
     for prefix in &rule.reads.prefixes {
         for (p, v) in run.world.scan_prefix(prefix) {
+            // The rule's evaluation budget: CEL has no step counter, so bound
+            // what a rule may bind (and what concord scans to find it).
+            scanned += 1;
+            if scanned > CEL_SCAN_PATHS_MAX {
+                return RuleResult {
+                    id: rule.config.id.clone(),
+                    status: RuleStatus::Error,
+                    outcome,
+                    at: None,
+                    pre_existing: false,
+                    figures: BTreeMap::new(),
+                    message: format!(
+                        "evaluation failed (fails closed): budget exhausted: the rule's `reads` ({}) reach more than \
+                         {CEL_SCAN_PATHS_MAX} paths; give them narrower literal prefixes",
+                        rule.reads.patterns.join(", ")
+                    ),
+                };
+            }
             if rule.reads.matches(p.as_str()) {
                 base.insert(p.clone(), v.clone());
             }

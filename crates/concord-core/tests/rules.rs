@@ -556,3 +556,28 @@ fn worlds_keep_values_at_leaves() {
         "world: `a/b` holds a value but `a/b/c` is under it; values live only at leaves"
     );
 }
+
+#[test]
+fn a_rule_that_reads_too_much_exhausts_its_budget_and_fails_closed() {
+    let mut toml = String::from("[resources]\n");
+    for i in 0..=concord_core::preview::CEL_SCAN_PATHS_MAX {
+        toml.push_str(&format!("\"fleet/n{i}/cpu\" = 1\n"));
+    }
+    let w = world(&toml);
+    let p = policy(
+        r#"
+[defaults]
+autonomy = "bounded"
+[[rules.cel]]
+id = "fleet"
+reads = ["fleet/*/cpu"]
+expr = "true"
+outcome = "needs_approval"
+"#,
+    );
+    let pv = run(&w, &p, "x", &plan(json!([set("s1", "fleet/n1/cpu", json!(2))])));
+    let r = rule(&pv, "fleet");
+    assert_eq!(r.status, RuleStatus::Error);
+    assert!(r.message.contains("budget exhausted"), "{}", r.message);
+    assert_eq!(pv.verdict, Verdict::NeedsApproval);
+}
