@@ -24,7 +24,16 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // Usage errors exit 1: clap's default (2) is the code of `needs_approval`,
+    // and a typo must never look like a plan waiting for a human.
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let code = if e.use_stderr() { 1 } else { 0 };
+            let _ = e.print();
+            return ExitCode::from(code);
+        }
+    };
     let result = match cli.command {
         Command::Check(a) => cmd::check::run(a),
         Command::Schema(a) => cmd::schema::run(a),

@@ -19,7 +19,7 @@ use concord_proto::{Compensation, Intent, Op, PreflightResult, ResourcePath, Ste
 use crate::apply::{PathChange, apply, restore};
 use crate::celx;
 use crate::plandiff::plan_diff;
-use crate::policy::{Autonomy, CelRule, Outcome, Policy};
+use crate::policy::{CelRule, Outcome, Policy};
 use crate::rules;
 use crate::world::{State, World};
 
@@ -279,7 +279,7 @@ pub fn preview(input: PreviewInput<'_>) -> Preview {
             .to_string(),
         })
         .collect::<Vec<_>>();
-    let risk = risk(intent, &blast_radius, policy.agent(agent).autonomy);
+    let risk = risk(intent, &blast_radius, &reasons);
 
     Preview {
         preview_version: PREVIEW_VERSION,
@@ -307,37 +307,66 @@ pub fn preview(input: PreviewInput<'_>) -> Preview {
     }
 }
 
+/// Services reached by the touched paths: those owning a path, those with a
+/// declared dependency on it, and those sharing a dependency with an owner
+/// (a bigger pool on `svc/api` is more load on the `db/primary` that
+/// `svc/worker` also needs). Declared, never guessed.
 fn blast_radius(world: &World, touched: &BTreeSet<ResourcePath>) -> Vec<Affected> {
     let mut out: Vec<Affected> = Vec::new();
+    let owners: Vec<(&ResourcePath, &crate::world::Service)> = world
+        .services
+        .values()
+        .filter_map(|svc| touched.iter().find(|p| svc.path.overlaps(p)).map(|p| (p, svc)))
+        .collect();
     for (name, svc) in &world.services {
         let owns = touched.iter().find(|p| svc.path.overlaps(p));
         let dep = touched.iter().find(|p| svc.depends_on.iter().any(|d| d.overlaps(p)));
-        if let Some(p) = owns {
-            out.push(Affected {
-                service: name.clone(),
-                via: p.clone(),
-                relation: "owns".into(),
-            });
-        } else if let Some(p) = dep {
-            out.push(Affected {
-                service: name.clone(),
-                via: p.clone(),
-                relation: "depends_on".into(),
-            });
-        }
+        let shared = owners.iter().find_map(|(p, owner)| {
+            owner
+                .depends_on
+                .iter()
+                .find(|od| svc.depends_on.iter().any(|d| d.overlaps(od)))
+                .map(|od| (*p, od))
+        });
+        let (via, relation, through) = match (owns, dep, shared) {
+            (Some(p), _, _) => (p, "owns", None),
+            (None, Some(p), _) => (p, "depends_on", None),
+            (None, None, Some((p, d))) => (p, "shares_dependency", Some(d.clone())),
+            (None, None, None) => continue,
+        };
+        out.push(Affected {
+            service: name.clone(),
+            via: via.clone(),
+            relation: relation.into(),
+            through,
+        });
     }
     out
 }
 
-fn risk(intent: &Intent, blast: &[Affected], autonomy: Autonomy) -> Risk {
+/// Risk from what the plan does, how far it reaches, how sure the agent is,
+/// and which rules it breaks.
+fn risk(intent: &Intent, blast: &[Affected], reasons: &[Reason]) -> Risk {
     let mut high = Vec::new();
     let mut medium = Vec::new();
+    for r in reasons {
+        let line = format!("breaks {} ({})", r.rule, r.outcome);
+        match r.outcome {
+            Verdict::Reject => high.push(line),
+            _ => medium.push(line),
+        }
+    }
     for s in &intent.steps {
         if s.kind().destructive() {
             high.push(format!("step {} is a destructive `{}`", s.id, s.kind()));
         }
         if let Compensation::Irreversible { .. } = s.compensation {
-            high.push(format!("step {} is irreversible", s.id));
+            // A restart cannot be undone but is routine; other irreversible steps are not.
+            if s.kind() == StepKind::Restart {
+                medium.push(format!("step {} (restart) cannot be undone", s.id));
+            } else {
+                high.push(format!("step {} is irreversible", s.id));
+            }
         }
         if s.confidence < 0.5 {
             high.push(format!("step {}: agent confidence {}", s.id, s.confidence));
@@ -348,16 +377,18 @@ fn risk(intent: &Intent, blast: &[Affected], autonomy: Autonomy) -> Risk {
             medium.push(format!("step {}: deploy without a verification", s.id));
         }
     }
-    if blast.len() >= 3 {
-        high.push(format!("{} services in the blast radius", blast.len()));
-    } else if !blast.is_empty() {
-        medium.push(format!("{} service(s) in the blast radius", blast.len()));
+    let direct = blast.iter().filter(|a| a.relation != "shares_dependency").count();
+    let shared = blast.len() - direct;
+    if direct >= 3 {
+        high.push(format!("{direct} services directly in the blast radius"));
+    } else if direct > 0 {
+        medium.push(format!("{direct} service(s) directly in the blast radius"));
+    }
+    if shared > 0 {
+        medium.push(format!("{shared} service(s) share a dependency with a touched service"));
     }
     if !intent.unknowns.is_empty() {
         medium.push(format!("the agent lists {} unknown(s)", intent.unknowns.len()));
-    }
-    if autonomy == Autonomy::Observe {
-        high.push("the agent may only observe".into());
     }
     let level = if !high.is_empty() {
         "high"
@@ -511,6 +542,13 @@ fn eval_cel(rule: &CelRule, policy: &Policy, run: &Run<'_>, plan: &CelValue, age
         match eval(&after) {
             Eval::Pass => {}
             Eval::Fail => {
+                let figs = figures(&after);
+                let shown = if figs.is_empty() {
+                    String::new()
+                } else {
+                    let list: Vec<String> = figs.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                    format!(" ({})", list.join(", "))
+                };
                 // A rule that reads the plan or the agent fails because of the
                 // plan itself; only a rule over the world alone can already be
                 // failing before the plan.
@@ -524,13 +562,22 @@ fn eval_cel(rule: &CelRule, policy: &Policy, run: &Run<'_>, plan: &CelValue, age
                     } else {
                         outcome
                     },
-                    at: Some(state.label.clone()),
+                    // A rule over the plan alone is not about any one state.
+                    at: (!owned.is_empty() || !rule.reads_plan_or_agent).then(|| state.label.clone()),
                     pre_existing,
-                    figures: figures(&after),
+                    figures: figs,
                     message: if pre_existing {
-                        format!("{} (already failing before this plan; a human decides)", describe(rule))
+                        format!(
+                            "already failing before this plan, a human decides{shown}: {}",
+                            describe(rule)
+                        )
                     } else {
-                        format!("broken {}: {}", state.label, describe(rule))
+                        let at = if owned.is_empty() && rule.reads_plan_or_agent {
+                            String::new()
+                        } else {
+                            format!(" {}", state.label)
+                        };
+                        format!("broken{at}{shown}: {}", describe(rule))
                     },
                 };
             }
@@ -565,7 +612,7 @@ fn eval_cel(rule: &CelRule, policy: &Policy, run: &Run<'_>, plan: &CelValue, age
                 .collect();
             figures(&project(&end))
         },
-        message: format!("{} holds in every state", describe(rule)),
+        message: format!("holds in every state: {}", describe(rule)),
     }
 }
 

@@ -17,25 +17,55 @@ fn list(items: &[String]) -> Value {
     Value::List(items.iter().map(|s| Value::Str(s.clone())).collect())
 }
 
+/// One broken rule: where (the state label, if the rule is about a state) and what.
+struct Violation {
+    at: Option<String>,
+    what: String,
+}
+
+fn violation(at: &str, what: String) -> Violation {
+    Violation {
+        at: Some(at.to_string()),
+        what,
+    }
+}
+
+fn plain(what: String) -> Violation {
+    Violation { at: None, what }
+}
+
+/// The label of the state right after the step a spec label names
+/// (`step s1` -> `after step s1`); compensation specs have no single state.
+fn spec_violation(label: &str, what: String) -> Violation {
+    Violation {
+        at: label.strip_prefix("step ").map(|id| format!("after step {id}")),
+        what,
+    }
+}
+
 /// Builds a result from a list of violations: none is a pass.
-fn verdict_of(id: &str, outcome: Verdict, violations: Vec<String>, pass: &str) -> RuleResult {
+fn verdict_of(id: &str, outcome: Verdict, violations: Vec<Violation>, pass: &str) -> RuleResult {
     let mut figures = BTreeMap::new();
+    let at = violations.first().and_then(|v| v.at.clone());
     let (status, message) = if violations.is_empty() {
         (RuleStatus::Pass, pass.to_string())
     } else {
-        figures.insert("violations".into(), list(&violations));
-        let more = if violations.len() > 1 {
-            format!(" (+{} more)", violations.len() - 1)
+        let texts: Vec<String> = violations.iter().map(|v| v.what.clone()).collect();
+        if texts.len() > 1 {
+            figures.insert("violations".into(), list(&texts));
+        }
+        let more = if texts.len() > 1 {
+            format!(" (+{} more)", texts.len() - 1)
         } else {
             String::new()
         };
-        (RuleStatus::Fail, format!("{}{more}", violations[0]))
+        (RuleStatus::Fail, format!("{}{more}", texts[0]))
     };
     RuleResult {
         id: id.to_string(),
         status,
         outcome,
-        at: None,
+        at,
         pre_existing: false,
         figures,
         message,
@@ -84,15 +114,15 @@ pub(crate) fn builtin(
         Autonomy::Observe => verdict_of(
             "agent.autonomy",
             Verdict::Reject,
-            vec![format!("agent `{agent}` may only report observations")],
+            vec![plain(format!("agent `{agent}` may only report observations"))],
             "",
         ),
         Autonomy::Propose => verdict_of(
             "agent.autonomy",
             Verdict::NeedsApproval,
-            vec![format!(
+            vec![plain(format!(
                 "every plan of agent `{agent}` waits for a human (autonomy `propose`)"
-            )],
+            ))],
             "",
         ),
         Autonomy::Bounded => verdict_of(
@@ -129,10 +159,13 @@ pub(crate) fn builtin(
                         .any(|(kinds, globs)| kinds.contains(&sp.op.kind()) && globs.matches(sp.path.as_str()))
                 })
                 .map(|(label, sp)| {
-                    format!(
-                        "{label}: `{}` on `{}` is outside agent `{agent}`'s allowlist",
-                        sp.op.kind(),
-                        sp.path
+                    spec_violation(
+                        label,
+                        format!(
+                            "{label}: `{}` on `{}` is outside agent `{agent}`'s allowlist",
+                            sp.op.kind(),
+                            sp.path
+                        ),
                     )
                 })
                 .collect();
@@ -146,13 +179,20 @@ pub(crate) fn builtin(
     });
 
     // Permissions cannot increase: any grant, or any state where a permission value gains members.
-    let mut violations: Vec<String> = specs
-        .iter()
-        .filter_map(|(label, sp)| match &sp.op {
-            Op::Grant(g) => Some(format!("{label} grants `{}:{}` on `{}`", g.principal, g.role, sp.path)),
-            _ => None,
-        })
-        .collect();
+    let mut violations: Vec<Violation> = Vec::new();
+    // Each (path, member) is reported once, at the first state that gains it;
+    // a grant step already explains the member it adds.
+    let mut reported: BTreeSet<(String, String)> = BTreeSet::new();
+    for (label, sp) in &specs {
+        if let Op::Grant(g) = &sp.op {
+            let member = format!("{}:{}", g.principal, g.role);
+            reported.insert((format!("{}/grants", sp.path), Value::Str(member.clone()).to_string()));
+            violations.push(spec_violation(
+                label,
+                format!("{label} grants `{member}` on `{}`", sp.path),
+            ));
+        }
+    }
     for state in &run.states {
         for (path, after) in &state.changes {
             if !policy.permissions.matches(path.as_str()) {
@@ -160,13 +200,14 @@ pub(crate) fn builtin(
             }
             let gained: Vec<String> = members(after.as_ref())
                 .difference(&members(run.world.get(path)))
+                .filter(|m| reported.insert((path.to_string(), m.to_string())))
                 .cloned()
                 .collect();
             if !gained.is_empty() {
-                let v = format!("`{path}` gains {} {}", gained.join(", "), state.label);
-                if !violations.contains(&v) {
-                    violations.push(v);
-                }
+                violations.push(violation(
+                    &state.label,
+                    format!("`{path}` gains {} {}", gained.join(", "), state.label),
+                ));
             }
         }
     }
@@ -179,10 +220,10 @@ pub(crate) fn builtin(
 
     // Network scope cannot widen.
     out.push(network_widen(run, &policy.network, outcome_verdict(r.network.outcome)));
-    let preflight: Vec<String> = specs
+    let preflight: Vec<Violation> = specs
         .iter()
         .filter(|(_, sp)| preflight_failed(&sp.op))
-        .map(|(label, sp)| format!("{label}: the preflight check for `{}` failed", sp.path))
+        .map(|(label, sp)| spec_violation(label, format!("{label}: the preflight check for `{}` failed", sp.path)))
         .collect();
     out.push(verdict_of(
         "network.preflight",
@@ -192,13 +233,18 @@ pub(crate) fn builtin(
     ));
 
     // Deletes carry their confirmation.
-    let deletes: Vec<String> = specs
+    let deletes: Vec<Violation> = specs
         .iter()
         .filter_map(|(label, sp)| match &sp.op {
-            Op::Delete(d) if d.confirm.path != sp.path || d.confirm.reason.as_str().trim().is_empty() => Some(format!(
-                "{label}: delete of `{}` is not confirmed (confirmation names `{}`)",
-                sp.path, d.confirm.path
-            )),
+            Op::Delete(d) if d.confirm.path != sp.path || d.confirm.reason.as_str().trim().is_empty() => {
+                Some(spec_violation(
+                    label,
+                    format!(
+                        "{label}: delete of `{}` is not confirmed (confirmation names `{}`)",
+                        sp.path, d.confirm.path
+                    ),
+                ))
+            }
             _ => None,
         })
         .collect();
@@ -211,20 +257,19 @@ pub(crate) fn builtin(
 
     // Protected prefixes: no step acts there and no state changes anything there.
     for (cfg, globs) in &policy.protected {
-        let mut violations: Vec<String> = specs
+        let mut violations: Vec<Violation> = specs
             .iter()
             .filter_map(|(label, sp)| {
                 globs
                     .first_match(sp.path.as_str())
-                    .map(|g| format!("{label} acts on `{}`, protected by `{g}`", sp.path))
+                    .map(|g| spec_violation(label, format!("{label} acts on `{}`, protected by `{g}`", sp.path)))
             })
             .collect();
-        for p in &run.touched {
+        // A changed path no step names (a delete's children, a deploy's version) is reported on its own.
+        let acted: BTreeSet<&concord_proto::ResourcePath> = specs.iter().map(|(_, sp)| &sp.path).collect();
+        for p in run.touched.iter().filter(|p| !acted.contains(p)) {
             if let Some(g) = globs.first_match(p.as_str()) {
-                let v = format!("`{p}` would change, protected by `{g}`");
-                if !violations.contains(&v) {
-                    violations.push(v);
-                }
+                violations.push(plain(format!("`{p}` would change, protected by `{g}`")));
             }
         }
         out.push(verdict_of(
@@ -240,9 +285,12 @@ pub(crate) fn builtin(
         let violations = specs
             .iter()
             .filter_map(|(label, sp)| match &sp.op {
-                Op::Deploy(d) if !globs.matches(d.artifact.as_str()) => Some(format!(
-                    "{label} deploys `{}`, which no artifact allowlist entry matches",
-                    d.artifact
+                Op::Deploy(d) if !globs.matches(d.artifact.as_str()) => Some(spec_violation(
+                    label,
+                    format!(
+                        "{label} deploys `{}`, which no artifact allowlist entry matches",
+                        d.artifact
+                    ),
                 )),
                 _ => None,
             })
@@ -272,7 +320,7 @@ pub(crate) fn builtin(
             so,
             d.scope_expansion
                 .iter()
-                .map(|e| format!("{} (step {}): {}", e.kind, e.step, e.detail))
+                .map(|e| plain(format!("{} (step {}): {}", e.kind, e.step, e.detail)))
                 .collect(),
             "this version does nothing the earlier one could not",
         ),
@@ -282,7 +330,7 @@ pub(crate) fn builtin(
     out.push(verdict_of(
         "plan.applies",
         Verdict::Reject,
-        run.apply_errors.clone(),
+        run.apply_errors.iter().cloned().map(plain).collect(),
         "every step and compensation applies to the current world",
     ));
     out
@@ -290,6 +338,7 @@ pub(crate) fn builtin(
 
 fn network_widen(run: &Run<'_>, globs: &Globs, outcome: Verdict) -> RuleResult {
     let mut violations = Vec::new();
+    let mut reported: BTreeSet<(String, String)> = BTreeSet::new();
     for state in &run.states {
         for (path, after) in &state.changes {
             if !globs.matches(path.as_str()) {
@@ -317,9 +366,12 @@ fn network_widen(run: &Run<'_>, globs: &Globs, outcome: Verdict) -> RuleResult {
                 }
             };
             for rule in after.iter().filter(|r| !before.iter().any(|b| b.covers(r))) {
-                let v = format!("`{path}` admits {} not admitted before, {}", rule.text, state.label);
-                if !violations.contains(&v) {
-                    violations.push(v);
+                // Each widening rule is reported once, at the first state that admits it.
+                if reported.insert((path.to_string(), rule.text.clone())) {
+                    violations.push(violation(
+                        &state.label,
+                        format!("`{path}` admits {} not admitted before, {}", rule.text, state.label),
+                    ));
                 }
             }
         }
@@ -461,7 +513,7 @@ pub(crate) fn rates(run: &Run<'_>, intent: &Intent, policy: &Policy) -> Vec<Rule
         .map(|(cfg, globs)| {
             let outcome = outcome_verdict(cfg.outcome);
             let mut matched = false;
-            let mut worst: Option<(f64, BTreeMap<String, Value>, String)> = None;
+            let mut worst: Option<(f64, BTreeMap<String, Value>, String, String)> = None;
             for (step, changes) in intent.steps.iter().zip(&run.step_changes) {
                 for c in changes {
                     if !globs.matches(c.path.as_str()) {
@@ -492,16 +544,17 @@ pub(crate) fn rates(run: &Run<'_>, intent: &Intent, policy: &Policy) -> Vec<Rule
                                 "step {} changes `{}` {b} -> {a}, {factor:.2}x in one step (at most {}x)",
                                 step.id, c.path, cfg.max_factor
                             ),
+                            format!("after step {}", step.id),
                         ));
                     }
                 }
             }
             match worst {
-                Some((_, figures, message)) => RuleResult {
+                Some((_, figures, message, at)) => RuleResult {
                     id: cfg.id.clone(),
                     status: RuleStatus::Fail,
                     outcome,
-                    at: None,
+                    at: Some(at),
                     pre_existing: false,
                     figures,
                     message,
@@ -543,7 +596,7 @@ pub(crate) fn assumptions(world: &World, intent: &Intent, policy: &Policy) -> (V
         .iter()
         .filter(|r| !r.held)
         .map(|r| {
-            format!(
+            plain(format!(
                 "assumption `{} {} {}` does not hold: the world has {}",
                 r.path,
                 r.op.symbol(),
@@ -552,7 +605,7 @@ pub(crate) fn assumptions(world: &World, intent: &Intent, policy: &Policy) -> (V
                     .as_ref()
                     .map(|v| v.to_string())
                     .unwrap_or_else(|| "nothing".into())
-            )
+            ))
         })
         .collect();
     let rule = verdict_of(

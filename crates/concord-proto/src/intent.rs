@@ -16,10 +16,12 @@ use crate::value::{Value, check_float};
 #[serde(deny_unknown_fields)]
 pub struct Intent {
     /// Protocol version; this build speaks `1`.
+    #[schemars(range(min = 1, max = 1))]
     pub protocol: u32,
     /// Lineage id: every version of one plan shares it.
     pub lineage: Id,
     /// Version within the lineage, from 1; version n+1 supersedes version n.
+    #[schemars(range(min = 1, max = 1_000_000))]
     pub version: u32,
     /// Request idempotency key: a retried request with the same key gets the
     /// original decision. Not part of the plan's content hash.
@@ -32,11 +34,14 @@ pub struct Intent {
     pub rationale: Text,
     /// Preconditions on the world that concord checks before admitting.
     #[serde(default)]
+    #[schemars(length(max = 32))]
     pub assumptions: Vec<Condition>,
     /// What the agent is unsure of, shown to humans.
     #[serde(default)]
+    #[schemars(length(max = 32))]
     pub unknowns: Vec<Text>,
     /// The ordered steps.
+    #[schemars(length(min = 1, max = 64))]
     pub steps: Vec<Step>,
     /// What to do when the plan conflicts with another agent's in-flight plan.
     #[serde(default)]
@@ -273,6 +278,7 @@ pub struct ExecArgs {
     pub program: Short,
     /// Its arguments, passed as they are (no shell expansion).
     #[serde(default)]
+    #[schemars(length(max = 64))]
     pub args: Vec<Short>,
 }
 
@@ -337,8 +343,10 @@ pub struct NetRule {
     /// `tcp`, `udp` or `any`.
     pub protocol: Protocol,
     /// First port, 1..=65535.
+    #[schemars(range(min = 1))]
     pub port_from: u16,
     /// Last port, `port_from..=65535`.
+    #[schemars(range(min = 1))]
     pub port_to: u16,
     /// The peer address range in CIDR notation, e.g. `10.0.0.0/8`.
     pub cidr: Short,
@@ -776,10 +784,16 @@ impl schemars::JsonSchema for Step {
             .map(|&kind| {
                 let args = args_schema(g, kind);
                 let compensation = compensation_schema(g, kind, &short, &path);
+                // `restart` takes no arguments: `args` may be left out, as the decoder allows.
+                let required: &[&str] = if kind == StepKind::Restart {
+                    &["id", "kind", "path", "confidence", "compensation"]
+                } else {
+                    &["id", "kind", "path", "args", "confidence", "compensation"]
+                };
                 serde_json::json!({
                     "type": "object",
                     "additionalProperties": false,
-                    "required": ["id", "kind", "path", "args", "confidence", "compensation"],
+                    "required": required,
                     "properties": {
                         "id": id,
                         "kind": { "const": kind.name() },
@@ -829,8 +843,13 @@ fn compensation_schema(
     let undo: Vec<serde_json::Value> = StepKind::ALL
         .iter()
         .map(|&k| {
+            let required: &[&str] = if k == StepKind::Restart {
+                &["mode", "kind", "path"]
+            } else {
+                &["mode", "kind", "path", "args"]
+            };
             serde_json::json!({
-                "type": "object", "additionalProperties": false, "required": ["mode", "kind", "path", "args"],
+                "type": "object", "additionalProperties": false, "required": required,
                 "properties": {
                     "mode": { "const": "undo" }, "kind": { "const": k.name() }, "path": path, "args": args_schema(g, k)
                 }

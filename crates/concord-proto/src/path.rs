@@ -251,6 +251,7 @@ impl<const MAX: usize> schemars::JsonSchema for Bounded<MAX> {
     }
     fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
         schemars::json_schema!({
+            "description": format!("A string of at most {MAX} bytes (UTF-8); the schema checks characters, concord checks bytes."),
             "type": "string",
             "maxLength": MAX,
         })

@@ -139,8 +139,12 @@ pub struct Affected {
     pub service: String,
     /// The touched path that reaches it.
     pub via: ResourcePath,
-    /// `owns` (the path is under the service) or `depends_on` (a declared dependency).
+    /// `owns` (the path is under the service), `depends_on` (a declared
+    /// dependency covers the path), or `shares_dependency` (the service
+    /// depends on what the owner of the path depends on).
     pub relation: String,
+    /// For `shares_dependency`: the shared dependency.
+    pub through: Option<ResourcePath>,
 }
 
 /// One entry of the compensation plan, in execution order.
@@ -179,7 +183,9 @@ pub struct RuleResult {
     pub status: RuleStatus,
     /// What a failure leads to (as configured; capped at `needs_approval` for a pre-existing failure).
     pub outcome: Verdict,
-    /// The state where it first failed, e.g. `after step s2` or `compensating s3 failure: after undoing s2`.
+    /// The state where it first failed, e.g. `after step s2` or
+    /// `after undoing step s1 (rollback after step s2)`; absent for rules
+    /// about the plan as a whole.
     pub at: Option<String>,
     /// The rule already failed before the plan: the outcome is capped at `needs_approval`.
     pub pre_existing: bool,

@@ -81,9 +81,9 @@ pub fn run(a: Args) -> Result<u8> {
         previous: previous.as_ref(),
     });
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&p)?);
+        super::out(&format!("{}\n", serde_json::to_string_pretty(&p)?))?;
     } else {
-        print!("{}", render(&p));
+        super::out(&render(&p))?;
     }
     Ok(exit_code(p.verdict) as u8)
 }

@@ -28,6 +28,6 @@ pub fn run(a: Args) -> Result<u8> {
         Which::Preview => concord_proto::preview_schema(),
         Which::DecodeError => concord_proto::decode_error_schema(),
     };
-    println!("{}", serde_json::to_string_pretty(&schema)?);
+    super::out(&format!("{}\n", serde_json::to_string_pretty(&schema)?))?;
     Ok(0)
 }
