@@ -697,44 +697,8 @@ impl<'de> Deserialize<'de> for Step {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let raw = RawStep::deserialize(d)?;
         let op = Op::decode(raw.kind, raw.args)?;
-        op.check(&raw.path)
-            .map_err(|(at, r, detail)| rule_error(&at, r, detail))?;
-        check_float(raw.confidence).map_err(|(r, d)| rule_error("confidence", r, d))?;
-        if !(0.0..=1.0).contains(&raw.confidence) {
-            return Err(rule_error(
-                "confidence",
-                Rule::NumericRange,
-                format!("{} is outside 0..=1", raw.confidence),
-            ));
-        }
-        if let Some(t) = raw.timeout_ms
-            && !(1..=DURATION_MS_MAX).contains(&t)
-        {
-            return Err(rule_error(
-                "timeout_ms",
-                Rule::NumericRange,
-                format!("{t} is outside 1..={DURATION_MS_MAX}"),
-            ));
-        }
-        let kind = raw.kind;
         let compensation = match raw.compensation {
-            RawCompensation::Restore if !kind.restorable() => {
-                return Err(rule_error(
-                    "compensation.mode",
-                    Rule::Compensation,
-                    format!(
-                        "a `{kind}` cannot be restored from before-values; give an `undo` step or mark it `irreversible` with a reason"
-                    ),
-                ));
-            }
             RawCompensation::Restore => Compensation::Restore,
-            RawCompensation::Undo { .. } if kind == StepKind::Delete => {
-                return Err(rule_error(
-                    "compensation.mode",
-                    Rule::Compensation,
-                    "a `delete` is irreversible and must say so: mode `irreversible` with a reason",
-                ));
-            }
             RawCompensation::Undo {
                 kind: ukind,
                 path,
@@ -744,20 +708,11 @@ impl<'de> Deserialize<'de> for Step {
                     let err = classify("", &e.to_string());
                     rule_error(&format!("compensation.{}", err.field), err.rule, err.detail)
                 })?;
-                op.check(&path)
-                    .map_err(|(at, r, detail)| rule_error(&format!("compensation.{at}"), r, detail))?;
                 Compensation::Undo(StepSpec { path, op })
-            }
-            RawCompensation::Irreversible { reason } if reason.as_str().trim().is_empty() => {
-                return Err(rule_error(
-                    "compensation.reason",
-                    Rule::Compensation,
-                    "an irreversible step must give the reason",
-                ));
             }
             RawCompensation::Irreversible { reason } => Compensation::Irreversible { reason },
         };
-        Ok(Step {
+        let step = Step {
             id: raw.id,
             path: raw.path,
             op,
@@ -765,7 +720,61 @@ impl<'de> Deserialize<'de> for Step {
             compensation,
             timeout_ms: raw.timeout_ms,
             verification: raw.verification,
-        })
+        };
+        step.check().map_err(|(at, r, detail)| rule_error(&at, r, detail))?;
+        Ok(step)
+    }
+}
+
+impl Step {
+    /// The rules of one step that its types do not express: argument
+    /// semantics, confidence and timeout ranges, and which compensation the
+    /// kind allows. Decoding applies them; [`Intent::validate`] applies them
+    /// again to steps built in code. The error's field is relative to the step.
+    pub fn check(&self) -> Result<(), (String, Rule, String)> {
+        self.op.check(&self.path)?;
+        check_float(self.confidence).map_err(|(r, d)| ("confidence".to_string(), r, d))?;
+        if !(0.0..=1.0).contains(&self.confidence) {
+            return Err((
+                "confidence".into(),
+                Rule::NumericRange,
+                format!("{} is outside 0..=1", self.confidence),
+            ));
+        }
+        if let Some(t) = self.timeout_ms
+            && !(1..=DURATION_MS_MAX).contains(&t)
+        {
+            return Err((
+                "timeout_ms".into(),
+                Rule::NumericRange,
+                format!("{t} is outside 1..={DURATION_MS_MAX}"),
+            ));
+        }
+        let kind = self.kind();
+        match &self.compensation {
+            Compensation::Restore if !kind.restorable() => Err((
+                "compensation.mode".into(),
+                Rule::Compensation,
+                format!(
+                    "a `{kind}` cannot be restored from before-values; give an `undo` step or mark it `irreversible` with a reason"
+                ),
+            )),
+            Compensation::Undo(_) if kind == StepKind::Delete => Err((
+                "compensation.mode".into(),
+                Rule::Compensation,
+                "a `delete` is irreversible and must say so: mode `irreversible` with a reason".into(),
+            )),
+            Compensation::Undo(spec) => spec
+                .op
+                .check(&spec.path)
+                .map_err(|(at, r, d)| (format!("compensation.{at}"), r, d)),
+            Compensation::Irreversible { reason } if reason.as_str().trim().is_empty() => Err((
+                "compensation.reason".into(),
+                Rule::Compensation,
+                "an irreversible step must give the reason".into(),
+            )),
+            Compensation::Restore | Compensation::Irreversible { .. } => Ok(()),
+        }
     }
 }
 
@@ -951,8 +960,7 @@ impl Intent {
                 ));
             }
             // Re-check what decoding checks, for steps built in code.
-            step.op
-                .check(&step.path)
+            step.check()
                 .map_err(|(at, r, d)| DecodeError::new(format!("steps[{i}].{at}"), r, d))?;
             if let Some(v) = &step.verification {
                 check_condition(&format!("steps[{i}].verification"), v.op, v.value.as_ref())?;
