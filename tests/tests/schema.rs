@@ -7,10 +7,11 @@ use concord_tests::{EXAMPLES, Example, check, concord, example, workspace_root};
 use serde_json::Value;
 
 /// `(argument of concord schema, committed file)`.
-const SCHEMAS: [(&str, &str); 3] = [
+const SCHEMAS: [(&str, &str); 4] = [
     ("intent", "schema/intent.schema.json"),
     ("preview", "schema/preview.schema.json"),
     ("decode-error", "schema/decode-error.schema.json"),
+    ("observation", "schema/observation.schema.json"),
 ];
 
 fn committed(file: &str) -> Value {

@@ -245,3 +245,23 @@ pub(crate) fn join(base: &str, tail: &str) -> String {
         (false, false) => format!("{base}.{tail}"),
     }
 }
+
+/// Parses JSON bytes into `T`, turning any serde error into a [`DecodeError`]
+/// that names the field path and the rule. Trailing bytes are an error.
+pub(crate) fn decode_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, DecodeError> {
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    let value: T = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let inner = e.inner();
+        let message = inner.to_string();
+        // serde_json counts a number literal beyond f64 (`1e999`) as a syntax
+        // error; concord calls it what it is, a number out of range.
+        if (inner.is_syntax() && !message.starts_with("number out of range")) || inner.is_eof() {
+            DecodeError::new(field_of(e.path()), Rule::JsonSyntax, message)
+        } else {
+            classify(&field_of(e.path()), &message)
+        }
+    })?;
+    de.end()
+        .map_err(|e| DecodeError::new("", Rule::JsonSyntax, e.to_string()))?;
+    Ok(value)
+}

@@ -890,20 +890,7 @@ pub fn decode_intent(bytes: &[u8]) -> Result<Intent, DecodeError> {
             format!("payload is {} bytes; at most {INTENT_BYTES_MAX} allowed", bytes.len()),
         ));
     }
-    let mut de = serde_json::Deserializer::from_slice(bytes);
-    let intent: Intent = serde_path_to_error::deserialize(&mut de).map_err(|e| {
-        let inner = e.inner();
-        let message = inner.to_string();
-        // serde_json counts a number literal beyond f64 (`1e999`) as a syntax
-        // error; concord calls it what it is, a number out of range.
-        if (inner.is_syntax() && !message.starts_with("number out of range")) || inner.is_eof() {
-            DecodeError::new(field_of(e.path()), Rule::JsonSyntax, message)
-        } else {
-            classify(&field_of(e.path()), &message)
-        }
-    })?;
-    de.end()
-        .map_err(|e| DecodeError::new("", Rule::JsonSyntax, e.to_string()))?;
+    let intent: Intent = crate::error::decode_json(bytes)?;
     intent.validate()?;
     Ok(intent)
 }

@@ -40,6 +40,7 @@
 pub mod error;
 pub mod intent;
 pub mod limits;
+pub mod observe;
 pub mod path;
 pub mod preview;
 pub mod value;
@@ -50,6 +51,7 @@ pub use intent::{
     NetChange, NetRule, NetworkArgs, OnConflict, Op, Preflight, PreflightResult, Protocol, RestartArgs, ScaleArgs,
     SetArgs, Step, StepKind, StepSpec, Verification, decode_intent,
 };
+pub use observe::{HEALTH_WORDS, Observation, ObservationKind, decode_observation};
 pub use path::{Id, ResourcePath, Short, Text};
 pub use preview::{Preview, Verdict};
 pub use value::Value;
@@ -62,6 +64,11 @@ pub fn intent_schema() -> schemars::Schema {
 /// The JSON Schema of a preview (what the coordinator answers).
 pub fn preview_schema() -> schemars::Schema {
     schemars::schema_for!(Preview)
+}
+
+/// The JSON Schema of an observation (what agents publish about the world).
+pub fn observation_schema() -> schemars::Schema {
+    schemars::schema_for!(Observation)
 }
 
 /// The JSON Schema of a decode error reply.

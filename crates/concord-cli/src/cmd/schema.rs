@@ -9,8 +9,10 @@ pub enum Which {
     Intent,
     /// What the coordinator answers.
     Preview,
-    /// The error reply to a malformed intent.
+    /// The error reply to a malformed intent or observation.
     DecodeError,
+    /// What agents publish about the world.
+    Observation,
 }
 
 /// Arguments.
@@ -27,6 +29,7 @@ pub fn run(a: Args) -> Result<u8> {
         Which::Intent => concord_proto::intent_schema(),
         Which::Preview => concord_proto::preview_schema(),
         Which::DecodeError => concord_proto::decode_error_schema(),
+        Which::Observation => concord_proto::observation_schema(),
     };
     super::out(&format!("{}\n", serde_json::to_string_pretty(&schema)?))?;
     Ok(0)
