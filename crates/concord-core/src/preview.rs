@@ -21,7 +21,7 @@ use crate::celx;
 use crate::plandiff::plan_diff;
 use crate::policy::{CelRule, Outcome, Policy};
 use crate::rules;
-use crate::world::{State, World};
+use crate::world::{Base, State, World};
 
 /// Most world paths one CEL rule's `reads` may reach (scanned by prefix):
 /// the rule's evaluation budget.
@@ -33,7 +33,7 @@ pub const CORE_VERSION: &str = env!("CARGO_PKG_VERSION");
 /// Everything a preview is computed from.
 #[derive(Clone, Copy, Debug)]
 pub struct PreviewInput<'a> {
-    /// The world before the plan.
+    /// The world before the plan (assumptions are checked against it).
     pub world: &'a World,
     /// The plan.
     pub intent: &'a Intent,
@@ -54,7 +54,8 @@ pub(crate) struct EvalState {
 
 /// The simulated run of a plan and of its compensations.
 pub(crate) struct Run<'w> {
-    pub world: &'w World,
+    /// What the plan is previewed against (the current or the projected world).
+    pub base: Base<'w>,
     /// Distinct states, forward ones first, in the order they can occur.
     pub states: Vec<EvalState>,
     /// Per step: what it changed when applied in order.
@@ -91,13 +92,13 @@ fn to_changes(changes: &[PathChange], step: &concord_proto::Id) -> Vec<Change> {
 }
 
 impl<'w> Run<'w> {
-    pub(crate) fn simulate(world: &'w World, intent: &Intent) -> Run<'w> {
+    pub(crate) fn simulate(base: Base<'w>, intent: &Intent) -> Run<'w> {
         let mut apply_errors = Vec::new();
-        let mut forward: Vec<State<'w>> = vec![State::new(world)];
+        let mut forward: Vec<State<'w>> = vec![State::on(base)];
         let mut step_changes = Vec::with_capacity(intent.steps.len());
         let mut last_writer = BTreeMap::new();
         for step in &intent.steps {
-            let mut s = forward.last().cloned().unwrap_or_else(|| State::new(world));
+            let mut s = forward.last().cloned().unwrap_or_else(|| State::on(base));
             match apply(&mut s, &spec(step)) {
                 Ok(ch) => {
                     for c in &ch {
@@ -168,7 +169,7 @@ impl<'w> Run<'w> {
         let touched = states.iter().flat_map(|s| s.changes.keys().cloned()).collect();
         let final_changes = forward.last().map(|s| s.changes().clone()).unwrap_or_default();
         Run {
-            world,
+            base,
             states,
             step_changes,
             compensation,
@@ -180,8 +181,15 @@ impl<'w> Run<'w> {
     }
 }
 
-/// Computes the preview of a plan.
+/// Computes the preview of a plan against the world as it is.
 pub fn preview(input: PreviewInput<'_>) -> Preview {
+    preview_on(input, Base::current(input.world))
+}
+
+/// Computes the preview of a plan against `base` (e.g. the projected world:
+/// the current world plus in-flight plans' effects). Assumptions are still
+/// checked against `input.world`, the world as it is.
+pub fn preview_on(input: PreviewInput<'_>, base: Base<'_>) -> Preview {
     let PreviewInput {
         world,
         intent,
@@ -189,14 +197,14 @@ pub fn preview(input: PreviewInput<'_>) -> Preview {
         policy,
         previous,
     } = input;
-    let run = Run::simulate(world, intent);
+    let run = Run::simulate(base, intent);
 
     let diff: Vec<Change> = run
         .final_changes
         .iter()
         .map(|(path, after)| Change {
             path: path.clone(),
-            before: world.get(path).cloned(),
+            before: base.get(path).cloned(),
             after: after.clone(),
             step: run
                 .last_writer
@@ -471,7 +479,7 @@ fn eval_cel(rule: &CelRule, policy: &Policy, run: &Run<'_>, plan: &CelValue, age
     let mut base: BTreeMap<ResourcePath, Value> = BTreeMap::new();
     let mut scanned = 0usize;
     for prefix in &rule.reads.prefixes {
-        for (p, v) in run.world.scan_prefix(prefix) {
+        for (p, v) in run.base.scan_prefix(prefix) {
             // The rule's evaluation budget: CEL has no step counter, so bound
             // what a rule may bind (and what concord scans to find it).
             scanned += 1;
@@ -491,7 +499,7 @@ fn eval_cel(rule: &CelRule, policy: &Policy, run: &Run<'_>, plan: &CelValue, age
                 };
             }
             if rule.reads.matches(p.as_str()) {
-                base.insert(p.clone(), v.clone());
+                base.insert(p, v);
             }
         }
     }

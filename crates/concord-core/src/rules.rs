@@ -199,7 +199,7 @@ pub(crate) fn builtin(
                 continue;
             }
             let gained: Vec<String> = members(after.as_ref())
-                .difference(&members(run.world.get(path)))
+                .difference(&members(run.base.get(path)))
                 .filter(|m| reported.insert((path.to_string(), m.to_string())))
                 .cloned()
                 .collect();
@@ -351,7 +351,7 @@ fn network_widen(run: &Run<'_>, globs: &Globs, outcome: Verdict) -> RuleResult {
                     Some(other) => Err(format!("`{path}` holds {other}, not a list of network rules")),
                 }
             };
-            let (before, after) = match (parse(run.world.get(path)), parse(after.as_ref())) {
+            let (before, after) = match (parse(run.base.get(path)), parse(after.as_ref())) {
                 (Ok(b), Ok(a)) => (b, a),
                 (Err(e), _) | (_, Err(e)) => {
                     return RuleResult {
@@ -434,7 +434,7 @@ pub(crate) fn ceilings(run: &Run<'_>, policy: &Policy) -> Vec<RuleResult> {
                         continue;
                     };
                     let v = after.as_f64().unwrap_or_default();
-                    let before_value = run.world.get(path);
+                    let before_value = run.base.get(path);
                     let before = before_value.and_then(Value::as_f64);
                     // Lowering a value that is already too high is always allowed.
                     if before.is_some_and(|b| v <= b) {

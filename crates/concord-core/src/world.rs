@@ -120,27 +120,88 @@ fn first_descendant<V>(map: &BTreeMap<ResourcePath, V>, path: &ResourcePath) -> 
     scan_prefix(map, &prefix).next().map(|(p, _)| p.clone())
 }
 
-/// A world as a plan would leave it: the base world plus the changes of the
-/// steps applied so far. Changes equal to the base are dropped, so two
-/// states are the same exactly when their change maps are equal.
+/// Changes layered over a world: path -> new value (`None`: removed).
+pub type Overlay = BTreeMap<ResourcePath, Option<Value>>;
+
+/// What a plan is previewed against: the world, optionally with the effects
+/// of in-flight plans layered over it (the projected world). Borrowed, never
+/// copied: cost follows the paths a preview reads, not the world's size.
+#[derive(Clone, Copy, Debug)]
+pub struct Base<'w> {
+    world: &'w World,
+    overlay: Option<&'w Overlay>,
+}
+
+impl<'w> Base<'w> {
+    /// The world as it is.
+    pub fn current(world: &'w World) -> Self {
+        Base { world, overlay: None }
+    }
+
+    /// The world with `overlay` applied.
+    pub fn projected(world: &'w World, overlay: &'w Overlay) -> Self {
+        Base {
+            world,
+            overlay: Some(overlay),
+        }
+    }
+
+    /// The underlying world, without the overlay.
+    pub fn world(&self) -> &'w World {
+        self.world
+    }
+
+    /// The value at `path`.
+    pub fn get(&self, path: &ResourcePath) -> Option<&'w Value> {
+        match self.overlay.and_then(|o| o.get(path)) {
+            Some(v) => v.as_ref(),
+            None => self.world.get(path),
+        }
+    }
+
+    /// Every existing (path, value) whose path text starts with `prefix`, in order.
+    pub fn scan_prefix(&self, prefix: &str) -> Vec<(ResourcePath, Value)> {
+        let base = self.world.scan_prefix(prefix).map(|(p, v)| (p.clone(), v.clone()));
+        let Some(overlay) = self.overlay else {
+            return base.collect();
+        };
+        let mut out: BTreeMap<ResourcePath, Value> = base.collect();
+        for (p, v) in scan_prefix(overlay, prefix) {
+            match v {
+                Some(v) => out.insert(p.clone(), v.clone()),
+                None => out.remove(p),
+            };
+        }
+        out.into_iter().collect()
+    }
+}
+
+/// A world as a plan would leave it: the base plus the changes of the steps
+/// applied so far. Changes equal to the base are dropped, so two states are
+/// the same exactly when their change maps are equal.
 #[derive(Clone, Debug)]
 pub struct State<'w> {
-    base: &'w World,
+    base: Base<'w>,
     /// Path -> new value (`None`: removed).
-    changes: BTreeMap<ResourcePath, Option<Value>>,
+    changes: Overlay,
 }
 
 impl<'w> State<'w> {
-    /// The base world, unchanged.
-    pub fn new(base: &'w World) -> Self {
+    /// The current world, unchanged.
+    pub fn new(world: &'w World) -> Self {
+        State::on(Base::current(world))
+    }
+
+    /// `base`, unchanged.
+    pub fn on(base: Base<'w>) -> Self {
         State {
             base,
             changes: BTreeMap::new(),
         }
     }
 
-    /// The base world.
-    pub fn base(&self) -> &'w World {
+    /// What the changes are layered on.
+    pub fn base(&self) -> Base<'w> {
         self.base
     }
 
@@ -173,11 +234,7 @@ impl<'w> State<'w> {
 
     /// Every existing (path, value) whose path text starts with `prefix`, in order.
     pub fn scan_prefix(&self, prefix: &str) -> Vec<(ResourcePath, Value)> {
-        let mut out: BTreeMap<ResourcePath, Value> = self
-            .base
-            .scan_prefix(prefix)
-            .map(|(p, v)| (p.clone(), v.clone()))
-            .collect();
+        let mut out: BTreeMap<ResourcePath, Value> = self.base.scan_prefix(prefix).into_iter().collect();
         for (p, v) in scan_prefix(&self.changes, prefix) {
             match v {
                 Some(v) => out.insert(p.clone(), v.clone()),

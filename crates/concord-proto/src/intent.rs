@@ -412,6 +412,17 @@ pub enum Op {
 }
 
 impl Op {
+    /// Builds an op from a kind and its JSON arguments, checking them as decoding does.
+    pub fn from_kind_args(kind: StepKind, args: serde_json::Value) -> Result<Op, DecodeError> {
+        Op::decode::<serde_json::Error>(kind, args).map_err(|e| classify("", &e.to_string()))
+    }
+
+    /// The arguments as JSON, shaped as in an intent's step.
+    pub fn args_json(&self) -> serde_json::Value {
+        // Args types serialize infallibly: string keys, finite numbers.
+        serde_json::to_value(self).unwrap_or(serde_json::Value::Null)
+    }
+
     /// The step kind.
     pub fn kind(&self) -> StepKind {
         match self {

@@ -37,6 +37,7 @@
 //! assert_eq!(err.rule, Rule::Required);
 //! ```
 
+pub mod coord;
 pub mod error;
 pub mod intent;
 pub mod limits;
