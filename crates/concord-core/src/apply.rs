@@ -13,7 +13,7 @@ use concord_proto::{NetChange, NetRule, Op, ResourcePath, StepSpec, Value};
 use crate::world::State;
 
 /// A change one step makes to one path.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct PathChange {
     /// The path.
     pub path: ResourcePath,

@@ -95,7 +95,7 @@ impl World {
     }
 
     /// Every (path, value) whose path text starts with `prefix`, in order.
-    pub fn scan_prefix<'a>(&'a self, prefix: &'a str) -> impl Iterator<Item = (&'a ResourcePath, &'a Value)> + 'a {
+    pub fn scan_prefix<'a>(&'a self, prefix: &str) -> impl Iterator<Item = (&'a ResourcePath, &'a Value)> + 'a {
         scan_prefix(&self.resources, prefix)
     }
 }
@@ -103,7 +103,7 @@ impl World {
 /// Entries of a path-keyed map whose path text starts with `prefix`.
 pub(crate) fn scan_prefix<'a, V>(
     map: &'a BTreeMap<ResourcePath, V>,
-    prefix: &'a str,
+    prefix: &str,
 ) -> impl Iterator<Item = (&'a ResourcePath, &'a V)> + 'a {
     // Paths sort as strings, so every path starting with `prefix` is in one run.
     let start = ResourcePath::parse(prefix.trim_end_matches('/')).ok();
@@ -111,8 +111,9 @@ pub(crate) fn scan_prefix<'a, V>(
         Some(start) if !prefix.is_empty() => Box::new(map.range((Bound::Included(start), Bound::Unbounded))),
         _ => Box::new(map.iter()),
     };
-    iter.skip_while(move |(p, _)| !p.as_str().starts_with(prefix))
-        .take_while(move |(p, _)| p.as_str().starts_with(prefix))
+    let (skip, take) = (prefix.to_string(), prefix.to_string());
+    iter.skip_while(move |(p, _)| !p.as_str().starts_with(skip.as_str()))
+        .take_while(move |(p, _)| p.as_str().starts_with(take.as_str()))
 }
 
 fn first_descendant<V>(map: &BTreeMap<ResourcePath, V>, path: &ResourcePath) -> Option<ResourcePath> {

@@ -1,0 +1,1904 @@
+//! The coordinator: one deterministic state machine, `handle(now, input) -> effects`.
+//!
+//! Inputs are intents, lease requests, observations, step outcomes, operator
+//! controls and clock ticks, each with the coordinator's receive time.
+//! Effects are data: replies, step dispatches, log events, timers to arm,
+//! alerts. The live runtime, the simulator and incident replay drive this
+//! same code, so the same inputs give the same effects, bit for bit.
+//!
+//! How a plan moves:
+//! - **decided**: previewed against the *projected* world (the world plus
+//!   every admitted, unfinished plan's effects) and, when plans are in
+//!   flight, against the world as it is (an in-flight saga may compensate
+//!   instead of finishing); checked for conflicts with in-flight plans and
+//!   other agents' leases; then admitted, held for a human, queued or rejected.
+//! - **pending**: waits for an operator; holds no lease; expires. An approval
+//!   binds the plan hash and the material-preview hash; if the material
+//!   preview changed meanwhile, the plan goes back to the human.
+//! - **running** (a saga): holds coordinator-owned leases on every path it
+//!   touches (the in-flight index) until it ends; dispatches one step at a
+//!   time with a fencing token and the expected before-values; compensates
+//!   completed steps in reverse on a failure, a timeout, a failed
+//!   verification, a cancel or a rollback halt.
+
+mod leases;
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+use concord_proto::coord::{
+    Conflict, Control, Decision, DispatchKey, HaltGrade, HaltScope, LeaseMode, LeaseReply, LeaseRequest, Phase,
+    SagaAction, StepDispatch, StepOutcome, StepResult,
+};
+use concord_proto::preview::{Preview, Reason};
+use concord_proto::{
+    Compensation, DeleteArgs, DeleteConfirm, DeployArgs, GrantArgs, Id, Intent, NetChange, NetworkArgs, Observation,
+    ObservationKind, OnConflict, Op, ResourcePath, ScaleArgs, SetArgs, Short, StepSpec, Value, Verdict,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::apply::{PathChange, apply};
+use crate::policy::Policy;
+use crate::preview::{PreviewInput, preview_on};
+use crate::world::{Base, Overlay, State, World};
+pub use leases::{Lease, LeaseTable};
+
+/// The runtime's id for a request awaiting a reply.
+pub type RequestId = u64;
+
+/// Bounds and times. Every table has a named maximum.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Config {
+    /// How long a plan waits for a human before it expires.
+    pub approval_ttl_ms: u64,
+    /// Step timeout when the step names none.
+    pub step_timeout_ms: u64,
+    /// Most plans pending, queued or running at once.
+    pub plans_max: usize,
+    /// Most plans one agent may have pending or queued.
+    pub pending_per_agent_max: usize,
+    /// Most plans one agent may have running.
+    pub running_per_agent_max: usize,
+    /// Longest lease time to live.
+    pub lease_ttl_ms_max: u64,
+    /// Most leases held at once.
+    pub leases_max: usize,
+    /// Most lease requests waiting.
+    pub lease_waiters_max: usize,
+    /// Most remembered request idempotency keys (oldest forgotten first).
+    pub idempotency_keys_max: usize,
+    /// Most observation series kept.
+    pub observation_series_max: usize,
+    /// Most ended lineages remembered (their last version), for re-plan diffs.
+    pub ended_lineages_max: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            approval_ttl_ms: 60 * 60 * 1000,
+            step_timeout_ms: 60_000,
+            plans_max: 100_000,
+            pending_per_agent_max: 64,
+            running_per_agent_max: 1_024,
+            lease_ttl_ms_max: 10 * 60 * 1000,
+            leases_max: 100_000,
+            lease_waiters_max: 10_000,
+            idempotency_keys_max: 65_536,
+            observation_series_max: 100_000,
+            ended_lineages_max: 10_000,
+        }
+    }
+}
+
+/// One input, as the runtime received it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "input", rename_all = "snake_case")]
+pub enum Input {
+    /// An agent proposes a plan.
+    Intent {
+        /// Reply to this request.
+        request: RequestId,
+        /// The agent (from its credentials and subject).
+        agent: String,
+        /// The plan.
+        intent: Intent,
+    },
+    /// An agent asks the lease service.
+    Lease {
+        /// Reply to this request.
+        request: RequestId,
+        /// The agent.
+        agent: String,
+        /// What it asks.
+        lease: LeaseRequest,
+    },
+    /// An agent reports an observation.
+    Observe {
+        /// The agent.
+        agent: String,
+        /// The observation.
+        observation: Observation,
+    },
+    /// An executor reports a step's outcome.
+    Outcome {
+        /// The executor.
+        executor: String,
+        /// The outcome.
+        outcome: StepOutcome,
+    },
+    /// An operator's command.
+    Control {
+        /// Reply to this request.
+        request: RequestId,
+        /// The operator (from credentials and subject).
+        operator: String,
+        /// The command.
+        control: Control,
+    },
+    /// Time passed: fire every timer due at `now`.
+    Tick,
+}
+
+/// What the runtime must do.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "effect", rename_all = "snake_case")]
+pub enum Effect {
+    /// Answer a request.
+    Reply {
+        /// The request.
+        request: RequestId,
+        /// The answer.
+        reply: Reply,
+    },
+    /// Send a step to its executor.
+    Dispatch(Box<StepDispatch>),
+    /// Append to the coordination log.
+    Event(Event),
+    /// Call `handle(at_ms, Tick)` no later than this.
+    ArmTimer {
+        /// When.
+        at_ms: u64,
+    },
+    /// Page a human.
+    Alert {
+        /// What happened.
+        message: String,
+    },
+}
+
+/// An answer to a request.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "reply", rename_all = "snake_case")]
+pub enum Reply {
+    /// The decision on an intent.
+    Decision(Box<Decision>),
+    /// The lease service's answer.
+    Lease(LeaseReply),
+    /// The answer to an operator.
+    Control {
+        /// Whether it took effect.
+        ok: bool,
+        /// What happened.
+        message: String,
+    },
+}
+
+/// An entry of the coordination log.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum Event {
+    /// A plan was decided.
+    Decided {
+        /// Agent.
+        agent: String,
+        /// Lineage.
+        lineage: Id,
+        /// Version.
+        version: u32,
+        /// Content hash.
+        hash: String,
+        /// Verdict.
+        verdict: Verdict,
+        /// Failing rule ids.
+        reasons: Vec<String>,
+        /// Conflicts.
+        conflicts: Vec<Conflict>,
+        /// Material preview hash.
+        material_hash: String,
+        /// Waiting for a conflicting plan to end.
+        queued: bool,
+        /// Policy hash.
+        policy_hash: String,
+    },
+    /// An earlier version waiting for approval was replaced by a newer one.
+    Withdrawn {
+        /// Lineage.
+        lineage: Id,
+        /// The withdrawn version.
+        version: u32,
+        /// The version that replaced it.
+        by_version: u32,
+    },
+    /// An operator approved.
+    Approved {
+        /// Lineage.
+        lineage: Id,
+        /// Version.
+        version: u32,
+        /// Who.
+        operator: String,
+        /// Why.
+        reason: String,
+    },
+    /// An approval arrived for a material preview that has changed: back to the human.
+    ApprovalStale {
+        /// Lineage.
+        lineage: Id,
+        /// Version.
+        version: u32,
+        /// The hash the operator approved.
+        approved: String,
+        /// The hash now.
+        current: String,
+    },
+    /// An operator rejected a pending plan.
+    RejectedByOperator {
+        /// Lineage.
+        lineage: Id,
+        /// Version.
+        version: u32,
+        /// Who.
+        operator: String,
+        /// Why.
+        reason: String,
+    },
+    /// Nobody decided in time.
+    ApprovalExpired {
+        /// Lineage.
+        lineage: Id,
+        /// Version.
+        version: u32,
+    },
+    /// A plan became a saga.
+    Admitted {
+        /// Lineage.
+        lineage: Id,
+        /// Version.
+        version: u32,
+    },
+    /// A step or compensation was sent to an executor.
+    Dispatched {
+        /// Idempotency key.
+        key: DispatchKey,
+        /// Path.
+        path: ResourcePath,
+        /// Fencing token.
+        token: u64,
+    },
+    /// A step or compensation succeeded.
+    StepSucceeded {
+        /// Key.
+        key: DispatchKey,
+    },
+    /// A step or compensation failed.
+    StepFailed {
+        /// Key.
+        key: DispatchKey,
+        /// Why.
+        reason: String,
+    },
+    /// A step's verification started (bake time running).
+    Verifying {
+        /// Key.
+        key: DispatchKey,
+        /// When it is judged.
+        until_ms: u64,
+    },
+    /// A saga started compensating.
+    Compensating {
+        /// Lineage.
+        lineage: Id,
+        /// Version.
+        version: u32,
+        /// Why.
+        reason: String,
+        /// Irreversible steps that will not be undone.
+        irreversible: Vec<Id>,
+    },
+    /// A saga ended: every step succeeded.
+    Completed {
+        /// Lineage.
+        lineage: Id,
+        /// Version.
+        version: u32,
+    },
+    /// A saga ended: its completed steps were compensated.
+    Compensated {
+        /// Lineage.
+        lineage: Id,
+        /// Version.
+        version: u32,
+    },
+    /// A compensation failed: the saga keeps its leases and waits for an operator.
+    CompensationFailed {
+        /// Lineage.
+        lineage: Id,
+        /// Version.
+        version: u32,
+        /// The step whose compensation failed.
+        step: Id,
+        /// Why.
+        reason: String,
+    },
+    /// An operator decided a saga whose compensation failed.
+    SagaDecided {
+        /// Lineage.
+        lineage: Id,
+        /// What.
+        action: SagaAction,
+        /// Who.
+        operator: String,
+    },
+    /// An outcome matched no outstanding dispatch (late, duplicate or unknown).
+    OutcomeIgnored {
+        /// Key.
+        key: DispatchKey,
+        /// Why.
+        reason: String,
+    },
+    /// A lease was granted.
+    LeaseGranted {
+        /// The lease.
+        lease: Lease,
+    },
+    /// A lease was renewed.
+    LeaseRenewed {
+        /// Id.
+        lease: u64,
+        /// New expiry.
+        expires_at_ms: u64,
+    },
+    /// A lease was released.
+    LeaseReleased {
+        /// Id.
+        lease: u64,
+    },
+    /// A lease lapsed.
+    LeaseExpired {
+        /// Id.
+        lease: u64,
+        /// Its holder.
+        agent: String,
+    },
+    /// A halt took effect.
+    Halted {
+        /// Who.
+        operator: String,
+        /// Where.
+        scope: HaltScope,
+        /// How hard.
+        grade: HaltGrade,
+        /// Why.
+        reason: String,
+    },
+    /// Halts were lifted.
+    Resumed {
+        /// Who.
+        operator: String,
+        /// Where.
+        scope: HaltScope,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// A halt in force.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Halt {
+    /// Where.
+    pub scope: HaltScope,
+    /// How hard.
+    pub grade: HaltGrade,
+    /// Who.
+    pub operator: String,
+    /// Why.
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+struct Outstanding {
+    key: DispatchKey,
+    index: usize,
+    deadline_ms: u64,
+    /// Paths the dispatch changes, with their expected after-values.
+    changes: Vec<PathChange>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+enum Phase2 {
+    /// Running step `next` (or about to).
+    Forward { next: usize },
+    /// Verifying step `index` until `until_ms`.
+    Verifying { index: usize, until_ms: u64 },
+    /// Undoing `completed` from the back.
+    Compensating { by_rollback: bool },
+    /// A compensation failed; waits for an operator.
+    CompensationFailed { index: usize },
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+struct Saga {
+    phase: Phase2,
+    /// Steps applied (or possibly applied), in order.
+    completed: Vec<usize>,
+    outstanding: Option<Outstanding>,
+    attempts: BTreeMap<(usize, bool), u32>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+enum Status {
+    Pending { expires_at_ms: u64 },
+    Queued,
+    Running(Saga),
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+struct Plan {
+    agent: String,
+    intent: Intent,
+    hash: String,
+    material_hash: String,
+    /// Per step: what it changes (computed at admission on the projected world).
+    step_changes: Vec<Vec<PathChange>>,
+    /// The plan's final effects.
+    effects: Overlay,
+    /// Every path it writes or acts on.
+    touched: BTreeSet<ResourcePath>,
+    status: Status,
+    /// The request to answer when a queued plan is decided.
+    queued_request: Option<RequestId>,
+    /// The earlier version it was diffed against (re-previews use the same).
+    previous: Option<Intent>,
+}
+
+/// The latest observation of a series.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ObservationRecord {
+    /// Kind.
+    pub kind: ObservationKind,
+    /// Value.
+    pub value: Value,
+    /// Reporting agent.
+    pub agent: String,
+    /// Coordinator receive time.
+    pub at_ms: u64,
+}
+
+/// The coordinator.
+#[derive(Debug)]
+pub struct Coordinator {
+    config: Config,
+    policy: Policy,
+    world: World,
+    /// Live plans by lineage (pending, queued or running).
+    plans: BTreeMap<Id, Plan>,
+    /// Projected effects of running plans.
+    projected: Overlay,
+    /// Running plans by every path they touch: the coordinator-owned leases.
+    inflight: BTreeMap<ResourcePath, BTreeSet<Id>>,
+    /// Highest fencing token handed out per path.
+    fencing: BTreeMap<ResourcePath, u64>,
+    leases: LeaseTable,
+    halts: Vec<Halt>,
+    /// (due time, sequence) -> timer.
+    timers: BTreeMap<(u64, u64), Timer>,
+    timer_seq: u64,
+    /// (agent, idempotency key) -> the decision given.
+    decisions: BTreeMap<(String, String), Decision>,
+    decision_order: VecDeque<(String, String)>,
+    observations: BTreeMap<ResourcePath, ObservationRecord>,
+    /// Last version of ended lineages, oldest forgotten first.
+    ended: BTreeMap<Id, Intent>,
+    ended_order: VecDeque<Id>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+enum Timer {
+    ApprovalExpiry { lineage: Id, version: u32 },
+    StepDeadline { key: DispatchKey },
+    Verification { lineage: Id, index: usize },
+    LeaseExpiry { lease: u64, expires_at_ms: u64 },
+}
+
+fn covers(scope: &HaltScope, agent: &str, touched: &BTreeSet<ResourcePath>) -> bool {
+    match scope {
+        HaltScope::All => true,
+        HaltScope::Agent(a) => a == agent,
+        HaltScope::Path(p) => touched.iter().any(|t| t.overlaps(p)),
+    }
+}
+
+fn reason(rule: &str, message: String) -> Reason {
+    Reason {
+        rule: rule.to_string(),
+        outcome: Verdict::Reject,
+        message,
+    }
+}
+
+/// The hash of what a human approves besides the plan itself: verdict,
+/// failing rules, conflicts, assumptions held and the before-values of the
+/// touched paths. Observations that change nothing here do not invalidate an approval.
+fn material_hash(p: &Preview, conflicts: &[Conflict]) -> String {
+    let material = serde_json::json!({
+        "verdict": p.verdict,
+        "failing": p.reasons.iter().map(|r| &r.rule).collect::<Vec<_>>(),
+        "conflicts": conflicts,
+        "assumptions": p.assumptions.iter().map(|a| (&a.path, a.held)).collect::<Vec<_>>(),
+        "before": p.diff.iter().map(|c| (&c.path, &c.before)).collect::<Vec<_>>(),
+    });
+    blake3::hash(material.to_string().as_bytes()).to_hex().to_string()
+}
+
+impl Coordinator {
+    /// A coordinator over `world` under `policy`.
+    pub fn new(config: Config, policy: Policy, world: World) -> Self {
+        Coordinator {
+            config,
+            policy,
+            world,
+            plans: BTreeMap::new(),
+            projected: BTreeMap::new(),
+            inflight: BTreeMap::new(),
+            fencing: BTreeMap::new(),
+            leases: LeaseTable::default(),
+            halts: Vec::new(),
+            timers: BTreeMap::new(),
+            timer_seq: 0,
+            decisions: BTreeMap::new(),
+            decision_order: VecDeque::new(),
+            observations: BTreeMap::new(),
+            ended: BTreeMap::new(),
+            ended_order: VecDeque::new(),
+        }
+    }
+
+    /// The world as it is (steps applied so far).
+    pub fn world(&self) -> &World {
+        &self.world
+    }
+
+    /// The halts in force.
+    pub fn halts(&self) -> &[Halt] {
+        &self.halts
+    }
+
+    /// The leases held.
+    pub fn leases(&self) -> &LeaseTable {
+        &self.leases
+    }
+
+    /// Number of live plans (pending, queued, running).
+    pub fn plan_count(&self) -> usize {
+        self.plans.len()
+    }
+
+    /// The highest fencing token handed out for `path`.
+    pub fn fencing_token(&self, path: &ResourcePath) -> u64 {
+        self.fencing.get(path).copied().unwrap_or(0)
+    }
+
+    /// The latest observation of a series.
+    pub fn observation(&self, path: &ResourcePath) -> Option<&ObservationRecord> {
+        self.observations.get(path)
+    }
+
+    /// When the runtime must next call `handle(.., Tick)`.
+    pub fn next_timer(&self) -> Option<u64> {
+        self.timers.keys().next().map(|(at, _)| *at)
+    }
+
+    /// Handles one input at coordinator time `now_ms` and returns what to do.
+    pub fn handle(&mut self, now_ms: u64, input: Input) -> Vec<Effect> {
+        let mut fx = Vec::new();
+        match input {
+            Input::Intent { request, agent, intent } => self.on_intent(now_ms, request, &agent, intent, &mut fx),
+            Input::Lease { request, agent, lease } => self.on_lease(now_ms, request, &agent, lease, &mut fx),
+            Input::Observe { agent, observation } => self.on_observe(now_ms, &agent, observation),
+            Input::Outcome { outcome, .. } => self.on_outcome(now_ms, outcome, &mut fx),
+            Input::Control {
+                request,
+                operator,
+                control,
+            } => self.on_control(now_ms, request, &operator, control, &mut fx),
+            Input::Tick => self.on_tick(now_ms, &mut fx),
+        }
+        fx
+    }
+
+    fn arm(&mut self, at_ms: u64, timer: Timer, fx: &mut Vec<Effect>) {
+        self.timer_seq += 1;
+        let earliest = self.next_timer();
+        self.timers.insert((at_ms, self.timer_seq), timer);
+        if earliest.is_none_or(|e| at_ms < e) {
+            fx.push(Effect::ArmTimer { at_ms });
+        }
+    }
+
+    // ---- intents ---------------------------------------------------------
+
+    fn on_intent(&mut self, now: u64, request: RequestId, agent: &str, intent: Intent, fx: &mut Vec<Effect>) {
+        if let Some(key) = &intent.idempotency_key
+            && let Some(d) = self.decisions.get(&(agent.to_string(), key.to_string()))
+        {
+            // A retry after a timeout or reconnect gets the original decision.
+            fx.push(Effect::Reply {
+                request,
+                reply: Reply::Decision(Box::new(d.clone())),
+            });
+            return;
+        }
+        let previous = self
+            .plans
+            .get(&intent.lineage)
+            .map(|p| p.intent.clone())
+            .or_else(|| self.ended.get(&intent.lineage).cloned());
+        let decision = self.decide(now, agent, intent, Some(request), previous, fx);
+        if let Some(d) = decision {
+            fx.push(Effect::Reply {
+                request,
+                reply: Reply::Decision(Box::new(d)),
+            });
+        }
+    }
+
+    /// Decides a plan; returns the decision to reply with (None when the
+    /// plan was queued and will be answered later).
+    fn decide(
+        &mut self,
+        now: u64,
+        agent: &str,
+        intent: Intent,
+        request: Option<RequestId>,
+        previous: Option<Intent>,
+        fx: &mut Vec<Effect>,
+    ) -> Option<Decision> {
+        let lineage = intent.lineage.clone();
+        let mut extra: Vec<Reason> = Vec::new();
+
+        // Versions: a newer version withdraws a pending one and is refused while one runs.
+        let mut withdraw = None;
+        if let Some(existing) = self.plans.get(&lineage) {
+            let v = existing.intent.version;
+            match &existing.status {
+                _ if intent.version <= v => extra.push(reason(
+                    "replan.version",
+                    format!(
+                        "version {} is not newer than version {v} of this lineage",
+                        intent.version
+                    ),
+                )),
+                Status::Running(_) => extra.push(reason(
+                    "replan.running",
+                    format!("version {v} of this lineage is running; cancel it or wait for it to end"),
+                )),
+                Status::Pending { .. } | Status::Queued => withdraw = Some(v),
+            }
+        }
+        // Per-agent and global bounds.
+        let (pending, running) = self
+            .plans
+            .values()
+            .filter(|p| p.agent == agent)
+            .fold((0, 0), |(a, b), p| match p.status {
+                Status::Running(_) => (a, b + 1),
+                _ => (a + 1, b),
+            });
+        if self.plans.len() >= self.config.plans_max {
+            extra.push(reason(
+                "limit.plans",
+                format!("{} plans are live; at most {}", self.plans.len(), self.config.plans_max),
+            ));
+        }
+        if pending >= self.config.pending_per_agent_max {
+            extra.push(reason(
+                "limit.pending",
+                format!(
+                    "agent `{agent}` has {pending} plans waiting; at most {}",
+                    self.config.pending_per_agent_max
+                ),
+            ));
+        }
+        if running >= self.config.running_per_agent_max {
+            extra.push(reason(
+                "limit.running",
+                format!(
+                    "agent `{agent}` has {running} plans running; at most {}",
+                    self.config.running_per_agent_max
+                ),
+            ));
+        }
+
+        // Previews: on the projected world, and, with plans in flight, on the world as it is.
+        let input = PreviewInput {
+            world: &self.world,
+            intent: &intent,
+            agent,
+            policy: &self.policy,
+            previous: previous.as_ref(),
+        };
+        let mut preview = preview_on(input, Base::projected(&self.world, &self.projected));
+        if !self.projected.is_empty() {
+            let current = preview_on(input, Base::current(&self.world));
+            for r in current.reasons {
+                if !preview.reasons.iter().any(|p| p.rule == r.rule) {
+                    extra.push(Reason {
+                        message: format!("if the in-flight plans compensate: {}", r.message),
+                        ..r
+                    });
+                }
+            }
+        }
+        let run = crate::preview::Run::simulate(Base::projected(&self.world, &self.projected), &intent);
+        let mut touched: BTreeSet<ResourcePath> = run.touched.clone();
+        touched.extend(intent.steps.iter().map(|s| s.path.clone()));
+
+        // Halts stop admission in their scope.
+        if let Some(h) = self.halts.iter().find(|h| covers(&h.scope, agent, &touched)) {
+            extra.push(reason(
+                "halt.active",
+                format!("a {:?} halt by {} covers this plan: {}", h.grade, h.operator, h.reason).to_lowercase(),
+            ));
+        }
+        let conflicts = self.conflicts(&lineage, agent, &intent, &touched);
+        let queued = !conflicts.is_empty()
+            && intent.on_conflict == OnConflict::Queue
+            && extra.is_empty()
+            && preview.verdict != Verdict::Reject;
+        if !conflicts.is_empty() && !queued {
+            let c = &conflicts[0];
+            extra.push(reason(
+                "conflict.inflight",
+                format!(
+                    "conflicts with {} v{} of agent `{}` on `{}` ({})",
+                    c.other, c.version, c.agent, c.path, c.kind
+                ),
+            ));
+        }
+        for r in extra {
+            preview.verdict = preview.verdict.max(r.outcome);
+            preview.reasons.push(r);
+        }
+        preview
+            .reasons
+            .sort_by(|a, b| b.outcome.cmp(&a.outcome).then_with(|| a.rule.cmp(&b.rule)));
+        let material = material_hash(&preview, &conflicts);
+        let hash = preview.plan.hash.clone();
+        fx.push(Effect::Event(Event::Decided {
+            agent: agent.to_string(),
+            lineage: lineage.clone(),
+            version: intent.version,
+            hash: hash.clone(),
+            verdict: preview.verdict,
+            reasons: preview.reasons.iter().map(|r| r.rule.clone()).collect(),
+            conflicts: conflicts.clone(),
+            material_hash: material.clone(),
+            queued,
+            policy_hash: self.policy.hash.clone(),
+        }));
+        let verdict = preview.verdict;
+        if verdict != Verdict::Reject || queued {
+            if let Some(v) = withdraw {
+                self.plans.remove(&lineage);
+                fx.push(Effect::Event(Event::Withdrawn {
+                    lineage: lineage.clone(),
+                    version: v,
+                    by_version: intent.version,
+                }));
+            }
+            let final_changes = run.final_changes.clone();
+            let plan = Plan {
+                agent: agent.to_string(),
+                hash,
+                material_hash: material.clone(),
+                step_changes: run.step_changes.clone(),
+                effects: final_changes,
+                touched,
+                status: Status::Queued,
+                queued_request: None,
+                previous: previous.clone(),
+                intent: intent.clone(),
+            };
+            self.plans.insert(lineage.clone(), plan);
+            if queued {
+                if let Some(p) = self.plans.get_mut(&lineage) {
+                    p.queued_request = request;
+                }
+            } else if verdict == Verdict::NeedsApproval {
+                let expires_at_ms = now + self.config.approval_ttl_ms;
+                if let Some(p) = self.plans.get_mut(&lineage) {
+                    p.status = Status::Pending { expires_at_ms };
+                }
+                self.arm(
+                    expires_at_ms,
+                    Timer::ApprovalExpiry {
+                        lineage: lineage.clone(),
+                        version: intent.version,
+                    },
+                    fx,
+                );
+            } else {
+                self.start_saga(now, &lineage, fx);
+            }
+        }
+        let decision = Decision {
+            verdict,
+            conflicts,
+            material_hash: material,
+            queued,
+            preview,
+        };
+        if let Some(key) = &intent.idempotency_key {
+            self.remember(agent, key.as_str(), &decision);
+        }
+        if queued { None } else { Some(decision) }
+    }
+
+    fn remember(&mut self, agent: &str, key: &str, d: &Decision) {
+        let k = (agent.to_string(), key.to_string());
+        if self.decisions.insert(k.clone(), d.clone()).is_none() {
+            self.decision_order.push_back(k);
+        }
+        while self.decision_order.len() > self.config.idempotency_keys_max {
+            if let Some(old) = self.decision_order.pop_front() {
+                self.decisions.remove(&old);
+            }
+        }
+    }
+
+    /// Conflicts with running plans and other agents' leases: writes to the
+    /// same path or an ancestor or descendant, and assumptions that a running
+    /// plan will break. Cost follows the plan's paths, not the number in flight.
+    fn conflicts(&self, lineage: &Id, agent: &str, intent: &Intent, touched: &BTreeSet<ResourcePath>) -> Vec<Conflict> {
+        let mut out: Vec<Conflict> = Vec::new();
+        let mut push = |c: Conflict| {
+            if !out.iter().any(|o| o.other == c.other && o.path == c.path) {
+                out.push(c);
+            }
+        };
+        for path in touched {
+            for (p, owners) in self.inflight_overlapping(path) {
+                for other in owners {
+                    if other == lineage {
+                        continue;
+                    }
+                    if let Some(o) = self.plans.get(other) {
+                        push(Conflict {
+                            other: other.to_string(),
+                            version: o.intent.version,
+                            agent: o.agent.clone(),
+                            path: p.clone(),
+                            kind: "writes_overlap".into(),
+                        });
+                    }
+                }
+            }
+            for l in self.leases.held_over(agent, path) {
+                push(Conflict {
+                    other: format!("lease:{}", l.id),
+                    version: 0,
+                    agent: l.agent.clone(),
+                    path: l.path.clone(),
+                    kind: "reserved".into(),
+                });
+            }
+        }
+        for a in &intent.assumptions {
+            let Some(after) = self.projected.get(&a.path) else {
+                continue;
+            };
+            if !a.op.holds(after.as_ref(), a.value.as_ref())
+                && let Some((p, owners)) = self.inflight_overlapping(&a.path).into_iter().next()
+                && let Some(other) = owners.iter().find(|o| *o != lineage)
+                && let Some(o) = self.plans.get(other)
+            {
+                push(Conflict {
+                    other: other.to_string(),
+                    version: o.intent.version,
+                    agent: o.agent.clone(),
+                    path: p.clone(),
+                    kind: "assumption_broken".into(),
+                });
+            }
+        }
+        out
+    }
+
+    /// In-flight index entries for `path`, its ancestors and its descendants.
+    fn inflight_overlapping(&self, path: &ResourcePath) -> Vec<(&ResourcePath, &BTreeSet<Id>)> {
+        let mut out: Vec<(&ResourcePath, &BTreeSet<Id>)> = Vec::new();
+        if let Some((p, o)) = self.inflight.get_key_value(path) {
+            out.push((p, o));
+        }
+        let mut cur = path.parent();
+        while let Some(p) = cur {
+            if let Some((k, o)) = self.inflight.get_key_value(&p) {
+                out.push((k, o));
+            }
+            cur = p.parent();
+        }
+        let prefix = path.descendant_prefix();
+        out.extend(crate::world::scan_prefix(&self.inflight, &prefix));
+        out
+    }
+
+    // ---- sagas -------------------------------------------------------------
+
+    fn start_saga(&mut self, now: u64, lineage: &Id, fx: &mut Vec<Effect>) {
+        let Some(plan) = self.plans.get_mut(lineage) else {
+            return;
+        };
+        plan.status = Status::Running(Saga {
+            phase: Phase2::Forward { next: 0 },
+            completed: Vec::new(),
+            outstanding: None,
+            attempts: BTreeMap::new(),
+        });
+        for p in &plan.touched {
+            self.inflight.entry(p.clone()).or_default().insert(lineage.clone());
+        }
+        for (p, v) in &plan.effects {
+            self.projected.insert(p.clone(), v.clone());
+        }
+        fx.push(Effect::Event(Event::Admitted {
+            lineage: lineage.clone(),
+            version: plan.intent.version,
+        }));
+        self.advance(now, lineage, fx);
+    }
+
+    /// Whether a halt holds this plan's next dispatch.
+    fn frozen(&self, plan: &Plan, compensating_by_rollback: bool) -> bool {
+        if compensating_by_rollback {
+            return false;
+        }
+        self.halts
+            .iter()
+            .any(|h| h.grade == HaltGrade::Freeze && covers(&h.scope, &plan.agent, &plan.touched))
+    }
+
+    /// Dispatches the saga's next step or compensation, or ends it.
+    fn advance(&mut self, now: u64, lineage: &Id, fx: &mut Vec<Effect>) {
+        let Some(plan) = self.plans.get(lineage) else { return };
+        let Status::Running(saga) = &plan.status else { return };
+        if saga.outstanding.is_some() {
+            return;
+        }
+        match saga.phase.clone() {
+            Phase2::Verifying { .. } | Phase2::CompensationFailed { .. } => {}
+            Phase2::Forward { next } => {
+                if next >= plan.intent.steps.len() {
+                    fx.push(Effect::Event(Event::Completed {
+                        lineage: lineage.clone(),
+                        version: plan.intent.version,
+                    }));
+                    self.end(now, lineage, fx);
+                    return;
+                }
+                if self.frozen(plan, false) {
+                    return;
+                }
+                let step = &plan.intent.steps[next];
+                let spec = StepSpec {
+                    path: step.path.clone(),
+                    op: step.op.clone(),
+                };
+                let changes = plan.step_changes[next].clone();
+                let timeout = step.timeout_ms.unwrap_or(self.config.step_timeout_ms);
+                self.dispatch(now, lineage, next, Phase::Do, spec, changes, timeout, fx);
+            }
+            Phase2::Compensating { by_rollback } => {
+                let Some(&index) = saga.completed.last() else {
+                    fx.push(Effect::Event(Event::Compensated {
+                        lineage: lineage.clone(),
+                        version: plan.intent.version,
+                    }));
+                    self.end(now, lineage, fx);
+                    return;
+                };
+                if self.frozen(plan, by_rollback) {
+                    return;
+                }
+                let step = &plan.intent.steps[index];
+                let spec = match &step.compensation {
+                    Compensation::Restore => inverse(&step.path, &step.op, &plan.step_changes[index]),
+                    Compensation::Undo(u) => Some(u.clone()),
+                    Compensation::Irreversible { .. } => None,
+                };
+                let Some(spec) = spec else {
+                    // Nothing to undo (irreversible, or the step changed nothing).
+                    if let Some(Plan {
+                        status: Status::Running(s),
+                        ..
+                    }) = self.plans.get_mut(lineage)
+                    {
+                        s.completed.pop();
+                    }
+                    self.advance(now, lineage, fx);
+                    return;
+                };
+                let mut state = State::new(&self.world);
+                let changes = apply(&mut state, &spec).unwrap_or_default();
+                let timeout = step.timeout_ms.unwrap_or(self.config.step_timeout_ms);
+                self.dispatch(now, lineage, index, Phase::Undo, spec, changes, timeout, fx);
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn dispatch(
+        &mut self,
+        now: u64,
+        lineage: &Id,
+        index: usize,
+        phase: Phase,
+        spec: StepSpec,
+        changes: Vec<PathChange>,
+        timeout_ms: u64,
+        fx: &mut Vec<Effect>,
+    ) {
+        let Some(plan) = self.plans.get_mut(lineage) else {
+            return;
+        };
+        let Status::Running(saga) = &mut plan.status else {
+            return;
+        };
+        let attempt = saga.attempts.entry((index, phase == Phase::Undo)).or_insert(0);
+        *attempt += 1;
+        let key = DispatchKey {
+            lineage: lineage.clone(),
+            version: plan.intent.version,
+            step: plan.intent.steps[index].id.clone(),
+            phase,
+            attempt: *attempt,
+        };
+        // Every dispatch gets a higher token than any before it on the path, so
+        // a late original step is refused once its compensation was sent.
+        let token = self.fencing.entry(spec.path.clone()).or_insert(0);
+        *token += 1;
+        let token = *token;
+        let deadline_ms = now + timeout_ms;
+        saga.outstanding = Some(Outstanding {
+            key: key.clone(),
+            index,
+            deadline_ms,
+            changes: changes.clone(),
+        });
+        fx.push(Effect::Event(Event::Dispatched {
+            key: key.clone(),
+            path: spec.path.clone(),
+            token,
+        }));
+        fx.push(Effect::Dispatch(Box::new(StepDispatch {
+            key: key.clone(),
+            path: spec.path.clone(),
+            kind: spec.op.kind(),
+            args: spec.op.args_json(),
+            fencing_token: token,
+            expected_before: changes.iter().map(|c| (c.path.clone(), c.before.clone())).collect(),
+            timeout_ms,
+        })));
+        self.arm(deadline_ms, Timer::StepDeadline { key }, fx);
+    }
+
+    fn on_outcome(&mut self, now: u64, outcome: StepOutcome, fx: &mut Vec<Effect>) {
+        let key = outcome.key;
+        let matches = self
+            .plans
+            .get(&key.lineage)
+            .and_then(|p| match &p.status {
+                Status::Running(s) => s.outstanding.as_ref(),
+                _ => None,
+            })
+            .is_some_and(|o| o.key == key);
+        if !matches {
+            fx.push(Effect::Event(Event::OutcomeIgnored {
+                key,
+                reason: "no outstanding dispatch has this key (late, duplicate or unknown)".into(),
+            }));
+            return;
+        }
+        let lineage = key.lineage.clone();
+        let (index, changes) = match self.take_outstanding(&lineage) {
+            Some(o) => (o.index, o.changes),
+            None => return,
+        };
+        match (&outcome.result, key.phase) {
+            (StepResult::Succeeded, phase) => {
+                fx.push(Effect::Event(Event::StepSucceeded { key: key.clone() }));
+                self.apply_to_world(&changes);
+                let verification = self
+                    .plans
+                    .get(&lineage)
+                    .and_then(|p| p.intent.steps[index].verification.clone());
+                let Some(Plan {
+                    status: Status::Running(saga),
+                    ..
+                }) = self.plans.get_mut(&lineage)
+                else {
+                    return;
+                };
+                match phase {
+                    Phase::Do => {
+                        saga.completed.push(index);
+                        if let (Phase2::Forward { .. }, Some(v)) = (&saga.phase, verification) {
+                            let until_ms = now + v.bake_ms;
+                            saga.phase = Phase2::Verifying { index, until_ms };
+                            fx.push(Effect::Event(Event::Verifying { key, until_ms }));
+                            self.arm(
+                                until_ms,
+                                Timer::Verification {
+                                    lineage: lineage.clone(),
+                                    index,
+                                },
+                                fx,
+                            );
+                            return;
+                        }
+                        if let Phase2::Forward { next } = &mut saga.phase {
+                            *next = index + 1;
+                        }
+                    }
+                    Phase::Undo => {
+                        saga.completed.pop();
+                    }
+                }
+                self.advance(now, &lineage, fx);
+            }
+            (failure, Phase::Do) => {
+                let why = failure_text(failure);
+                fx.push(Effect::Event(Event::StepFailed {
+                    key: key.clone(),
+                    reason: why.clone(),
+                }));
+                self.compensate(now, &lineage, format!("step {} failed: {why}", key.step), false, fx);
+            }
+            (failure, Phase::Undo) => {
+                let why = failure_text(failure);
+                fx.push(Effect::Event(Event::StepFailed {
+                    key: key.clone(),
+                    reason: why.clone(),
+                }));
+                self.compensation_failed(&lineage, index, why, fx);
+            }
+        }
+    }
+
+    fn take_outstanding(&mut self, lineage: &Id) -> Option<Outstanding> {
+        match self.plans.get_mut(lineage) {
+            Some(Plan {
+                status: Status::Running(s),
+                ..
+            }) => s.outstanding.take(),
+            _ => None,
+        }
+    }
+
+    fn apply_to_world(&mut self, changes: &[PathChange]) {
+        for c in changes {
+            match &c.after {
+                Some(v) => self.world.resources.insert(c.path.clone(), v.clone()),
+                None => self.world.resources.remove(&c.path),
+            };
+        }
+    }
+
+    fn compensation_failed(&mut self, lineage: &Id, index: usize, why: String, fx: &mut Vec<Effect>) {
+        let Some(plan) = self.plans.get_mut(lineage) else {
+            return;
+        };
+        let Status::Running(saga) = &mut plan.status else {
+            return;
+        };
+        saga.phase = Phase2::CompensationFailed { index };
+        let step = plan.intent.steps[index].id.clone();
+        fx.push(Effect::Event(Event::CompensationFailed {
+            lineage: lineage.clone(),
+            version: plan.intent.version,
+            step: step.clone(),
+            reason: why.clone(),
+        }));
+        fx.push(Effect::Alert {
+            message: format!(
+                "compensation of step {step} of plan {lineage} v{} failed ({why}); the saga keeps its leases and waits for `retry`, `skip` or `resolve`",
+                plan.intent.version
+            ),
+        });
+    }
+
+    /// Starts compensating the completed steps in reverse.
+    fn compensate(&mut self, now: u64, lineage: &Id, why: String, by_rollback: bool, fx: &mut Vec<Effect>) {
+        let Some(plan) = self.plans.get_mut(lineage) else {
+            return;
+        };
+        let Status::Running(saga) = &mut plan.status else {
+            return;
+        };
+        if matches!(
+            saga.phase,
+            Phase2::Compensating { .. } | Phase2::CompensationFailed { .. }
+        ) {
+            return;
+        }
+        saga.phase = Phase2::Compensating { by_rollback };
+        let irreversible = saga
+            .completed
+            .iter()
+            .filter(|&&i| matches!(plan.intent.steps[i].compensation, Compensation::Irreversible { .. }))
+            .map(|&i| plan.intent.steps[i].id.clone())
+            .collect();
+        fx.push(Effect::Event(Event::Compensating {
+            lineage: lineage.clone(),
+            version: plan.intent.version,
+            reason: why,
+            irreversible,
+        }));
+        // The plan will not reach its final state: drop it from the projection.
+        for p in plan.effects.keys() {
+            self.projected.remove(p);
+        }
+        self.advance(now, lineage, fx);
+    }
+
+    /// Ends a saga: frees its leases and re-decides queued plans.
+    fn end(&mut self, now: u64, lineage: &Id, fx: &mut Vec<Effect>) {
+        let Some(plan) = self.plans.remove(lineage) else { return };
+        if self.ended.insert(lineage.clone(), plan.intent.clone()).is_none() {
+            self.ended_order.push_back(lineage.clone());
+        }
+        while self.ended_order.len() > self.config.ended_lineages_max {
+            if let Some(old) = self.ended_order.pop_front() {
+                self.ended.remove(&old);
+            }
+        }
+        for p in &plan.touched {
+            if let Some(set) = self.inflight.get_mut(p) {
+                set.remove(lineage);
+                if set.is_empty() {
+                    self.inflight.remove(p);
+                }
+            }
+        }
+        for p in plan.effects.keys() {
+            self.projected.remove(p);
+        }
+        self.requeue(now, fx);
+    }
+
+    /// Re-decides queued plans, oldest lineage first.
+    fn requeue(&mut self, now: u64, fx: &mut Vec<Effect>) {
+        let queued: Vec<Id> = self
+            .plans
+            .iter()
+            .filter(|(_, p)| p.status == Status::Queued)
+            .map(|(l, _)| l.clone())
+            .collect();
+        for l in queued {
+            let Some(p) = self.plans.remove(&l) else { continue };
+            let request = p.queued_request;
+            if let Some(d) = self.decide(now, &p.agent, p.intent, request, p.previous, fx)
+                && let Some(request) = request
+            {
+                fx.push(Effect::Reply {
+                    request,
+                    reply: Reply::Decision(Box::new(d)),
+                });
+            }
+        }
+    }
+
+    // ---- observations and timers --------------------------------------------
+
+    fn on_observe(&mut self, now: u64, agent: &str, obs: Observation) {
+        if !self.observations.contains_key(&obs.path) && self.observations.len() >= self.config.observation_series_max {
+            return;
+        }
+        self.observations.insert(
+            obs.path,
+            ObservationRecord {
+                kind: obs.kind,
+                value: obs.value,
+                agent: agent.to_string(),
+                at_ms: now,
+            },
+        );
+    }
+
+    fn on_tick(&mut self, now: u64, fx: &mut Vec<Effect>) {
+        while let Some((&(at, seq), _)) = self.timers.iter().next() {
+            if at > now {
+                break;
+            }
+            let Some(timer) = self.timers.remove(&(at, seq)) else {
+                break;
+            };
+            self.fire(now, timer, fx);
+        }
+        if let Some(at_ms) = self.next_timer() {
+            fx.push(Effect::ArmTimer { at_ms });
+        }
+    }
+
+    fn fire(&mut self, now: u64, timer: Timer, fx: &mut Vec<Effect>) {
+        match timer {
+            Timer::ApprovalExpiry { lineage, version } => {
+                if let Some(p) = self.plans.get(&lineage)
+                    && p.intent.version == version
+                    && matches!(p.status, Status::Pending { expires_at_ms } if expires_at_ms <= now)
+                {
+                    self.plans.remove(&lineage);
+                    fx.push(Effect::Event(Event::ApprovalExpired { lineage, version }));
+                }
+            }
+            Timer::StepDeadline { key } => {
+                let late = self
+                    .plans
+                    .get(&key.lineage)
+                    .and_then(|p| match &p.status {
+                        Status::Running(s) => s.outstanding.as_ref(),
+                        _ => None,
+                    })
+                    .is_some_and(|o| o.key == key && o.deadline_ms <= now);
+                if !late {
+                    return;
+                }
+                let Some(o) = self.take_outstanding(&key.lineage) else {
+                    return;
+                };
+                fx.push(Effect::Event(Event::StepFailed {
+                    key: key.clone(),
+                    reason: "timed out; the outcome is unknown".into(),
+                }));
+                match key.phase {
+                    Phase::Do => {
+                        // It may have been applied: compensate it too, with a new,
+                        // higher fencing token that refuses the late original.
+                        if let Some(Plan {
+                            status: Status::Running(s),
+                            ..
+                        }) = self.plans.get_mut(&key.lineage)
+                        {
+                            s.completed.push(o.index);
+                        }
+                        self.compensate(now, &key.lineage, format!("step {} timed out", key.step), false, fx);
+                    }
+                    Phase::Undo => self.compensation_failed(&key.lineage, o.index, "timed out".into(), fx),
+                }
+            }
+            Timer::Verification { lineage, index } => {
+                let Some(plan) = self.plans.get(&lineage) else { return };
+                let Status::Running(saga) = &plan.status else { return };
+                if !matches!(saga.phase, Phase2::Verifying { index: i, until_ms } if i == index && until_ms <= now) {
+                    return;
+                }
+                let step = &plan.intent.steps[index];
+                let Some(v) = &step.verification else { return };
+                let obs = self.observations.get(&v.path);
+                let fresh = obs.is_some_and(|o| now.saturating_sub(o.at_ms) <= v.fresh_ms);
+                let holds = fresh && v.op.holds(obs.map(|o| &o.value), v.value.as_ref());
+                let key = DispatchKey {
+                    lineage: lineage.clone(),
+                    version: plan.intent.version,
+                    step: step.id.clone(),
+                    phase: Phase::Do,
+                    attempt: saga.attempts.get(&(index, false)).copied().unwrap_or(1),
+                };
+                if holds {
+                    if let Some(Plan {
+                        status: Status::Running(s),
+                        ..
+                    }) = self.plans.get_mut(&lineage)
+                    {
+                        s.phase = Phase2::Forward { next: index + 1 };
+                    }
+                    self.advance(now, &lineage, fx);
+                } else {
+                    let seen = match obs {
+                        None => "no observation".to_string(),
+                        Some(o) if !fresh => format!("last observation {} ms old", now.saturating_sub(o.at_ms)),
+                        Some(o) => format!("observed {}", o.value),
+                    };
+                    let why = format!(
+                        "verification `{} {} {}` failed after {} ms: {seen}",
+                        v.path,
+                        v.op.symbol(),
+                        v.value.as_ref().map(|x| x.to_string()).unwrap_or_default(),
+                        v.bake_ms
+                    );
+                    fx.push(Effect::Event(Event::StepFailed {
+                        key,
+                        reason: why.clone(),
+                    }));
+                    self.compensate(now, &lineage, why, false, fx);
+                }
+            }
+            Timer::LeaseExpiry { lease, expires_at_ms } => {
+                if let Some(l) = self.leases.held.get(&lease)
+                    && l.expires_at_ms == expires_at_ms
+                    && expires_at_ms <= now
+                {
+                    let agent = l.agent.clone();
+                    self.leases.held.remove(&lease);
+                    fx.push(Effect::Event(Event::LeaseExpired { lease, agent }));
+                    self.grant_waiters(now, fx);
+                }
+            }
+        }
+    }
+
+    // ---- leases --------------------------------------------------------------
+
+    fn on_lease(&mut self, now: u64, request: RequestId, agent: &str, req: LeaseRequest, fx: &mut Vec<Effect>) {
+        let refused = |code: &str, message: String, holder: Option<String>| LeaseReply::Refused {
+            code: code.into(),
+            message,
+            holder,
+        };
+        let reply = match req {
+            LeaseRequest::Acquire {
+                path,
+                mode,
+                ttl_ms,
+                wait,
+            } => {
+                if ttl_ms == 0 || ttl_ms > self.config.lease_ttl_ms_max {
+                    refused(
+                        "ttl_range",
+                        format!("ttl_ms {ttl_ms} is outside 1..={}", self.config.lease_ttl_ms_max),
+                        None,
+                    )
+                } else if self.leases.held_count() >= self.config.leases_max {
+                    refused(
+                        "queue_full",
+                        format!("{} leases are held", self.config.leases_max),
+                        None,
+                    )
+                } else {
+                    let holder = self.lease_blocker(agent, &path, mode);
+                    let id = self.leases.next_id();
+                    let lease = Lease {
+                        id,
+                        agent: agent.to_string(),
+                        path: path.clone(),
+                        mode,
+                        ttl_ms,
+                        expires_at_ms: now + ttl_ms,
+                    };
+                    match holder {
+                        None if self.leases.waiting.iter().any(|w| w.conflicts(&path, mode)) => {
+                            // Fair: do not overtake a conflicting waiter.
+                            self.enqueue(lease, wait)
+                        }
+                        None => {
+                            self.grant(lease.clone(), fx);
+                            LeaseReply::Granted {
+                                lease: id,
+                                path,
+                                mode,
+                                expires_at_ms: lease.expires_at_ms,
+                            }
+                        }
+                        Some(h) if wait => {
+                            let _ = h;
+                            self.enqueue(lease, true)
+                        }
+                        Some(h) => refused("conflict", format!("`{path}` is held by {h}"), Some(h)),
+                    }
+                }
+            }
+            LeaseRequest::Renew { lease, ttl_ms } => match self.leases.held.get_mut(&lease) {
+                Some(l) if l.agent == agent => {
+                    if ttl_ms == 0 || ttl_ms > self.config.lease_ttl_ms_max {
+                        refused(
+                            "ttl_range",
+                            format!("ttl_ms {ttl_ms} is outside 1..={}", self.config.lease_ttl_ms_max),
+                            None,
+                        )
+                    } else {
+                        l.expires_at_ms = now + ttl_ms;
+                        l.ttl_ms = ttl_ms;
+                        let granted = LeaseReply::Granted {
+                            lease,
+                            path: l.path.clone(),
+                            mode: l.mode,
+                            expires_at_ms: l.expires_at_ms,
+                        };
+                        let expires_at_ms = l.expires_at_ms;
+                        fx.push(Effect::Event(Event::LeaseRenewed { lease, expires_at_ms }));
+                        self.arm(expires_at_ms, Timer::LeaseExpiry { lease, expires_at_ms }, fx);
+                        granted
+                    }
+                }
+                Some(_) => refused("not_holder", format!("lease {lease} is not yours"), None),
+                None => refused("unknown_lease", format!("no lease {lease} is held"), None),
+            },
+            LeaseRequest::Release { lease } => match self.leases.held.get(&lease) {
+                Some(l) if l.agent == agent => {
+                    self.leases.held.remove(&lease);
+                    fx.push(Effect::Event(Event::LeaseReleased { lease }));
+                    self.grant_waiters(now, fx);
+                    LeaseReply::Released { lease }
+                }
+                Some(_) => refused("not_holder", format!("lease {lease} is not yours"), None),
+                None => {
+                    let before = self.leases.waiting.len();
+                    self.leases.waiting.retain(|w| !(w.id == lease && w.agent == agent));
+                    if self.leases.waiting.len() < before {
+                        LeaseReply::Released { lease }
+                    } else {
+                        refused("unknown_lease", format!("no lease {lease} is held"), None)
+                    }
+                }
+            },
+        };
+        fx.push(Effect::Reply {
+            request,
+            reply: Reply::Lease(reply),
+        });
+    }
+
+    /// Who blocks `(path, mode)` for `agent`: another agent's lease or a running plan.
+    fn lease_blocker(&self, agent: &str, path: &ResourcePath, mode: LeaseMode) -> Option<String> {
+        if let Some(l) = self.leases.conflicting(agent, path, mode).next() {
+            return Some(format!("lease {} of agent `{}`", l.id, l.agent));
+        }
+        self.inflight_overlapping(path)
+            .into_iter()
+            .flat_map(|(_, owners)| owners.iter())
+            .filter_map(|l| self.plans.get(l).map(|p| (l, p)))
+            .find(|(_, p)| p.agent != agent)
+            .map(|(l, p)| format!("plan {l} v{} of agent `{}`", p.intent.version, p.agent))
+    }
+
+    fn enqueue(&mut self, lease: Lease, wait: bool) -> LeaseReply {
+        if !wait {
+            return LeaseReply::Refused {
+                code: "conflict".into(),
+                message: format!("`{}` has waiters ahead", lease.path),
+                holder: None,
+            };
+        }
+        if self.leases.waiting.len() >= self.config.lease_waiters_max {
+            return LeaseReply::Refused {
+                code: "queue_full".into(),
+                message: format!("{} lease requests are waiting", self.config.lease_waiters_max),
+                holder: None,
+            };
+        }
+        let id = lease.id;
+        self.leases.waiting.push_back(lease);
+        LeaseReply::Queued {
+            lease: id,
+            position: self.leases.waiting.len() as u32,
+        }
+    }
+
+    fn grant(&mut self, lease: Lease, fx: &mut Vec<Effect>) {
+        let (id, expires_at_ms) = (lease.id, lease.expires_at_ms);
+        self.leases.held.insert(id, lease.clone());
+        fx.push(Effect::Event(Event::LeaseGranted { lease }));
+        self.arm(
+            expires_at_ms,
+            Timer::LeaseExpiry {
+                lease: id,
+                expires_at_ms,
+            },
+            fx,
+        );
+    }
+
+    /// Grants waiting leases in arrival order; a waiter that still conflicts
+    /// blocks later conflicting waiters (no overtaking), not unrelated ones.
+    fn grant_waiters(&mut self, now: u64, fx: &mut Vec<Effect>) {
+        let mut still: VecDeque<Lease> = VecDeque::new();
+        while let Some(mut w) = self.leases.waiting.pop_front() {
+            let blocked_by_earlier = still.iter().any(|e| e.conflicts(&w.path, w.mode));
+            if !blocked_by_earlier && self.lease_blocker(&w.agent, &w.path, w.mode).is_none() {
+                w.expires_at_ms = now + w.ttl_ms;
+                self.grant(w, fx);
+            } else {
+                still.push_back(w);
+            }
+        }
+        self.leases.waiting = still;
+    }
+
+    // ---- operators -------------------------------------------------------------
+
+    fn on_control(&mut self, now: u64, request: RequestId, operator: &str, control: Control, fx: &mut Vec<Effect>) {
+        let (ok, message) = match control {
+            Control::Approve {
+                lineage,
+                version,
+                plan_hash,
+                material_hash,
+                reason,
+            } => self.approve(
+                now,
+                operator,
+                &lineage,
+                version,
+                &plan_hash,
+                &material_hash,
+                reason.as_str(),
+                fx,
+            ),
+            Control::Reject {
+                lineage,
+                version,
+                reason,
+            } => match self.plans.get(&lineage) {
+                Some(p) if p.intent.version == version && matches!(p.status, Status::Pending { .. }) => {
+                    self.plans.remove(&lineage);
+                    fx.push(Effect::Event(Event::RejectedByOperator {
+                        lineage: lineage.clone(),
+                        version,
+                        operator: operator.to_string(),
+                        reason: reason.to_string(),
+                    }));
+                    (true, format!("{lineage} v{version} rejected"))
+                }
+                _ => (false, format!("{lineage} v{version} is not waiting for approval")),
+            },
+            Control::Halt { scope, grade, reason } => {
+                self.halts.push(Halt {
+                    scope: scope.clone(),
+                    grade,
+                    operator: operator.to_string(),
+                    reason: reason.to_string(),
+                });
+                fx.push(Effect::Event(Event::Halted {
+                    operator: operator.to_string(),
+                    scope: scope.clone(),
+                    grade,
+                    reason: reason.to_string(),
+                }));
+                if grade == HaltGrade::Rollback {
+                    let hit: Vec<Id> = self
+                        .plans
+                        .iter()
+                        .filter(|(_, p)| matches!(p.status, Status::Running(_)) && covers(&scope, &p.agent, &p.touched))
+                        .map(|(l, _)| l.clone())
+                        .collect();
+                    for l in hit {
+                        self.roll_back(now, &l, format!("rollback halt by {operator}: {reason}"), fx);
+                    }
+                }
+                (true, format!("halt ({grade:?}) in force").to_lowercase())
+            }
+            Control::Resume { scope, reason } => {
+                let before = self.halts.len();
+                self.halts.retain(|h| h.scope != scope);
+                let lifted = before - self.halts.len();
+                fx.push(Effect::Event(Event::Resumed {
+                    operator: operator.to_string(),
+                    scope,
+                    reason: reason.to_string(),
+                }));
+                let running: Vec<Id> = self
+                    .plans
+                    .iter()
+                    .filter(|(_, p)| matches!(p.status, Status::Running(_)))
+                    .map(|(l, _)| l.clone())
+                    .collect();
+                for l in running {
+                    self.advance(now, &l, fx);
+                }
+                (lifted > 0, format!("{lifted} halt(s) lifted"))
+            }
+            Control::Cancel { lineage, reason } => match self.plans.get(&lineage).map(|p| &p.status) {
+                Some(Status::Running(_)) => {
+                    self.roll_back(now, &lineage, format!("cancelled by {operator}: {reason}"), fx);
+                    (true, format!("{lineage} is being compensated"))
+                }
+                Some(_) => {
+                    self.plans.remove(&lineage);
+                    (true, format!("{lineage} withdrawn"))
+                }
+                None => (false, format!("no live plan {lineage}")),
+            },
+            Control::Saga {
+                lineage,
+                action,
+                reason: _,
+            } => self.saga_action(now, operator, &lineage, action, fx),
+        };
+        fx.push(Effect::Reply {
+            request,
+            reply: Reply::Control { ok, message },
+        });
+    }
+
+    fn roll_back(&mut self, now: u64, lineage: &Id, why: String, fx: &mut Vec<Effect>) {
+        // A verification in progress ends: the step is already in `completed`.
+        if let Some(Plan {
+            status: Status::Running(s),
+            ..
+        }) = self.plans.get_mut(lineage)
+            && matches!(s.phase, Phase2::Verifying { .. })
+        {
+            s.phase = Phase2::Forward { next: usize::MAX };
+        }
+        self.compensate(now, lineage, why, true, fx);
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn approve(
+        &mut self,
+        now: u64,
+        operator: &str,
+        lineage: &Id,
+        version: u32,
+        plan_hash: &str,
+        material: &str,
+        reason: &str,
+        fx: &mut Vec<Effect>,
+    ) -> (bool, String) {
+        let Some(p) = self.plans.get(lineage) else {
+            return (false, format!("no plan {lineage} waits for approval"));
+        };
+        if !matches!(p.status, Status::Pending { .. }) || p.intent.version != version {
+            return (false, format!("{lineage} v{version} is not waiting for approval"));
+        }
+        if p.hash != plan_hash {
+            return (
+                false,
+                "the plan hash does not match the pending plan: approve what you saw".into(),
+            );
+        }
+        if p.agent == operator {
+            return (false, "the proposer cannot approve its own plan".into());
+        }
+        let (agent, intent, previous) = (p.agent.clone(), p.intent.clone(), p.previous.clone());
+        let old_material = p.material_hash.clone();
+        // Re-preview now: the world or the plans in flight may have moved.
+        self.plans.remove(lineage);
+        let mut scratch = Vec::new();
+        let Some(d) = self.decide(now, &agent, intent.clone(), None, previous, &mut scratch) else {
+            return (false, "the plan now conflicts and was queued".into());
+        };
+        let verdict_ok = d.verdict == Verdict::NeedsApproval;
+        if d.material_hash != material || d.material_hash != old_material || !verdict_ok {
+            // `decide` put the plan back as pending (or rejected it); the human sees the new preview.
+            fx.extend(scratch);
+            fx.push(Effect::Event(Event::ApprovalStale {
+                lineage: lineage.clone(),
+                version,
+                approved: material.to_string(),
+                current: d.material_hash.clone(),
+            }));
+            return (
+                false,
+                format!(
+                    "the preview changed since it was shown (verdict now {}); it goes back to the human",
+                    d.verdict
+                ),
+            );
+        }
+        // Same material preview: admit. Drop the re-decision's pending entry.
+        if let Some(p) = self.plans.get_mut(lineage) {
+            p.status = Status::Queued;
+        }
+        fx.push(Effect::Event(Event::Approved {
+            lineage: lineage.clone(),
+            version,
+            operator: operator.to_string(),
+            reason: reason.to_string(),
+        }));
+        self.start_saga(now, lineage, fx);
+        (true, format!("{lineage} v{version} approved and admitted"))
+    }
+
+    fn saga_action(
+        &mut self,
+        now: u64,
+        operator: &str,
+        lineage: &Id,
+        action: SagaAction,
+        fx: &mut Vec<Effect>,
+    ) -> (bool, String) {
+        let Some(Plan {
+            status: Status::Running(s),
+            ..
+        }) = self.plans.get_mut(lineage)
+        else {
+            return (false, format!("no running saga {lineage}"));
+        };
+        let Phase2::CompensationFailed { .. } = s.phase else {
+            return (false, format!("saga {lineage} is not waiting on a failed compensation"));
+        };
+        match action {
+            SagaAction::Retry => s.phase = Phase2::Compensating { by_rollback: true },
+            SagaAction::Skip => {
+                s.completed.pop();
+                s.phase = Phase2::Compensating { by_rollback: true };
+            }
+            SagaAction::Resolve => s.completed.clear(),
+        }
+        if action == SagaAction::Resolve {
+            s.phase = Phase2::Compensating { by_rollback: true };
+        }
+        fx.push(Effect::Event(Event::SagaDecided {
+            lineage: lineage.clone(),
+            action,
+            operator: operator.to_string(),
+        }));
+        self.advance(now, lineage, fx);
+        (true, format!("saga {lineage}: {action:?}").to_lowercase())
+    }
+}
+
+fn failure_text(r: &StepResult) -> String {
+    match r {
+        StepResult::Succeeded => "succeeded".into(),
+        StepResult::Failed { reason } => reason.to_string(),
+        StepResult::Drift { actual } => format!(
+            "drift: the world changed outside concord ({})",
+            actual
+                .iter()
+                .map(|(p, v)| format!(
+                    "{p} = {}",
+                    v.as_ref().map(|v| v.to_string()).unwrap_or_else(|| "absent".into())
+                ))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+        StepResult::StaleToken { seen } => format!("stale fencing token (executor has seen {seen})"),
+    }
+}
+
+/// The step that restores what `changes` changed, for kinds concord can restore.
+fn inverse(path: &ResourcePath, op: &Op, changes: &[PathChange]) -> Option<StepSpec> {
+    if changes.is_empty() {
+        return None;
+    }
+    let before = |name: &str| {
+        changes
+            .iter()
+            .find(|c| c.path.name() == name)
+            .and_then(|c| c.before.clone())
+    };
+    let op = match op {
+        Op::Set(_) => match &changes[0].before {
+            Some(v) => Op::Set(SetArgs { value: v.clone() }),
+            None => Op::Delete(DeleteArgs {
+                confirm: DeleteConfirm {
+                    path: path.clone(),
+                    reason: Short::parse("compensation: remove the path the step created").ok()?,
+                },
+            }),
+        },
+        Op::Deploy(_) => {
+            let version = before("version")?;
+            let artifact = before("artifact")?;
+            Op::Deploy(DeployArgs {
+                version: Short::parse(version.as_str()?).ok()?,
+                artifact: Short::parse(artifact.as_str()?).ok()?,
+            })
+        }
+        Op::Scale(_) => Op::Scale(ScaleArgs {
+            replicas: u32::try_from(before("replicas")?.as_i64()?).ok()?,
+        }),
+        Op::Grant(g) => Op::Revoke(GrantArgs { ..g.clone() }),
+        Op::Revoke(g) => Op::Grant(GrantArgs { ..g.clone() }),
+        Op::Network(n) => Op::Network(NetworkArgs {
+            change: match n.change {
+                NetChange::Add => NetChange::Remove,
+                NetChange::Remove => NetChange::Add,
+            },
+            ..n.clone()
+        }),
+        Op::Restart(_) | Op::Delete(_) | Op::Exec(_) => return None,
+    };
+    Some(StepSpec { path: path.clone(), op })
+}

@@ -1,0 +1,753 @@
+//! The coordinator state machine: sagas, approvals, conflicts, halts, leases,
+//! verification, idempotency, and replay of the recorded inputs.
+
+use concord_core::coordinator::{Config, Coordinator, Effect, Event, Input, Reply};
+use concord_core::policy::Policy;
+use concord_core::world::World;
+use concord_proto::coord::{
+    Control, DispatchKey, HaltGrade, HaltScope, LeaseMode, LeaseReply, LeaseRequest, Phase, SagaAction, StepDispatch,
+    StepOutcome, StepResult,
+};
+use concord_proto::{Id, Intent, Observation, ObservationKind, ResourcePath, Short, Value, Verdict, decode_intent};
+use serde_json::{Value as Json, json};
+
+const WORLD: &str = r#"
+[resources]
+"svc/api/pool_size" = 50
+"svc/api/replicas" = 4
+"svc/api/version" = "v1"
+"svc/api/artifact" = "reg/api:v1.0.0"
+"svc/web/pool_size" = 20
+"svc/web/replicas" = 2
+"db/primary/max_connections" = 1000
+
+[services.api]
+path = "svc/api"
+depends_on = ["db/primary"]
+[services.web]
+path = "svc/web"
+depends_on = ["db/primary"]
+"#;
+
+const POLICY: &str = r#"
+[defaults]
+autonomy = "bounded"
+[agents.careful]
+autonomy = "propose"
+[[rules.cel]]
+id = "coupling.db"
+reads = ["svc/*/pool_size", "svc/*/replicas", "db/primary/max_connections"]
+expr = "sum(keys(after.svc).map(s, after.svc[s].pool_size * after.svc[s].replicas)) * 10 <= after.db.primary.max_connections * 8"
+outcome = "reject"
+"#;
+
+/// Drives a coordinator and records every input, as the log would.
+struct H {
+    c: Coordinator,
+    now: u64,
+    req: u64,
+    inputs: Vec<(u64, Input)>,
+    effects: Vec<Effect>,
+}
+
+impl H {
+    fn new() -> H {
+        H::with(WORLD, POLICY)
+    }
+    fn with(world: &str, policy: &str) -> H {
+        H {
+            c: Coordinator::new(
+                Config::default(),
+                Policy::from_toml_str(policy).unwrap(),
+                World::from_toml_str(world).unwrap(),
+            ),
+            now: 1_000,
+            req: 0,
+            inputs: Vec::new(),
+            effects: Vec::new(),
+        }
+    }
+    fn feed(&mut self, input: Input) -> Vec<Effect> {
+        self.inputs.push((self.now, input.clone()));
+        let fx = self.c.handle(self.now, input);
+        self.effects.extend(fx.clone());
+        fx
+    }
+    fn propose(&mut self, agent: &str, intent: Intent) -> Vec<Effect> {
+        self.req += 1;
+        let request = self.req;
+        self.feed(Input::Intent {
+            request,
+            agent: agent.into(),
+            intent,
+        })
+    }
+    fn control(&mut self, operator: &str, control: Control) -> Vec<Effect> {
+        self.req += 1;
+        let request = self.req;
+        self.feed(Input::Control {
+            request,
+            operator: operator.into(),
+            control,
+        })
+    }
+    fn lease(&mut self, agent: &str, lease: LeaseRequest) -> LeaseReply {
+        self.req += 1;
+        let request = self.req;
+        let fx = self.feed(Input::Lease {
+            request,
+            agent: agent.into(),
+            lease,
+        });
+        fx.into_iter()
+            .find_map(|e| match e {
+                Effect::Reply {
+                    reply: Reply::Lease(l), ..
+                } => Some(l),
+                _ => None,
+            })
+            .unwrap()
+    }
+    fn outcome(&mut self, key: &DispatchKey, result: StepResult) -> Vec<Effect> {
+        self.feed(Input::Outcome {
+            executor: "exec".into(),
+            outcome: StepOutcome {
+                key: key.clone(),
+                result,
+            },
+        })
+    }
+    fn observe(&mut self, path: &str, kind: ObservationKind, value: Value) {
+        self.feed(Input::Observe {
+            agent: "probe".into(),
+            observation: Observation {
+                protocol: 1,
+                path: ResourcePath::parse(path).unwrap(),
+                kind,
+                value,
+                observed_at_ms: None,
+            },
+        });
+    }
+    fn advance(&mut self, ms: u64) -> Vec<Effect> {
+        self.now += ms;
+        self.feed(Input::Tick)
+    }
+}
+
+fn decision(fx: &[Effect]) -> &concord_proto::coord::Decision {
+    fx.iter()
+        .find_map(|e| match e {
+            Effect::Reply {
+                reply: Reply::Decision(d),
+                ..
+            } => Some(d.as_ref()),
+            _ => None,
+        })
+        .expect("a decision reply")
+}
+
+fn dispatches(fx: &[Effect]) -> Vec<&StepDispatch> {
+    fx.iter()
+        .filter_map(|e| match e {
+            Effect::Dispatch(d) => Some(d.as_ref()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn events(fx: &[Effect]) -> Vec<&Event> {
+    fx.iter()
+        .filter_map(|e| match e {
+            Effect::Event(ev) => Some(ev),
+            _ => None,
+        })
+        .collect()
+}
+
+fn control_reply(fx: &[Effect]) -> (bool, String) {
+    fx.iter()
+        .find_map(|e| match e {
+            Effect::Reply {
+                reply: Reply::Control { ok, message },
+                ..
+            } => Some((*ok, message.clone())),
+            _ => None,
+        })
+        .unwrap()
+}
+
+fn plan(lineage: &str, version: u32, steps: Json) -> Intent {
+    plan_with(lineage, version, steps, json!({}))
+}
+
+fn plan_with(lineage: &str, version: u32, steps: Json, extra: Json) -> Intent {
+    let mut j = json!({ "protocol": 1, "lineage": lineage, "version": version, "goal": "test", "steps": steps });
+    for (k, v) in extra.as_object().unwrap() {
+        j[k] = v.clone();
+    }
+    decode_intent(&serde_json::to_vec(&j).unwrap()).unwrap()
+}
+
+fn set(id: &str, path: &str, value: Json) -> Json {
+    json!({ "id": id, "kind": "set", "path": path, "args": { "value": value }, "confidence": 0.9,
+            "compensation": { "mode": "restore" } })
+}
+
+fn path(s: &str) -> ResourcePath {
+    ResourcePath::parse(s).unwrap()
+}
+
+fn short(s: &str) -> Short {
+    Short::parse(s).unwrap()
+}
+
+#[test]
+fn an_admitted_plan_runs_step_by_step_with_rising_fencing_tokens() {
+    let mut h = H::new();
+    let fx = h.propose(
+        "resource",
+        plan(
+            "p",
+            1,
+            json!([
+                set("s1", "svc/api/pool_size", json!(60)),
+                set("s2", "svc/web/pool_size", json!(25))
+            ]),
+        ),
+    );
+    assert_eq!(decision(&fx).verdict, Verdict::Admit);
+    let d1 = dispatches(&fx);
+    assert_eq!(d1.len(), 1, "only step 1 is dispatched before it succeeds");
+    assert_eq!(d1[0].key.step.as_str(), "s1");
+    assert_eq!(d1[0].fencing_token, 1);
+    assert_eq!(
+        d1[0].expected_before,
+        vec![(path("svc/api/pool_size"), Some(Value::Int(50)))]
+    );
+    let key1 = d1[0].key.clone();
+    let fx = h.outcome(&key1, StepResult::Succeeded);
+    let d2 = dispatches(&fx);
+    assert_eq!(d2[0].key.step.as_str(), "s2");
+    assert_eq!(h.c.world().get(&path("svc/api/pool_size")), Some(&Value::Int(60)));
+    let key2 = d2[0].key.clone();
+    let fx = h.outcome(&key2, StepResult::Succeeded);
+    assert!(events(&fx).iter().any(|e| matches!(e, Event::Completed { .. })));
+    assert_eq!(h.c.plan_count(), 0);
+    // A duplicate outcome after the end is ignored, not applied twice.
+    let fx = h.outcome(&key2, StepResult::Succeeded);
+    assert!(matches!(events(&fx)[0], Event::OutcomeIgnored { .. }));
+}
+
+#[test]
+fn a_failed_step_compensates_completed_steps_in_reverse() {
+    let mut h = H::new();
+    let fx = h.propose(
+        "resource",
+        plan(
+            "p",
+            1,
+            json!([
+                set("s1", "svc/api/pool_size", json!(60)),
+                set("s2", "svc/web/pool_size", json!(25)),
+                set("s3", "svc/web/replicas", json!(3)),
+            ]),
+        ),
+    );
+    let k1 = dispatches(&fx)[0].key.clone();
+    let k2 = dispatches(&h.outcome(&k1, StepResult::Succeeded))[0].key.clone();
+    let k3 = dispatches(&h.outcome(&k2, StepResult::Succeeded))[0].key.clone();
+    let fx = h.outcome(&k3, StepResult::Failed { reason: short("quota") });
+    let undo = dispatches(&fx);
+    assert_eq!((undo[0].key.step.as_str(), undo[0].key.phase), ("s2", Phase::Undo));
+    assert_eq!(undo[0].args, json!({ "value": 20 }), "restore sends the before-value");
+    let fx = h.outcome(&undo[0].key.clone(), StepResult::Succeeded);
+    let undo = dispatches(&fx);
+    assert_eq!((undo[0].key.step.as_str(), undo[0].key.phase), ("s1", Phase::Undo));
+    let fx = h.outcome(&undo[0].key.clone(), StepResult::Succeeded);
+    assert!(events(&fx).iter().any(|e| matches!(e, Event::Compensated { .. })));
+    assert_eq!(h.c.world().get(&path("svc/api/pool_size")), Some(&Value::Int(50)));
+    assert_eq!(h.c.world().get(&path("svc/web/pool_size")), Some(&Value::Int(20)));
+}
+
+#[test]
+fn a_timeout_compensates_with_a_higher_token_and_the_late_outcome_is_ignored() {
+    let mut h = H::new();
+    let mut s1 = set("s1", "svc/api/pool_size", json!(60));
+    s1["timeout_ms"] = json!(5_000);
+    let fx = h.propose("resource", plan("p", 1, json!([s1])));
+    let first = dispatches(&fx)[0].clone();
+    let fx = h.advance(5_000);
+    let undo = dispatches(&fx);
+    assert_eq!(undo.len(), 1, "the timed-out step may have run: it is compensated");
+    assert_eq!(undo[0].key.phase, Phase::Undo);
+    assert!(undo[0].fencing_token > first.fencing_token);
+    let fx = h.outcome(&first.key, StepResult::Succeeded);
+    assert!(matches!(events(&fx)[0], Event::OutcomeIgnored { .. }));
+    h.outcome(&undo[0].key.clone(), StepResult::Succeeded);
+    assert_eq!(h.c.plan_count(), 0);
+}
+
+#[test]
+fn two_agents_racing_for_one_path_exactly_one_is_admitted() {
+    let mut h = H::new();
+    let a = h.propose("a", plan("pa", 1, json!([set("s1", "svc/api/pool_size", json!(60))])));
+    let b = h.propose("b", plan("pb", 1, json!([set("s1", "svc/api/pool_size", json!(70))])));
+    assert_eq!(decision(&a).verdict, Verdict::Admit);
+    let db = decision(&b);
+    assert_eq!(db.verdict, Verdict::Reject);
+    assert_eq!(db.conflicts[0].other, "pa");
+    assert_eq!(db.conflicts[0].agent, "a");
+    assert!(db.preview.reasons.iter().any(|r| r.rule == "conflict.inflight"));
+    // An ancestor path conflicts too.
+    let c = h.propose(
+        "c",
+        plan(
+            "pc",
+            1,
+            json!([{ "id": "r", "kind": "restart", "path": "svc/api", "confidence": 0.9,
+                     "compensation": { "mode": "irreversible", "reason": "restart" } }]),
+        ),
+    );
+    assert_eq!(decision(&c).verdict, Verdict::Reject);
+}
+
+#[test]
+fn a_plan_that_asks_to_queue_is_decided_when_the_conflict_ends() {
+    let mut h = H::new();
+    let a = h.propose("a", plan("pa", 1, json!([set("s1", "svc/api/pool_size", json!(60))])));
+    let key = dispatches(&a)[0].key.clone();
+    let b = h.propose(
+        "b",
+        plan_with(
+            "pb",
+            1,
+            json!([set("s1", "svc/api/pool_size", json!(70))]),
+            json!({ "on_conflict": "queue" }),
+        ),
+    );
+    assert!(
+        !b.iter().any(|e| matches!(e, Effect::Reply { .. })),
+        "a queued plan is answered when decided"
+    );
+    let fx = h.outcome(&key, StepResult::Succeeded);
+    let d = decision(&fx);
+    assert_eq!(d.verdict, Verdict::Admit);
+    assert_eq!(dispatches(&fx)[0].key.lineage.as_str(), "pb");
+    assert_eq!(dispatches(&fx)[0].expected_before[0].1, Some(Value::Int(60)));
+}
+
+#[test]
+fn plans_that_pass_alone_but_not_together_are_caught_on_the_projected_world() {
+    let mut h = H::new();
+    // Budget 800: api 4*50 + web 2*20 = 240. Each plan alone stays under; together they do not.
+    let a = h.propose("a", plan("pa", 1, json!([set("s1", "svc/api/pool_size", json!(150))])));
+    assert_eq!(decision(&a).verdict, Verdict::Admit); // 600 + 40 = 640
+    let b = h.propose("b", plan("pb", 1, json!([set("s1", "svc/web/pool_size", json!(100))])));
+    let d = decision(&b); // 600 + 200 = 800... at the limit: allowed
+    assert_eq!(d.verdict, Verdict::Admit, "{:#?}", d.preview.reasons);
+    let c = h.propose("c", plan("pc", 1, json!([set("s1", "svc/web/replicas", json!(3))])));
+    let d = decision(&c); // 600 + 300 = 900 > 800 only with the in-flight plans
+    assert_eq!(d.verdict, Verdict::Reject);
+    assert!(
+        d.preview.reasons.iter().any(|r| r.rule == "coupling.db"),
+        "{:#?}",
+        d.preview.reasons
+    );
+}
+
+#[test]
+fn a_plan_admissible_only_if_an_in_flight_saga_finishes_is_rejected() {
+    let mut h = H::new();
+    // The in-flight plan lowers api's pool; the new one raises web's, which
+    // fits only if the first plan finishes rather than compensates.
+    h.propose("a", plan("pa", 1, json!([set("s1", "svc/api/pool_size", json!(10))])));
+    // Projected: 4*10 + 2*350 = 740 <= 800. If pa compensates: 4*50 + 700 = 900 > 800.
+    let b = h.propose("b", plan("pb", 1, json!([set("s1", "svc/web/pool_size", json!(350))])));
+    let d = decision(&b);
+    assert_eq!(d.verdict, Verdict::Reject);
+    let r = d.preview.reasons.iter().find(|r| r.rule == "coupling.db").unwrap();
+    assert!(
+        r.message.starts_with("if the in-flight plans compensate"),
+        "{}",
+        r.message
+    );
+}
+
+#[test]
+fn approval_binds_the_plan_and_the_material_preview() {
+    let mut h = H::new();
+    let fx = h.propose(
+        "careful",
+        plan("p", 1, json!([set("s1", "svc/api/pool_size", json!(60))])),
+    );
+    let d = decision(&fx).clone();
+    assert_eq!(d.verdict, Verdict::NeedsApproval);
+    assert!(dispatches(&fx).is_empty(), "a pending plan dispatches nothing");
+    let approve = |hash: &str, material: &str| Control::Approve {
+        lineage: Id::parse("p").unwrap(),
+        version: 1,
+        plan_hash: hash.into(),
+        material_hash: material.into(),
+        reason: short("looks fine"),
+    };
+    let (ok, msg) = control_reply(&h.control("op", approve("0000", &d.material_hash)));
+    assert!(!ok && msg.contains("plan hash"), "{msg}");
+    let (ok, msg) = control_reply(&h.control("careful", approve(&d.preview.plan.hash, &d.material_hash)));
+    assert!(!ok && msg.contains("own plan"), "{msg}");
+    let fx = h.control("op", approve(&d.preview.plan.hash, &d.material_hash));
+    assert!(control_reply(&fx).0, "{:?}", control_reply(&fx));
+    assert_eq!(dispatches(&fx)[0].key.lineage.as_str(), "p");
+}
+
+#[test]
+fn an_approval_of_a_changed_preview_goes_back_to_the_human() {
+    let mut h = H::new();
+    let fx = h.propose(
+        "careful",
+        plan("p", 1, json!([set("s1", "svc/web/pool_size", json!(200))])),
+    );
+    let d = decision(&fx).clone();
+    // Meanwhile another agent's plan is admitted: web's pool would now break
+    // the budget (4*150 + 2*200 = 1000 > 800).
+    let fx = h.propose("a", plan("pa", 1, json!([set("s1", "svc/api/pool_size", json!(150))])));
+    assert_eq!(decision(&fx).verdict, Verdict::Admit);
+    let fx = h.control(
+        "op",
+        Control::Approve {
+            lineage: Id::parse("p").unwrap(),
+            version: 1,
+            plan_hash: d.preview.plan.hash.clone(),
+            material_hash: d.material_hash.clone(),
+            reason: short("ok"),
+        },
+    );
+    let (ok, msg) = control_reply(&fx);
+    assert!(!ok, "{msg}");
+    assert!(events(&fx).iter().any(|e| matches!(e, Event::ApprovalStale { .. })));
+    assert!(dispatches(&fx).is_empty());
+}
+
+#[test]
+fn pending_plans_expire_and_newer_versions_withdraw_older_ones() {
+    let mut h = H::new();
+    h.propose(
+        "careful",
+        plan("p", 1, json!([set("s1", "svc/api/pool_size", json!(60))])),
+    );
+    let fx = h.propose(
+        "careful",
+        plan("p", 2, json!([set("s1", "svc/api/pool_size", json!(55))])),
+    );
+    assert!(events(&fx).iter().any(|e| matches!(
+        e,
+        Event::Withdrawn {
+            version: 1,
+            by_version: 2,
+            ..
+        }
+    )));
+    let fx = h.advance(Config::default().approval_ttl_ms);
+    assert!(
+        events(&fx)
+            .iter()
+            .any(|e| matches!(e, Event::ApprovalExpired { version: 2, .. }))
+    );
+    assert_eq!(h.c.plan_count(), 0);
+}
+
+#[test]
+fn a_new_version_is_refused_while_the_old_one_runs() {
+    let mut h = H::new();
+    h.propose("a", plan("p", 1, json!([set("s1", "svc/api/pool_size", json!(60))])));
+    let fx = h.propose("a", plan("p", 2, json!([set("s1", "svc/api/pool_size", json!(70))])));
+    let d = decision(&fx);
+    assert_eq!(d.verdict, Verdict::Reject);
+    assert!(d.preview.reasons.iter().any(|r| r.rule == "replan.running"));
+}
+
+#[test]
+fn a_freeze_stops_admission_and_dispatch_and_resume_lifts_it() {
+    let mut h = H::new();
+    let fx = h.propose(
+        "a",
+        plan(
+            "p",
+            1,
+            json!([
+                set("s1", "svc/api/pool_size", json!(60)),
+                set("s2", "svc/api/replicas", json!(5))
+            ]),
+        ),
+    );
+    let k1 = dispatches(&fx)[0].key.clone();
+    h.control(
+        "op",
+        Control::Halt {
+            scope: HaltScope::All,
+            grade: HaltGrade::Freeze,
+            reason: short("incident"),
+        },
+    );
+    let fx = h.outcome(&k1, StepResult::Succeeded);
+    assert!(dispatches(&fx).is_empty(), "step 2 is held by the freeze");
+    let fx = h.propose("b", plan("q", 1, json!([set("s1", "svc/web/pool_size", json!(21))])));
+    let d = decision(&fx);
+    assert_eq!(d.verdict, Verdict::Reject);
+    assert!(d.preview.reasons.iter().any(|r| r.rule == "halt.active"));
+    let fx = h.control(
+        "op",
+        Control::Resume {
+            scope: HaltScope::All,
+            reason: short("over"),
+        },
+    );
+    assert_eq!(dispatches(&fx)[0].key.step.as_str(), "s2");
+}
+
+#[test]
+fn a_rollback_halt_compensates_even_under_a_freeze() {
+    let mut h = H::new();
+    let fx = h.propose(
+        "a",
+        plan(
+            "p",
+            1,
+            json!([
+                set("s1", "svc/api/pool_size", json!(60)),
+                set("s2", "svc/api/replicas", json!(5)),
+                set("s3", "svc/web/replicas", json!(3)),
+            ]),
+        ),
+    );
+    let k1 = dispatches(&fx)[0].key.clone();
+    let fx = h.outcome(&k1, StepResult::Succeeded);
+    let k2 = dispatches(&fx)[0].key.clone();
+    h.control(
+        "op",
+        Control::Halt {
+            scope: HaltScope::Agent("a".into()),
+            grade: HaltGrade::Freeze,
+            reason: short("stop"),
+        },
+    );
+    let fx = h.outcome(&k2, StepResult::Succeeded);
+    assert!(dispatches(&fx).is_empty(), "s3 is held by the freeze");
+    let fx = h.control(
+        "op",
+        Control::Halt {
+            scope: HaltScope::Path(path("svc/api")),
+            grade: HaltGrade::Rollback,
+            reason: short("roll back"),
+        },
+    );
+    let undo = dispatches(&fx);
+    assert_eq!((undo[0].key.step.as_str(), undo[0].key.phase), ("s2", Phase::Undo));
+}
+
+#[test]
+fn a_failed_compensation_waits_for_an_operator() {
+    let mut h = H::new();
+    let fx = h.propose(
+        "a",
+        plan(
+            "p",
+            1,
+            json!([
+                set("s1", "svc/api/pool_size", json!(60)),
+                set("s2", "svc/api/replicas", json!(5))
+            ]),
+        ),
+    );
+    let k1 = dispatches(&fx)[0].key.clone();
+    let k2 = dispatches(&h.outcome(&k1, StepResult::Succeeded))[0].key.clone();
+    let fx = h.outcome(&k2, StepResult::Failed { reason: short("no") });
+    let u1 = dispatches(&fx)[0].key.clone();
+    let fx = h.outcome(
+        &u1,
+        StepResult::Failed {
+            reason: short("db down"),
+        },
+    );
+    assert!(fx.iter().any(|e| matches!(e, Effect::Alert { .. })));
+    assert!(
+        events(&fx)
+            .iter()
+            .any(|e| matches!(e, Event::CompensationFailed { .. }))
+    );
+    assert_eq!(h.c.plan_count(), 1, "it keeps its leases");
+    let fx = h.control(
+        "op",
+        Control::Saga {
+            lineage: Id::parse("p").unwrap(),
+            action: SagaAction::Retry,
+            reason: short("db back"),
+        },
+    );
+    let retry = dispatches(&fx)[0].key.clone();
+    assert_eq!(
+        (retry.step.as_str(), retry.phase, retry.attempt),
+        ("s1", Phase::Undo, 2)
+    );
+    h.outcome(&retry, StepResult::Succeeded);
+    assert_eq!(h.c.plan_count(), 0);
+}
+
+#[test]
+fn verification_judges_application_health_not_heartbeats() {
+    let mut h = H::new();
+    let deploy = |lineage: &str, v: &str| {
+        plan(
+            lineage,
+            1,
+            json!([{ "id": "d", "kind": "deploy", "path": "svc/api",
+                     "args": { "version": v, "artifact": format!("reg/api:{v}.0.0") }, "confidence": 0.9,
+                     "compensation": { "mode": "restore" },
+                     "verification": { "path": "svc/api/health/app", "op": "eq", "value": "ok",
+                                       "bake_ms": 60000, "fresh_ms": 10000 } }]),
+        )
+    };
+    let fx = h.propose("deploy", deploy("good", "v2"));
+    let k = dispatches(&fx)[0].key.clone();
+    h.outcome(&k, StepResult::Succeeded);
+    h.now += 55_000;
+    h.observe(
+        "svc/api/health/app",
+        ObservationKind::AppHealth,
+        Value::Str("ok".into()),
+    );
+    let fx = h.advance(5_000);
+    assert!(
+        events(&fx).iter().any(|e| matches!(e, Event::Completed { .. })),
+        "{:#?}",
+        events(&fx)
+    );
+
+    let fx = h.propose("deploy", deploy("leaky", "v3"));
+    let k = dispatches(&fx)[0].key.clone();
+    let deploy_token = dispatches(&fx)[0].fencing_token;
+    h.outcome(&k, StepResult::Succeeded);
+    h.now += 55_000;
+    // Alive, but not working.
+    h.observe(
+        "svc/api/health/liveness",
+        ObservationKind::Liveness,
+        Value::Str("ok".into()),
+    );
+    h.observe(
+        "svc/api/health/app",
+        ObservationKind::AppHealth,
+        Value::Str("failing".into()),
+    );
+    let fx = h.advance(5_000);
+    let undo = dispatches(&fx);
+    assert_eq!(undo[0].key.phase, Phase::Undo);
+    assert_eq!(undo[0].args, json!({ "version": "v2", "artifact": "reg/api:v2.0.0" }));
+    assert!(undo[0].fencing_token > deploy_token);
+}
+
+#[test]
+fn leases_reserve_paths_expire_and_grant_waiters_in_order() {
+    let mut h = H::new();
+    let acquire = |mode, wait| LeaseRequest::Acquire {
+        path: path("db/primary"),
+        mode,
+        ttl_ms: 10_000,
+        wait,
+    };
+    let LeaseReply::Granted { lease: l1, .. } = h.lease("a", acquire(LeaseMode::Exclusive, false)) else {
+        panic!()
+    };
+    // Another agent's plan under the reserved path conflicts.
+    let fx = h.propose(
+        "b",
+        plan("pb", 1, json!([set("s1", "db/primary/max_connections", json!(900))])),
+    );
+    assert_eq!(decision(&fx).conflicts[0].kind, "reserved");
+    assert!(matches!(
+        h.lease("b", acquire(LeaseMode::Shared, false)),
+        LeaseReply::Refused { .. }
+    ));
+    assert!(matches!(
+        h.lease("b", acquire(LeaseMode::Shared, true)),
+        LeaseReply::Queued { position: 1, .. }
+    ));
+    assert!(matches!(
+        h.lease("c", acquire(LeaseMode::Shared, true)),
+        LeaseReply::Queued { position: 2, .. }
+    ));
+    // Not renewed: it lapses and both shared waiters get it.
+    let fx = h.advance(10_000);
+    let ev = events(&fx);
+    assert!(
+        ev.iter()
+            .any(|e| matches!(e, Event::LeaseExpired { lease, .. } if *lease == l1))
+    );
+    assert_eq!(ev.iter().filter(|e| matches!(e, Event::LeaseGranted { .. })).count(), 2);
+    assert_eq!(h.c.leases().held_count(), 2);
+}
+
+#[test]
+fn a_retried_intent_gets_the_original_decision() {
+    let mut h = H::new();
+    let i = plan_with(
+        "p",
+        1,
+        json!([set("s1", "svc/api/pool_size", json!(60))]),
+        json!({ "idempotency_key": "k1" }),
+    );
+    let first = h.propose("a", i.clone());
+    let again = h.propose("a", i);
+    assert_eq!(decision(&first), decision(&again));
+    assert!(events(&again).is_empty(), "no second decision, no second dispatch");
+    assert!(dispatches(&again).is_empty());
+}
+
+#[test]
+fn replaying_the_recorded_inputs_reproduces_every_effect() {
+    let mut h = H::new();
+    let fx = h.propose(
+        "a",
+        plan(
+            "p",
+            1,
+            json!([
+                set("s1", "svc/api/pool_size", json!(60)),
+                set("s2", "svc/api/replicas", json!(5))
+            ]),
+        ),
+    );
+    let k1 = dispatches(&fx)[0].key.clone();
+    h.propose(
+        "careful",
+        plan("q", 1, json!([set("s1", "svc/web/pool_size", json!(30))])),
+    );
+    h.lease(
+        "x",
+        LeaseRequest::Acquire {
+            path: path("db"),
+            mode: LeaseMode::Shared,
+            ttl_ms: 3_000,
+            wait: false,
+        },
+    );
+    let k2 = dispatches(&h.outcome(&k1, StepResult::Succeeded))[0].key.clone();
+    h.advance(4_000);
+    h.outcome(
+        &k2,
+        StepResult::Drift {
+            actual: vec![(path("svc/api/replicas"), Some(Value::Int(7)))],
+        },
+    );
+    let recorded = serde_json::to_string(&h.effects).unwrap();
+
+    // The log holds the inputs as JSON; re-feed them through a fresh coordinator.
+    let log = serde_json::to_string(&h.inputs).unwrap();
+    let inputs: Vec<(u64, Input)> = serde_json::from_str(&log).unwrap();
+    let mut fresh = H::new();
+    let mut replayed = Vec::new();
+    for (now, input) in inputs {
+        replayed.extend(fresh.c.handle(now, input));
+    }
+    assert_eq!(serde_json::to_string(&replayed).unwrap(), recorded);
+}
