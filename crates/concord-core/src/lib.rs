@@ -38,6 +38,7 @@
 
 pub mod apply;
 mod celx;
+pub mod coordinator;
 pub mod plandiff;
 pub mod policy;
 pub mod preview;

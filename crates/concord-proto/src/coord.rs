@@ -6,10 +6,10 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::intent::{Op, StepKind};
 use crate::path::{Id, ResourcePath, Short};
 use crate::preview::{Preview, Verdict};
 use crate::value::Value;
-use crate::intent::{Op, StepKind};
 
 /// Exclusive or shared.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, schemars::JsonSchema)]
