@@ -258,6 +258,56 @@ pub struct RulesConfig {
     /// User rules.
     #[serde(default)]
     pub cel: Vec<CelConfig>,
+    /// Cumulative drift limits (compounding over a window).
+    #[serde(default)]
+    pub drift: Vec<DriftConfig>,
+    /// Remediation that may mask another agent's recent change.
+    #[serde(default)]
+    pub masking: Option<MaskingConfig>,
+    /// Remediation loops: the circuit breaker.
+    #[serde(default, rename = "loop")]
+    pub loops: Option<LoopConfig>,
+}
+
+/// Cumulative drift: the change of a numeric path against its value at the
+/// start of a sliding window. Many small steps that together exceed the
+/// limit are caught at the step that crosses it (salami slicing).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DriftConfig {
+    /// Rule id, e.g. `drift.pool_size`.
+    pub id: String,
+    /// Path globs.
+    pub paths: Vec<String>,
+    /// The window, in milliseconds (e.g. 24 h).
+    pub window_ms: u64,
+    /// Largest allowed ratio of the new value to the value at the window's start.
+    pub max_factor: f64,
+    /// What crossing it leads to.
+    pub outcome: Outcome,
+}
+
+/// A remediation (scale up, a raised numeric setting, a restart) on a
+/// service or its declared dependency soon after another agent deployed there.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MaskingConfig {
+    /// How long after a deploy a remediation is suspect, in milliseconds.
+    pub window_ms: u64,
+    /// What the finding leads to.
+    pub outcome: Outcome,
+}
+
+/// The same agent applying the same kind of step to the same path more than
+/// `max_repeats` times in a window trips a breaker that halts that agent on
+/// that path until an operator resumes it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoopConfig {
+    /// The window, in milliseconds.
+    pub window_ms: u64,
+    /// Most repeats allowed in the window.
+    pub max_repeats: u32,
 }
 
 impl Default for RulesConfig {
@@ -274,6 +324,9 @@ impl Default for RulesConfig {
             ceiling: Vec::new(),
             rate: Vec::new(),
             cel: Vec::new(),
+            drift: Vec::new(),
+            masking: None,
+            loops: None,
         }
     }
 }
@@ -422,6 +475,7 @@ pub struct Policy {
     pub(crate) ceilings: Vec<(CeilingConfig, Globs)>,
     pub(crate) rates: Vec<(RateConfig, Globs)>,
     pub(crate) cel: Vec<CelRule>,
+    pub(crate) drifts: Vec<(DriftConfig, Globs)>,
     pub(crate) env: Arc<cel::Env>,
 }
 
@@ -500,6 +554,15 @@ impl Policy {
         for c in &r.protected {
             unique(&c.id)?;
         }
+        for c in &r.drift {
+            unique(&c.id)?;
+            if !(c.max_factor.is_finite() && c.max_factor >= 1.0) || c.window_ms == 0 {
+                return Err(PolicyError::Invalid {
+                    rule: c.id.clone(),
+                    detail: "a drift limit needs max_factor >= 1 and a window_ms above 0".into(),
+                });
+            }
+        }
         let env = Arc::new(cel::Env::stdlib());
         let mut cel_rules = Vec::new();
         for c in &r.cel {
@@ -567,6 +630,11 @@ impl Policy {
                 .map(|c| Ok((c.clone(), Globs::new(&c.id, &c.paths)?)))
                 .collect::<Result<_, PolicyError>>()?,
             cel: cel_rules,
+            drifts: r
+                .drift
+                .iter()
+                .map(|c| Ok((c.clone(), Globs::new(&c.id, &c.paths)?)))
+                .collect::<Result<_, PolicyError>>()?,
             env,
             config,
         })

@@ -751,3 +751,171 @@ fn replaying_the_recorded_inputs_reproduces_every_effect() {
     }
     assert_eq!(serde_json::to_string(&replayed).unwrap(), recorded);
 }
+
+const COMPOUNDING_POLICY: &str = r#"
+[defaults]
+autonomy = "bounded"
+[[rules.drift]]
+id = "drift.pool"
+paths = ["svc/*/pool_size", "q/*/consumers"]
+window_ms = 86400000
+max_factor = 2.0
+outcome = "reject"
+[rules.masking]
+window_ms = 3600000
+outcome = "needs_approval"
+[rules.loop]
+window_ms = 600000
+max_repeats = 3
+"#;
+
+fn restart(id: &str, path: &str) -> Json {
+    json!({ "id": id, "kind": "restart", "path": path, "confidence": 0.9,
+            "compensation": { "mode": "irreversible", "reason": "restart" } })
+}
+
+/// Runs a plan to its end (every dispatch succeeds).
+fn run_to_end(h: &mut H, agent: &str, intent: Intent) -> concord_proto::coord::Decision {
+    let fx = h.propose(agent, intent);
+    let d = decision(&fx).clone();
+    let mut next = dispatches(&fx).first().map(|d| d.key.clone());
+    while let Some(k) = next {
+        let fx = h.outcome(&k, StepResult::Succeeded);
+        next = dispatches(&fx).first().map(|d| d.key.clone());
+    }
+    d
+}
+
+#[test]
+fn salami_slicing_is_caught_at_the_step_that_crosses_the_window_limit() {
+    // A queue world this time: consumers instead of pools.
+    let world = r#"
+[resources]
+"q/orders/consumers" = 10
+"q/orders/prefetch" = 5
+"#;
+    let mut h = H::with(world, COMPOUNDING_POLICY);
+    // 10 -> 13 -> 16 -> 19: each step is +30% or less; the window allows 2x (20).
+    for (i, v) in [13, 16, 19].iter().enumerate() {
+        let d = run_to_end(
+            &mut h,
+            "tuner",
+            plan(&format!("c{i}"), 1, json!([set("s1", "q/orders/consumers", json!(v))])),
+        );
+        assert_eq!(d.verdict, Verdict::Admit, "{v}: {:#?}", d.preview.reasons);
+        h.now += 3_600_000;
+    }
+    let d = run_to_end(
+        &mut h,
+        "tuner",
+        plan("c3", 1, json!([set("s1", "q/orders/consumers", json!(22))])),
+    );
+    assert_eq!(d.verdict, Verdict::Reject);
+    let r = d.preview.invariants.iter().find(|r| r.id == "drift.pool").unwrap();
+    assert_eq!(r.figures["window_start"], Value::Float(10.0));
+    assert_eq!(
+        r.figures["earlier_plans"],
+        Value::List(vec!["c0 v1".into(), "c1 v1".into(), "c2 v1".into()])
+    );
+    // A day later the window has moved on: 19 -> 22 is fine.
+    h.now += 86_400_000;
+    let d = run_to_end(
+        &mut h,
+        "tuner",
+        plan("c4", 1, json!([set("s1", "q/orders/consumers", json!(22))])),
+    );
+    assert_eq!(d.verdict, Verdict::Admit, "{:#?}", d.preview.reasons);
+}
+
+#[test]
+fn a_remediation_after_another_agents_deploy_is_flagged_and_linked() {
+    let world = r#"
+[resources]
+"app/ingest/version" = "v7"
+"app/ingest/artifact" = "reg/ingest:v7.0.0"
+"app/ingest/replicas" = 3
+"broker/main/max_channels" = 100
+[services.ingest]
+path = "app/ingest"
+depends_on = ["broker/main"]
+"#;
+    let mut h = H::with(world, COMPOUNDING_POLICY);
+    let deploy = plan(
+        "ship-v8",
+        1,
+        json!([{ "id": "d", "kind": "deploy", "path": "app/ingest",
+                 "args": { "version": "v8", "artifact": "reg/ingest:v8.0.0" }, "confidence": 0.9,
+                 "compensation": { "mode": "restore" } }]),
+    );
+    run_to_end(&mut h, "shipper", deploy);
+    h.now += 600_000;
+    // Ten minutes later another agent scales the service up.
+    let fx = h.propose(
+        "scaler",
+        plan(
+            "more",
+            1,
+            json!([{ "id": "s", "kind": "scale", "path": "app/ingest",
+        "args": { "replicas": 6 }, "confidence": 0.9, "compensation": { "mode": "restore" } }]),
+        ),
+    );
+    let d = decision(&fx);
+    assert_eq!(d.verdict, Verdict::NeedsApproval);
+    let r = d
+        .preview
+        .invariants
+        .iter()
+        .find(|r| r.id == "compounding.masking")
+        .unwrap();
+    assert_eq!(r.status, concord_proto::preview::RuleStatus::Fail);
+    assert_eq!(r.figures["deploy_plan"], Value::Str("ship-v8 v1".into()));
+    assert_eq!(r.figures["deploy_agent"], Value::Str("shipper".into()));
+    // Raising the broker the service depends on counts too; the same agent's own change does not.
+    let fx = h.propose(
+        "scaler",
+        plan("broker", 1, json!([set("s", "broker/main/max_channels", json!(150))])),
+    );
+    assert_eq!(decision(&fx).verdict, Verdict::NeedsApproval);
+    let fx = h.propose("shipper", plan("own", 1, json!([restart("r", "app/ingest")])));
+    assert_eq!(decision(&fx).verdict, Verdict::Admit);
+}
+
+#[test]
+fn a_remediation_loop_trips_a_breaker_until_an_operator_resumes() {
+    let mut h = H::with(WORLD, COMPOUNDING_POLICY);
+    for i in 0..3 {
+        let d = run_to_end(
+            &mut h,
+            "uptime",
+            plan(&format!("r{i}"), 1, json!([restart("r", "svc/web")])),
+        );
+        assert_eq!(d.verdict, Verdict::Admit);
+        h.now += 60_000;
+    }
+    let fx = h.propose("uptime", plan("r3", 1, json!([restart("r", "svc/web")])));
+    assert_eq!(decision(&fx).verdict, Verdict::Reject);
+    assert!(fx.iter().any(|e| matches!(e, Effect::Alert { .. })));
+    assert!(events(&fx).iter().any(|e| matches!(e, Event::BreakerTripped { .. })));
+    assert_eq!(h.c.breakers().len(), 1);
+    // Hours later the breaker still holds: only an operator lifts it.
+    h.now += 7_200_000;
+    let fx = h.propose("uptime", plan("r4", 1, json!([restart("r", "svc/web")])));
+    let d = decision(&fx);
+    assert!(
+        d.preview.reasons.iter().any(|r| r.rule == "breaker.open"),
+        "{:#?}",
+        d.preview.reasons
+    );
+    // Other agents and other paths are not affected.
+    let fx = h.propose("uptime", plan("r5", 1, json!([restart("r", "svc/api")])));
+    assert_eq!(decision(&fx).verdict, Verdict::Admit);
+    let fx = h.control(
+        "op",
+        Control::Resume {
+            scope: HaltScope::Agent("uptime".into()),
+            reason: short("fixed the probe"),
+        },
+    );
+    assert!(control_reply(&fx).0);
+    assert!(h.c.breakers().is_empty());
+}

@@ -21,6 +21,7 @@
 //!   completed steps in reverse on a failure, a timeout, a failed
 //!   verification, a cancel or a rollback halt.
 
+mod compounding;
 mod leases;
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
@@ -40,6 +41,7 @@ use crate::apply::{PathChange, apply};
 use crate::policy::Policy;
 use crate::preview::{PreviewInput, preview_on};
 use crate::world::{Base, Overlay, State, World};
+pub use compounding::{Breaker, HISTORY_MAX, HistoryEntry};
 pub use leases::{Lease, LeaseTable};
 
 /// The runtime's id for a request awaiting a reply.
@@ -370,6 +372,11 @@ pub enum Event {
         /// Its holder.
         agent: String,
     },
+    /// A remediation loop tripped a breaker.
+    BreakerTripped {
+        /// The breaker.
+        breaker: Breaker,
+    },
     /// A halt took effect.
     Halted {
         /// Who.
@@ -500,6 +507,10 @@ pub struct Coordinator {
     /// Last version of ended lineages, oldest forgotten first.
     ended: BTreeMap<Id, Intent>,
     ended_order: VecDeque<Id>,
+    /// Admitted steps, oldest first, for compounding checks.
+    history: VecDeque<HistoryEntry>,
+    /// Tripped circuit breakers.
+    breakers: Vec<Breaker>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -560,7 +571,14 @@ impl Coordinator {
             observations: BTreeMap::new(),
             ended: BTreeMap::new(),
             ended_order: VecDeque::new(),
+            history: VecDeque::new(),
+            breakers: Vec::new(),
         }
+    }
+
+    /// The tripped circuit breakers.
+    pub fn breakers(&self) -> &[Breaker] {
+        &self.breakers
     }
 
     /// The world as it is (steps applied so far).
@@ -749,6 +767,41 @@ impl Coordinator {
                 "halt.active",
                 format!("a {:?} halt by {} covers this plan: {}", h.grade, h.operator, h.reason).to_lowercase(),
             ));
+        }
+        // Breakers: an agent that looped on a path may not act there until resumed.
+        if let Some(b) = self
+            .breakers
+            .iter()
+            .find(|b| b.agent == agent && touched.iter().any(|t| t.overlaps(&b.path)))
+        {
+            extra.push(reason(
+                "breaker.open",
+                format!(
+                    "agent `{agent}`'s breaker on `{}` tripped (repeated `{}`); an operator must resume it",
+                    b.path, b.kind
+                ),
+            ));
+        }
+        let (findings, trip) = self.compounding(now, agent, &intent, &run);
+        for f in findings {
+            if f.status == concord_proto::preview::RuleStatus::Fail {
+                extra.push(Reason {
+                    rule: f.id.clone(),
+                    outcome: f.outcome,
+                    message: f.message.clone(),
+                });
+            }
+            preview.invariants.push(f);
+        }
+        if let Some(b) = trip {
+            fx.push(Effect::Event(Event::BreakerTripped { breaker: b.clone() }));
+            fx.push(Effect::Alert {
+                message: format!(
+                    "breaker tripped: agent `{}` repeated `{}` on `{}`; resume with a halt scope covering it",
+                    b.agent, b.kind, b.path
+                ),
+            });
+            self.breakers.push(b);
         }
         let conflicts = self.conflicts(&lineage, agent, &intent, &touched);
         let queued = !conflicts.is_empty()
@@ -950,6 +1003,9 @@ impl Coordinator {
         for (p, v) in &plan.effects {
             self.projected.insert(p.clone(), v.clone());
         }
+        let (agent, intent, changes) = (plan.agent.clone(), plan.intent.clone(), plan.step_changes.clone());
+        self.remember_history(now, &agent, &intent, &changes);
+        let Some(plan) = self.plans.get(lineage) else { return };
         fx.push(Effect::Event(Event::Admitted {
             lineage: lineage.clone(),
             version: plan.intent.version,
@@ -1677,9 +1733,16 @@ impl Coordinator {
                 (true, format!("halt ({grade:?}) in force").to_lowercase())
             }
             Control::Resume { scope, reason } => {
-                let before = self.halts.len();
+                let before = self.halts.len() + self.breakers.len();
                 self.halts.retain(|h| h.scope != scope);
-                let lifted = before - self.halts.len();
+                self.breakers.retain(|b| {
+                    !covers(
+                        &scope,
+                        &b.agent,
+                        &std::iter::once(b.path.clone()).collect::<BTreeSet<_>>(),
+                    )
+                });
+                let lifted = before - self.halts.len() - self.breakers.len();
                 fx.push(Effect::Event(Event::Resumed {
                     operator: operator.to_string(),
                     scope,
@@ -1694,7 +1757,7 @@ impl Coordinator {
                 for l in running {
                     self.advance(now, &l, fx);
                 }
-                (lifted > 0, format!("{lifted} halt(s) lifted"))
+                (lifted > 0, format!("{lifted} halt(s) or breaker(s) lifted"))
             }
             Control::Cancel { lineage, reason } => match self.plans.get(&lineage).map(|p| &p.status) {
                 Some(Status::Running(_)) => {
