@@ -884,6 +884,9 @@ impl Coordinator {
                 self.start_saga(now, &lineage, fx);
             }
         }
+        if verdict == Verdict::Reject && !queued && !self.plans.contains_key(&lineage) {
+            self.remember_ended(&intent);
+        }
         let decision = Decision {
             verdict,
             conflicts,
@@ -895,6 +898,20 @@ impl Coordinator {
             self.remember(agent, key.as_str(), &decision);
         }
         if queued { None } else { Some(decision) }
+    }
+
+    /// Remembers the last version of a lineage that ended or was rejected,
+    /// so the next version is diffed against it.
+    fn remember_ended(&mut self, intent: &Intent) {
+        let lineage = intent.lineage.clone();
+        if self.ended.insert(lineage.clone(), intent.clone()).is_none() {
+            self.ended_order.push_back(lineage);
+        }
+        while self.ended_order.len() > self.config.ended_lineages_max {
+            if let Some(old) = self.ended_order.pop_front() {
+                self.ended.remove(&old);
+            }
+        }
     }
 
     fn remember(&mut self, agent: &str, key: &str, d: &Decision) {
@@ -1309,14 +1326,7 @@ impl Coordinator {
     /// Ends a saga: frees its leases and re-decides queued plans.
     fn end(&mut self, now: u64, lineage: &Id, fx: &mut Vec<Effect>) {
         let Some(plan) = self.plans.remove(lineage) else { return };
-        if self.ended.insert(lineage.clone(), plan.intent.clone()).is_none() {
-            self.ended_order.push_back(lineage.clone());
-        }
-        while self.ended_order.len() > self.config.ended_lineages_max {
-            if let Some(old) = self.ended_order.pop_front() {
-                self.ended.remove(&old);
-            }
-        }
+        self.remember_ended(&plan.intent);
         for p in &plan.touched {
             if let Some(set) = self.inflight.get_mut(p) {
                 set.remove(lineage);
