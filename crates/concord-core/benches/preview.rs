@@ -9,10 +9,14 @@
 //!
 //! World shape: 40 services under `svc/<name>/{pool_size,replicas,version,
 //! artifact,cpu_limit,mem_limit}`, a database under `db/primary/`, a few
-//! protected paths (`auth/`, `config/prod/`, `iam/`), and the bulk as
-//! `fleet/node-<i>/{cpu,mem,disk,zone,kernel}`. Rules read `svc/` and `db/`
-//! only, so a rule that scans more than its literal prefix shows up as a
-//! cost that grows with the fleet.
+//! protected paths (`auth/`, `config/prod/`, `iam/`), and the bulk split in
+//! two halves: `fleet/node-<i>/{cpu,mem,disk,zone,kernel}`, which sorts
+//! before `svc/`, and `volumes/vol-<i>/{size_gb,iops,zone,class,attached_to}`,
+//! which sorts after it. Rules read `svc/` and `db/` only, so a rule that
+//! scans more than its literal prefix shows up as a cost that grows with the
+//! bulk; and because part of the bulk sorts after the paths the plan writes,
+//! so does any ordered scan that runs past the end of its prefix (a world
+//! whose bulk all sorts first would hide that).
 //!
 //! Cases (the verdict is in the name, and asserted before timing):
 //! - `admit`: pools and replicas on three services, all within policy, so
@@ -35,7 +39,7 @@ use concord_core::policy::Policy;
 use concord_core::preview::{PreviewInput, preview};
 use concord_core::world::{Service, World};
 use concord_proto::{Intent, ResourcePath, Value, Verdict, decode_intent};
-use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
+use criterion::{BenchmarkId, Criterion, SamplingMode, criterion_group, criterion_main};
 
 /// Services in every world: enough that CEL rules over `svc/*` iterate a
 /// realistic map, few enough that they stay a fixed part of the world.
@@ -47,8 +51,14 @@ const SIZES: [(usize, &str); 3] = [(1_000, "1k"), (100_000, "100k"), (1_000_000,
 /// The size the built-ins-only group runs at (the requirement's target).
 const BUILTIN_SIZE: (usize, &str) = (100_000, "100k");
 
-/// Leaves under each fleet node.
+/// Largest world set-up passes through `World::validate` (see `world`).
+const VALIDATE_PATHS_MAX: usize = 1_000;
+
+/// Leaves under each fleet node (the half of the bulk that sorts before `svc/`).
 const NODE_FIELDS: [&str; 5] = ["cpu", "mem", "disk", "zone", "kernel"];
+
+/// Leaves under each volume (the half of the bulk that sorts after `svc/`).
+const VOLUME_FIELDS: [&str; 5] = ["size_gb", "iops", "zone", "class", "attached_to"];
 
 /// The 20-rule policy: 9 built-ins + `deploy.artifacts` + 3 protected
 /// prefixes + 2 ceilings + 2 rates + 3 CEL rules (the connection budget from
@@ -198,7 +208,8 @@ fn path(s: &str) -> ResourcePath {
 }
 
 /// A world of exactly `total` paths, built deterministically: the services,
-/// database and protected paths, then fleet leaves until the count is reached.
+/// database and protected paths, then the bulk, half fleet nodes and half
+/// volumes, until the count is reached.
 fn world(total: usize) -> World {
     let mut resources: Vec<(ResourcePath, Value)> = Vec::with_capacity(total);
     let mut services = BTreeMap::new();
@@ -242,7 +253,8 @@ fn world(total: usize) -> World {
         total >= resources.len(),
         "world of {total} paths is smaller than its fixed part"
     );
-    let fleet = total - resources.len();
+    let bulk = total - resources.len();
+    let fleet = bulk / 2;
     for i in 0..fleet {
         let (node, field) = (i / NODE_FIELDS.len(), NODE_FIELDS[i % NODE_FIELDS.len()]);
         let value = match field {
@@ -252,12 +264,27 @@ fn world(total: usize) -> World {
         };
         resources.push((path(&format!("fleet/node-{node:07}/{field}")), value));
     }
+    for i in 0..bulk - fleet {
+        let (vol, field) = (i / VOLUME_FIELDS.len(), VOLUME_FIELDS[i % VOLUME_FIELDS.len()]);
+        let value = match field {
+            "zone" => Value::Str(format!("zone-{}", vol % 3)),
+            "class" => Value::Str("ssd".into()),
+            "attached_to" => Value::Str(format!("fleet/node-{:07}", vol % fleet.max(1))),
+            _ => Value::Int(i64::try_from(100 + vol % 900).unwrap_or(0)),
+        };
+        resources.push((path(&format!("volumes/vol-{vol:07}/{field}")), value));
+    }
     let world = World {
         resources: resources.into_iter().collect(),
         services,
     };
     assert_eq!(world.resources.len(), total, "world paths are unique");
-    world.validate().expect("bench world is valid");
+    // `World::validate` is quadratic on this shape (each leaf's descendant
+    // check scans to the end of the map), so only the smallest world goes
+    // through it; the larger ones are the same shape with more bulk.
+    if total <= VALIDATE_PATHS_MAX {
+        world.validate().expect("bench world is valid");
+    }
     world
 }
 
@@ -271,6 +298,15 @@ fn intent(json: &str) -> Intent {
     let i = decode_intent(json.as_bytes()).expect("bench plan decodes");
     assert_eq!(i.steps.len(), 5, "bench plans have 5 steps");
     i
+}
+
+/// One timed plan: its bench name (which states the verdict), the verdict
+/// asserted before timing, and for a rejection the rule and state that cause it.
+struct Case<'a> {
+    name: &'static str,
+    intent: &'a Intent,
+    verdict: Verdict,
+    because: Option<(&'static str, &'static str)>,
 }
 
 /// Runs one preview outside the timed loop and checks the verdict and, for
@@ -291,37 +327,51 @@ fn check(world: &World, intent: &Intent, policy: &Policy, want: Verdict, because
     }
 }
 
+/// Modest timing so the whole run fits in a few minutes on a shared 2-core
+/// machine. Flat sampling: while a world-size dependence is present, one
+/// preview at 1M paths can take tens of milliseconds, and linear sampling
+/// would then need minutes per case.
+fn configure(group: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>) {
+    group
+        .sample_size(50)
+        .sampling_mode(SamplingMode::Flat)
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(5));
+}
+
 fn bench_preview(c: &mut Criterion) {
     let policy_20 = policy(POLICY_20, 20);
     let policy_builtin = policy(POLICY_BUILTIN, 9);
     let admit = intent(PLAN_ADMIT);
     let reject = intent(PLAN_REJECT);
-    let cases: [(&str, &Intent, Verdict, Option<(&str, &str)>); 2] = [
-        ("admit", &admit, Verdict::Admit, None),
-        (
-            "reject-at-step-3",
-            &reject,
-            Verdict::Reject,
-            Some(("coupling.db_connections", "after step s3")),
-        ),
+    let cases = [
+        Case {
+            name: "admit",
+            intent: &admit,
+            verdict: Verdict::Admit,
+            because: None,
+        },
+        Case {
+            name: "reject-at-step-3",
+            intent: &reject,
+            verdict: Verdict::Reject,
+            because: Some(("coupling.db_connections", "after step s3")),
+        },
     ];
 
     let mut group = c.benchmark_group("preview/5-step/20-rules");
-    group
-        .sample_size(50)
-        .warm_up_time(Duration::from_secs(1))
-        .measurement_time(Duration::from_secs(5));
+    configure(&mut group);
     for (size, label) in SIZES {
         // Built once per size and dropped before the next: 1M paths take a
         // few seconds and a few hundred MB.
         let world = world(size);
-        for (name, intent, want, because) in &cases {
-            check(&world, intent, &policy_20, *want, *because);
-            group.bench_with_input(BenchmarkId::new(*name, label), &world, |b, world| {
+        for case in &cases {
+            check(&world, case.intent, &policy_20, case.verdict, case.because);
+            group.bench_with_input(BenchmarkId::new(case.name, label), &world, |b, world| {
                 b.iter(|| {
                     preview(black_box(PreviewInput {
                         world,
-                        intent,
+                        intent: case.intent,
                         agent: "resource",
                         policy: &policy_20,
                         previous: None,
@@ -333,10 +383,7 @@ fn bench_preview(c: &mut Criterion) {
     group.finish();
 
     let mut group = c.benchmark_group("preview/5-step/9-builtin-rules");
-    group
-        .sample_size(50)
-        .warm_up_time(Duration::from_secs(1))
-        .measurement_time(Duration::from_secs(5));
+    configure(&mut group);
     let (size, label) = BUILTIN_SIZE;
     let world = world(size);
     check(&world, &admit, &policy_builtin, Verdict::Admit, None);

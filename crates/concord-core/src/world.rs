@@ -101,19 +101,16 @@ impl World {
 }
 
 /// Entries of a path-keyed map whose path text starts with `prefix`.
+///
+/// Paths sort as their text, so these entries form one run that starts at
+/// `prefix`: the scan costs O(log n + matches), whatever the map's size.
 pub(crate) fn scan_prefix<'a, V>(
     map: &'a BTreeMap<ResourcePath, V>,
     prefix: &str,
 ) -> impl Iterator<Item = (&'a ResourcePath, &'a V)> + 'a {
-    // Paths sort as strings, so every path starting with `prefix` is in one run.
-    let start = ResourcePath::parse(prefix.trim_end_matches('/')).ok();
-    let iter: Box<dyn Iterator<Item = (&'a ResourcePath, &'a V)> + 'a> = match start {
-        Some(start) if !prefix.is_empty() => Box::new(map.range((Bound::Included(start), Bound::Unbounded))),
-        _ => Box::new(map.iter()),
-    };
-    let (skip, take) = (prefix.to_string(), prefix.to_string());
-    iter.skip_while(move |(p, _)| !p.as_str().starts_with(skip.as_str()))
-        .take_while(move |(p, _)| p.as_str().starts_with(take.as_str()))
+    let owned = prefix.to_string();
+    map.range::<str, _>((Bound::Included(prefix), Bound::Unbounded))
+        .take_while(move |(p, _)| p.as_str().starts_with(owned.as_str()))
 }
 
 fn first_descendant<V>(map: &BTreeMap<ResourcePath, V>, path: &ResourcePath) -> Option<ResourcePath> {
@@ -257,8 +254,17 @@ impl<'w> State<'w> {
         None
     }
 
-    /// Whether anything exists strictly under `path`.
+    /// Whether anything exists strictly under `path`. Stops at the first
+    /// existing descendant instead of collecting the subtree.
     pub fn has_descendants(&self, path: &ResourcePath) -> bool {
-        !self.scan_prefix(&path.descendant_prefix()).is_empty()
+        let prefix = path.descendant_prefix();
+        let overlay = self.base.overlay;
+        let removed = |p: &ResourcePath| {
+            matches!(self.changes.get(p), Some(None))
+                || (!self.changes.contains_key(p) && matches!(overlay.and_then(|o| o.get(p)), Some(None)))
+        };
+        scan_prefix(&self.changes, &prefix).any(|(_, v)| v.is_some())
+            || overlay.is_some_and(|o| scan_prefix(o, &prefix).any(|(p, v)| v.is_some() && !removed(p)))
+            || scan_prefix(&self.base.world.resources, &prefix).any(|(p, _)| !removed(p))
     }
 }

@@ -110,6 +110,14 @@ fn is_path_char(c: char) -> bool {
     c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | ':' | '-')
 }
 
+// Paths order exactly as their text does, so maps keyed by paths can be
+// range-scanned by a text prefix.
+impl std::borrow::Borrow<str> for ResourcePath {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
 impl fmt::Display for ResourcePath {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)
