@@ -458,6 +458,21 @@ pub struct CelRule {
     pub figures: Vec<(String, cel::Program)>,
     /// Whether the expression or a figure references `plan` or `agent` (then it is never skipped).
     pub reads_plan_or_agent: bool,
+    /// Which variables the expression and figures reference: only those are bound.
+    pub vars: CelVars,
+}
+
+/// The variables a CEL rule references.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CelVars {
+    /// `before`.
+    pub before: bool,
+    /// `after`.
+    pub after: bool,
+    /// `plan`.
+    pub plan: bool,
+    /// `agent`.
+    pub agent: bool,
 }
 
 /// A compiled policy: what previews evaluate.
@@ -587,17 +602,22 @@ impl Policy {
                 .iter()
                 .map(|(name, expr)| Ok((name.clone(), compile(expr)?)))
                 .collect::<Result<Vec<_>, PolicyError>>()?;
-            let uses = |p: &cel::Program| {
+            let mut vars = CelVars::default();
+            for p in std::iter::once(&program).chain(figures.iter().map(|(_, p)| p)) {
                 let refs = p.references();
-                refs.has_variable("plan") || refs.has_variable("agent")
-            };
-            let reads_plan_or_agent = uses(&program) || figures.iter().any(|(_, p)| uses(p));
+                vars.before |= refs.has_variable("before");
+                vars.after |= refs.has_variable("after");
+                vars.plan |= refs.has_variable("plan");
+                vars.agent |= refs.has_variable("agent");
+            }
+            let reads_plan_or_agent = vars.plan || vars.agent;
             cel_rules.push(CelRule {
                 config: c.clone(),
                 reads: Globs::new(&c.id, &c.reads)?,
                 program,
                 figures,
                 reads_plan_or_agent,
+                vars,
             });
         }
         Ok(Policy {

@@ -246,7 +246,12 @@ pub fn preview_on(input: PreviewInput<'_>, base: Base<'_>) -> Preview {
     let (assumptions, assumption_rule) = rules::assumptions(world, intent, policy);
     invariants.push(assumption_rule);
     if !policy.cel.is_empty() {
-        let plan_val = plan_value(intent);
+        // Built only when some rule reads the plan.
+        let plan_val = if policy.cel.iter().any(|r| r.vars.plan) {
+            plan_value(intent)
+        } else {
+            CelValue::Null
+        };
         let agent_val = celx::record(vec![
             ("id", CelValue::String(Arc::new(agent.to_string()))),
             (
@@ -445,23 +450,6 @@ enum Eval {
     Error(String),
 }
 
-fn run_program(
-    program: &cel::Program,
-    policy: &Policy,
-    before: &CelValue,
-    after: &CelValue,
-    plan: &CelValue,
-    agent: &CelValue,
-) -> Result<CelValue, String> {
-    let mut ctx = Context::with_env(policy.env.clone());
-    celx::add_helpers(&mut ctx)?;
-    ctx.add_variable_from_value("before", before.clone());
-    ctx.add_variable_from_value("after", after.clone());
-    ctx.add_variable_from_value("plan", plan.clone());
-    ctx.add_variable_from_value("agent", agent.clone());
-    program.execute(&ctx).map_err(|e| e.to_string())
-}
-
 fn eval_cel(rule: &CelRule, policy: &Policy, run: &Run<'_>, plan: &CelValue, agent: &CelValue) -> RuleResult {
     let outcome = rule.config.outcome.verdict();
     let affected = run.touched.iter().any(|p| rule.reads.matches(p.as_str()));
@@ -504,6 +492,37 @@ fn eval_cel(rule: &CelRule, policy: &Policy, run: &Run<'_>, plan: &CelValue, age
         }
     }
     let before = celx::nested(&base);
+    // The bindings that do not change between states are made once; each
+    // evaluation adds only `after`, in an inner scope. A variable the rule
+    // never references is never converted.
+    let mut root = Context::with_env(policy.env.clone());
+    if let Err(e) = celx::add_helpers(&mut root) {
+        return RuleResult {
+            id: rule.config.id.clone(),
+            status: RuleStatus::Error,
+            outcome,
+            at: None,
+            pre_existing: false,
+            figures: BTreeMap::new(),
+            message: format!("evaluation failed (fails closed): {e}"),
+        };
+    }
+    if rule.vars.before {
+        root.add_variable_from_value("before", before.clone());
+    }
+    if rule.vars.plan {
+        root.add_variable_from_value("plan", plan.clone());
+    }
+    if rule.vars.agent {
+        root.add_variable_from_value("agent", agent.clone());
+    }
+    let run_program = |program: &cel::Program, after: &CelValue| -> Result<CelValue, String> {
+        let mut ctx = root.new_inner_scope();
+        if rule.vars.after {
+            ctx.add_variable_from_value("after", after.clone());
+        }
+        program.execute(&ctx).map_err(|e| e.to_string())
+    };
     let project = |changes: &BTreeMap<ResourcePath, Option<Value>>| {
         let mut m = base.clone();
         for (p, v) in changes {
@@ -514,7 +533,7 @@ fn eval_cel(rule: &CelRule, policy: &Policy, run: &Run<'_>, plan: &CelValue, age
         }
         celx::nested(&m)
     };
-    let eval = |after: &CelValue| match run_program(&rule.program, policy, &before, after, plan, agent) {
+    let eval = |after: &CelValue| match run_program(&rule.program, after) {
         Ok(CelValue::Bool(true)) => Eval::Pass,
         Ok(CelValue::Bool(false)) => Eval::Fail,
         Ok(other) => Eval::Error(format!("the rule must give a bool, it gave {other:?}")),
@@ -524,7 +543,7 @@ fn eval_cel(rule: &CelRule, policy: &Policy, run: &Run<'_>, plan: &CelValue, age
         rule.figures
             .iter()
             .map(|(name, p)| {
-                let v = match run_program(p, policy, &before, after, plan, agent) {
+                let v = match run_program(p, after) {
                     Ok(v) => celx::from_cel(&v),
                     Err(e) => Value::Str(format!("error: {e}")),
                 };
