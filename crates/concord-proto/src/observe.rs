@@ -16,9 +16,9 @@ use crate::value::Value;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ObservationKind {
-    /// The process is up (a heartbeat). Value: a [`Health`] word.
+    /// The process is up (a heartbeat). Value: a health word (`HEALTH_WORDS`).
     Liveness,
-    /// The service does its job (application-level check). Value: a [`Health`] word.
+    /// The service does its job (application-level check). Value: a health word (`HEALTH_WORDS`).
     AppHealth,
     /// A number: queue depth, connections in use, latency, ...
     Metric,
