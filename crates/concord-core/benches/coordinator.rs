@@ -12,6 +12,7 @@
 //! - `decide-conflict`: while one such plan runs, a new lineage on the same
 //!   paths is decided in full (both previews, conflicts, compounding) and
 //!   rejected for the conflict.
+//!
 //! Each iteration moves the clock past the compounding windows.
 
 use std::alloc::{GlobalAlloc, Layout, System};
@@ -154,8 +155,7 @@ fn bench(c: &mut Criterion) {
             );
             assert_eq!(verdict(&fx), Verdict::Admit);
         }
-        if inflight > 0 {
-            let per = (LIVE.load(Ordering::Relaxed) - before) / inflight;
+        if let Some(per) = (LIVE.load(Ordering::Relaxed) - before).checked_div(inflight) {
             eprintln!("memory per in-flight 5-step plan at {inflight} in flight: {per} bytes");
         }
         let mut now = 10u64;
@@ -163,13 +163,10 @@ fn bench(c: &mut Criterion) {
         // Runs a plan to its end: every dispatch succeeds.
         let run = |coord: &mut Coordinator, now: u64, fx: Vec<Effect>| {
             let mut fx = fx;
-            loop {
-                let Some(key) = fx.iter().find_map(|e| match e {
-                    Effect::Dispatch(d) => Some(d.key.clone()),
-                    _ => None,
-                }) else {
-                    break;
-                };
+            while let Some(key) = fx.iter().find_map(|e| match e {
+                Effect::Dispatch(d) => Some(d.key.clone()),
+                _ => None,
+            }) {
                 fx = coord.handle(
                     now,
                     Input::Outcome {
