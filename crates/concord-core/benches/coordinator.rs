@@ -5,7 +5,8 @@
 //! background plans are admitted; its rule count is printed); a world of 40
 //! services plus bulk `fleet/...` paths, 100k paths in all. Each background
 //! plan is 5 steps on its own fleet node (distinct paths: none conflict) and
-//! stays in flight, holding its leases. Two measured cases:
+//! stays in flight, holding its leases; they come from 100 agents, since one
+//! agent may run at most 1,024 plans at once. Two measured cases:
 //! - `admit-and-run`: a 5-step plan on three services is decided (admitted),
 //!   then its 5 steps are dispatched and succeed, so the paths are free for
 //!   the next iteration: one decision plus 5 outcomes.
@@ -149,7 +150,8 @@ fn bench(c: &mut Criterion) {
                 1,
                 Input::Intent {
                     request: i as u64,
-                    agent: "fleet".into(),
+                    // 100 agents: one agent may run at most 1,024 plans at once.
+                    agent: format!("fleet-{}", i % 100),
                     intent: node_plan(i),
                 },
             );

@@ -511,6 +511,10 @@ pub struct Coordinator {
     history: VecDeque<HistoryEntry>,
     /// Tripped circuit breakers.
     breakers: Vec<Breaker>,
+    /// Per agent: (plans pending or queued, plans running).
+    per_agent: BTreeMap<String, (usize, usize)>,
+    /// Lineages waiting for a conflicting plan to end.
+    queued: BTreeSet<Id>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -573,12 +577,63 @@ impl Coordinator {
             ended_order: VecDeque::new(),
             history: VecDeque::new(),
             breakers: Vec::new(),
+            per_agent: BTreeMap::new(),
+            queued: BTreeSet::new(),
         }
     }
 
     /// The tripped circuit breakers.
     pub fn breakers(&self) -> &[Breaker] {
         &self.breakers
+    }
+
+    /// Adjusts the per-agent counters and the queue index for a plan entering
+    /// (`+1`) or leaving (`-1`) a status, so that limits and re-queueing cost
+    /// nothing per plan in flight. Every status change goes through here.
+    fn count(&mut self, agent: &str, lineage: &Id, status: &Status, delta: isize) {
+        let c = self.per_agent.entry(agent.to_string()).or_insert((0, 0));
+        let slot = match status {
+            Status::Running(_) => &mut c.1,
+            _ => &mut c.0,
+        };
+        *slot = slot.saturating_add_signed(delta);
+        if *c == (0, 0) {
+            self.per_agent.remove(agent);
+        }
+        if matches!(status, Status::Queued) {
+            if delta > 0 {
+                self.queued.insert(lineage.clone());
+            } else {
+                self.queued.remove(lineage);
+            }
+        }
+    }
+
+    /// Inserts a plan, keeping the counters.
+    fn insert_plan(&mut self, lineage: Id, plan: Plan) {
+        if let Some(old) = self.plans.remove(&lineage) {
+            self.count(&old.agent, &lineage, &old.status, -1);
+        }
+        self.count(&plan.agent, &lineage, &plan.status, 1);
+        self.plans.insert(lineage, plan);
+    }
+
+    /// Removes a plan, keeping the counters.
+    fn remove_plan(&mut self, lineage: &Id) -> Option<Plan> {
+        let plan = self.plans.remove(lineage)?;
+        self.count(&plan.agent, lineage, &plan.status, -1);
+        Some(plan)
+    }
+
+    /// Changes a plan's status, keeping the counters.
+    fn set_status(&mut self, lineage: &Id, status: Status) {
+        let Some(p) = self.plans.get(lineage) else { return };
+        let (agent, old) = (p.agent.clone(), p.status.clone());
+        self.count(&agent, lineage, &old, -1);
+        self.count(&agent, lineage, &status, 1);
+        if let Some(p) = self.plans.get_mut(lineage) {
+            p.status = status;
+        }
     }
 
     /// The world as it is (steps applied so far).
@@ -704,14 +759,7 @@ impl Coordinator {
             }
         }
         // Per-agent and global bounds.
-        let (pending, running) = self
-            .plans
-            .values()
-            .filter(|p| p.agent == agent)
-            .fold((0, 0), |(a, b), p| match p.status {
-                Status::Running(_) => (a, b + 1),
-                _ => (a + 1, b),
-            });
+        let (pending, running) = self.per_agent.get(agent).copied().unwrap_or((0, 0));
         if self.plans.len() >= self.config.plans_max {
             extra.push(reason(
                 "limit.plans",
@@ -840,21 +888,23 @@ impl Coordinator {
             policy_hash: self.policy.hash.clone(),
         }));
         let verdict = preview.verdict;
+        // The simulated run borrows the world; keep what the plan needs and let it go.
+        let (final_changes, step_changes) = (run.final_changes.clone(), run.step_changes.clone());
+        drop(run);
         if verdict != Verdict::Reject || queued {
             if let Some(v) = withdraw {
-                self.plans.remove(&lineage);
+                self.remove_plan(&lineage);
                 fx.push(Effect::Event(Event::Withdrawn {
                     lineage: lineage.clone(),
                     version: v,
                     by_version: intent.version,
                 }));
             }
-            let final_changes = run.final_changes.clone();
             let plan = Plan {
                 agent: agent.to_string(),
                 hash,
                 material_hash: material.clone(),
-                step_changes: run.step_changes.clone(),
+                step_changes,
                 effects: final_changes,
                 touched,
                 status: Status::Queued,
@@ -862,16 +912,14 @@ impl Coordinator {
                 previous: previous.clone(),
                 intent: intent.clone(),
             };
-            self.plans.insert(lineage.clone(), plan);
+            self.insert_plan(lineage.clone(), plan);
             if queued {
                 if let Some(p) = self.plans.get_mut(&lineage) {
                     p.queued_request = request;
                 }
             } else if verdict == Verdict::NeedsApproval {
                 let expires_at_ms = now + self.config.approval_ttl_ms;
-                if let Some(p) = self.plans.get_mut(&lineage) {
-                    p.status = Status::Pending { expires_at_ms };
-                }
+                self.set_status(&lineage, Status::Pending { expires_at_ms });
                 self.arm(
                     expires_at_ms,
                     Timer::ApprovalExpiry {
@@ -1005,15 +1053,18 @@ impl Coordinator {
     // ---- sagas -------------------------------------------------------------
 
     fn start_saga(&mut self, now: u64, lineage: &Id, fx: &mut Vec<Effect>) {
+        self.set_status(
+            lineage,
+            Status::Running(Saga {
+                phase: Phase2::Forward { next: 0 },
+                completed: Vec::new(),
+                outstanding: None,
+                attempts: BTreeMap::new(),
+            }),
+        );
         let Some(plan) = self.plans.get_mut(lineage) else {
             return;
         };
-        plan.status = Status::Running(Saga {
-            phase: Phase2::Forward { next: 0 },
-            completed: Vec::new(),
-            outstanding: None,
-            attempts: BTreeMap::new(),
-        });
         for p in &plan.touched {
             self.inflight.entry(p.clone()).or_default().insert(lineage.clone());
         }
@@ -1325,7 +1376,7 @@ impl Coordinator {
 
     /// Ends a saga: frees its leases and re-decides queued plans.
     fn end(&mut self, now: u64, lineage: &Id, fx: &mut Vec<Effect>) {
-        let Some(plan) = self.plans.remove(lineage) else { return };
+        let Some(plan) = self.remove_plan(lineage) else { return };
         self.remember_ended(&plan.intent);
         for p in &plan.touched {
             if let Some(set) = self.inflight.get_mut(p) {
@@ -1343,14 +1394,9 @@ impl Coordinator {
 
     /// Re-decides queued plans, oldest lineage first.
     fn requeue(&mut self, now: u64, fx: &mut Vec<Effect>) {
-        let queued: Vec<Id> = self
-            .plans
-            .iter()
-            .filter(|(_, p)| p.status == Status::Queued)
-            .map(|(l, _)| l.clone())
-            .collect();
+        let queued: Vec<Id> = self.queued.iter().cloned().collect();
         for l in queued {
-            let Some(p) = self.plans.remove(&l) else { continue };
+            let Some(p) = self.remove_plan(&l) else { continue };
             let request = p.queued_request;
             if let Some(d) = self.decide(now, &p.agent, p.intent, request, p.previous, fx)
                 && let Some(request) = request
@@ -1402,7 +1448,7 @@ impl Coordinator {
                     && p.intent.version == version
                     && matches!(p.status, Status::Pending { expires_at_ms } if expires_at_ms <= now)
                 {
-                    self.plans.remove(&lineage);
+                    self.remove_plan(&lineage);
                     fx.push(Effect::Event(Event::ApprovalExpired { lineage, version }));
                 }
             }
@@ -1705,7 +1751,7 @@ impl Coordinator {
                 reason,
             } => match self.plans.get(&lineage) {
                 Some(p) if p.intent.version == version && matches!(p.status, Status::Pending { .. }) => {
-                    self.plans.remove(&lineage);
+                    self.remove_plan(&lineage);
                     fx.push(Effect::Event(Event::RejectedByOperator {
                         lineage: lineage.clone(),
                         version,
@@ -1775,7 +1821,7 @@ impl Coordinator {
                     (true, format!("{lineage} is being compensated"))
                 }
                 Some(_) => {
-                    self.plans.remove(&lineage);
+                    self.remove_plan(&lineage);
                     (true, format!("{lineage} withdrawn"))
                 }
                 None => (false, format!("no live plan {lineage}")),
@@ -1835,7 +1881,7 @@ impl Coordinator {
         let (agent, intent, previous) = (p.agent.clone(), p.intent.clone(), p.previous.clone());
         let old_material = p.material_hash.clone();
         // Re-preview now: the world or the plans in flight may have moved.
-        self.plans.remove(lineage);
+        self.remove_plan(lineage);
         let mut scratch = Vec::new();
         let Some(d) = self.decide(now, &agent, intent.clone(), None, previous, &mut scratch) else {
             return (false, "the plan now conflicts and was queued".into());
@@ -1858,10 +1904,7 @@ impl Coordinator {
                 ),
             );
         }
-        // Same material preview: admit. Drop the re-decision's pending entry.
-        if let Some(p) = self.plans.get_mut(lineage) {
-            p.status = Status::Queued;
-        }
+        // Same material preview: admit (the re-decision left it pending).
         fx.push(Effect::Event(Event::Approved {
             lineage: lineage.clone(),
             version,
