@@ -148,6 +148,38 @@ expr = "plan.steps.all(s, !(s.kind in ['delete', 'exec', 'grant', 'network']) ||
 outcome = "needs_approval"
 "#;
 
+/// The same 20 rules, with the connection budget as a native `budget` rule
+/// (the differential test shows it agrees with the CEL one) and the replica
+/// floor replaced by a native ceiling on cpu limits; one CEL rule remains,
+/// the one that reads the plan.
+fn policy_20_native() -> String {
+    let cel_start = POLICY_20
+        .find("[[rules.cel]]\nid = \"coupling.db_connections\"")
+        .unwrap();
+    let plan_rule = POLICY_20
+        .find("[[rules.cel]]\nid = \"confidence.destructive\"")
+        .unwrap();
+    format!(
+        "{}{}{}",
+        &POLICY_20[..cel_start],
+        r#"[[rules.budget]]
+id = "coupling.db_connections"
+terms = ["svc/*/pool_size", "svc/*/replicas"]
+limit = "db/primary/max_connections"
+max_fraction = 0.8
+outcome = "reject"
+
+[[rules.ceiling]]
+id = "ceiling.cpu_limit"
+paths = ["svc/*/cpu_limit"]
+approve_above = 8
+reject_above = 32
+
+"#,
+        &POLICY_20[plan_rule..]
+    )
+}
+
 /// The built-ins alone: the same agents, no artifacts, protected prefixes,
 /// ceilings, rates or CEL.
 const POLICY_BUILTIN: &str = r#"
@@ -342,6 +374,7 @@ fn configure(group: &mut criterion::BenchmarkGroup<'_, criterion::measurement::W
 fn bench_preview(c: &mut Criterion) {
     let policy_20 = policy(POLICY_20, 20);
     let policy_builtin = policy(POLICY_BUILTIN, 9);
+    let policy_native = policy(&policy_20_native(), 20);
     let admit = intent(PLAN_ADMIT);
     let reject = intent(PLAN_REJECT);
     let cases = [
@@ -374,6 +407,27 @@ fn bench_preview(c: &mut Criterion) {
                         intent: case.intent,
                         agent: "resource",
                         policy: &policy_20,
+                        previous: None,
+                    }))
+                })
+            });
+        }
+    }
+    group.finish();
+
+    let mut group = c.benchmark_group("preview/5-step/20-rules-native-budget");
+    configure(&mut group);
+    for (size, label) in SIZES {
+        let world = world(size);
+        for case in &cases {
+            check(&world, case.intent, &policy_native, case.verdict, case.because);
+            group.bench_with_input(BenchmarkId::new(case.name, label), &world, |b, world| {
+                b.iter(|| {
+                    preview(black_box(PreviewInput {
+                        world,
+                        intent: case.intent,
+                        agent: "resource",
+                        policy: &policy_native,
                         previous: None,
                     }))
                 })

@@ -37,6 +37,7 @@
 //! ```
 
 pub mod apply;
+pub mod budget;
 mod celx;
 pub mod coordinator;
 pub mod plandiff;

@@ -258,6 +258,9 @@ pub struct RulesConfig {
     /// User rules.
     #[serde(default)]
     pub cel: Vec<CelConfig>,
+    /// Budgets: sums of products under a fraction of a limit (native coupling rules).
+    #[serde(default)]
+    pub budget: Vec<crate::budget::BudgetConfig>,
     /// Cumulative drift limits (compounding over a window).
     #[serde(default)]
     pub drift: Vec<DriftConfig>,
@@ -324,6 +327,7 @@ impl Default for RulesConfig {
             ceiling: Vec::new(),
             rate: Vec::new(),
             cel: Vec::new(),
+            budget: Vec::new(),
             drift: Vec::new(),
             masking: None,
             loops: None,
@@ -491,6 +495,7 @@ pub struct Policy {
     pub(crate) rates: Vec<(RateConfig, Globs)>,
     pub(crate) cel: Vec<CelRule>,
     pub(crate) drifts: Vec<(DriftConfig, Globs)>,
+    pub(crate) budgets: Vec<crate::budget::Budget>,
     pub(crate) env: Arc<cel::Env>,
 }
 
@@ -567,6 +572,9 @@ impl Policy {
             }
         }
         for c in &r.protected {
+            unique(&c.id)?;
+        }
+        for c in &r.budget {
             unique(&c.id)?;
         }
         for c in &r.drift {
@@ -650,6 +658,11 @@ impl Policy {
                 .map(|c| Ok((c.clone(), Globs::new(&c.id, &c.paths)?)))
                 .collect::<Result<_, PolicyError>>()?,
             cel: cel_rules,
+            budgets: r
+                .budget
+                .iter()
+                .map(|c| crate::budget::Budget::new(c.clone()))
+                .collect::<Result<_, PolicyError>>()?,
             drifts: r
                 .drift
                 .iter()
@@ -673,6 +686,7 @@ impl Policy {
             + self.protected.len()
             + self.ceilings.len()
             + self.rates.len()
+            + self.budgets.len()
             + self.cel.len()
     }
 }

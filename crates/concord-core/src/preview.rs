@@ -114,16 +114,18 @@ impl<'w> Run<'w> {
             forward.push(s);
         }
         let mut states: Vec<EvalState> = Vec::new();
-        let push = |label: String, s: &State<'_>, states: &mut Vec<EvalState>| {
+        // A state's label is written only if the state is new: most
+        // compensation states repeat forward ones.
+        let push = |label: &dyn Fn() -> String, s: &State<'_>, states: &mut Vec<EvalState>| {
             if !states.iter().any(|e| &e.changes == s.changes()) {
                 states.push(EvalState {
-                    label,
+                    label: label(),
                     changes: s.changes().clone(),
                 });
             }
         };
         for (i, s) in forward.iter().enumerate().skip(1) {
-            push(format!("after step {}", intent.steps[i - 1].id), s, &mut states);
+            push(&|| format!("after step {}", intent.steps[i - 1].id), s, &mut states);
         }
         // A failure can come after any step (a failed verification leaves the
         // step applied), so undo steps f..1 from each forward state f.
@@ -156,11 +158,13 @@ impl<'w> Run<'w> {
                     });
                 }
                 push(
-                    format!(
-                        "after undoing step {} (rollback after step {})",
-                        step.id,
-                        intent.steps[f - 1].id
-                    ),
+                    &|| {
+                        format!(
+                            "after undoing step {} (rollback after step {})",
+                            step.id,
+                            intent.steps[f - 1].id
+                        )
+                    },
                     &s,
                     &mut states,
                 );
@@ -245,6 +249,7 @@ pub fn preview_on(input: PreviewInput<'_>, base: Base<'_>) -> Preview {
     invariants.extend(rules::rates(&run, intent, policy));
     let (assumptions, assumption_rule) = rules::assumptions(world, intent, policy);
     invariants.push(assumption_rule);
+    invariants.extend(policy.budgets.iter().map(|b| b.evaluate(&run)));
     if !policy.cel.is_empty() {
         // Built only when some rule reads the plan.
         let plan_val = if policy.cel.iter().any(|r| r.vars.plan) {

@@ -157,6 +157,24 @@ impl<'w> Base<'w> {
         }
     }
 
+    /// Calls `f` for every existing (path, value) whose path text starts with
+    /// `prefix`, without copying: world entries first (those the overlay does
+    /// not change), then the overlay's values, each run in path order.
+    pub fn visit_prefix(&self, prefix: &str, mut f: impl FnMut(&ResourcePath, &Value)) {
+        for (p, v) in self.world.scan_prefix(prefix) {
+            if self.overlay.is_none_or(|o| !o.contains_key(p)) {
+                f(p, v);
+            }
+        }
+        if let Some(o) = self.overlay {
+            for (p, v) in scan_prefix(o, prefix) {
+                if let Some(v) = v {
+                    f(p, v);
+                }
+            }
+        }
+    }
+
     /// Every existing (path, value) whose path text starts with `prefix`, in order.
     pub fn scan_prefix(&self, prefix: &str) -> Vec<(ResourcePath, Value)> {
         let base = self.world.scan_prefix(prefix).map(|(p, v)| (p.clone(), v.clone()));

@@ -1,0 +1,122 @@
+//! The native budget rule against the equivalent CEL rule: same status, same
+//! failing state, same total, on generated worlds and plans.
+
+mod common;
+
+use common::*;
+use concord_proto::preview::RuleStatus;
+use concord_proto::{Value, Verdict};
+use proptest::prelude::*;
+use serde_json::{Value as Json, json};
+
+const POLICY: &str = r#"
+[defaults]
+autonomy = "bounded"
+[[rules.budget]]
+id = "native"
+terms = ["app/*/workers", "app/*/threads"]
+limit = "db/main/max_connections"
+max_fraction = 0.75
+outcome = "reject"
+[[rules.cel]]
+id = "cel"
+reads = ["app/*/workers", "app/*/threads", "db/main/max_connections"]
+expr = """
+double(sum(keys(after.app)
+  .filter(a, 'workers' in after.app[a] && 'threads' in after.app[a])
+  .map(a, after.app[a].workers * after.app[a].threads)))
+  <= double(after.db.main.max_connections) * 0.75
+"""
+outcome = "reject"
+[rules.cel.figures]
+total = "sum(keys(after.app).filter(a, 'workers' in after.app[a] && 'threads' in after.app[a]).map(a, after.app[a].workers * after.app[a].threads))"
+"#;
+
+fn world_of(apps: &[(i64, Option<i64>)], max: i64) -> concord_core::world::World {
+    let mut t = String::from("[resources]\n");
+    for (i, (w, th)) in apps.iter().enumerate() {
+        t.push_str(&format!("\"app/a{i}/workers\" = {w}\n"));
+        if let Some(th) = th {
+            t.push_str(&format!("\"app/a{i}/threads\" = {th}\n"));
+        }
+        t.push_str(&format!("\"app/a{i}/version\" = \"v{i}\"\n"));
+    }
+    t.push_str(&format!("\"db/main/max_connections\" = {max}\n"));
+    world(&t)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 200, ..ProptestConfig::default() })]
+
+    #[test]
+    fn agrees_with_the_cel_rule(
+        apps in prop::collection::vec((1i64..20, prop::option::weighted(0.8, 1i64..10)), 1..6),
+        max in 50i64..600,
+        steps in prop::collection::vec((0usize..6, any::<bool>(), 0i64..25), 1..5),
+    ) {
+        let w = world_of(&apps, max);
+        let p = policy(POLICY);
+        let steps: Vec<Json> = steps
+            .iter()
+            .enumerate()
+            .map(|(i, (app, threads, v))| {
+                let field = if *threads { "threads" } else { "workers" };
+                set(&format!("s{i}"), &format!("app/a{}/{field}", app % apps.len()), json!(v))
+            })
+            .collect();
+        let pv = run(&w, &p, "x", &plan(Json::Array(steps)));
+        let (native, cel) = (rule(&pv, "native"), rule(&pv, "cel"));
+        prop_assert_eq!(native.status, cel.status, "native {:#?}\ncel {:#?}", native, cel);
+        prop_assert_eq!(&native.at, &cel.at);
+        prop_assert_eq!(native.pre_existing, cel.pre_existing);
+        if native.status != RuleStatus::Skipped {
+            let total = native.figures["total"].as_f64().unwrap();
+            prop_assert_eq!(Some(total), cel.figures["total"].as_f64());
+        }
+    }
+}
+
+#[test]
+fn the_shipped_coupling_budget_matches_the_story() {
+    let w = world(
+        &std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../config/examples/world.toml")).unwrap(),
+    );
+    let p = policy(
+        r#"
+[defaults]
+autonomy = "bounded"
+[[rules.budget]]
+id = "budget.db_connections"
+terms = ["svc/*/pool_size", "svc/*/replicas"]
+limit = "db/primary/max_connections"
+max_fraction = 0.8
+outcome = "reject"
+"#,
+    );
+    let pv = run(
+        &w,
+        &p,
+        "resource",
+        &plan(json!([set("s1", "svc/api/pool_size", json!(500))])),
+    );
+    assert_eq!(pv.verdict, Verdict::Reject);
+    let r = rule(&pv, "budget.db_connections");
+    assert_eq!(r.figures["total"], Value::Float(2080.0));
+    assert_eq!(r.figures["budget"], Value::Float(800.0));
+    assert_eq!(r.at.as_deref(), Some("after step s1"));
+}
+
+#[test]
+fn budget_settings_are_checked() {
+    let bad = |body: &str| {
+        concord_core::policy::Policy::from_toml_str(&format!(
+            "[[rules.budget]]\nid = \"b\"\nlimit = \"db/x\"\noutcome = \"reject\"\n{body}"
+        ))
+        .unwrap_err()
+        .to_string()
+    };
+    assert!(bad("terms = []\nmax_fraction = 0.5").contains("at least one term"));
+    assert!(bad("terms = [\"a/*/x\", \"a/y\"]\nmax_fraction = 0.5").contains("same number of `*`"));
+    assert!(bad("terms = [\"a/**/x\"]\nmax_fraction = 0.5").contains("plain name or `*`"));
+    assert!(bad("terms = [\"a/*/x\"]\nmax_fraction = 0").contains("max_fraction"));
+}
