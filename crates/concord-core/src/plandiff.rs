@@ -123,6 +123,7 @@ pub fn plan_diff(old: &Intent, new: &Intent) -> PlanDiff {
         }
     }
     PlanDiff {
+        previous_lineage: old.lineage.clone(),
         previous_version: old.version,
         previous_hash: old.content_hash(),
         added,

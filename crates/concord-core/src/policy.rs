@@ -258,6 +258,9 @@ pub struct RulesConfig {
     /// User rules.
     #[serde(default)]
     pub cel: Vec<CelConfig>,
+    /// How many distinct operators must approve plans touching some paths.
+    #[serde(default)]
+    pub approvals: Vec<ApprovalsConfig>,
     /// Budgets: sums of products under a fraction of a limit (native coupling rules).
     #[serde(default)]
     pub budget: Vec<crate::budget::BudgetConfig>,
@@ -270,6 +273,16 @@ pub struct RulesConfig {
     /// Remediation loops: the circuit breaker.
     #[serde(default, rename = "loop")]
     pub loops: Option<LoopConfig>,
+}
+
+/// Plans touching these paths need this many distinct approvers (e.g. two under `auth/`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApprovalsConfig {
+    /// Path globs.
+    pub paths: Vec<String>,
+    /// Distinct operators required (at least 1).
+    pub approvers: u32,
 }
 
 /// Cumulative drift: the change of a numeric path against its value at the
@@ -327,6 +340,7 @@ impl Default for RulesConfig {
             ceiling: Vec::new(),
             rate: Vec::new(),
             cel: Vec::new(),
+            approvals: Vec::new(),
             budget: Vec::new(),
             drift: Vec::new(),
             masking: None,
@@ -496,6 +510,7 @@ pub struct Policy {
     pub(crate) cel: Vec<CelRule>,
     pub(crate) drifts: Vec<(DriftConfig, Globs)>,
     pub(crate) budgets: Vec<crate::budget::Budget>,
+    pub(crate) approvals: Vec<(u32, Globs)>,
     pub(crate) env: Arc<cel::Env>,
 }
 
@@ -658,6 +673,11 @@ impl Policy {
                 .map(|c| Ok((c.clone(), Globs::new(&c.id, &c.paths)?)))
                 .collect::<Result<_, PolicyError>>()?,
             cel: cel_rules,
+            approvals: r
+                .approvals
+                .iter()
+                .map(|a| Ok((a.approvers.max(1), Globs::new("approvals", &a.paths)?)))
+                .collect::<Result<_, PolicyError>>()?,
             budgets: r
                 .budget
                 .iter()
@@ -671,6 +691,19 @@ impl Policy {
             env,
             config,
         })
+    }
+
+    /// How many distinct approvers a plan touching `paths` needs (at least 1).
+    pub fn approvers_required<'a>(&self, paths: impl Iterator<Item = &'a concord_proto::ResourcePath>) -> u32 {
+        let mut n = 1;
+        for p in paths {
+            for (k, g) in &self.approvals {
+                if g.matches(p.as_str()) {
+                    n = n.max(*k);
+                }
+            }
+        }
+        n
     }
 
     /// The settings that apply to `agent`.

@@ -183,7 +183,8 @@ pub fn render(p: &Preview) -> String {
     if let Some(d) = &p.plan_diff {
         let _ = writeln!(
             o,
-            "\nplan diff against v{} (hash {})",
+            "\nplan diff against {} v{} (hash {})",
+            d.previous_lineage,
             d.previous_version,
             &d.previous_hash[..16.min(d.previous_hash.len())]
         );

@@ -919,3 +919,66 @@ fn a_remediation_loop_trips_a_breaker_until_an_operator_resumes() {
     assert!(control_reply(&fx).0);
     assert!(h.c.breakers().is_empty());
 }
+
+#[test]
+fn a_replan_under_a_new_lineage_id_is_still_diffed() {
+    let mut h = H::new();
+    let fx = h.propose(
+        "a",
+        plan("first", 1, json!([set("s1", "svc/api/pool_size", json!(60))])),
+    );
+    let k = dispatches(&fx)[0].key.clone();
+    h.outcome(&k, StepResult::Failed { reason: short("no") });
+    h.now += 60_000;
+    // Same agent, same path, new id, a raised value: scope expansion against `first`.
+    let fx = h.propose(
+        "a",
+        plan("second", 1, json!([set("s1", "svc/api/pool_size", json!(90))])),
+    );
+    let d = decision(&fx);
+    let diff = d.preview.plan_diff.as_ref().expect("recognised as a re-plan");
+    assert_eq!(diff.previous_lineage.as_str(), "first");
+    assert_eq!(d.verdict, Verdict::NeedsApproval);
+    assert!(d.preview.reasons.iter().any(|r| r.rule == "replan.scope_expansion"));
+    // Another agent on the same path is not a re-plan of `first`.
+    h.now += 1;
+    let fx = h.propose(
+        "b",
+        plan("third", 1, json!([set("s1", "svc/web/pool_size", json!(21))])),
+    );
+    assert!(decision(&fx).preview.plan_diff.is_none());
+    // Nor is the same agent much later.
+    h.now += Config::default().replan_window_ms + 1;
+    let fx = h.propose(
+        "a",
+        plan("fourth", 1, json!([set("s1", "svc/api/pool_size", json!(55))])),
+    );
+    assert!(decision(&fx).preview.plan_diff.is_none());
+}
+
+#[test]
+fn a_policy_can_require_two_approvers() {
+    let policy = format!("{POLICY}\n[[rules.approvals]]\npaths = [\"svc/api/**\"]\napprovers = 2\n");
+    let mut h = H::with(WORLD, &policy);
+    let fx = h.propose(
+        "careful",
+        plan("p", 1, json!([set("s1", "svc/api/pool_size", json!(60))])),
+    );
+    let d = decision(&fx).clone();
+    let approve = || Control::Approve {
+        lineage: Id::parse("p").unwrap(),
+        version: 1,
+        plan_hash: d.preview.plan.hash.clone(),
+        material_hash: d.material_hash.clone(),
+        reason: short("ok"),
+    };
+    let fx = h.control("alice", approve());
+    let (ok, msg) = control_reply(&fx);
+    assert!(ok && msg.contains("1 of 2"), "{msg}");
+    assert!(dispatches(&fx).is_empty());
+    let (ok, msg) = control_reply(&h.control("alice", approve()));
+    assert!(!ok && msg.contains("another operator"), "{msg}");
+    let fx = h.control("bob", approve());
+    assert!(control_reply(&fx).0);
+    assert_eq!(dispatches(&fx)[0].key.lineage.as_str(), "p");
+}

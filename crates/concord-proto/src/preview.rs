@@ -228,6 +228,9 @@ pub struct StepSummary {
 /// The difference between two versions of a plan lineage.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct PlanDiff {
+    /// The earlier plan's lineage (another lineage when concord recognised a
+    /// re-plan by agent and paths).
+    pub previous_lineage: Id,
     /// The earlier version.
     pub previous_version: u32,
     /// Its content hash.

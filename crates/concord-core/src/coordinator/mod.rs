@@ -72,6 +72,12 @@ pub struct Config {
     pub observation_series_max: usize,
     /// Most ended lineages remembered (their last version), for re-plan diffs.
     pub ended_lineages_max: usize,
+    /// A plan from the same agent touching the same paths within this window
+    /// is treated as a re-plan of the earlier one whatever its lineage id, so
+    /// a new id does not escape the plan diff.
+    pub replan_window_ms: u64,
+    /// Most recent plans remembered per agent for re-plan recognition.
+    pub recent_plans_per_agent_max: usize,
 }
 
 impl Default for Config {
@@ -88,6 +94,8 @@ impl Default for Config {
             idempotency_keys_max: 65_536,
             observation_series_max: 100_000,
             ended_lineages_max: 10_000,
+            replan_window_ms: 60 * 60 * 1000,
+            recent_plans_per_agent_max: 32,
         }
     }
 }
@@ -444,7 +452,11 @@ struct Saga {
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 enum Status {
-    Pending { expires_at_ms: u64 },
+    Pending {
+        expires_at_ms: u64,
+        /// Operators who approved so far (a policy may require several).
+        approvers: Vec<String>,
+    },
     Queued,
     Running(Saga),
 }
@@ -515,6 +527,8 @@ pub struct Coordinator {
     per_agent: BTreeMap<String, (usize, usize)>,
     /// Lineages waiting for a conflicting plan to end.
     queued: BTreeSet<Id>,
+    /// Per agent: recently decided plans (time, plan), newest last.
+    recent: BTreeMap<String, VecDeque<(u64, Intent)>>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -579,6 +593,7 @@ impl Coordinator {
             breakers: Vec::new(),
             per_agent: BTreeMap::new(),
             queued: BTreeSet::new(),
+            recent: BTreeMap::new(),
         }
     }
 
@@ -715,7 +730,9 @@ impl Coordinator {
             .plans
             .get(&intent.lineage)
             .map(|p| p.intent.clone())
-            .or_else(|| self.ended.get(&intent.lineage).cloned());
+            .or_else(|| self.ended.get(&intent.lineage).cloned())
+            .or_else(|| self.recognised_replan(now, agent, &intent));
+        self.remember_recent(now, agent, &intent);
         let decision = self.decide(now, agent, intent, Some(request), previous, fx);
         if let Some(d) = decision {
             fx.push(Effect::Reply {
@@ -919,7 +936,13 @@ impl Coordinator {
                 }
             } else if verdict == Verdict::NeedsApproval {
                 let expires_at_ms = now + self.config.approval_ttl_ms;
-                self.set_status(&lineage, Status::Pending { expires_at_ms });
+                self.set_status(
+                    &lineage,
+                    Status::Pending {
+                        expires_at_ms,
+                        approvers: Vec::new(),
+                    },
+                );
                 self.arm(
                     expires_at_ms,
                     Timer::ApprovalExpiry {
@@ -946,6 +969,35 @@ impl Coordinator {
             self.remember(agent, key.as_str(), &decision);
         }
         if queued { None } else { Some(decision) }
+    }
+
+    /// The agent's most recent plan of another lineage, within the re-plan
+    /// window, that touched any path this one touches and did not complete
+    /// (rejected, failed, compensated, withdrawn, pending or running): a
+    /// re-plan under a new id.
+    fn recognised_replan(&self, now: u64, agent: &str, intent: &Intent) -> Option<Intent> {
+        let from = now.saturating_sub(self.config.replan_window_ms);
+        self.recent
+            .get(agent)?
+            .iter()
+            .rev()
+            .take_while(|(at, _)| *at >= from)
+            .find(|(_, earlier)| {
+                earlier.lineage != intent.lineage
+                    && earlier
+                        .steps
+                        .iter()
+                        .any(|a| intent.steps.iter().any(|b| a.path.overlaps(&b.path)))
+            })
+            .map(|(_, earlier)| earlier.clone())
+    }
+
+    fn remember_recent(&mut self, now: u64, agent: &str, intent: &Intent) {
+        let q = self.recent.entry(agent.to_string()).or_default();
+        q.push_back((now, intent.clone()));
+        while q.len() > self.config.recent_plans_per_agent_max {
+            q.pop_front();
+        }
     }
 
     /// Remembers the last version of a lineage that ended or was rejected,
@@ -1106,6 +1158,12 @@ impl Coordinator {
                         lineage: lineage.clone(),
                         version: plan.intent.version,
                     }));
+                    // A plan that completed is not re-planned: the next plan on its
+                    // paths is a new change (its accumulation is the drift rule's job).
+                    let (agent, version) = (plan.agent.clone(), plan.intent.version);
+                    if let Some(q) = self.recent.get_mut(&agent) {
+                        q.retain(|(_, i)| !(&i.lineage == lineage && i.version == version));
+                    }
                     self.end(now, lineage, fx);
                     return;
                 }
@@ -1446,7 +1504,7 @@ impl Coordinator {
             Timer::ApprovalExpiry { lineage, version } => {
                 if let Some(p) = self.plans.get(&lineage)
                     && p.intent.version == version
-                    && matches!(p.status, Status::Pending { expires_at_ms } if expires_at_ms <= now)
+                    && matches!(p.status, Status::Pending { expires_at_ms, .. } if expires_at_ms <= now)
                 {
                     self.remove_plan(&lineage);
                     fx.push(Effect::Event(Event::ApprovalExpired { lineage, version }));
@@ -1878,6 +1936,17 @@ impl Coordinator {
         if p.agent == operator {
             return (false, "the proposer cannot approve its own plan".into());
         }
+        let mut approvers = match &p.status {
+            Status::Pending { approvers, .. } => approvers.clone(),
+            _ => Vec::new(),
+        };
+        if approvers.iter().any(|a| a == operator) {
+            return (
+                false,
+                format!("{operator} already approved {lineage} v{version}; another operator must"),
+            );
+        }
+        let required = self.policy.approvers_required(p.touched.iter());
         let (agent, intent, previous) = (p.agent.clone(), p.intent.clone(), p.previous.clone());
         let old_material = p.material_hash.clone();
         // Re-preview now: the world or the plans in flight may have moved.
@@ -1904,13 +1973,29 @@ impl Coordinator {
                 ),
             );
         }
-        // Same material preview: admit (the re-decision left it pending).
+        // Same material preview. Record the approval; admit once enough
+        // distinct operators approved (the re-decision left it pending).
+        approvers.push(operator.to_string());
         fx.push(Effect::Event(Event::Approved {
             lineage: lineage.clone(),
             version,
             operator: operator.to_string(),
             reason: reason.to_string(),
         }));
+        if (approvers.len() as u32) < required {
+            let n = approvers.len();
+            if let Some(Plan {
+                status: Status::Pending { approvers: a, .. },
+                ..
+            }) = self.plans.get_mut(lineage)
+            {
+                *a = approvers;
+            }
+            return (
+                true,
+                format!("{lineage} v{version}: {n} of {required} approvals; waiting for another operator"),
+            );
+        }
         self.start_saga(now, lineage, fx);
         (true, format!("{lineage} v{version} approved and admitted"))
     }
