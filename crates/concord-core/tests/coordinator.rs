@@ -750,6 +750,7 @@ fn replaying_the_recorded_inputs_reproduces_every_effect() {
         replayed.extend(fresh.c.handle(now, input));
     }
     assert_eq!(serde_json::to_string(&replayed).unwrap(), recorded);
+    assert_eq!(fresh.c.state_digest(), h.c.state_digest(), "rebuilt state differs");
 }
 
 const COMPOUNDING_POLICY: &str = r#"

@@ -191,6 +191,19 @@ fn covered(scope: &HaltScope, agent: &str, paths: &BTreeSet<String>) -> bool {
     }
 }
 
+/// The state digest of a coordinator rebuilt from `inputs`.
+fn rebuilt_digest(inputs: &[(u64, Input)]) -> String {
+    let mut c = Coordinator::new(
+        Config::default(),
+        Policy::from_toml_str("[defaults]\nautonomy = \"bounded\"").unwrap(),
+        world(),
+    );
+    for (now, i) in inputs {
+        c.handle(*now, i.clone());
+    }
+    c.state_digest()
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
 
@@ -280,6 +293,7 @@ proptest! {
         let replay: Vec<(u64, Input)> = serde_json::from_str(&log).unwrap();
         let mut c = Coordinator::new(Config::default(), Policy::from_toml_str("[defaults]\nautonomy = \"bounded\"").unwrap(), world());
         let again: Vec<Effect> = replay.into_iter().flat_map(|(now, i)| c.handle(now, i)).collect();
+        prop_assert_eq!(c.state_digest(), rebuilt_digest(&inputs));
         prop_assert_eq!(serde_json::to_string(&again).unwrap(), serde_json::to_string(&effects).unwrap());
     }
 }

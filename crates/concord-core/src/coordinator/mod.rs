@@ -681,6 +681,24 @@ impl Coordinator {
         self.observations.get(path)
     }
 
+    /// A digest of the coordinator's whole dynamic state (world, plans,
+    /// sagas, projection, leases, fencing tokens, halts, timers, idempotency
+    /// and compounding tables): two coordinators fed the same inputs have the
+    /// same digest. Every table is ordered, so the text hashed is canonical.
+    pub fn state_digest(&self) -> String {
+        let text = format!(
+            "{:?}",
+            (
+                (&self.world, &self.plans, &self.projected, &self.inflight, &self.fencing),
+                (&self.leases, &self.halts, &self.timers, self.timer_seq),
+                (&self.decisions, &self.decision_order, &self.observations),
+                (&self.ended, &self.ended_order, &self.history, &self.breakers),
+                (&self.per_agent, &self.queued, &self.recent),
+            )
+        );
+        blake3::hash(text.as_bytes()).to_hex().to_string()
+    }
+
     /// When the runtime must next call `handle(.., Tick)`.
     pub fn next_timer(&self) -> Option<u64> {
         self.timers.keys().next().map(|(at, _)| *at)
