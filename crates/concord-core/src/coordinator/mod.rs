@@ -527,8 +527,18 @@ pub struct Coordinator {
     per_agent: BTreeMap<String, (usize, usize)>,
     /// Lineages waiting for a conflicting plan to end.
     queued: BTreeSet<Id>,
-    /// Per agent: recently decided plans (time, plan), newest last.
-    recent: BTreeMap<String, VecDeque<(u64, Intent)>>,
+    /// Per agent: recently decided plans (time, lineage, version, paths),
+    /// newest last. The intents themselves are found among live or ended plans.
+    recent: BTreeMap<String, VecDeque<RecentPlan>>,
+}
+
+/// A recently decided plan, for re-plan recognition.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+struct RecentPlan {
+    at_ms: u64,
+    lineage: Id,
+    version: u32,
+    paths: Vec<ResourcePath>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -995,24 +1005,31 @@ impl Coordinator {
     /// re-plan under a new id.
     fn recognised_replan(&self, now: u64, agent: &str, intent: &Intent) -> Option<Intent> {
         let from = now.saturating_sub(self.config.replan_window_ms);
-        self.recent
+        let r = self
+            .recent
             .get(agent)?
             .iter()
             .rev()
-            .take_while(|(at, _)| *at >= from)
-            .find(|(_, earlier)| {
-                earlier.lineage != intent.lineage
-                    && earlier
-                        .steps
-                        .iter()
-                        .any(|a| intent.steps.iter().any(|b| a.path.overlaps(&b.path)))
-            })
-            .map(|(_, earlier)| earlier.clone())
+            .take_while(|r| r.at_ms >= from)
+            .find(|r| {
+                r.lineage != intent.lineage && r.paths.iter().any(|a| intent.steps.iter().any(|b| a.overlaps(&b.path)))
+            })?;
+        self.plans
+            .get(&r.lineage)
+            .map(|p| &p.intent)
+            .or_else(|| self.ended.get(&r.lineage))
+            .filter(|i| i.version == r.version)
+            .cloned()
     }
 
     fn remember_recent(&mut self, now: u64, agent: &str, intent: &Intent) {
         let q = self.recent.entry(agent.to_string()).or_default();
-        q.push_back((now, intent.clone()));
+        q.push_back(RecentPlan {
+            at_ms: now,
+            lineage: intent.lineage.clone(),
+            version: intent.version,
+            paths: intent.steps.iter().map(|s| s.path.clone()).collect(),
+        });
         while q.len() > self.config.recent_plans_per_agent_max {
             q.pop_front();
         }
@@ -1180,7 +1197,7 @@ impl Coordinator {
                     // paths is a new change (its accumulation is the drift rule's job).
                     let (agent, version) = (plan.agent.clone(), plan.intent.version);
                     if let Some(q) = self.recent.get_mut(&agent) {
-                        q.retain(|(_, i)| !(&i.lineage == lineage && i.version == version));
+                        q.retain(|r| !(&r.lineage == lineage && r.version == version));
                     }
                     self.end(now, lineage, fx);
                     return;
