@@ -23,6 +23,7 @@
 
 mod compounding;
 mod leases;
+pub mod record;
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
@@ -43,6 +44,7 @@ use crate::preview::{PreviewInput, preview_on};
 use crate::world::{Base, Overlay, State, World};
 pub use compounding::{Breaker, HISTORY_MAX, HistoryEntry};
 pub use leases::{Lease, LeaseTable};
+pub use record::{Genesis, RECORD_VERSION, Record};
 
 /// The runtime's id for a request awaiting a reply.
 pub type RequestId = u64;
@@ -605,6 +607,22 @@ impl Coordinator {
             queued: BTreeSet::new(),
             recent: BTreeMap::new(),
         }
+    }
+
+    /// The bounds and times in force.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// The policy in force.
+    pub fn policy(&self) -> &Policy {
+        &self.policy
+    }
+
+    /// Replaces the policy (a reload): later decisions use it; plans already
+    /// decided keep their decisions. Log it as a [`Record::Policy`].
+    pub fn set_policy(&mut self, policy: Policy) {
+        self.policy = policy;
     }
 
     /// The tripped circuit breakers.
