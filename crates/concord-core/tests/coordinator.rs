@@ -298,7 +298,7 @@ fn two_agents_racing_for_one_path_exactly_one_is_admitted() {
     assert_eq!(db.verdict, Verdict::Reject);
     assert_eq!(db.conflicts[0].other, "pa");
     assert_eq!(db.conflicts[0].agent, "a");
-    assert!(db.preview.reasons.iter().any(|r| r.rule == "conflict.inflight"));
+    assert!(db.reasons.iter().any(|r| r.rule == "conflict.inflight"));
     // An ancestor path conflicts too.
     let c = h.propose(
         "c",
@@ -345,15 +345,11 @@ fn plans_that_pass_alone_but_not_together_are_caught_on_the_projected_world() {
     assert_eq!(decision(&a).verdict, Verdict::Admit); // 600 + 40 = 640
     let b = h.propose("b", plan("pb", 1, json!([set("s1", "svc/web/pool_size", json!(100))])));
     let d = decision(&b); // 600 + 200 = 800... at the limit: allowed
-    assert_eq!(d.verdict, Verdict::Admit, "{:#?}", d.preview.reasons);
+    assert_eq!(d.verdict, Verdict::Admit, "{:#?}", d.reasons);
     let c = h.propose("c", plan("pc", 1, json!([set("s1", "svc/web/replicas", json!(3))])));
     let d = decision(&c); // 600 + 300 = 900 > 800 only with the in-flight plans
     assert_eq!(d.verdict, Verdict::Reject);
-    assert!(
-        d.preview.reasons.iter().any(|r| r.rule == "coupling.db"),
-        "{:#?}",
-        d.preview.reasons
-    );
+    assert!(d.reasons.iter().any(|r| r.rule == "coupling.db"), "{:#?}", d.reasons);
 }
 
 #[test]
@@ -366,7 +362,7 @@ fn a_plan_admissible_only_if_an_in_flight_saga_finishes_is_rejected() {
     let b = h.propose("b", plan("pb", 1, json!([set("s1", "svc/web/pool_size", json!(350))])));
     let d = decision(&b);
     assert_eq!(d.verdict, Verdict::Reject);
-    let r = d.preview.reasons.iter().find(|r| r.rule == "coupling.db").unwrap();
+    let r = d.reasons.iter().find(|r| r.rule == "coupling.db").unwrap();
     assert!(
         r.message.starts_with("if the in-flight plans compensate"),
         "{}",
@@ -393,9 +389,9 @@ fn approval_binds_the_plan_and_the_material_preview() {
     };
     let (ok, msg) = control_reply(&h.control("op", approve("0000", &d.material_hash)));
     assert!(!ok && msg.contains("plan hash"), "{msg}");
-    let (ok, msg) = control_reply(&h.control("careful", approve(&d.preview.plan.hash, &d.material_hash)));
+    let (ok, msg) = control_reply(&h.control("careful", approve(&d.plan_hash, &d.material_hash)));
     assert!(!ok && msg.contains("own plan"), "{msg}");
-    let fx = h.control("op", approve(&d.preview.plan.hash, &d.material_hash));
+    let fx = h.control("op", approve(&d.plan_hash, &d.material_hash));
     assert!(control_reply(&fx).0, "{:?}", control_reply(&fx));
     assert_eq!(dispatches(&fx)[0].key.lineage.as_str(), "p");
 }
@@ -417,7 +413,7 @@ fn an_approval_of_a_changed_preview_goes_back_to_the_human() {
         Control::Approve {
             lineage: Id::parse("p").unwrap(),
             version: 1,
-            plan_hash: d.preview.plan.hash.clone(),
+            plan_hash: d.plan_hash.clone(),
             material_hash: d.material_hash.clone(),
             reason: short("ok"),
         },
@@ -463,7 +459,7 @@ fn a_new_version_is_refused_while_the_old_one_runs() {
     let fx = h.propose("a", plan("p", 2, json!([set("s1", "svc/api/pool_size", json!(70))])));
     let d = decision(&fx);
     assert_eq!(d.verdict, Verdict::Reject);
-    assert!(d.preview.reasons.iter().any(|r| r.rule == "replan.running"));
+    assert!(d.reasons.iter().any(|r| r.rule == "replan.running"));
 }
 
 #[test]
@@ -494,7 +490,7 @@ fn a_freeze_stops_admission_and_dispatch_and_resume_lifts_it() {
     let fx = h.propose("b", plan("q", 1, json!([set("s1", "svc/web/pool_size", json!(21))])));
     let d = decision(&fx);
     assert_eq!(d.verdict, Verdict::Reject);
-    assert!(d.preview.reasons.iter().any(|r| r.rule == "halt.active"));
+    assert!(d.reasons.iter().any(|r| r.rule == "halt.active"));
     let fx = h.control(
         "op",
         Control::Resume {
@@ -698,9 +694,195 @@ fn a_retried_intent_gets_the_original_decision() {
     );
     let first = h.propose("a", i.clone());
     let again = h.propose("a", i);
-    assert_eq!(decision(&first), decision(&again));
-    assert!(events(&again).is_empty(), "no second decision, no second dispatch");
-    assert!(dispatches(&again).is_empty());
+    let (first, again) = (decision(&first).clone(), decision(&again).clone());
+    assert!(first.preview.is_some() && !first.duplicate);
+    assert!(again.duplicate, "the retry is marked as answered from the table");
+    assert!(again.preview.is_none(), "the table keeps decisions without previews");
+    assert_eq!(
+        concord_proto::coord::Decision {
+            duplicate: false,
+            ..again.clone()
+        },
+        first.compact()
+    );
+    let fx = h.propose(
+        "a",
+        plan_with(
+            "p",
+            1,
+            json!([set("s1", "svc/api/pool_size", json!(60))]),
+            json!({ "idempotency_key": "k1" }),
+        ),
+    );
+    assert!(events(&fx).is_empty(), "no second decision, no second dispatch");
+    assert!(dispatches(&fx).is_empty());
+}
+
+#[test]
+fn the_same_plan_sent_again_without_a_key_is_a_retry() {
+    let mut h = H::new();
+    let i = plan("p", 1, json!([set("s1", "svc/api/pool_size", json!(60))]));
+    let first = h.propose("a", i.clone());
+    let again = h.propose("a", i);
+    assert!(decision(&again).duplicate);
+    assert_eq!(decision(&again).plan_hash, decision(&first).plan_hash);
+    assert!(events(&again).is_empty() && dispatches(&again).is_empty());
+    // Another agent sending the same plan is not a retry of the first.
+    let other = h.propose("b", plan("p", 1, json!([set("s1", "svc/api/pool_size", json!(60))])));
+    assert!(!decision(&other).duplicate);
+    // The same lineage and version with other content is decided (and refused).
+    let changed = h.propose("a", plan("p", 1, json!([set("s1", "svc/api/pool_size", json!(70))])));
+    assert!(!decision(&changed).duplicate);
+    assert_eq!(decision(&changed).verdict, Verdict::Reject);
+}
+
+/// A run with a decision of every kind: admitted, held and approved,
+/// rejected, queued and re-decided, compensated, leases.
+fn eventful_run(h: &mut H) {
+    let fx = h.propose(
+        "a",
+        plan(
+            "p",
+            1,
+            json!([
+                set("s1", "svc/api/pool_size", json!(60)),
+                set("s2", "svc/api/replicas", json!(5))
+            ]),
+        ),
+    );
+    let k1 = dispatches(&fx)[0].key.clone();
+    let held = h.propose(
+        "careful",
+        plan("q", 1, json!([set("s1", "svc/web/pool_size", json!(30))])),
+    );
+    let held = decision(&held).clone();
+    h.propose(
+        "b",
+        plan_with(
+            "r",
+            1,
+            json!([set("s1", "svc/api/pool_size", json!(70))]),
+            json!({ "on_conflict": "queue" }),
+        ),
+    );
+    h.propose("b", plan("big", 1, json!([set("s1", "svc/web/replicas", json!(500))])));
+    h.lease(
+        "x",
+        LeaseRequest::Acquire {
+            path: path("db"),
+            mode: LeaseMode::Shared,
+            ttl_ms: 3_000,
+            wait: false,
+        },
+    );
+    h.control(
+        "op",
+        Control::Approve {
+            lineage: Id::parse("q").unwrap(),
+            version: 1,
+            plan_hash: held.plan_hash.clone(),
+            material_hash: held.material_hash.clone(),
+            reason: Short::parse("ok").unwrap(),
+        },
+    );
+    let k2 = dispatches(&h.outcome(&k1, StepResult::Succeeded))[0].key.clone();
+    h.advance(4_000);
+    h.outcome(
+        &k2,
+        StepResult::Drift {
+            actual: vec![(path("svc/api/replicas"), Some(Value::Int(7)))],
+        },
+    );
+}
+
+fn records(h: &H) -> Vec<(u64, Input, Vec<Event>)> {
+    // Re-run the inputs one by one to pair each with its events, as the log does.
+    let mut c = H::new();
+    h.inputs
+        .iter()
+        .map(|(now, input)| {
+            let ev = c.c.handle(*now, input.clone()).into_iter().filter_map(|e| match e {
+                Effect::Event(e) => Some(e),
+                _ => None,
+            });
+            (*now, input.clone(), ev.collect())
+        })
+        .collect()
+}
+
+#[test]
+fn recovery_applies_the_recorded_decisions_and_rebuilds_the_same_state() {
+    let mut h = H::new();
+    eventful_run(&mut h);
+    let log = records(&h);
+    assert!(
+        log.iter()
+            .any(|(_, _, ev)| ev.iter().any(|e| matches!(e, Event::Approved { .. })))
+    );
+    let mut rebuilt = H::new();
+    for (now, input, events) in &log {
+        let fx = rebuilt.c.recover_input(*now, input.clone(), events);
+        assert_eq!(concord_core::coordinator::first_divergence(events, &fx), None);
+    }
+    assert_eq!(rebuilt.c.state_digest(), h.c.state_digest(), "recovered state differs");
+}
+
+#[test]
+fn recovery_never_re_decides_even_under_another_policy() {
+    let mut h = H::new();
+    eventful_run(&mut h);
+    let log = records(&h);
+    // A newer policy would reject everything; recovery keeps what was decided.
+    let strict = "[defaults]\nautonomy = \"observe\"\n";
+    let mut rebuilt = H::with(WORLD, strict);
+    for (now, input, events) in &log {
+        let fx = rebuilt.c.recover_input(*now, input.clone(), events);
+        let decided: Vec<_> = events.iter().filter(|e| matches!(e, Event::Decided { .. })).collect();
+        let produced: Vec<_> = fx
+            .iter()
+            .filter_map(|e| match e {
+                Effect::Event(e @ Event::Decided { .. }) => Some(e),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(decided, produced);
+    }
+    // Re-deciding (replay) under the strict policy differs at the first intent.
+    let mut replay = H::with(WORLD, strict);
+    let (now, input, events) = &log[0];
+    let fx = replay.c.handle(*now, input.clone());
+    assert!(concord_core::coordinator::first_divergence(events, &fx).is_some());
+}
+
+#[test]
+fn a_snapshot_restores_the_whole_state() {
+    let mut h = H::new();
+    eventful_run(&mut h);
+    let bytes = h.c.snapshot().unwrap();
+    let mut restored = Coordinator::restore(&bytes).unwrap();
+    assert_eq!(restored.state_digest(), h.c.state_digest());
+    // And it goes on exactly as the original does.
+    let later = h.now + 1_000;
+    let input = Input::Intent {
+        request: 99,
+        agent: "z".into(),
+        intent: plan("late", 1, json!([set("s1", "svc/web/pool_size", json!(25))])),
+    };
+    let a = h.c.handle(later, input.clone());
+    let b = restored.handle(later, input);
+    assert_eq!(serde_json::to_string(&a).unwrap(), serde_json::to_string(&b).unwrap());
+    assert_eq!(restored.state_digest(), h.c.state_digest());
+}
+
+#[test]
+fn outstanding_dispatches_are_sent_again_as_they_were() {
+    let mut h = H::new();
+    let fx = h.propose("a", plan("p", 1, json!([set("s1", "svc/api/pool_size", json!(60))])));
+    let sent = dispatches(&fx)[0].clone();
+    let restored = Coordinator::restore(&h.c.snapshot().unwrap()).unwrap();
+    assert_eq!(restored.outstanding_dispatches(), vec![sent.clone()]);
+    h.outcome(&sent.key, StepResult::Succeeded);
+    assert!(h.c.outstanding_dispatches().is_empty());
 }
 
 #[test]
@@ -803,7 +985,7 @@ fn salami_slicing_is_caught_at_the_step_that_crosses_the_window_limit() {
             "tuner",
             plan(&format!("c{i}"), 1, json!([set("s1", "q/orders/consumers", json!(v))])),
         );
-        assert_eq!(d.verdict, Verdict::Admit, "{v}: {:#?}", d.preview.reasons);
+        assert_eq!(d.verdict, Verdict::Admit, "{v}: {:#?}", d.reasons);
         h.now += 3_600_000;
     }
     let d = run_to_end(
@@ -812,7 +994,14 @@ fn salami_slicing_is_caught_at_the_step_that_crosses_the_window_limit() {
         plan("c3", 1, json!([set("s1", "q/orders/consumers", json!(22))])),
     );
     assert_eq!(d.verdict, Verdict::Reject);
-    let r = d.preview.invariants.iter().find(|r| r.id == "drift.pool").unwrap();
+    let r = d
+        .preview
+        .as_ref()
+        .unwrap()
+        .invariants
+        .iter()
+        .find(|r| r.id == "drift.pool")
+        .unwrap();
     assert_eq!(r.figures["window_start"], Value::Float(10.0));
     assert_eq!(
         r.figures["earlier_plans"],
@@ -825,7 +1014,7 @@ fn salami_slicing_is_caught_at_the_step_that_crosses_the_window_limit() {
         "tuner",
         plan("c4", 1, json!([set("s1", "q/orders/consumers", json!(22))])),
     );
-    assert_eq!(d.verdict, Verdict::Admit, "{:#?}", d.preview.reasons);
+    assert_eq!(d.verdict, Verdict::Admit, "{:#?}", d.reasons);
 }
 
 #[test]
@@ -864,6 +1053,8 @@ depends_on = ["broker/main"]
     assert_eq!(d.verdict, Verdict::NeedsApproval);
     let r = d
         .preview
+        .as_ref()
+        .unwrap()
         .invariants
         .iter()
         .find(|r| r.id == "compounding.masking")
@@ -902,11 +1093,7 @@ fn a_remediation_loop_trips_a_breaker_until_an_operator_resumes() {
     h.now += 7_200_000;
     let fx = h.propose("uptime", plan("r4", 1, json!([restart("r", "svc/web")])));
     let d = decision(&fx);
-    assert!(
-        d.preview.reasons.iter().any(|r| r.rule == "breaker.open"),
-        "{:#?}",
-        d.preview.reasons
-    );
+    assert!(d.reasons.iter().any(|r| r.rule == "breaker.open"), "{:#?}", d.reasons);
     // Other agents and other paths are not affected.
     let fx = h.propose("uptime", plan("r5", 1, json!([restart("r", "svc/api")])));
     assert_eq!(decision(&fx).verdict, Verdict::Admit);
@@ -937,24 +1124,30 @@ fn a_replan_under_a_new_lineage_id_is_still_diffed() {
         plan("second", 1, json!([set("s1", "svc/api/pool_size", json!(90))])),
     );
     let d = decision(&fx);
-    let diff = d.preview.plan_diff.as_ref().expect("recognised as a re-plan");
+    let diff = d
+        .preview
+        .as_ref()
+        .unwrap()
+        .plan_diff
+        .as_ref()
+        .expect("recognised as a re-plan");
     assert_eq!(diff.previous_lineage.as_str(), "first");
     assert_eq!(d.verdict, Verdict::NeedsApproval);
-    assert!(d.preview.reasons.iter().any(|r| r.rule == "replan.scope_expansion"));
+    assert!(d.reasons.iter().any(|r| r.rule == "replan.scope_expansion"));
     // Another agent on the same path is not a re-plan of `first`.
     h.now += 1;
     let fx = h.propose(
         "b",
         plan("third", 1, json!([set("s1", "svc/web/pool_size", json!(21))])),
     );
-    assert!(decision(&fx).preview.plan_diff.is_none());
+    assert!(decision(&fx).preview.as_ref().unwrap().plan_diff.is_none());
     // Nor is the same agent much later.
     h.now += Config::default().replan_window_ms + 1;
     let fx = h.propose(
         "a",
         plan("fourth", 1, json!([set("s1", "svc/api/pool_size", json!(55))])),
     );
-    assert!(decision(&fx).preview.plan_diff.is_none());
+    assert!(decision(&fx).preview.as_ref().unwrap().plan_diff.is_none());
 }
 
 #[test]
@@ -969,7 +1162,7 @@ fn a_policy_can_require_two_approvers() {
     let approve = || Control::Approve {
         lineage: Id::parse("p").unwrap(),
         version: 1,
-        plan_hash: d.preview.plan.hash.clone(),
+        plan_hash: d.plan_hash.clone(),
         material_hash: d.material_hash.clone(),
         reason: short("ok"),
     };

@@ -149,7 +149,6 @@ fn run(file: &Path) -> Result<(), String> {
                 "reasons" => json!(
                     decision
                         .ok_or(format!("{at}: no decision"))?
-                        .preview
                         .reasons
                         .iter()
                         .map(|r| &r.rule)

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::intent::{Op, StepKind};
 use crate::path::{Id, ResourcePath, Short};
-use crate::preview::{Preview, Verdict};
+use crate::preview::{Preview, Reason, Verdict};
 use crate::value::Value;
 
 /// Exclusive or shared.
@@ -294,14 +294,34 @@ pub enum SagaAction {
 pub struct Decision {
     /// The verdict.
     pub verdict: Verdict,
+    /// The failing rules behind the verdict, most severe first (as in the preview).
+    pub reasons: Vec<Reason>,
     /// Conflicts with other agents' in-flight plans.
     pub conflicts: Vec<Conflict>,
+    /// The plan's content hash (what an approval binds).
+    pub plan_hash: String,
     /// The hash of the material preview (what an approval binds besides the plan hash).
     pub material_hash: String,
     /// `queued` when the plan asked to wait for a conflicting plan to end.
     pub queued: bool,
-    /// The full preview.
-    pub preview: Preview,
+    /// True when this answers a retry with the original decision (same
+    /// idempotency key, or the same plan again): nothing was decided anew.
+    #[serde(default)]
+    pub duplicate: bool,
+    /// The full preview. Only the first answer carries it: a retry's answer
+    /// and a decision restored from the log do not (`concord show` recomputes one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preview: Option<Box<Preview>>,
+}
+
+impl Decision {
+    /// The decision without its preview: what the idempotency table keeps.
+    pub fn compact(&self) -> Decision {
+        Decision {
+            preview: None,
+            ..self.clone()
+        }
+    }
 }
 
 /// A conflict with another agent's in-flight plan or lease.

@@ -211,8 +211,8 @@ pub enum Event {
         hash: String,
         /// Verdict.
         verdict: Verdict,
-        /// Failing rule ids.
-        reasons: Vec<String>,
+        /// The failing rules, most severe first.
+        reasons: Vec<Reason>,
         /// Conflicts.
         conflicts: Vec<Conflict>,
         /// Material preview hash.
@@ -221,6 +221,8 @@ pub enum Event {
         queued: bool,
         /// Policy hash.
         policy_hash: String,
+        /// The core version that decided.
+        core_version: String,
     },
     /// An earlier version waiting for approval was replaced by a newer one.
     Withdrawn {
@@ -427,6 +429,8 @@ struct Outstanding {
     key: DispatchKey,
     index: usize,
     deadline_ms: u64,
+    /// The fencing token it carries.
+    token: u64,
     /// Paths the dispatch changes, with their expected after-values.
     changes: Vec<PathChange>,
 }
@@ -449,6 +453,7 @@ struct Saga {
     /// Steps applied (or possibly applied), in order.
     completed: Vec<usize>,
     outstanding: Option<Outstanding>,
+    #[serde(with = "pairs")]
     attempts: BTreeMap<(usize, bool), u32>,
 }
 
@@ -496,9 +501,13 @@ pub struct ObservationRecord {
 }
 
 /// The coordinator.
-#[derive(Debug)]
+///
+/// It serializes whole (serde): that is its snapshot. The policy is stored
+/// as its configuration and compiled again on load.
+#[derive(Debug, Serialize, Deserialize)]
 pub struct Coordinator {
     config: Config,
+    #[serde(with = "policy_serde")]
     policy: Policy,
     world: World,
     /// Live plans by lineage (pending, queued or running).
@@ -512,9 +521,11 @@ pub struct Coordinator {
     leases: LeaseTable,
     halts: Vec<Halt>,
     /// (due time, sequence) -> timer.
+    #[serde(with = "pairs")]
     timers: BTreeMap<(u64, u64), Timer>,
     timer_seq: u64,
     /// (agent, idempotency key) -> the decision given.
+    #[serde(with = "pairs")]
     decisions: BTreeMap<(String, String), Decision>,
     decision_order: VecDeque<(String, String)>,
     observations: BTreeMap<ResourcePath, ObservationRecord>,
@@ -532,6 +543,10 @@ pub struct Coordinator {
     /// Per agent: recently decided plans (time, lineage, version, paths),
     /// newest last. The intents themselves are found among live or ended plans.
     recent: BTreeMap<String, VecDeque<RecentPlan>>,
+    /// While recovering: the recorded decisions of the input being re-fed,
+    /// in order. Not state: empty outside [`Coordinator::recover_input`].
+    #[serde(skip)]
+    recorded: Option<VecDeque<Event>>,
 }
 
 /// A recently decided plan, for re-plan recognition.
@@ -557,6 +572,32 @@ fn covers(scope: &HaltScope, agent: &str, touched: &BTreeSet<ResourcePath>) -> b
         HaltScope::Agent(a) => a == agent,
         HaltScope::Path(p) => touched.iter().any(|t| t.overlaps(p)),
     }
+}
+
+/// The key under which a decision is remembered: the request's idempotency
+/// key, or else the plan itself (lineage, version and content hash), so the
+/// same plan sent again is a retry, not a second proposal.
+fn dedupe_key(intent: &Intent, hash: &str) -> String {
+    match &intent.idempotency_key {
+        Some(k) => format!("key:{k}"),
+        None => format!("plan:{}/{}/{hash}", intent.lineage, intent.version),
+    }
+}
+
+/// What policy decided about a plan (computed, or taken from the log while recovering).
+struct Evaluation {
+    verdict: Verdict,
+    reasons: Vec<Reason>,
+    conflicts: Vec<Conflict>,
+    plan_hash: String,
+    material_hash: String,
+    queued: bool,
+    policy_hash: String,
+    core_version: String,
+    /// A breaker the plan trips.
+    trip: Option<Breaker>,
+    /// The full preview (absent when taken from the log).
+    preview: Option<Box<Preview>>,
 }
 
 fn reason(rule: &str, message: String) -> Reason {
@@ -606,6 +647,7 @@ impl Coordinator {
             per_agent: BTreeMap::new(),
             queued: BTreeSet::new(),
             recent: BTreeMap::new(),
+            recorded: None,
         }
     }
 
@@ -732,6 +774,115 @@ impl Coordinator {
         self.timers.keys().next().map(|(at, _)| *at)
     }
 
+    /// Re-feeds one logged input while recovering: like [`Coordinator::handle`],
+    /// but every decision policy would make (a plan's verdict, reasons,
+    /// conflicts, findings and breaker trips, also at approval and when a
+    /// queued plan is re-decided) is taken from the recorded events instead
+    /// of being computed again. A newer binary or policy never re-decides
+    /// what already ran. The effects are returned so the caller can compare
+    /// them with the record ([`first_divergence`]); none are to be performed.
+    pub fn recover_input(&mut self, now_ms: u64, input: Input, events: &[Event]) -> Vec<Effect> {
+        self.recorded = Some(
+            events
+                .iter()
+                .filter(|e| matches!(e, Event::Decided { .. } | Event::BreakerTripped { .. }))
+                .cloned()
+                .collect(),
+        );
+        let fx = self.handle(now_ms, input);
+        self.recorded = None;
+        fx
+    }
+
+    /// The recorded evaluation of `(lineage, version)`, while recovering.
+    fn take_recorded_decision(&mut self, lineage: &Id, version: u32) -> Option<Evaluation> {
+        let queue = self.recorded.as_mut()?;
+        let mut trip = None;
+        while let Some(e) = queue.pop_front() {
+            match e {
+                Event::BreakerTripped { breaker } => trip = Some(breaker),
+                Event::Decided {
+                    lineage: l,
+                    version: v,
+                    hash,
+                    verdict,
+                    reasons,
+                    conflicts,
+                    material_hash,
+                    queued,
+                    policy_hash,
+                    core_version,
+                    ..
+                } if &l == lineage && v == version => {
+                    return Some(Evaluation {
+                        verdict,
+                        reasons,
+                        conflicts,
+                        plan_hash: hash,
+                        material_hash,
+                        queued,
+                        policy_hash,
+                        core_version,
+                        trip,
+                        preview: None,
+                    });
+                }
+                _ => trip = None,
+            }
+        }
+        None
+    }
+
+    /// The dispatches sent and not yet answered, as they were sent (same
+    /// idempotency key, fencing token and expected before-values): after a
+    /// restart the runtime sends them again, and executors dedupe on the key.
+    pub fn outstanding_dispatches(&self) -> Vec<StepDispatch> {
+        let mut out = Vec::new();
+        for plan in self.plans.values() {
+            let Status::Running(saga) = &plan.status else { continue };
+            let Some(o) = &saga.outstanding else { continue };
+            let step = &plan.intent.steps[o.index];
+            let spec = match o.key.phase {
+                Phase::Do => Some(StepSpec {
+                    path: step.path.clone(),
+                    op: step.op.clone(),
+                }),
+                Phase::Undo => self.compensation_spec(plan, o.index),
+            };
+            let Some(spec) = spec else { continue };
+            out.push(StepDispatch {
+                key: o.key.clone(),
+                path: spec.path.clone(),
+                kind: spec.op.kind(),
+                args: spec.op.args_json(),
+                fencing_token: o.token,
+                expected_before: o.changes.iter().map(|c| (c.path.clone(), c.before.clone())).collect(),
+                timeout_ms: step.timeout_ms.unwrap_or(self.config.step_timeout_ms),
+            });
+        }
+        out
+    }
+
+    /// The step that compensates step `index` of `plan`, if any.
+    fn compensation_spec(&self, plan: &Plan, index: usize) -> Option<StepSpec> {
+        let step = &plan.intent.steps[index];
+        match &step.compensation {
+            Compensation::Restore => inverse(&step.path, &step.op, &plan.step_changes[index]),
+            Compensation::Undo(u) => Some(u.clone()),
+            Compensation::Irreversible { .. } => None,
+        }
+    }
+
+    /// The coordinator's whole state as JSON: its snapshot.
+    pub fn snapshot(&self) -> Result<Vec<u8>, serde_json::Error> {
+        serde_json::to_vec(self)
+    }
+
+    /// A coordinator restored from [`Coordinator::snapshot`] bytes.
+    pub fn restore(bytes: &[u8]) -> Result<Coordinator, serde_json::Error> {
+        serde_json::from_slice(bytes)
+    }
+
     /// Handles one input at coordinator time `now_ms` and returns what to do.
     pub fn handle(&mut self, now_ms: u64, input: Input) -> Vec<Effect> {
         let mut fx = Vec::new();
@@ -762,13 +913,14 @@ impl Coordinator {
     // ---- intents ---------------------------------------------------------
 
     fn on_intent(&mut self, now: u64, request: RequestId, agent: &str, intent: Intent, fx: &mut Vec<Effect>) {
-        if let Some(key) = &intent.idempotency_key
-            && let Some(d) = self.decisions.get(&(agent.to_string(), key.to_string()))
-        {
+        let hash = intent.content_hash();
+        if let Some(d) = self.decisions.get(&(agent.to_string(), dedupe_key(&intent, &hash))) {
             // A retry after a timeout or reconnect gets the original decision.
+            let mut d = d.clone();
+            d.duplicate = true;
             fx.push(Effect::Reply {
                 request,
-                reply: Reply::Decision(Box::new(d.clone())),
+                reply: Reply::Decision(Box::new(d)),
             });
             return;
         }
@@ -790,6 +942,11 @@ impl Coordinator {
 
     /// Decides a plan; returns the decision to reply with (None when the
     /// plan was queued and will be answered later).
+    ///
+    /// Two halves: the *evaluation* (previews, compounding, conflicts: what
+    /// policy decides) and the *commitment* (state changes that follow from
+    /// the verdict). While recovering, the evaluation is taken from the
+    /// recorded `decided` event instead: recovery never re-decides.
     fn decide(
         &mut self,
         now: u64,
@@ -800,111 +957,22 @@ impl Coordinator {
         fx: &mut Vec<Effect>,
     ) -> Option<Decision> {
         let lineage = intent.lineage.clone();
-        let mut extra: Vec<Reason> = Vec::new();
-
-        // Versions: a newer version withdraws a pending one and is refused while one runs.
-        let mut withdraw = None;
-        if let Some(existing) = self.plans.get(&lineage) {
-            let v = existing.intent.version;
-            match &existing.status {
-                _ if intent.version <= v => extra.push(reason(
-                    "replan.version",
-                    format!(
-                        "version {} is not newer than version {v} of this lineage",
-                        intent.version
-                    ),
-                )),
-                Status::Running(_) => extra.push(reason(
-                    "replan.running",
-                    format!("version {v} of this lineage is running; cancel it or wait for it to end"),
-                )),
-                Status::Pending { .. } | Status::Queued => withdraw = Some(v),
+        // Versions: a newer version withdraws a pending one (it is refused while one runs).
+        let withdraw = self.plans.get(&lineage).and_then(|existing| match existing.status {
+            Status::Pending { .. } | Status::Queued if intent.version > existing.intent.version => {
+                Some(existing.intent.version)
             }
-        }
-        // Per-agent and global bounds.
-        let (pending, running) = self.per_agent.get(agent).copied().unwrap_or((0, 0));
-        if self.plans.len() >= self.config.plans_max {
-            extra.push(reason(
-                "limit.plans",
-                format!("{} plans are live; at most {}", self.plans.len(), self.config.plans_max),
-            ));
-        }
-        if pending >= self.config.pending_per_agent_max {
-            extra.push(reason(
-                "limit.pending",
-                format!(
-                    "agent `{agent}` has {pending} plans waiting; at most {}",
-                    self.config.pending_per_agent_max
-                ),
-            ));
-        }
-        if running >= self.config.running_per_agent_max {
-            extra.push(reason(
-                "limit.running",
-                format!(
-                    "agent `{agent}` has {running} plans running; at most {}",
-                    self.config.running_per_agent_max
-                ),
-            ));
-        }
-
-        // Previews: on the projected world, and, with plans in flight, on the world as it is.
-        let input = PreviewInput {
-            world: &self.world,
-            intent: &intent,
-            agent,
-            policy: &self.policy,
-            previous: previous.as_ref(),
-        };
-        let mut preview = preview_on(input, Base::projected(&self.world, &self.projected));
-        if !self.projected.is_empty() {
-            let current = preview_on(input, Base::current(&self.world));
-            for r in current.reasons {
-                if !preview.reasons.iter().any(|p| p.rule == r.rule) {
-                    extra.push(Reason {
-                        message: format!("if the in-flight plans compensate: {}", r.message),
-                        ..r
-                    });
-                }
-            }
-        }
+            _ => None,
+        });
+        let recorded = self.take_recorded_decision(&lineage, intent.version);
         let run = crate::preview::Run::simulate(Base::projected(&self.world, &self.projected), &intent);
         let mut touched: BTreeSet<ResourcePath> = run.touched.clone();
         touched.extend(intent.steps.iter().map(|s| s.path.clone()));
-
-        // Halts stop admission in their scope.
-        if let Some(h) = self.halts.iter().find(|h| covers(&h.scope, agent, &touched)) {
-            extra.push(reason(
-                "halt.active",
-                format!("a {:?} halt by {} covers this plan: {}", h.grade, h.operator, h.reason).to_lowercase(),
-            ));
-        }
-        // Breakers: an agent that looped on a path may not act there until resumed.
-        if let Some(b) = self
-            .breakers
-            .iter()
-            .find(|b| b.agent == agent && touched.iter().any(|t| t.overlaps(&b.path)))
-        {
-            extra.push(reason(
-                "breaker.open",
-                format!(
-                    "agent `{agent}`'s breaker on `{}` tripped (repeated `{}`); an operator must resume it",
-                    b.path, b.kind
-                ),
-            ));
-        }
-        let (findings, trip) = self.compounding(now, agent, &intent, &run);
-        for f in findings {
-            if f.status == concord_proto::preview::RuleStatus::Fail {
-                extra.push(Reason {
-                    rule: f.id.clone(),
-                    outcome: f.outcome,
-                    message: f.message.clone(),
-                });
-            }
-            preview.invariants.push(f);
-        }
-        if let Some(b) = trip {
+        let eval = match recorded {
+            Some(e) => e,
+            None => self.evaluate(now, agent, &intent, previous.as_ref(), &run, &touched),
+        };
+        if let Some(b) = &eval.trip {
             fx.push(Effect::Event(Event::BreakerTripped { breaker: b.clone() }));
             fx.push(Effect::Alert {
                 message: format!(
@@ -912,45 +980,22 @@ impl Coordinator {
                     b.agent, b.kind, b.path
                 ),
             });
-            self.breakers.push(b);
+            self.breakers.push(b.clone());
         }
-        let conflicts = self.conflicts(&lineage, agent, &intent, &touched);
-        let queued = !conflicts.is_empty()
-            && intent.on_conflict == OnConflict::Queue
-            && extra.is_empty()
-            && preview.verdict != Verdict::Reject;
-        if !conflicts.is_empty() && !queued {
-            let c = &conflicts[0];
-            extra.push(reason(
-                "conflict.inflight",
-                format!(
-                    "conflicts with {} v{} of agent `{}` on `{}` ({})",
-                    c.other, c.version, c.agent, c.path, c.kind
-                ),
-            ));
-        }
-        for r in extra {
-            preview.verdict = preview.verdict.max(r.outcome);
-            preview.reasons.push(r);
-        }
-        preview
-            .reasons
-            .sort_by(|a, b| b.outcome.cmp(&a.outcome).then_with(|| a.rule.cmp(&b.rule)));
-        let material = material_hash(&preview, &conflicts);
-        let hash = preview.plan.hash.clone();
         fx.push(Effect::Event(Event::Decided {
             agent: agent.to_string(),
             lineage: lineage.clone(),
             version: intent.version,
-            hash: hash.clone(),
-            verdict: preview.verdict,
-            reasons: preview.reasons.iter().map(|r| r.rule.clone()).collect(),
-            conflicts: conflicts.clone(),
-            material_hash: material.clone(),
-            queued,
-            policy_hash: self.policy.hash.clone(),
+            hash: eval.plan_hash.clone(),
+            verdict: eval.verdict,
+            reasons: eval.reasons.clone(),
+            conflicts: eval.conflicts.clone(),
+            material_hash: eval.material_hash.clone(),
+            queued: eval.queued,
+            policy_hash: eval.policy_hash.clone(),
+            core_version: eval.core_version.clone(),
         }));
-        let verdict = preview.verdict;
+        let (verdict, queued) = (eval.verdict, eval.queued);
         // The simulated run borrows the world; keep what the plan needs and let it go.
         let (final_changes, step_changes) = (run.final_changes.clone(), run.step_changes.clone());
         drop(run);
@@ -965,8 +1010,8 @@ impl Coordinator {
             }
             let plan = Plan {
                 agent: agent.to_string(),
-                hash,
-                material_hash: material.clone(),
+                hash: eval.plan_hash.clone(),
+                material_hash: eval.material_hash.clone(),
                 step_changes,
                 effects: final_changes,
                 touched,
@@ -1006,15 +1051,164 @@ impl Coordinator {
         }
         let decision = Decision {
             verdict,
-            conflicts,
-            material_hash: material,
+            reasons: eval.reasons,
+            conflicts: eval.conflicts,
+            plan_hash: eval.plan_hash,
+            material_hash: eval.material_hash,
             queued,
-            preview,
+            duplicate: false,
+            preview: eval.preview,
         };
-        if let Some(key) = &intent.idempotency_key {
-            self.remember(agent, key.as_str(), &decision);
-        }
+        self.remember(agent, &dedupe_key(&intent, &decision.plan_hash), &decision);
         if queued { None } else { Some(decision) }
+    }
+
+    /// What policy decides about a plan: previews on the projected world
+    /// (and on the world as it is, with plans in flight), bounds, halts,
+    /// breakers, compounding findings and conflicts. Changes no state.
+    fn evaluate(
+        &self,
+        now: u64,
+        agent: &str,
+        intent: &Intent,
+        previous: Option<&Intent>,
+        run: &crate::preview::Run<'_>,
+        touched: &BTreeSet<ResourcePath>,
+    ) -> Evaluation {
+        let lineage = &intent.lineage;
+        let mut extra: Vec<Reason> = Vec::new();
+        if let Some(existing) = self.plans.get(lineage) {
+            let v = existing.intent.version;
+            match &existing.status {
+                _ if intent.version <= v => extra.push(reason(
+                    "replan.version",
+                    format!(
+                        "version {} is not newer than version {v} of this lineage",
+                        intent.version
+                    ),
+                )),
+                Status::Running(_) => extra.push(reason(
+                    "replan.running",
+                    format!("version {v} of this lineage is running; cancel it or wait for it to end"),
+                )),
+                Status::Pending { .. } | Status::Queued => {}
+            }
+        }
+        // Per-agent and global bounds.
+        let (pending, running) = self.per_agent.get(agent).copied().unwrap_or((0, 0));
+        if self.plans.len() >= self.config.plans_max {
+            extra.push(reason(
+                "limit.plans",
+                format!("{} plans are live; at most {}", self.plans.len(), self.config.plans_max),
+            ));
+        }
+        if pending >= self.config.pending_per_agent_max {
+            extra.push(reason(
+                "limit.pending",
+                format!(
+                    "agent `{agent}` has {pending} plans waiting; at most {}",
+                    self.config.pending_per_agent_max
+                ),
+            ));
+        }
+        if running >= self.config.running_per_agent_max {
+            extra.push(reason(
+                "limit.running",
+                format!(
+                    "agent `{agent}` has {running} plans running; at most {}",
+                    self.config.running_per_agent_max
+                ),
+            ));
+        }
+
+        // Previews: on the projected world, and, with plans in flight, on the world as it is.
+        let input = PreviewInput {
+            world: &self.world,
+            intent,
+            agent,
+            policy: &self.policy,
+            previous,
+        };
+        let mut preview = preview_on(input, Base::projected(&self.world, &self.projected));
+        if !self.projected.is_empty() {
+            let current = preview_on(input, Base::current(&self.world));
+            for r in current.reasons {
+                if !preview.reasons.iter().any(|p| p.rule == r.rule) {
+                    extra.push(Reason {
+                        message: format!("if the in-flight plans compensate: {}", r.message),
+                        ..r
+                    });
+                }
+            }
+        }
+
+        // Halts stop admission in their scope.
+        if let Some(h) = self.halts.iter().find(|h| covers(&h.scope, agent, touched)) {
+            extra.push(reason(
+                "halt.active",
+                format!("a {:?} halt by {} covers this plan: {}", h.grade, h.operator, h.reason).to_lowercase(),
+            ));
+        }
+        // Breakers: an agent that looped on a path may not act there until resumed.
+        if let Some(b) = self
+            .breakers
+            .iter()
+            .find(|b| b.agent == agent && touched.iter().any(|t| t.overlaps(&b.path)))
+        {
+            extra.push(reason(
+                "breaker.open",
+                format!(
+                    "agent `{agent}`'s breaker on `{}` tripped (repeated `{}`); an operator must resume it",
+                    b.path, b.kind
+                ),
+            ));
+        }
+        let (findings, trip) = self.compounding(now, agent, intent, run);
+        for f in findings {
+            if f.status == concord_proto::preview::RuleStatus::Fail {
+                extra.push(Reason {
+                    rule: f.id.clone(),
+                    outcome: f.outcome,
+                    message: f.message.clone(),
+                });
+            }
+            preview.invariants.push(f);
+        }
+        let conflicts = self.conflicts(lineage, agent, intent, touched);
+        let queued = !conflicts.is_empty()
+            && intent.on_conflict == OnConflict::Queue
+            && extra.is_empty()
+            && preview.verdict != Verdict::Reject;
+        if !conflicts.is_empty() && !queued {
+            let c = &conflicts[0];
+            extra.push(reason(
+                "conflict.inflight",
+                format!(
+                    "conflicts with {} v{} of agent `{}` on `{}` ({})",
+                    c.other, c.version, c.agent, c.path, c.kind
+                ),
+            ));
+        }
+        for r in extra {
+            preview.verdict = preview.verdict.max(r.outcome);
+            preview.reasons.push(r);
+        }
+        preview
+            .reasons
+            .sort_by(|a, b| b.outcome.cmp(&a.outcome).then_with(|| a.rule.cmp(&b.rule)));
+        let material_hash = material_hash(&preview, &conflicts);
+        Evaluation {
+            verdict: preview.verdict,
+            reasons: preview.reasons.clone(),
+            plan_hash: preview.plan.hash.clone(),
+            policy_hash: preview.policy_hash.clone(),
+            core_version: preview.core_version.clone(),
+            conflicts,
+            material_hash,
+            queued,
+            trip,
+            preview: Some(Box::new(preview)),
+        }
     }
 
     /// The agent's most recent plan of another lineage, within the re-plan
@@ -1067,9 +1261,11 @@ impl Coordinator {
         }
     }
 
+    /// Remembers a decision under its dedupe key, without its preview (the
+    /// table is bounded by count, and previews are the bulk of a decision).
     fn remember(&mut self, agent: &str, key: &str, d: &Decision) {
         let k = (agent.to_string(), key.to_string());
-        if self.decisions.insert(k.clone(), d.clone()).is_none() {
+        if self.decisions.insert(k.clone(), d.compact()).is_none() {
             self.decision_order.push_back(k);
         }
         while self.decision_order.len() > self.config.idempotency_keys_max {
@@ -1245,12 +1441,7 @@ impl Coordinator {
                     return;
                 }
                 let step = &plan.intent.steps[index];
-                let spec = match &step.compensation {
-                    Compensation::Restore => inverse(&step.path, &step.op, &plan.step_changes[index]),
-                    Compensation::Undo(u) => Some(u.clone()),
-                    Compensation::Irreversible { .. } => None,
-                };
-                let Some(spec) = spec else {
+                let Some(spec) = self.compensation_spec(plan, index) else {
                     // Nothing to undo (irreversible, or the step changed nothing).
                     if let Some(Plan {
                         status: Status::Running(s),
@@ -1307,6 +1498,7 @@ impl Coordinator {
             key: key.clone(),
             index,
             deadline_ms,
+            token,
             changes: changes.clone(),
         });
         fx.push(Effect::Event(Event::Dispatched {
@@ -2004,14 +2196,23 @@ impl Coordinator {
         let old_material = p.material_hash.clone();
         // Re-preview now: the world or the plans in flight may have moved.
         self.remove_plan(lineage);
-        let mut scratch = Vec::new();
-        let Some(d) = self.decide(now, &agent, intent.clone(), None, previous, &mut scratch) else {
-            return (false, "the plan now conflicts and was queued".into());
+        // The re-decision is logged like any other: its `decided` event
+        // shows what the approval was checked against.
+        let Some(d) = self.decide(now, &agent, intent.clone(), None, previous, fx) else {
+            return (
+                false,
+                "the plan now conflicts with an in-flight plan and was queued".into(),
+            );
         };
-        let verdict_ok = d.verdict == Verdict::NeedsApproval;
-        if d.material_hash != material || d.material_hash != old_material || !verdict_ok {
+        if d.verdict == Verdict::Admit {
+            // Nothing in the new preview needs a human any more: `decide` admitted it.
+            return (
+                true,
+                format!("{lineage} v{version}: re-previewed at approval, it no longer needs a human and was admitted"),
+            );
+        }
+        if d.material_hash != material || d.material_hash != old_material || d.verdict != Verdict::NeedsApproval {
             // `decide` put the plan back as pending (or rejected it); the human sees the new preview.
-            fx.extend(scratch);
             fx.push(Effect::Event(Event::ApprovalStale {
                 lineage: lineage.clone(),
                 version,
@@ -2155,4 +2356,73 @@ fn inverse(path: &ResourcePath, op: &Op, changes: &[PathChange]) -> Option<StepS
         Op::Restart(_) | Op::Delete(_) | Op::Exec(_) => return None,
     };
     Some(StepSpec { path: path.clone(), op })
+}
+
+/// The policy travels as its configuration and is compiled again on load.
+mod policy_serde {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    use crate::policy::{Policy, PolicyConfig};
+
+    pub fn serialize<S: Serializer>(p: &Policy, s: S) -> Result<S::Ok, S::Error> {
+        p.config.serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Policy, D::Error> {
+        let config = PolicyConfig::deserialize(d)?;
+        Policy::compile(config).map_err(serde::de::Error::custom)
+    }
+}
+
+/// Where re-fed effects first differ from the recorded events: the index in
+/// the recorded list, what was recorded and what came out (`None`: missing).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Divergence {
+    /// Position in the recorded events.
+    pub index: usize,
+    /// The recorded event.
+    pub recorded: Option<Event>,
+    /// The event produced now.
+    pub produced: Option<Event>,
+}
+
+/// Compares the events among `effects` with `recorded`, in order.
+pub fn first_divergence(recorded: &[Event], effects: &[Effect]) -> Option<Divergence> {
+    let produced: Vec<&Event> = effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::Event(ev) => Some(ev),
+            _ => None,
+        })
+        .collect();
+    let n = recorded.len().max(produced.len());
+    (0..n).find_map(|i| {
+        let (r, p) = (recorded.get(i), produced.get(i).copied());
+        (r != p).then(|| Divergence {
+            index: i,
+            recorded: r.cloned(),
+            produced: p.cloned(),
+        })
+    })
+}
+
+/// Maps whose keys are not strings travel as lists of pairs (JSON object
+/// keys are strings). Small enough not to need a helper crate.
+mod pairs {
+    use std::collections::BTreeMap;
+
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub fn serialize<K: Serialize, V: Serialize, S: Serializer>(m: &BTreeMap<K, V>, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(m.iter())
+    }
+
+    pub fn deserialize<'de, K, V, D>(d: D) -> Result<BTreeMap<K, V>, D::Error>
+    where
+        K: Deserialize<'de> + Ord,
+        V: Deserialize<'de>,
+        D: Deserializer<'de>,
+    {
+        Ok(Vec::<(K, V)>::deserialize(d)?.into_iter().collect())
+    }
 }
