@@ -36,6 +36,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
+pub mod live;
 pub mod schema;
 
 /// The world the examples are written against, relative to the workspace root.

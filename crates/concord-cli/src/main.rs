@@ -21,6 +21,38 @@ enum Command {
     Check(cmd::check::Args),
     /// Print the JSON Schema of intents (or of previews, or of decode errors).
     Schema(cmd::schema::Args),
+    /// Run the coordinator against a NATS server with JetStream.
+    Up(cmd::up::UpArgs),
+    /// Run a local nats-server (temporary store, free port) and the coordinator on it.
+    Dev(cmd::up::DevArgs),
+    /// Send a plan as an agent and print the decision (exit codes as `check`).
+    Propose(cmd::live::ProposeArgs),
+    /// Operators' commands: approve, reject, halt, resume, cancel, saga.
+    #[command(flatten)]
+    Control(ControlCmds),
+    /// Plans waiting for a human, with their age and expiry.
+    Pending(cmd::live::QueryArgs),
+    /// Every live plan: pending, queued, running sagas.
+    Sagas(cmd::live::QueryArgs),
+    /// Leases held.
+    Leases(cmd::live::QueryArgs),
+    /// The coordinator's status: incarnation, log head, halts.
+    Status(cmd::live::QueryArgs),
+    /// World values and the latest observations.
+    World(cmd::live::WorldArgs),
+    /// A live plan's preview, as `check` prints it.
+    Show(cmd::live::ShowArgs),
+    /// Read the coordination log.
+    Tail(cmd::tail::TailArgs),
+    /// The log's integrity: `concord log verify`.
+    Log(cmd::tail::LogArgs),
+}
+
+/// Operators' commands, each a top-level subcommand.
+#[derive(Debug, Subcommand)]
+enum ControlCmds {
+    /// Approve, reject, halt, resume, cancel or decide a saga.
+    Ctl(cmd::live::ControlArgs),
 }
 
 fn main() -> ExitCode {
@@ -37,6 +69,18 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Check(a) => cmd::check::run(a),
         Command::Schema(a) => cmd::schema::run(a),
+        Command::Up(a) => cmd::up::up(a),
+        Command::Dev(a) => cmd::up::dev(a),
+        Command::Propose(a) => cmd::live::propose(a),
+        Command::Control(ControlCmds::Ctl(a)) => cmd::live::control(a),
+        Command::Pending(a) => cmd::live::query(cmd::live::Asked::Pending, a),
+        Command::Sagas(a) => cmd::live::query(cmd::live::Asked::Plans, a),
+        Command::Leases(a) => cmd::live::query(cmd::live::Asked::Leases, a),
+        Command::Status(a) => cmd::live::query(cmd::live::Asked::Status, a),
+        Command::World(a) => cmd::live::world(a),
+        Command::Show(a) => cmd::live::show(a),
+        Command::Tail(a) => cmd::tail::tail(a),
+        Command::Log(a) => cmd::tail::log(a),
     };
     match result {
         Ok(code) => ExitCode::from(code),

@@ -248,7 +248,7 @@ pub(crate) fn join(base: &str, tail: &str) -> String {
 
 /// Parses JSON bytes into `T`, turning any serde error into a [`DecodeError`]
 /// that names the field path and the rule. Trailing bytes are an error.
-pub(crate) fn decode_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, DecodeError> {
+pub fn decode_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, DecodeError> {
     let mut de = serde_json::Deserializer::from_slice(bytes);
     let value: T = serde_path_to_error::deserialize(&mut de).map_err(|e| {
         let inner = e.inner();

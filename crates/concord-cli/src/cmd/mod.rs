@@ -1,7 +1,11 @@
 //! One module per subcommand.
 
+pub mod bus;
 pub mod check;
+pub mod live;
 pub mod schema;
+pub mod tail;
+pub mod up;
 
 use std::io::Write;
 

@@ -51,6 +51,7 @@ pub type RequestId = u64;
 
 /// Bounds and times. Every table has a named maximum.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct Config {
     /// How long a plan waits for a human before it expires.
     pub approval_ttl_ms: u64,
@@ -487,6 +488,33 @@ struct Plan {
     previous: Option<Intent>,
 }
 
+/// A live plan, as operators see it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PlanOverview {
+    /// Lineage.
+    pub lineage: Id,
+    /// Version.
+    pub version: u32,
+    /// Proposing agent.
+    pub agent: String,
+    /// The agent's goal.
+    pub goal: String,
+    /// Content hash (what an approval binds).
+    pub plan_hash: String,
+    /// Material preview hash (what an approval binds besides).
+    pub material_hash: String,
+    /// `pending`, `queued`, `running`, `verifying`, `compensating`, `compensation_failed`.
+    pub status: String,
+    /// More about the status (which step).
+    pub detail: String,
+    /// When a pending plan expires.
+    pub expires_at_ms: Option<u64>,
+    /// Operators who approved so far.
+    pub approvers: Vec<String>,
+    /// Paths it touches.
+    pub paths: Vec<ResourcePath>,
+}
+
 /// The latest observation of a series.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ObservationRecord {
@@ -741,9 +769,76 @@ impl Coordinator {
         self.plans.len()
     }
 
+    /// Every live plan (pending, queued, running) for operators, by lineage.
+    pub fn plans_overview(&self) -> Vec<PlanOverview> {
+        self.plans
+            .iter()
+            .map(|(lineage, p)| {
+                let (status, detail, expires_at_ms, approvers) = match &p.status {
+                    Status::Pending {
+                        expires_at_ms,
+                        approvers,
+                    } => ("pending", String::new(), Some(*expires_at_ms), approvers.clone()),
+                    Status::Queued => ("queued", String::new(), None, Vec::new()),
+                    Status::Running(s) => {
+                        let (name, detail) = match &s.phase {
+                            Phase2::Forward { next } => (
+                                "running",
+                                format!(
+                                    "step {} of {}",
+                                    (*next + 1).min(p.intent.steps.len()),
+                                    p.intent.steps.len()
+                                ),
+                            ),
+                            Phase2::Verifying { index, until_ms } => (
+                                "verifying",
+                                format!("step {} until {until_ms}", p.intent.steps[*index].id),
+                            ),
+                            Phase2::Compensating { by_rollback } => (
+                                "compensating",
+                                if *by_rollback { "rollback".into() } else { String::new() },
+                            ),
+                            Phase2::CompensationFailed { index } => (
+                                "compensation_failed",
+                                format!("step {} waits for retry, skip or resolve", p.intent.steps[*index].id),
+                            ),
+                        };
+                        (name, detail, None, Vec::new())
+                    }
+                };
+                PlanOverview {
+                    lineage: lineage.clone(),
+                    version: p.intent.version,
+                    agent: p.agent.clone(),
+                    goal: p.intent.goal.to_string(),
+                    plan_hash: p.hash.clone(),
+                    material_hash: p.material_hash.clone(),
+                    status: status.to_string(),
+                    detail,
+                    expires_at_ms,
+                    approvers,
+                    paths: p.touched.iter().cloned().collect(),
+                }
+            })
+            .collect()
+    }
+
+    /// A live plan's intent and the version it was diffed against, to show
+    /// its preview again (`concord show`).
+    pub fn plan_intent(&self, lineage: &Id) -> Option<(&str, &Intent, Option<&Intent>)> {
+        self.plans
+            .get(lineage)
+            .map(|p| (p.agent.as_str(), &p.intent, p.previous.as_ref()))
+    }
+
     /// The highest fencing token handed out for `path`.
     pub fn fencing_token(&self, path: &ResourcePath) -> u64 {
         self.fencing.get(path).copied().unwrap_or(0)
+    }
+
+    /// The latest observation of every series, by path.
+    pub fn observations(&self) -> &BTreeMap<ResourcePath, ObservationRecord> {
+        &self.observations
     }
 
     /// The latest observation of a series.

@@ -1,0 +1,345 @@
+//! The coordination log's messages: batches of records in a hash chain,
+//! signed by the coordinator.
+//!
+//! Group commit: one JetStream message carries the records of many inputs
+//! (one append, one ack, one fsync in durable mode) and is the durable record
+//! of all of them; readers such as `concord tail` filter records on the client.
+//! Each message carries the hash of the one before it and its own hash over
+//! (previous hash, records), signed with the coordinator's nkey; the latest
+//! hash is also kept in a KV key, so a rewritten or truncated chain shows.
+
+use concord_core::coordinator::{Event, Input, Record};
+use serde::{Deserialize, Serialize};
+
+/// Shape version of log messages.
+pub const BATCH_VERSION: u32 = 1;
+
+/// The hash before the first message.
+pub const GENESIS_PREV: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+/// One log message.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Batch {
+    /// Shape version ([`BATCH_VERSION`]).
+    pub v: u32,
+    /// The coordinator that wrote it.
+    pub coordinator: String,
+    /// Its incarnation (process start count).
+    pub incarnation: u64,
+    /// The previous message's hash ([`GENESIS_PREV`] for the first).
+    pub prev: String,
+    /// BLAKE3 over `prev` and the records' canonical JSON.
+    pub hash: String,
+    /// The signer's public nkey.
+    pub signer: String,
+    /// Ed25519 signature of `hash`, hex.
+    pub sig: String,
+    /// The records.
+    pub records: Vec<Record>,
+}
+
+/// Why a chain does not verify.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum ChainError {
+    /// Not a log message.
+    #[error("message {seq}: not a log batch: {detail}")]
+    Malformed {
+        /// Stream sequence.
+        seq: u64,
+        /// Why.
+        detail: String,
+    },
+    /// The message does not continue the chain.
+    #[error("message {seq}: its previous hash {found} is not the hash {expected} of the message before it")]
+    Broken {
+        /// Stream sequence.
+        seq: u64,
+        /// The hash it names.
+        found: String,
+        /// The hash of the message before.
+        expected: String,
+    },
+    /// Its records do not hash to its hash: they were changed.
+    #[error("message {seq}: its records do not match its hash (rewritten)")]
+    Tampered {
+        /// Stream sequence.
+        seq: u64,
+    },
+    /// The signature is not the coordinator's.
+    #[error("message {seq}: bad signature by {signer}")]
+    Signature {
+        /// Stream sequence.
+        seq: u64,
+        /// Who it claims signed.
+        signer: String,
+    },
+    /// A sequence is missing.
+    #[error("message {seq} is missing (the chain jumps from {before} to {after})")]
+    Gap {
+        /// The first missing sequence.
+        seq: u64,
+        /// The sequence before.
+        before: u64,
+        /// The next present sequence.
+        after: u64,
+    },
+    /// The chain's end is not the head recorded in the KV store.
+    #[error("the recorded head is message {seq} with hash {expected}, but the log has {found}")]
+    Head {
+        /// The head's sequence.
+        seq: u64,
+        /// The head's hash.
+        expected: String,
+        /// What the log holds there.
+        found: String,
+    },
+}
+
+/// The chain hash of `records` after `prev`.
+pub fn chain_hash(prev: &str, records_json: &[u8]) -> String {
+    let mut h = blake3::Hasher::new();
+    h.update(prev.as_bytes());
+    h.update(b"\n");
+    h.update(records_json);
+    h.finalize().to_hex().to_string()
+}
+
+/// Signs log messages.
+pub struct Signer {
+    key: nkeys::KeyPair,
+}
+
+impl std::fmt::Debug for Signer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Signer")
+            .field("public", &self.key.public_key())
+            .finish()
+    }
+}
+
+impl Signer {
+    /// From an nkey seed.
+    pub fn from_seed(seed: &str) -> Result<Signer, nkeys::error::Error> {
+        Ok(Signer {
+            key: nkeys::KeyPair::from_seed(seed.trim())?,
+        })
+    }
+
+    /// A fresh server key (its public key is in every message it signs).
+    pub fn generate() -> Signer {
+        Signer {
+            key: nkeys::KeyPair::new_server(),
+        }
+    }
+
+    /// The public key.
+    pub fn public_key(&self) -> String {
+        self.key.public_key()
+    }
+
+    /// Builds the next message after `prev`.
+    pub fn seal(&self, coordinator: &str, incarnation: u64, prev: &str, records: Vec<Record>) -> Batch {
+        let json = serde_json::to_vec(&records).expect("records serialize");
+        let hash = chain_hash(prev, &json);
+        let sig = self.key.sign(hash.as_bytes()).expect("a seeded key signs");
+        Batch {
+            v: BATCH_VERSION,
+            coordinator: coordinator.to_string(),
+            incarnation,
+            prev: prev.to_string(),
+            hash,
+            signer: self.key.public_key(),
+            sig: hex(&sig),
+            records,
+        }
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex(s: &str) -> Option<Vec<u8>> {
+    if !s.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+/// Checks a chain message by message.
+#[derive(Debug)]
+pub struct Verifier {
+    prev: String,
+    prev_seq: u64,
+    /// Accepted signers (any signer if empty).
+    signers: Vec<String>,
+    /// Messages checked.
+    pub checked: u64,
+}
+
+impl Verifier {
+    /// A verifier from the start of the log; `signers` lists the accepted public keys (any if empty).
+    pub fn new(signers: Vec<String>) -> Verifier {
+        Verifier {
+            prev: GENESIS_PREV.to_string(),
+            prev_seq: 0,
+            signers,
+            checked: 0,
+        }
+    }
+
+    /// A verifier that continues after message `seq` with hash `hash` (e.g. a snapshot's).
+    pub fn resume(seq: u64, hash: String, signers: Vec<String>) -> Verifier {
+        Verifier {
+            prev: hash,
+            prev_seq: seq,
+            signers,
+            checked: 0,
+        }
+    }
+
+    /// The hash of the last message checked.
+    pub fn head(&self) -> (u64, &str) {
+        (self.prev_seq, &self.prev)
+    }
+
+    /// Checks message `seq` and returns it decoded.
+    pub fn check(&mut self, seq: u64, payload: &[u8]) -> Result<Batch, ChainError> {
+        if seq != self.prev_seq + 1 {
+            return Err(ChainError::Gap {
+                seq: self.prev_seq + 1,
+                before: self.prev_seq,
+                after: seq,
+            });
+        }
+        let batch: Batch = serde_json::from_slice(payload).map_err(|e| ChainError::Malformed {
+            seq,
+            detail: e.to_string(),
+        })?;
+        if batch.prev != self.prev {
+            return Err(ChainError::Broken {
+                seq,
+                found: batch.prev,
+                expected: self.prev.clone(),
+            });
+        }
+        let json = serde_json::to_vec(&batch.records).map_err(|e| ChainError::Malformed {
+            seq,
+            detail: e.to_string(),
+        })?;
+        if chain_hash(&batch.prev, &json) != batch.hash {
+            return Err(ChainError::Tampered { seq });
+        }
+        let signed = (self.signers.is_empty() || self.signers.contains(&batch.signer))
+            && nkeys::KeyPair::from_public_key(&batch.signer)
+                .ok()
+                .zip(unhex(&batch.sig))
+                .is_some_and(|(k, sig)| k.verify(batch.hash.as_bytes(), &sig).is_ok());
+        if !signed {
+            return Err(ChainError::Signature {
+                seq,
+                signer: batch.signer,
+            });
+        }
+        self.prev = batch.hash.clone();
+        self.prev_seq = seq;
+        self.checked += 1;
+        Ok(batch)
+    }
+}
+
+/// The subject a batch is appended on: `log.<kind>.<who>` for a batch of
+/// one input record (so a stream filter can pick kinds and agents), else
+/// `log.batch.<coordinator>`.
+pub fn batch_subject(subjects: &crate::subjects::Subjects, coordinator: &str, records: &[Record]) -> String {
+    if let [record] = records {
+        let (kind, who) = record_kind(record);
+        let who = if crate::subjects::valid_token(who) { who } else { "_" };
+        return subjects.log(kind, who);
+    }
+    subjects.log("batch", coordinator)
+}
+
+/// A record's kind and the identity it concerns, for subjects and filters.
+pub fn record_kind(record: &Record) -> (&'static str, &str) {
+    match record {
+        Record::Genesis(g) => ("genesis", g.coordinator.as_str()),
+        Record::Incarnation { coordinator, .. } => ("incarnation", coordinator.as_str()),
+        Record::Policy { .. } => ("policy", "_"),
+        Record::Input { input, .. } => match input.as_ref() {
+            Input::Intent { agent, .. } => ("intent", agent.as_str()),
+            Input::Lease { agent, .. } => ("lease", agent.as_str()),
+            Input::Observe { agent, .. } => ("observe", agent.as_str()),
+            Input::Outcome { executor, .. } => ("outcome", executor.as_str()),
+            Input::Control { operator, .. } => ("control", operator.as_str()),
+            Input::Tick => ("tick", "_"),
+        },
+    }
+}
+
+/// An event's name as it appears in the log (`decided`, `dispatched`, ...).
+pub fn event_name(e: &Event) -> String {
+    serde_json::to_value(e)
+        .ok()
+        .and_then(|v| v.get("event").and_then(|n| n.as_str()).map(str::to_string))
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use concord_core::coordinator::Input;
+
+    fn tick(now_ms: u64) -> Record {
+        Record::Input {
+            now_ms,
+            input: Box::new(Input::Tick),
+            events: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_chain_verifies_and_names_the_first_message_that_does_not_fit() {
+        let s = Signer::generate();
+        let b1 = s.seal("c", 1, GENESIS_PREV, vec![tick(1)]);
+        let b2 = s.seal("c", 1, &b1.hash, vec![tick(2), tick(3)]);
+        let b3 = s.seal("c", 1, &b2.hash, vec![tick(4)]);
+        let bytes = |b: &Batch| serde_json::to_vec(b).unwrap();
+        let mut v = Verifier::new(vec![s.public_key()]);
+        for (i, b) in [&b1, &b2, &b3].into_iter().enumerate() {
+            v.check(i as u64 + 1, &bytes(b)).unwrap();
+        }
+        assert_eq!(v.head(), (3, b3.hash.as_str()));
+
+        // Rewrite the second message's records, keeping its hash: tampered.
+        let mut forged = b2.clone();
+        forged.records = vec![tick(2)];
+        let mut v = Verifier::new(vec![s.public_key()]);
+        v.check(1, &bytes(&b1)).unwrap();
+        assert_eq!(v.check(2, &bytes(&forged)), Err(ChainError::Tampered { seq: 2 }));
+
+        // Re-hash it too: the signature no longer fits (another key signed it).
+        let other = Signer::generate();
+        let resealed = other.seal("c", 1, &b1.hash, vec![tick(2)]);
+        let mut v = Verifier::new(vec![s.public_key()]);
+        v.check(1, &bytes(&b1)).unwrap();
+        assert!(matches!(
+            v.check(2, &bytes(&resealed)),
+            Err(ChainError::Signature { seq: 2, .. })
+        ));
+
+        // Drop a message: a gap; reorder: broken.
+        let mut v = Verifier::new(vec![]);
+        v.check(1, &bytes(&b1)).unwrap();
+        assert!(matches!(v.check(3, &bytes(&b3)), Err(ChainError::Gap { seq: 2, .. })));
+        let mut v = Verifier::new(vec![]);
+        v.check(1, &bytes(&b1)).unwrap();
+        assert!(matches!(
+            v.check(2, &bytes(&b3)),
+            Err(ChainError::Broken { seq: 2, .. })
+        ));
+    }
+}

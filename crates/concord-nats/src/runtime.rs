@@ -1,0 +1,1056 @@
+//! The coordinator daemon: one task owns the [`Coordinator`], drives it from
+//! the bus, and performs the effects it returns — after the log has them.
+//!
+//! The loop, in priority order: operators' commands (a lane of their own, so
+//! a halt overtakes queued intents), the log's acks, executors' outcomes,
+//! timers, then agents' requests. Each input is handled at once (the core is
+//! fast) and its record joins the *open batch*; while one batch is being
+//! appended the next one fills (group commit: one append, one ack, one fsync
+//! carries many decisions). When an append is acknowledged its replies and
+//! dispatches go out; nothing leaves before its events are in the log. An
+//! append that fails (a deposed writer, a lost connection, a full stream)
+//! drops the in-memory state: the coordinator restores from snapshot + log,
+//! answers nothing it had not logged, and goes on.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use async_nats::{Client, Subject};
+use bytes::Bytes;
+use concord_core::coordinator::{
+    Coordinator, Effect, Event, Genesis, Input, RECORD_VERSION, Record, Reply, first_divergence,
+};
+use concord_core::policy::Policy;
+use concord_core::world::World;
+use concord_proto::coord::{StepDispatch, StepOutcome, StepResult};
+use concord_proto::{Short, decode_intent, decode_observation};
+use futures::StreamExt;
+use tokio::sync::{mpsc, oneshot};
+use tracing::{debug, error, info, warn};
+
+use crate::config::RuntimeConfig;
+use crate::log::{GENESIS_PREV, Signer, Verifier, batch_subject};
+use crate::store::{Head, SnapshotMeta, Store, StoreError};
+use crate::subjects::{Addressed, Subjects};
+use crate::wire::{Answer, ErrorReply, Query, Status};
+
+/// Why the daemon stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    /// The NATS connection could not be made.
+    #[error("cannot connect to NATS at {urls}: {detail}")]
+    Connect {
+        /// The URLs.
+        urls: String,
+        /// Why.
+        detail: String,
+    },
+    /// The log or its companions failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The log does not verify or cannot be applied.
+    #[error("recovery failed: {0}")]
+    Recovery(String),
+    /// A subscription failed.
+    #[error("cannot subscribe to {subject}: {detail}")]
+    Subscribe {
+        /// The subject.
+        subject: String,
+        /// Why.
+        detail: String,
+    },
+}
+
+/// What the health endpoints read.
+#[derive(Debug, Default)]
+pub struct Health {
+    /// Connected, log writable, state recovered: the coordinator admits.
+    pub ready: AtomicBool,
+    /// Wall-clock ms of the loop's last turn (liveness).
+    pub beat_ms: AtomicU64,
+    /// The last log sequence acknowledged.
+    pub log_seq: AtomicU64,
+}
+
+/// Connects to NATS with the configured credentials.
+pub async fn connect(cfg: &RuntimeConfig, name: &str) -> Result<Client, RuntimeError> {
+    let mut opts = async_nats::ConnectOptions::new()
+        .name(name)
+        .subscription_capacity(cfg.limits.subscription_capacity)
+        .retry_on_initial_connect()
+        .event_callback(|ev| async move {
+            match ev {
+                async_nats::Event::Disconnected => warn!("nats: disconnected"),
+                async_nats::Event::Connected => info!("nats: connected"),
+                async_nats::Event::SlowConsumer(sid) => {
+                    metrics::counter!("concord_slow_consumer_total").increment(1);
+                    error!(sid, "nats: slow consumer: messages were dropped");
+                }
+                other => debug!("nats: {other}"),
+            }
+        });
+    if let Some(seed) = &cfg.credentials.nkey_seed_file {
+        let seed = std::fs::read_to_string(seed).map_err(|e| RuntimeError::Connect {
+            urls: cfg.nats.join(","),
+            detail: format!("cannot read {}: {e}", seed.display()),
+        })?;
+        opts = opts.nkey(seed.trim().to_string());
+    } else if let (Some(u), Some(p)) = (&cfg.credentials.user, &cfg.credentials.password) {
+        opts = opts.user_and_password(u.clone(), p.clone());
+    }
+    let urls = cfg.nats.join(",");
+    let connect = opts.connect(urls.as_str());
+    let client = tokio::time::timeout(Duration::from_secs(30), connect)
+        .await
+        .map_err(|_| RuntimeError::Connect {
+            urls: urls.clone(),
+            detail: "timed out".into(),
+        })?
+        .map_err(|e| RuntimeError::Connect {
+            urls: urls.clone(),
+            detail: e.to_string(),
+        })?;
+    Ok(client)
+}
+
+/// Runs the coordinator until `shutdown` resolves.
+/// The policy and world files are read when the log is empty (the genesis)
+/// and the policy again on every start (a changed policy is logged).
+pub async fn run(
+    cfg: RuntimeConfig,
+    health: Arc<Health>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), RuntimeError> {
+    let client = connect(&cfg, &format!("concord-coordinator-{}", cfg.coordinator)).await?;
+    let store = Store::open(async_nats::jetstream::new(client.clone()), &cfg).await?;
+    let signer = match &cfg.log.signing_seed_file {
+        Some(p) => {
+            let seed =
+                std::fs::read_to_string(p).map_err(|e| RuntimeError::Recovery(format!("{}: {e}", p.display())))?;
+            Signer::from_seed(&seed).map_err(|e| RuntimeError::Recovery(format!("{}: {e}", p.display())))?
+        }
+        None => Signer::generate(),
+    };
+    let subjects = Subjects::new(&cfg.domain);
+    let (in_tx, in_rx) = mpsc::channel::<Inbound>(cfg.limits.inbound_queue_max);
+    let (ctl_tx, ctl_rx) = mpsc::channel::<Inbound>(1024);
+    let (out_tx, out_rx) = mpsc::unbounded_channel::<Input>();
+    let intake = Arc::new(Intake::new(&cfg, client.clone(), subjects.clone()));
+    let mut readers = Vec::new();
+    for domain in ["intent", "lease", "observe", "ctl", "query"] {
+        let subject = subjects.all(domain);
+        let sub = client
+            .subscribe(subject.clone())
+            .await
+            .map_err(|e| RuntimeError::Subscribe {
+                subject: subject.clone(),
+                detail: e.to_string(),
+            })?;
+        readers.push(tokio::spawn(intake.clone().read(sub, in_tx.clone(), ctl_tx.clone())));
+    }
+    let mut daemon = Daemon {
+        cfg,
+        client,
+        store,
+        signer,
+        subjects,
+        health,
+        out_tx,
+        in_rx,
+        ctl_rx,
+        out_rx,
+    };
+    tokio::pin!(shutdown);
+    let result = loop {
+        let mut state = match daemon.recover().await {
+            Ok(s) => s,
+            Err(e) => break Err(e),
+        };
+        daemon.health.ready.store(true, Ordering::SeqCst);
+        let outcome = daemon.serve(&mut state, &mut shutdown).await;
+        daemon.health.ready.store(false, Ordering::SeqCst);
+        match outcome {
+            Ok(()) => break Ok(()),
+            Err(e) => {
+                error!("{e}; restoring from snapshot and log");
+                metrics::counter!("concord_restores_total").increment(1);
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    };
+    for r in readers {
+        r.abort();
+    }
+    let _ = daemon.client.flush().await;
+    result
+}
+
+/// A request or message waiting for the core.
+#[derive(Debug)]
+enum Inbound {
+    /// An input for the core; `reply` is where its answer goes.
+    Input {
+        input: Input,
+        reply: Option<Subject>,
+        received: Instant,
+    },
+    /// A read-only question.
+    Query { query: Query, reply: Option<Subject> },
+}
+
+/// Decodes bus messages into inputs, off the core task, and answers bad
+/// input, floods and overload at once.
+struct Intake {
+    subjects: Subjects,
+    client: Client,
+    payload_bytes_max: usize,
+    retry_after_ms: u64,
+    limiter: governor::DefaultKeyedRateLimiter<String>,
+}
+
+impl Intake {
+    fn new(cfg: &RuntimeConfig, client: Client, subjects: Subjects) -> Intake {
+        let per_s = NonZeroU32::new(cfg.limits.intents_per_agent_per_s.max(1)).expect("nonzero");
+        let burst = NonZeroU32::new(cfg.limits.intents_burst.max(1)).expect("nonzero");
+        Intake {
+            subjects,
+            client,
+            payload_bytes_max: cfg.limits.payload_bytes_max,
+            retry_after_ms: cfg.limits.retry_after_ms,
+            limiter: governor::RateLimiter::keyed(governor::Quota::per_second(per_s).allow_burst(burst)),
+        }
+    }
+
+    async fn reject(&self, reply: &Option<Subject>, err: ErrorReply) {
+        metrics::counter!("concord_bad_input_total", "code" => err.error.code.clone()).increment(1);
+        match reply {
+            Some(r) => {
+                let _ = self.client.publish(r.clone(), err.to_bytes().into()).await;
+            }
+            None => warn!(code = %err.error.code, "dropped a message without a reply subject: {}", err.error.message),
+        }
+    }
+
+    async fn read(
+        self: Arc<Self>,
+        mut sub: async_nats::Subscriber,
+        tx: mpsc::Sender<Inbound>,
+        ctl: mpsc::Sender<Inbound>,
+    ) {
+        let mut since_gc = 0u32;
+        while let Some(msg) = sub.next().await {
+            since_gc += 1;
+            if since_gc >= 10_000 {
+                since_gc = 0;
+                self.limiter.retain_recent();
+            }
+            let received = Instant::now();
+            let reply = msg.reply.clone();
+            let Some(addressed) = self.subjects.parse(&msg.subject) else {
+                self.reject(
+                    &reply,
+                    ErrorReply::new("unknown_subject", format!("`{}` is not a concord subject", msg.subject)),
+                )
+                .await;
+                continue;
+            };
+            if msg.payload.len() > self.payload_bytes_max {
+                self.reject(
+                    &reply,
+                    ErrorReply::new(
+                        "payload_too_large",
+                        format!(
+                            "payload is {} bytes; at most {} allowed",
+                            msg.payload.len(),
+                            self.payload_bytes_max
+                        ),
+                    ),
+                )
+                .await;
+                continue;
+            }
+            let needs_reply = !matches!(addressed, Addressed::Observe(_));
+            if needs_reply && reply.is_none() {
+                self.reject(
+                    &None,
+                    ErrorReply::new(
+                        "no_reply_subject",
+                        format!("a request on `{}` needs a reply subject", msg.subject),
+                    ),
+                )
+                .await;
+                continue;
+            }
+            let (inbound, priority) = match addressed {
+                Addressed::Intent(agent) => {
+                    if self.limiter.check_key(&agent).is_err() {
+                        self.reject(
+                            &reply,
+                            ErrorReply::retry(
+                                "rate_limited",
+                                format!("agent `{agent}` sends intents faster than its limit"),
+                                self.retry_after_ms,
+                            ),
+                        )
+                        .await;
+                        continue;
+                    }
+                    match decode_intent(&msg.payload) {
+                        Ok(intent) => (
+                            Inbound::Input {
+                                input: Input::Intent {
+                                    request: 0,
+                                    agent,
+                                    intent,
+                                },
+                                reply,
+                                received,
+                            },
+                            false,
+                        ),
+                        Err(e) => {
+                            self.reject(&reply, ErrorReply::decode(&e)).await;
+                            continue;
+                        }
+                    }
+                }
+                Addressed::Lease(agent) => match concord_proto::error::decode_json(&msg.payload) {
+                    Ok(lease) => (
+                        Inbound::Input {
+                            input: Input::Lease {
+                                request: 0,
+                                agent,
+                                lease,
+                            },
+                            reply,
+                            received,
+                        },
+                        false,
+                    ),
+                    Err(e) => {
+                        self.reject(&reply, ErrorReply::decode(&e)).await;
+                        continue;
+                    }
+                },
+                Addressed::Observe(agent) => match decode_observation(&msg.payload) {
+                    Ok(observation) => (
+                        Inbound::Input {
+                            input: Input::Observe { agent, observation },
+                            reply,
+                            received,
+                        },
+                        false,
+                    ),
+                    Err(e) => {
+                        self.reject(&reply, ErrorReply::decode(&e)).await;
+                        continue;
+                    }
+                },
+                Addressed::Control(operator) => match concord_proto::error::decode_json(&msg.payload) {
+                    Ok(control) => (
+                        Inbound::Input {
+                            input: Input::Control {
+                                request: 0,
+                                operator,
+                                control,
+                            },
+                            reply,
+                            received,
+                        },
+                        true,
+                    ),
+                    Err(e) => {
+                        self.reject(&reply, ErrorReply::decode(&e)).await;
+                        continue;
+                    }
+                },
+                Addressed::Query(_) => match concord_proto::error::decode_json(&msg.payload) {
+                    Ok(query) => (Inbound::Query { query, reply }, false),
+                    Err(e) => {
+                        self.reject(&reply, ErrorReply::decode(&e)).await;
+                        continue;
+                    }
+                },
+                Addressed::Sync(_) => {
+                    self.reject(
+                        &reply,
+                        ErrorReply::new("unknown_subject", "world sync is not served yet"),
+                    )
+                    .await;
+                    continue;
+                }
+            };
+            let lane = if priority { &ctl } else { &tx };
+            if let Err(mpsc::error::TrySendError::Full(inbound)) = lane.try_send(inbound) {
+                let reply = match inbound {
+                    Inbound::Input { reply, .. } | Inbound::Query { reply, .. } => reply,
+                };
+                metrics::counter!("concord_busy_total").increment(1);
+                self.reject(
+                    &reply,
+                    ErrorReply::retry("busy", "the coordinator's inbound queue is full", self.retry_after_ms),
+                )
+                .await;
+            }
+        }
+    }
+}
+
+/// The coordinator's live state between two restores.
+struct State {
+    coord: Coordinator,
+    incarnation: u64,
+    /// Last acknowledged sequence and its chain hash.
+    seq: u64,
+    hash: String,
+    /// Coordinator time, never going back.
+    last_now: u64,
+    next_request: u64,
+    waiting: HashMap<u64, Waiter>,
+    open: OpenBatch,
+    inflight: Option<Append>,
+    records_since_snapshot: u64,
+    batches: u64,
+}
+
+struct Waiter {
+    reply: Subject,
+    received: Option<Instant>,
+}
+
+#[derive(Default)]
+struct OpenBatch {
+    records: Vec<Record>,
+    effects: Vec<Effect>,
+    bytes: usize,
+}
+
+struct Append {
+    done: oneshot::Receiver<Result<u64, StoreError>>,
+    hash: String,
+    effects: Vec<Effect>,
+    halts_changed: bool,
+    snapshot: Option<Vec<u8>>,
+    records: u64,
+}
+
+struct Daemon {
+    cfg: RuntimeConfig,
+    client: Client,
+    store: Store,
+    signer: Signer,
+    subjects: Subjects,
+    health: Arc<Health>,
+    out_tx: mpsc::UnboundedSender<Input>,
+    in_rx: mpsc::Receiver<Inbound>,
+    ctl_rx: mpsc::Receiver<Inbound>,
+    out_rx: mpsc::UnboundedReceiver<Input>,
+}
+
+fn wall_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl Daemon {
+    /// Rebuilds the state from the latest snapshot and the log after it,
+    /// applying the recorded decisions, then appends a new incarnation (and a
+    /// genesis on an empty log, a policy record if the policy changed) and
+    /// sends the unanswered dispatches again.
+    async fn recover(&mut self) -> Result<State, RuntimeError> {
+        let started = Instant::now();
+        let last = self.store.last_seq().await?;
+        let mut coord: Option<Coordinator> = None;
+        let mut verifier = Verifier::new(Vec::new());
+        let mut incarnation = 0u64;
+        let mut last_now = 0u64;
+        if let Some((meta, bytes)) = self.store.snapshot().await?
+            && meta.seq <= last
+        {
+            let c = Coordinator::restore(&bytes).map_err(|e| RuntimeError::Recovery(format!("snapshot: {e}")))?;
+            coord = Some(c);
+            verifier = Verifier::resume(meta.seq, meta.hash, Vec::new());
+            incarnation = meta.incarnation;
+            info!(seq = meta.seq, "restored the snapshot");
+        }
+        let from = verifier.head().0 + 1;
+        let mut divergences = 0u64;
+        let mut applied = 0u64;
+        self.store
+            .read(from, last, |seq, payload| {
+                let batch = verifier.check(seq, payload).map_err(|e| e.to_string())?;
+                incarnation = incarnation.max(batch.incarnation);
+                for record in batch.records {
+                    last_now = last_now.max(record.now_ms());
+                    applied += 1;
+                    match record {
+                        Record::Genesis(g) => {
+                            let policy = Policy::compile(g.policy).map_err(|e| format!("genesis policy: {e}"))?;
+                            coord = Some(Coordinator::new(g.config, policy, g.world));
+                        }
+                        Record::Incarnation { incarnation: n, .. } => incarnation = incarnation.max(n),
+                        Record::Policy { policy, .. } => {
+                            let c = coord.as_mut().ok_or("a policy record before the genesis")?;
+                            c.set_policy(Policy::compile(*policy).map_err(|e| format!("policy record: {e}"))?);
+                        }
+                        Record::Input { now_ms, input, events } => {
+                            let c = coord.as_mut().ok_or("an input before the genesis")?;
+                            let fx = c.recover_input(now_ms, *input, &events);
+                            if let Some(d) = first_divergence(&events, &fx) {
+                                divergences += 1;
+                                if divergences == 1 {
+                                    warn!(
+                                        seq,
+                                        "recovery: re-fed events differ from the record at event {}", d.index
+                                    );
+                                }
+                            }
+                        }
+                    }
+                }
+                Ok(())
+            })
+            .await?;
+        let (seq, hash) = {
+            let (s, h) = verifier.head();
+            (s, h.to_string())
+        };
+        metrics::counter!("concord_recovery_divergences_total").increment(divergences);
+        let mut state_records = Vec::new();
+        let coord = match coord {
+            Some(c) => c,
+            None => {
+                let policy = load_policy(&self.cfg)?;
+                let world = load_world(&self.cfg)?;
+                let genesis = Genesis {
+                    record_version: RECORD_VERSION,
+                    now_ms: wall_ms(),
+                    coordinator: self.cfg.coordinator.clone(),
+                    config: self.cfg.core.clone(),
+                    policy: policy.config.clone(),
+                    policy_hash: policy.hash.clone(),
+                    world: world.clone(),
+                };
+                state_records.push(Record::Genesis(Box::new(genesis)));
+                Coordinator::new(self.cfg.core.clone(), policy, world)
+            }
+        };
+        let mut state = State {
+            coord,
+            incarnation: incarnation + 1,
+            seq,
+            hash: if seq == 0 { GENESIS_PREV.to_string() } else { hash },
+            last_now: last_now.max(wall_ms()),
+            next_request: 1,
+            waiting: HashMap::new(),
+            open: OpenBatch::default(),
+            inflight: None,
+            records_since_snapshot: 0,
+            batches: 0,
+        };
+        let now = state.last_now;
+        state_records.push(Record::Incarnation {
+            now_ms: now,
+            coordinator: self.cfg.coordinator.clone(),
+            incarnation: state.incarnation,
+            core_version: concord_core::preview::CORE_VERSION.to_string(),
+        });
+        if let Some(path) = &self.cfg.policy {
+            let policy = load_policy(&self.cfg)?;
+            if policy.hash != state.coord.policy().hash {
+                info!(policy = %path.display(), hash = %policy.hash, "loading a changed policy");
+                state_records.push(Record::Policy {
+                    now_ms: now,
+                    policy: Box::new(policy.config.clone()),
+                    policy_hash: policy.hash.clone(),
+                });
+                state.coord.set_policy(policy);
+            }
+        }
+        state.open.records = state_records;
+        self.seal(&mut state);
+        let append = state
+            .inflight
+            .take()
+            .expect("sealing a non-empty batch starts an append");
+        let new_seq = append.done.await.unwrap_or_else(|_| {
+            Err(StoreError::JetStream {
+                what: "append to the log",
+                detail: "the append task ended".into(),
+            })
+        })?;
+        state.seq = new_seq;
+        state.hash = append.hash;
+        self.health.log_seq.store(new_seq, Ordering::SeqCst);
+        self.spawn_head(new_seq, state.hash.clone());
+        let store = self.store.clone();
+        let halts = state.coord.halts().to_vec();
+        let domain = self.cfg.domain.clone();
+        tokio::spawn(async move {
+            let _ = store.put_halts(&domain, &halts).await;
+        });
+        for d in state.coord.outstanding_dispatches() {
+            self.spawn_dispatch(d);
+        }
+        info!(
+            records = applied,
+            seq = new_seq,
+            incarnation = state.incarnation,
+            ms = started.elapsed().as_millis() as u64,
+            "recovered"
+        );
+        Ok(state)
+    }
+
+    /// Serves until shutdown (Ok) or until the state must be restored (Err).
+    async fn serve(
+        &mut self,
+        state: &mut State,
+        shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
+    ) -> Result<(), RuntimeError> {
+        let mut beat = tokio::time::interval(Duration::from_millis(500));
+        loop {
+            self.health.beat_ms.store(wall_ms(), Ordering::Relaxed);
+            let timer_at = state.coord.next_timer();
+            let sleep = async {
+                match timer_at {
+                    Some(at) => {
+                        let wait = at.saturating_sub(wall_ms());
+                        tokio::time::sleep(Duration::from_millis(wait)).await
+                    }
+                    None => std::future::pending().await,
+                }
+            };
+            let appended = async {
+                match state.inflight.as_mut() {
+                    Some(a) => (&mut a.done).await,
+                    None => std::future::pending().await,
+                }
+            };
+            let room = state.open.records.len() < self.cfg.log.batch_records_max
+                && state.open.bytes < self.cfg.log.batch_bytes_max;
+            tokio::select! {
+                biased;
+                _ = shutdown.as_mut() => {
+                    // Let the open batch and the one in flight reach the log, then stop.
+                    self.drain(state).await?;
+                    return Ok(());
+                }
+                Some(m) = self.ctl_rx.recv(), if room => self.accept(state, m),
+                result = appended => {
+                    let result = result.unwrap_or_else(|_| Err(StoreError::JetStream { what: "append to the log", detail: "the append task ended".into() }));
+                    self.acked(state, result)?;
+                }
+                Some(input) = self.out_rx.recv(), if room => {
+                    self.handle(state, input, None, None);
+                }
+                _ = sleep, if room => {
+                    let now = timer_at.unwrap_or(0).max(wall_ms());
+                    state.last_now = state.last_now.max(now);
+                    self.handle(state, Input::Tick, None, None);
+                }
+                Some(m) = self.in_rx.recv(), if room => self.accept(state, m),
+                _ = beat.tick() => {}
+            }
+            if state.inflight.is_none() && !state.open.records.is_empty() {
+                self.seal(state);
+            }
+            metrics::gauge!("concord_plans_live").set(state.coord.plan_count() as f64);
+            metrics::gauge!("concord_leases_held").set(state.coord.leases().held_count() as f64);
+            metrics::gauge!("concord_halts").set(state.coord.halts().len() as f64);
+        }
+    }
+
+    /// Appends what is open and waits for every append to be acknowledged.
+    async fn drain(&mut self, state: &mut State) -> Result<(), RuntimeError> {
+        loop {
+            if let Some(a) = state.inflight.as_mut() {
+                let r = (&mut a.done).await.unwrap_or_else(|_| {
+                    Err(StoreError::JetStream {
+                        what: "append to the log",
+                        detail: "the append task ended".into(),
+                    })
+                });
+                self.acked(state, r)?;
+            }
+            if state.open.records.is_empty() {
+                return Ok(());
+            }
+            self.seal(state);
+        }
+    }
+
+    fn accept(&mut self, state: &mut State, m: Inbound) {
+        match m {
+            Inbound::Input { input, reply, received } => self.handle(state, input, reply, Some(received)),
+            Inbound::Query { query, reply } => {
+                let bytes = self.answer(state, query);
+                if let Some(r) = reply {
+                    let client = self.client.clone();
+                    tokio::spawn(async move {
+                        let _ = client.publish(r, bytes.into()).await;
+                    });
+                }
+            }
+        }
+    }
+
+    /// Hands one input to the core; its record joins the open batch.
+    fn handle(&mut self, state: &mut State, mut input: Input, reply: Option<Subject>, received: Option<Instant>) {
+        let now = state.last_now.max(wall_ms());
+        state.last_now = now;
+        if let Some(reply) = reply {
+            let id = state.next_request;
+            state.next_request += 1;
+            match &mut input {
+                Input::Intent { request, .. } | Input::Lease { request, .. } | Input::Control { request, .. } => {
+                    *request = id;
+                    state.waiting.insert(id, Waiter { reply, received });
+                }
+                _ => {}
+            }
+        }
+        let effects = state.coord.handle(now, input.clone());
+        let mut events = Vec::new();
+        for e in effects {
+            match e {
+                Effect::Event(ev) => events.push(ev),
+                Effect::ArmTimer { .. } => {}
+                other => state.open.effects.push(other),
+            }
+        }
+        let record = Record::Input {
+            now_ms: now,
+            input: Box::new(input),
+            events,
+        };
+        state.open.bytes += serde_json::to_vec(&record).map(|b| b.len()).unwrap_or(0);
+        state.open.records.push(record);
+    }
+
+    /// Seals the open batch and starts appending it.
+    fn seal(&mut self, state: &mut State) {
+        let open = std::mem::take(&mut state.open);
+        if open.records.is_empty() {
+            return;
+        }
+        let n = open.records.len() as u64;
+        let halts_changed = open.records.iter().any(|r| match r {
+            Record::Input { events, .. } => events
+                .iter()
+                .any(|e| matches!(e, Event::Halted { .. } | Event::Resumed { .. })),
+            _ => false,
+        });
+        let subject = batch_subject(&self.subjects, &self.cfg.coordinator, &open.records);
+        let batch = self
+            .signer
+            .seal(&self.cfg.coordinator, state.incarnation, &state.hash, open.records);
+        let payload: Bytes = serde_json::to_vec(&batch).expect("batches serialize").into();
+        state.records_since_snapshot += n;
+        let snapshot = (self.cfg.snapshots.every_records > 0
+            && state.records_since_snapshot >= self.cfg.snapshots.every_records)
+            .then(|| {
+                state.records_since_snapshot = 0;
+                state.coord.snapshot().ok()
+            })
+            .flatten();
+        state.batches += 1;
+        let msg_id = format!("{}-{}-{}", self.cfg.coordinator, state.incarnation, state.batches);
+        let (tx, rx) = oneshot::channel();
+        let store = self.store.clone();
+        let expected = state.seq;
+        let timeout = Duration::from_millis(self.cfg.log.append_timeout_ms);
+        tokio::spawn(async move {
+            let r = store.append(subject, &msg_id, expected, payload, timeout).await;
+            let _ = tx.send(r);
+        });
+        metrics::histogram!("concord_batch_records").record(n as f64);
+        // The chain moves on now: the next batch links to this one.
+        state.hash = batch.hash.clone();
+        state.inflight = Some(Append {
+            done: rx,
+            hash: batch.hash,
+            effects: open.effects,
+            halts_changed,
+            snapshot,
+            records: n,
+        });
+    }
+
+    /// An append finished: on success the batch's effects go out.
+    fn acked(&mut self, state: &mut State, result: Result<u64, StoreError>) -> Result<(), RuntimeError> {
+        let Some(append) = state.inflight.take() else {
+            return Ok(());
+        };
+        let seq = match result {
+            Ok(seq) => seq,
+            Err(e) => {
+                if matches!(e, StoreError::Full { .. }) {
+                    error!(alert = true, "{e}");
+                }
+                // Nothing of this batch or the open one was logged: answer
+                // `unavailable` to their requests and restore.
+                let open = std::mem::take(&mut state.open);
+                for eff in append.effects.iter().chain(open.effects.iter()) {
+                    if let Effect::Reply { request, .. } = eff
+                        && let Some(w) = state.waiting.remove(request)
+                    {
+                        let err = ErrorReply::retry(
+                            "unavailable",
+                            "the coordination log did not take the decision; retry with the same idempotency key",
+                            self.cfg.limits.retry_after_ms,
+                        );
+                        let client = self.client.clone();
+                        tokio::spawn(async move {
+                            let _ = client.publish(w.reply, err.to_bytes().into()).await;
+                        });
+                    }
+                }
+                return Err(e.into());
+            }
+        };
+        state.seq = seq;
+        self.health.log_seq.store(seq, Ordering::Relaxed);
+        metrics::counter!("concord_log_records_total").increment(append.records);
+        self.spawn_head(seq, append.hash.clone());
+        if append.halts_changed {
+            let store = self.store.clone();
+            let halts = state.coord.halts().to_vec();
+            let domain = self.cfg.domain.clone();
+            tokio::spawn(async move {
+                if let Err(e) = store.put_halts(&domain, &halts).await {
+                    warn!("cannot publish the halts for executors: {e}");
+                }
+            });
+        }
+        if let Some(bytes) = append.snapshot {
+            let store = self.store.clone();
+            let meta = SnapshotMeta {
+                seq,
+                hash: append.hash.clone(),
+                incarnation: state.incarnation,
+            };
+            tokio::spawn(async move {
+                match store.put_snapshot(&meta, bytes).await {
+                    Ok(()) => info!(seq = meta.seq, "snapshot stored"),
+                    Err(e) => warn!("snapshot not stored: {e}"),
+                }
+            });
+        }
+        for e in append.effects {
+            self.perform(state, e);
+        }
+        Ok(())
+    }
+
+    fn perform(&mut self, state: &mut State, effect: Effect) {
+        match effect {
+            Effect::Reply { request, reply } => {
+                let Some(w) = state.waiting.remove(&request) else {
+                    return;
+                };
+                let bytes = match &reply {
+                    Reply::Decision(d) => {
+                        metrics::counter!("concord_intents_total", "verdict" => d.verdict.to_string()).increment(1);
+                        serde_json::to_vec(d)
+                    }
+                    Reply::Lease(l) => serde_json::to_vec(l),
+                    Reply::Control { ok, message } => {
+                        serde_json::to_vec(&serde_json::json!({ "ok": ok, "message": message }))
+                    }
+                }
+                .expect("replies serialize");
+                if let (Some(t), Reply::Decision(_)) = (w.received, &reply) {
+                    metrics::histogram!("concord_decision_seconds").record(t.elapsed().as_secs_f64());
+                }
+                let client = self.client.clone();
+                tokio::spawn(async move {
+                    let _ = client.publish(w.reply, bytes.into()).await;
+                });
+            }
+            Effect::Dispatch(d) => self.spawn_dispatch(*d),
+            Effect::Alert { message } => {
+                metrics::counter!("concord_alerts_total").increment(1);
+                error!(alert = true, "{message}");
+            }
+            Effect::Event(_) | Effect::ArmTimer { .. } => {}
+        }
+    }
+
+    fn spawn_head(&self, seq: u64, hash: String) {
+        let store = self.store.clone();
+        tokio::spawn(async move {
+            if let Err(e) = store.put_head(&Head { seq, hash }).await {
+                warn!("cannot record the chain head: {e}");
+            }
+        });
+    }
+
+    /// Sends a step to its executor and feeds the outcome back. A request
+    /// that times out is sent again with the same idempotency key until the
+    /// step's deadline (the core's timer then decides); `no_responders` is a
+    /// definite failure at once: nobody received the step.
+    fn spawn_dispatch(&self, d: StepDispatch) {
+        let executor = self.cfg.executor_for(d.kind, d.path.as_str()).to_string();
+        let subject = self.subjects.exec(&executor);
+        let client = self.client.clone();
+        let tx = self.out_tx.clone();
+        let retry = Duration::from_millis(self.cfg.limits.dispatch_retry_ms.max(1));
+        metrics::counter!("concord_dispatches_total").increment(1);
+        tokio::spawn(async move {
+            let payload: Bytes = serde_json::to_vec(&d).expect("dispatches serialize").into();
+            let deadline = Instant::now() + Duration::from_millis(d.timeout_ms);
+            let fail = |reason: String| Input::Outcome {
+                executor: executor.clone(),
+                outcome: StepOutcome {
+                    key: d.key.clone(),
+                    result: StepResult::Failed {
+                        reason: Short::parse(&reason.chars().take(1000).collect::<String>())
+                            .unwrap_or_else(|_| Short::parse("failed").expect("a short string")),
+                    },
+                },
+            };
+            loop {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return;
+                }
+                let req = async_nats::Request::new()
+                    .payload(payload.clone())
+                    .timeout(Some(left.min(retry)));
+                match client.send_request(subject.clone(), req).await {
+                    Ok(msg) => {
+                        let input = match serde_json::from_slice::<StepOutcome>(&msg.payload) {
+                            Ok(o) if o.key == d.key => Input::Outcome {
+                                executor: executor.clone(),
+                                outcome: o,
+                            },
+                            Ok(o) => fail(format!(
+                                "executor `{executor}` answered for another dispatch ({})",
+                                o.key.text()
+                            )),
+                            Err(e) => fail(format!("executor `{executor}` sent an invalid outcome: {e}")),
+                        };
+                        let _ = tx.send(input);
+                        return;
+                    }
+                    Err(e) if e.kind() == async_nats::RequestErrorKind::NoResponders => {
+                        let _ = tx.send(fail(format!("no_responders: no executor serves `{subject}`")));
+                        return;
+                    }
+                    Err(e) if e.kind() == async_nats::RequestErrorKind::TimedOut => {
+                        debug!(key = %d.key.text(), "dispatch timed out; sending it again with the same key");
+                    }
+                    Err(e) => {
+                        debug!(key = %d.key.text(), "dispatch failed ({e}); sending it again");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                }
+            }
+        });
+    }
+
+    /// Answers a read-only question from the current state.
+    fn answer(&self, state: &State, query: Query) -> Vec<u8> {
+        let c = &state.coord;
+        let answer = match query {
+            Query::Pending => Answer::Plans {
+                now_ms: state.last_now,
+                plans: c
+                    .plans_overview()
+                    .into_iter()
+                    .filter(|p| p.status == "pending")
+                    .collect(),
+            },
+            Query::Plans => Answer::Plans {
+                now_ms: state.last_now,
+                plans: c.plans_overview(),
+            },
+            Query::Leases => Answer::Leases {
+                leases: c.leases().held().cloned().collect(),
+            },
+            Query::World { path } => {
+                let under = |p: &concord_proto::ResourcePath| path.as_ref().is_none_or(|q| q.overlaps(p));
+                Answer::World {
+                    resources: c
+                        .world()
+                        .resources
+                        .iter()
+                        .filter(|(p, _)| under(p))
+                        .take(10_000)
+                        .map(|(p, v)| (p.clone(), v.clone()))
+                        .collect(),
+                    observations: c
+                        .observations()
+                        .iter()
+                        .filter(|(p, _)| under(p))
+                        .take(10_000)
+                        .map(|(p, o)| (p.clone(), o.clone()))
+                        .collect(),
+                }
+            }
+            Query::Status => Answer::Status(Box::new(Status {
+                coordinator: self.cfg.coordinator.clone(),
+                incarnation: state.incarnation,
+                log_seq: state.seq,
+                log_hash: state.hash.clone(),
+                plans: c.plan_count(),
+                leases: c.leases().held_count(),
+                halts: c.halts().to_vec(),
+                ready: self.health.ready.load(Ordering::Relaxed),
+                policy_hash: c.policy().hash.clone(),
+            })),
+            Query::Show { lineage } => match c.plan_intent(&lineage) {
+                Some((agent, intent, previous)) => {
+                    let p = concord_core::preview::preview(concord_core::preview::PreviewInput {
+                        world: c.world(),
+                        intent,
+                        agent,
+                        policy: c.policy(),
+                        previous,
+                    });
+                    Answer::Preview(Box::new(p))
+                }
+                None => {
+                    return ErrorReply::new("not_found", format!("no live plan {lineage}")).to_bytes();
+                }
+            },
+        };
+        serde_json::to_vec(&answer).expect("answers serialize")
+    }
+}
+
+/// Reads the configured policy (the built-in defaults if none).
+pub fn load_policy(cfg: &RuntimeConfig) -> Result<Policy, RuntimeError> {
+    match &cfg.policy {
+        Some(p) => {
+            let text =
+                std::fs::read_to_string(p).map_err(|e| RuntimeError::Recovery(format!("{}: {e}", p.display())))?;
+            Policy::from_toml_str(&text).map_err(|e| RuntimeError::Recovery(format!("{}: {e}", p.display())))
+        }
+        None => Policy::from_toml_str("").map_err(|e| RuntimeError::Recovery(e.to_string())),
+    }
+}
+
+/// Reads the configured world (empty if none).
+pub fn load_world(cfg: &RuntimeConfig) -> Result<World, RuntimeError> {
+    match &cfg.world {
+        Some(p) => {
+            let text =
+                std::fs::read_to_string(p).map_err(|e| RuntimeError::Recovery(format!("{}: {e}", p.display())))?;
+            let w = if p.extension().is_some_and(|e| e == "json") {
+                World::from_json_str(&text)
+            } else {
+                World::from_toml_str(&text)
+            };
+            w.map_err(|e| RuntimeError::Recovery(format!("{}: {e}", p.display())))
+        }
+        None => Ok(World::default()),
+    }
+}

@@ -1,0 +1,126 @@
+//! Live fixtures: a real `nats-server` on a free port and the coordinator
+//! daemon running against it in this process, stopped and restarted at will.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use concord_nats::client::ConcordClient;
+use concord_nats::config::{Credentials, RuntimeConfig};
+use concord_nats::runtime::{Health, run};
+use concord_testkit::NatsServer;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+/// The workspace root.
+pub fn root() -> PathBuf {
+    concord_testkit::workspace_root()
+}
+
+/// A NATS server and a coordinator on it.
+#[derive(Debug)]
+pub struct Live {
+    /// The server.
+    pub server: NatsServer,
+    /// The coordinator's configuration.
+    pub cfg: RuntimeConfig,
+    /// Its health flags.
+    pub health: Arc<Health>,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<Result<(), concord_nats::runtime::RuntimeError>>>,
+}
+
+impl Live {
+    /// The shipped policy and example world, a fresh server, a running coordinator.
+    pub async fn start() -> Live {
+        Live::start_with(|_| {}).await
+    }
+
+    /// As [`Live::start`], with the configuration adjusted by `f`.
+    pub async fn start_with(f: impl FnOnce(&mut RuntimeConfig)) -> Live {
+        let server = NatsServer::start();
+        let mut cfg = RuntimeConfig {
+            nats: vec![server.url()],
+            policy: Some(root().join("config/policy.toml")),
+            world: Some(root().join("config/examples/world.toml")),
+            ..RuntimeConfig::default()
+        };
+        f(&mut cfg);
+        let mut live = Live {
+            server,
+            cfg,
+            health: Arc::new(Health::default()),
+            stop: None,
+            task: None,
+        };
+        live.up().await;
+        live
+    }
+
+    /// Starts the coordinator and waits until it is ready.
+    pub async fn up(&mut self) {
+        let (tx, rx) = oneshot::channel::<()>();
+        self.health = Arc::new(Health::default());
+        let task = tokio::spawn(run(self.cfg.clone(), self.health.clone(), async {
+            let _ = rx.await;
+        }));
+        self.stop = Some(tx);
+        self.task = Some(task);
+        for _ in 0..400 {
+            if self.health.ready.load(Ordering::SeqCst) {
+                return;
+            }
+            if self.task.as_ref().is_some_and(|t| t.is_finished()) {
+                let r = self.task.take().unwrap().await;
+                panic!("the coordinator stopped while starting: {r:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("the coordinator did not become ready");
+    }
+
+    /// Stops the coordinator cleanly (its open batch reaches the log).
+    pub async fn down(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.task.take() {
+            let r = tokio::time::timeout(Duration::from_secs(10), t)
+                .await
+                .expect("the coordinator stops");
+            r.expect("the task ends").expect("the coordinator ends without error");
+        }
+    }
+
+    /// Drops the coordinator without letting it finish anything (as a crash would).
+    pub fn crash(&mut self) {
+        self.stop.take();
+        if let Some(t) = self.task.take() {
+            t.abort();
+        }
+    }
+
+    /// A client speaking as `who` (replies to its own inbox prefix).
+    pub async fn client(&self, who: &str) -> ConcordClient {
+        let inbox = format!("_INBOX_{who}");
+        ConcordClient::connect(
+            &self.server.url(),
+            &Credentials::default(),
+            &self.cfg.domain,
+            Some(&inbox),
+        )
+        .await
+        .expect("connect")
+    }
+
+    /// A raw NATS connection.
+    pub async fn nats(&self) -> async_nats::Client {
+        async_nats::connect(self.server.url()).await.expect("connect")
+    }
+}
+
+/// An example plan's JSON bytes.
+pub fn example(name: &str) -> Vec<u8> {
+    std::fs::read(root().join("config/examples").join(format!("{name}.json"))).expect("example plan")
+}

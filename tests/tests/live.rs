@@ -1,0 +1,389 @@
+//! The coordinator over a real NATS server: decisions, the log before the
+//! reply, approvals and halts through the control subjects, restarts, bad
+//! input, retries with the same key, and the log's integrity.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use concord_core::coordinator::{Event, Record};
+use concord_nats::client::{ClientError, read_log, verify_log};
+use concord_nats::log::Batch;
+use concord_nats::wire::{Answer, Query};
+use concord_proto::Verdict;
+use concord_proto::coord::{Control, HaltGrade, HaltScope, StepDispatch, StepOutcome, StepResult};
+use concord_proto::{Short, Value};
+use concord_tests::live::{Live, example};
+use futures::StreamExt;
+use serde_json::json;
+
+/// An executor on `exec.default` that answers every dispatch with `result`
+/// and remembers what it was sent.
+async fn executor(live: &Live, result: StepResult) -> Arc<Mutex<Vec<StepDispatch>>> {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let nats = live.nats().await;
+    let mut sub = nats
+        .subscribe(live.client("x").await.subjects.exec("default"))
+        .await
+        .unwrap();
+    let s = seen.clone();
+    tokio::spawn(async move {
+        while let Some(m) = sub.next().await {
+            let d: StepDispatch = serde_json::from_slice(&m.payload).unwrap();
+            s.lock().unwrap().push(d.clone());
+            let o = StepOutcome {
+                key: d.key,
+                result: result.clone(),
+            };
+            if let Some(r) = m.reply {
+                nats.publish(r, serde_json::to_vec(&o).unwrap().into()).await.unwrap();
+            }
+        }
+    });
+    seen
+}
+
+/// Every record in the log, in order.
+async fn records(live: &Live) -> Vec<Record> {
+    let nats = live.nats().await;
+    let mut out = Vec::new();
+    read_log(&nats, &live.cfg.log.stream, 1, false, |_, payload| {
+        let b: Batch = serde_json::from_slice(payload).unwrap();
+        out.extend(b.records);
+        true
+    })
+    .await
+    .unwrap();
+    out
+}
+
+fn events(records: &[Record]) -> Vec<Event> {
+    records
+        .iter()
+        .flat_map(|r| match r {
+            Record::Input { events, .. } => events.clone(),
+            _ => Vec::new(),
+        })
+        .collect()
+}
+
+async fn wait_for(mut f: impl AsyncFnMut() -> bool) {
+    for _ in 0..200 {
+        if f().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("condition not reached in time");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_seven_days_pool_increase_is_refused_and_a_small_one_runs_as_a_saga() {
+    let live = Live::start().await;
+    let seen = executor(&live, StepResult::Succeeded).await;
+    let agent = live.client("resource").await;
+
+    let d = agent
+        .propose("resource", &example("seven-days-pool-500"))
+        .await
+        .unwrap();
+    assert_eq!(d.verdict, Verdict::Reject);
+    assert!(
+        d.reasons.iter().any(|r| r.rule == "coupling.db_connections"),
+        "{:?}",
+        d.reasons
+    );
+    assert!(d.preview.is_some(), "the first answer carries the preview");
+    // The decision was in the log before the reply came.
+    let log = records(&live).await;
+    assert!(
+        events(&log).iter().any(|e| matches!(
+            e,
+            Event::Decided {
+                verdict: Verdict::Reject,
+                ..
+            }
+        )),
+        "the rejection is logged"
+    );
+
+    let d = agent.propose("resource", &example("pool-60")).await.unwrap();
+    assert_eq!(d.verdict, Verdict::Admit, "{:?}", d.reasons);
+    wait_for(async || !seen.lock().unwrap().is_empty()).await;
+    let sent = seen.lock().unwrap()[0].clone();
+    assert_eq!(sent.key.text(), "resource-pool-nudge/1/nudge-pool/do/1");
+    assert!(sent.fencing_token >= 1);
+    assert_eq!(sent.expected_before[0].1, Some(Value::Int(50)));
+    let ops = live.client("op").await;
+    wait_for(async || {
+        let log = records(&live).await;
+        events(&log).iter().any(|e| matches!(e, Event::Completed { .. }))
+    })
+    .await;
+    let Answer::World { resources, .. } = ops
+        .query(
+            "op",
+            &Query::World {
+                path: Some(concord_proto::ResourcePath::parse("svc/api/pool_size").unwrap()),
+            },
+        )
+        .await
+        .unwrap()
+    else {
+        panic!("world answer")
+    };
+    assert_eq!(resources[0].1, Value::Int(60));
+    let report = verify_log(&live.nats().await, &live.cfg.log.stream, &live.cfg.domain, vec![])
+        .await
+        .unwrap();
+    assert_eq!(report.error, None, "{report:?}");
+    assert!(report.messages >= 3);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn approvals_and_rejections_go_through_the_control_subjects() {
+    let live = Live::start().await;
+    let _exec = executor(&live, StepResult::Succeeded).await;
+    let agent = live.client("resource").await;
+    // 50 -> 120 is 2.4x in one step: the shipped policy's rate rule holds it for a human.
+    let plan = json!({
+        "protocol": 1, "lineage": "pool-120", "version": 1, "goal": "more headroom",
+        "steps": [{ "id": "s1", "kind": "set", "path": "svc/api/pool_size", "args": { "value": 120 },
+                    "confidence": 0.9, "compensation": { "mode": "restore" } }]
+    });
+    let d = agent.propose("resource", plan.to_string().as_bytes()).await.unwrap();
+    assert_eq!(d.verdict, Verdict::NeedsApproval, "{:?}", d.reasons);
+    let ops = live.client("alice").await;
+    let Answer::Plans { plans, .. } = ops.query("alice", &Query::Pending).await.unwrap() else {
+        panic!()
+    };
+    assert_eq!(plans.len(), 1);
+    let p = &plans[0];
+    assert_eq!(p.plan_hash, d.plan_hash);
+    // The proposer cannot approve its own plan.
+    let own = agent
+        .control(
+            "resource",
+            &Control::Approve {
+                lineage: p.lineage.clone(),
+                version: p.version,
+                plan_hash: p.plan_hash.clone(),
+                material_hash: p.material_hash.clone(),
+                reason: Short::parse("mine").unwrap(),
+            },
+        )
+        .await
+        .unwrap();
+    assert!(!own.ok, "{}", own.message);
+    let ok = ops
+        .control(
+            "alice",
+            &Control::Approve {
+                lineage: p.lineage.clone(),
+                version: p.version,
+                plan_hash: p.plan_hash.clone(),
+                material_hash: p.material_hash.clone(),
+                reason: Short::parse("looked at the preview").unwrap(),
+            },
+        )
+        .await
+        .unwrap();
+    assert!(ok.ok, "{}", ok.message);
+    // An agent the policy does not list waits for a human on everything; alice rejects it.
+    let newbie = live.client("newbie").await;
+    let held = newbie
+        .propose("newbie", plan.to_string().replace("pool-120", "newbie-1").as_bytes())
+        .await
+        .unwrap();
+    assert_eq!(held.verdict, Verdict::NeedsApproval, "{:?}", held.reasons);
+    let r = ops
+        .control(
+            "alice",
+            &Control::Reject {
+                lineage: concord_proto::Id::parse("newbie-1").unwrap(),
+                version: 1,
+                reason: Short::parse("not today").unwrap(),
+            },
+        )
+        .await
+        .unwrap();
+    assert!(r.ok, "{}", r.message);
+    let log = records(&live).await;
+    assert!(
+        events(&log)
+            .iter()
+            .any(|e| matches!(e, Event::RejectedByOperator { operator, .. } if operator == "alice"))
+    );
+    assert!(
+        events(&log)
+            .iter()
+            .any(|e| matches!(e, Event::Approved { operator, .. } if operator == "alice")),
+        "the approval names the operator from the subject"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_halt_stops_admission_and_survives_a_restart() {
+    let mut live = Live::start().await;
+    let ops = live.client("alice").await;
+    let r = ops
+        .control(
+            "alice",
+            &Control::Halt {
+                scope: HaltScope::All,
+                grade: HaltGrade::Freeze,
+                reason: Short::parse("incident").unwrap(),
+            },
+        )
+        .await
+        .unwrap();
+    assert!(r.ok);
+    let agent = live.client("resource").await;
+    let d = agent.propose("resource", &example("pool-60")).await.unwrap();
+    assert_eq!(d.verdict, Verdict::Reject);
+    assert!(d.reasons.iter().any(|r| r.rule == "halt.active"));
+
+    live.down().await;
+    live.up().await;
+    let d = agent
+        .propose(
+            "resource",
+            json!({
+                "protocol": 1, "lineage": "after-restart", "version": 1, "goal": "g",
+                "steps": [{ "id": "s1", "kind": "set", "path": "svc/api/pool_size", "args": { "value": 55 },
+                            "confidence": 0.9, "compensation": { "mode": "restore" } }]
+            })
+            .to_string()
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+    assert!(
+        d.reasons.iter().any(|r| r.rule == "halt.active"),
+        "the halt survived the restart"
+    );
+    // Executors read the halts from the KV key too.
+    let js = async_nats::jetstream::new(live.nats().await);
+    let kv = js.get_key_value(concord_nats::store::HALT_BUCKET).await.unwrap();
+    let halts: serde_json::Value = serde_json::from_slice(&kv.get("default").await.unwrap().unwrap()).unwrap();
+    assert_eq!(halts.as_array().unwrap().len(), 1);
+    let Answer::Status(s) = ops.query("alice", &Query::Status).await.unwrap() else {
+        panic!()
+    };
+    assert_eq!(s.incarnation, 2);
+    assert_eq!(s.halts.len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_retried_intent_gets_the_original_decision_even_after_a_crash() {
+    let mut live = Live::start().await;
+    let agent = live.client("resource").await;
+    let mut plan: serde_json::Value = serde_json::from_slice(&example("seven-days-pool-500")).unwrap();
+    plan["idempotency_key"] = json!("drain-1");
+    let first = agent.propose("resource", plan.to_string().as_bytes()).await.unwrap();
+    assert!(!first.duplicate);
+    live.crash();
+    live.up().await;
+    let again = agent.propose("resource", plan.to_string().as_bytes()).await.unwrap();
+    assert!(again.duplicate, "answered from the recovered table");
+    assert_eq!(again.verdict, first.verdict);
+    assert_eq!(again.reasons, first.reasons);
+    assert_eq!(again.material_hash, first.material_hash);
+    let decided = events(&records(&live).await)
+        .iter()
+        .filter(|e| matches!(e, Event::Decided { .. }))
+        .count();
+    assert_eq!(decided, 1, "one decision in the log, not two");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_input_gets_typed_errors_and_the_coordinator_keeps_serving() {
+    let live = Live::start().await;
+    let agent = live.client("resource").await;
+    let cases: Vec<(Vec<u8>, &str, Option<&str>)> = vec![
+        (b"{not json".to_vec(), "decode", Some("json_syntax")),
+        (
+            br#"{"protocol":1,"lineage":"x","version":1,"goal":"g","agent":"root","steps":[]}"#.to_vec(),
+            "decode",
+            Some("unknown_field"),
+        ),
+        (vec![b' '; 70_000], "payload_too_large", None),
+    ];
+    for (payload, code, rule) in cases {
+        let err = agent.propose("resource", &payload).await.unwrap_err();
+        let ClientError::Bus(e) = err else { panic!("{err:?}") };
+        assert_eq!(e.code, code, "{e:?}");
+        assert_eq!(e.rule.as_deref(), rule, "{e:?}");
+    }
+    // A bad control and a bad lease name their field too.
+    let err = agent
+        .request::<serde_json::Value>(
+            agent.subjects.ctl("alice"),
+            br#"{"op":"halt","scope":{"scope":"all"}}"#.to_vec(),
+        )
+        .await
+        .unwrap_err();
+    let ClientError::Bus(e) = err else { panic!() };
+    assert_eq!(
+        (e.code.as_str(), e.rule.as_deref()),
+        ("decode", Some("required")),
+        "{e:?}"
+    );
+    // Still serving.
+    let d = agent
+        .propose("resource", &example("seven-days-pool-500"))
+        .await
+        .unwrap();
+    assert_eq!(d.verdict, Verdict::Reject);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_step_nobody_serves_fails_at_once_and_is_compensated() {
+    let live = Live::start().await;
+    let agent = live.client("resource").await;
+    let d = agent.propose("resource", &example("pool-60")).await.unwrap();
+    assert_eq!(d.verdict, Verdict::Admit);
+    wait_for(async || {
+        events(&records(&live).await)
+            .iter()
+            .any(|e| matches!(e, Event::Compensated { .. }))
+    })
+    .await;
+    let ev = events(&records(&live).await);
+    assert!(
+        ev.iter()
+            .any(|e| matches!(e, Event::StepFailed { reason, .. } if reason.contains("no_responders")))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn log_verify_names_the_first_message_that_does_not_fit() {
+    let live = Live::start().await;
+    let agent = live.client("resource").await;
+    agent
+        .propose("resource", &example("seven-days-pool-500"))
+        .await
+        .unwrap();
+    agent.propose("resource", &example("deploy-unasked")).await.unwrap();
+    let nats = live.nats().await;
+    let ok = verify_log(&nats, &live.cfg.log.stream, "default", vec![])
+        .await
+        .unwrap();
+    assert_eq!(ok.error, None);
+    let n = ok.messages;
+    // Someone with JetStream rights appends a forged record to the log.
+    let js = async_nats::jetstream::new(nats.clone());
+    let forged = concord_nats::log::Signer::generate().seal("concord", 1, &"f".repeat(64), vec![]);
+    js.publish(
+        live.client("x").await.subjects.log("intent", "resource"),
+        serde_json::to_vec(&forged).unwrap().into(),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+    let bad = verify_log(&nats, &live.cfg.log.stream, "default", vec![])
+        .await
+        .unwrap();
+    assert_eq!(bad.error_seq, Some(n + 1), "{bad:?}");
+    assert!(bad.error.unwrap().contains("previous hash"));
+}
