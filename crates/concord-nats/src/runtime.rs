@@ -76,6 +76,56 @@ pub struct Health {
     pub log_seq: AtomicU64,
 }
 
+/// Effect boundaries where the fault tests kill the process (as SIGKILL
+/// would: no cleanup, nothing flushed). Set with the environment variable
+/// `CONCORD_CRASH_AT=<point>:<n>` — the n-th time the point is reached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CrashPoint {
+    /// An append was acknowledged; its replies and dispatches were not sent.
+    AfterAppend,
+    /// A dispatch was sent; its outcome was not handled.
+    AfterDispatch,
+    /// A snapshot was taken and is being stored.
+    DuringSnapshot,
+}
+
+#[derive(Debug)]
+struct CrashHook {
+    point: CrashPoint,
+    left: AtomicU64,
+}
+
+impl CrashHook {
+    fn from_env() -> Option<Arc<CrashHook>> {
+        let v = std::env::var("CONCORD_CRASH_AT").ok()?;
+        let (p, n) = v.split_once(':').unwrap_or((v.as_str(), "1"));
+        let point = match p {
+            "after_append" => CrashPoint::AfterAppend,
+            "after_dispatch" => CrashPoint::AfterDispatch,
+            "during_snapshot" => CrashPoint::DuringSnapshot,
+            _ => {
+                warn!("CONCORD_CRASH_AT={v}: unknown point; ignored");
+                return None;
+            }
+        };
+        warn!("test hook: the process will abort at {point:?} #{n}");
+        Some(Arc::new(CrashHook {
+            point,
+            left: AtomicU64::new(n.parse().unwrap_or(1)),
+        }))
+    }
+
+    fn reached(hook: &Option<Arc<CrashHook>>, point: CrashPoint) {
+        if let Some(h) = hook
+            && h.point == point
+            && h.left.fetch_sub(1, Ordering::SeqCst) == 1
+        {
+            eprintln!("concord: test hook: aborting at {point:?}");
+            std::process::abort();
+        }
+    }
+}
+
 /// Connects to NATS with the configured credentials.
 pub async fn connect(cfg: &RuntimeConfig, name: &str) -> Result<Client, RuntimeError> {
     let mut opts = async_nats::ConnectOptions::new()
@@ -153,6 +203,7 @@ pub async fn run(
         readers.push(tokio::spawn(intake.clone().read(sub, in_tx.clone(), ctl_tx.clone())));
     }
     let mut daemon = Daemon {
+        crash: CrashHook::from_env(),
         cfg,
         client,
         store,
@@ -439,6 +490,7 @@ struct Append {
 }
 
 struct Daemon {
+    crash: Option<Arc<CrashHook>>,
     cfg: RuntimeConfig,
     client: Client,
     store: Store,
@@ -470,14 +522,20 @@ impl Daemon {
         let mut verifier = Verifier::new(Vec::new());
         let mut incarnation = 0u64;
         let mut last_now = 0u64;
-        if let Some((meta, bytes)) = self.store.snapshot().await?
-            && meta.seq <= last
-        {
-            let c = Coordinator::restore(&bytes).map_err(|e| RuntimeError::Recovery(format!("snapshot: {e}")))?;
-            coord = Some(c);
-            verifier = Verifier::resume(meta.seq, meta.hash, Vec::new());
-            incarnation = meta.incarnation;
-            info!(seq = meta.seq, "restored the snapshot");
+        // A snapshot that cannot be read (e.g. cut short by a crash while it
+        // was stored) is skipped: the log alone rebuilds the state, slower.
+        match self.store.snapshot().await {
+            Ok(Some((meta, bytes))) if meta.seq <= last => match Coordinator::restore(&bytes) {
+                Ok(c) => {
+                    coord = Some(c);
+                    verifier = Verifier::resume(meta.seq, meta.hash, Vec::new());
+                    incarnation = meta.incarnation;
+                    info!(seq = meta.seq, "restored the snapshot");
+                }
+                Err(e) => warn!("the snapshot does not load ({e}); rebuilding from the whole log"),
+            },
+            Ok(_) => {}
+            Err(e) => warn!("the snapshot cannot be read ({e}); rebuilding from the whole log"),
         }
         let from = verifier.head().0 + 1;
         let mut divergences = 0u64;
@@ -816,6 +874,7 @@ impl Daemon {
             }
         };
         state.seq = seq;
+        CrashHook::reached(&self.crash, CrashPoint::AfterAppend);
         self.health.log_seq.store(seq, Ordering::Relaxed);
         metrics::counter!("concord_log_records_total").increment(append.records);
         self.spawn_head(seq, append.hash.clone());
@@ -836,8 +895,16 @@ impl Daemon {
                 hash: append.hash.clone(),
                 incarnation: state.incarnation,
             };
+            let crash = self.crash.clone();
             tokio::spawn(async move {
-                match store.put_snapshot(&meta, bytes).await {
+                let store_it = store.put_snapshot(&meta, bytes);
+                tokio::pin!(store_it);
+                // The hook fires while the upload is under way.
+                if crash.as_ref().is_some_and(|c| c.point == CrashPoint::DuringSnapshot) {
+                    let _ = tokio::time::timeout(Duration::from_millis(1), &mut store_it).await;
+                    CrashHook::reached(&crash, CrashPoint::DuringSnapshot);
+                }
+                match store_it.await {
                     Ok(()) => info!(seq = meta.seq, "snapshot stored"),
                     Err(e) => warn!("snapshot not stored: {e}"),
                 }
@@ -903,6 +970,7 @@ impl Daemon {
         let tx = self.out_tx.clone();
         let retry = Duration::from_millis(self.cfg.limits.dispatch_retry_ms.max(1));
         metrics::counter!("concord_dispatches_total").increment(1);
+        let crash = self.crash.clone();
         tokio::spawn(async move {
             let payload: Bytes = serde_json::to_vec(&d).expect("dispatches serialize").into();
             let deadline = Instant::now() + Duration::from_millis(d.timeout_ms);
@@ -924,7 +992,9 @@ impl Daemon {
                 let req = async_nats::Request::new()
                     .payload(payload.clone())
                     .timeout(Some(left.min(retry)));
-                match client.send_request(subject.clone(), req).await {
+                let answer = client.send_request(subject.clone(), req).await;
+                CrashHook::reached(&crash, CrashPoint::AfterDispatch);
+                match answer {
                     Ok(msg) => {
                         let input = match serde_json::from_slice::<StepOutcome>(&msg.payload) {
                             Ok(o) if o.key == d.key => Input::Outcome {
