@@ -241,9 +241,9 @@ async fn crash_and_recover(point: &str) {
         1,
         "{point}: decided once"
     );
-    let e = exec.lock().unwrap();
+    let applied = exec.lock().unwrap().applied.clone();
     assert_eq!(
-        e.applied,
+        applied,
         vec![
             "tune-api/1/pool/do/1",
             "tune-api/1/replicas/do/1",
