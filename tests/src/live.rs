@@ -39,7 +39,11 @@ impl Live {
 
     /// As [`Live::start`], with the configuration adjusted by `f`.
     pub async fn start_with(f: impl FnOnce(&mut RuntimeConfig)) -> Live {
-        let server = NatsServer::start();
+        Live::start_on(NatsServer::start(), f).await
+    }
+
+    /// A coordinator on `server`, with the configuration adjusted by `f`.
+    pub async fn start_on(server: NatsServer, f: impl FnOnce(&mut RuntimeConfig)) -> Live {
         let mut cfg = RuntimeConfig {
             nats: vec![server.url()],
             policy: Some(root().join("config/policy.toml")),

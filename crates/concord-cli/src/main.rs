@@ -46,6 +46,8 @@ enum Command {
     Tail(cmd::tail::TailArgs),
     /// The log's integrity: `concord log verify`.
     Log(cmd::tail::LogArgs),
+    /// Generate a nats-server configuration: one nkey user per agent, operator and executor.
+    NatsConfig(cmd::natsconfig::Args),
 }
 
 /// Operators' commands, each a top-level subcommand.
@@ -81,6 +83,7 @@ fn main() -> ExitCode {
         Command::Show(a) => cmd::live::show(a),
         Command::Tail(a) => cmd::tail::tail(a),
         Command::Log(a) => cmd::tail::log(a),
+        Command::NatsConfig(a) => cmd::natsconfig::run(a),
     };
     match result {
         Ok(code) => ExitCode::from(code),

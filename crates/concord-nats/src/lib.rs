@@ -23,6 +23,7 @@ pub mod client;
 pub mod config;
 pub mod http;
 pub mod log;
+pub mod permissions;
 pub mod runtime;
 pub mod server;
 pub mod store;

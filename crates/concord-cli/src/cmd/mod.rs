@@ -3,6 +3,7 @@
 pub mod bus;
 pub mod check;
 pub mod live;
+pub mod natsconfig;
 pub mod schema;
 pub mod tail;
 pub mod up;
