@@ -216,10 +216,29 @@ pub async fn run(
         out_rx,
     };
     tokio::pin!(shutdown);
+    let mut failures = 0u32;
     let result = loop {
-        let mut state = match daemon.recover().await {
-            Ok(s) => s,
-            Err(e) => break Err(e),
+        // While the server is away (a restart, a partition) recovery cannot
+        // read the log: keep trying, not ready, until it can.
+        let recovered = tokio::select! {
+            r = daemon.recover() => r,
+            _ = shutdown.as_mut() => break Ok(()),
+        };
+        let mut state = match recovered {
+            Ok(s) => {
+                failures = 0;
+                s
+            }
+            Err(e @ RuntimeError::Recovery(_)) => break Err(e),
+            Err(e) => {
+                failures += 1;
+                let wait = Duration::from_millis((100u64 << failures.min(5)).min(2_000));
+                warn!("recovery failed ({e}); trying again in {} ms", wait.as_millis());
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => continue,
+                    _ = shutdown.as_mut() => break Ok(()),
+                }
+            }
         };
         daemon.health.ready.store(true, Ordering::SeqCst);
         let outcome = daemon.serve(&mut state, &mut shutdown).await;
@@ -574,7 +593,11 @@ impl Daemon {
                 }
                 Ok(())
             })
-            .await?;
+            .await
+            .map_err(|e| match e {
+                StoreError::Apply(detail) => RuntimeError::Recovery(detail),
+                other => RuntimeError::Store(other),
+            })?;
         let (seq, hash) = {
             let (s, h) = verifier.head();
             (s, h.to_string())

@@ -34,6 +34,9 @@ pub enum StoreError {
         /// The server's words.
         detail: String,
     },
+    /// The log was read but does not verify or cannot be applied.
+    #[error("the log cannot be applied: {0}")]
+    Apply(String),
     /// Another writer appended: this coordinator is deposed.
     #[error("another writer appended to the log (expected last sequence {expected}); restoring from the log")]
     Deposed {
@@ -255,10 +258,7 @@ impl Store {
         while let Some(m) = messages.next().await {
             let m = m.map_err(js_err("read the log"))?;
             let seq = m.info().map_err(js_err("read a log message's info"))?.stream_sequence;
-            f(seq, &m.payload).map_err(|detail| StoreError::JetStream {
-                what: "apply the log",
-                detail,
-            })?;
+            f(seq, &m.payload).map_err(StoreError::Apply)?;
             if seq >= to_seq {
                 break;
             }
