@@ -387,3 +387,29 @@ async fn log_verify_names_the_first_message_that_does_not_fit() {
     assert_eq!(bad.error_seq, Some(n + 1), "{bad:?}");
     assert!(bad.error.unwrap().contains("previous hash"));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn health_endpoints_say_live_and_ready_and_serve_metrics() {
+    let port = concord_nats::server::free_port().unwrap();
+    let live = Live::start().await;
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await.unwrap();
+    let handle = concord_nats::http::install_metrics();
+    tokio::spawn(concord_nats::http::serve(listener, handle, live.health.clone()));
+    let agent = live.client("resource").await;
+    agent.propose("resource", &example("seven-days-pool-500")).await.unwrap();
+    let get = |path: &'static str| async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        s.write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\n\r\n").as_bytes()).await.unwrap();
+        let mut body = String::new();
+        s.read_to_string(&mut body).await.unwrap();
+        body
+    };
+    assert!(get("/livez").await.starts_with("HTTP/1.1 200"));
+    assert!(get("/readyz").await.starts_with("HTTP/1.1 200"));
+    let metrics = get("/metrics").await;
+    assert!(metrics.starts_with("HTTP/1.1 200"));
+    assert!(metrics.contains("concord_intents_total"), "{metrics}");
+    live.health.ready.store(false, std::sync::atomic::Ordering::SeqCst);
+    assert!(get("/readyz").await.starts_with("HTTP/1.1 503"));
+}

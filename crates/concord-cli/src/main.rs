@@ -48,6 +48,8 @@ enum Command {
     Log(cmd::tail::LogArgs),
     /// Generate a nats-server configuration: one nkey user per agent, operator and executor.
     NatsConfig(cmd::natsconfig::Args),
+    /// Measure the live bus beside its physical floors (docs/BENCHMARKS.md).
+    Bench(cmd::bench::Args),
 }
 
 /// Operators' commands, each a top-level subcommand.
@@ -84,6 +86,7 @@ fn main() -> ExitCode {
         Command::Tail(a) => cmd::tail::tail(a),
         Command::Log(a) => cmd::tail::log(a),
         Command::NatsConfig(a) => cmd::natsconfig::run(a),
+        Command::Bench(a) => cmd::bench::run(a),
     };
     match result {
         Ok(code) => ExitCode::from(code),

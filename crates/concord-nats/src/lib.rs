@@ -19,6 +19,7 @@
 //! assert_eq!(s.intent("resource"), "concord.v1.default.intent.resource");
 //! ```
 
+pub mod bench;
 pub mod client;
 pub mod config;
 pub mod http;
