@@ -45,6 +45,10 @@ impl Live {
     /// A coordinator on `server`, with the configuration adjusted by `f`.
     pub async fn start_on(server: NatsServer, f: impl FnOnce(&mut RuntimeConfig)) -> Live {
         let mut cfg = RuntimeConfig {
+            log: concord_nats::config::LogConfig {
+                max_bytes: 64 * 1024 * 1024,
+                ..Default::default()
+            },
             nats: vec![server.url()],
             policy: Some(root().join("config/policy.toml")),
             world: Some(root().join("config/examples/world.toml")),

@@ -191,7 +191,13 @@ async fn approvals_and_rejections_go_through_the_control_subjects() {
     // An agent the policy does not list waits for a human on everything; alice rejects it.
     let newbie = live.client("newbie").await;
     let held = newbie
-        .propose("newbie", plan.to_string().replace("pool-120", "newbie-1").as_bytes())
+        .propose(
+            "newbie",
+            plan.to_string()
+                .replace("pool-120", "newbie-1")
+                .replace("svc/api/pool_size", "svc/web/pool_size")
+                .as_bytes(),
+        )
         .await
         .unwrap();
     assert_eq!(held.verdict, Verdict::NeedsApproval, "{:?}", held.reasons);
@@ -396,11 +402,16 @@ async fn health_endpoints_say_live_and_ready_and_serve_metrics() {
     let handle = concord_nats::http::install_metrics();
     tokio::spawn(concord_nats::http::serve(listener, handle, live.health.clone()));
     let agent = live.client("resource").await;
-    agent.propose("resource", &example("seven-days-pool-500")).await.unwrap();
+    agent
+        .propose("resource", &example("seven-days-pool-500"))
+        .await
+        .unwrap();
     let get = |path: &'static str| async move {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-        s.write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\n\r\n").as_bytes()).await.unwrap();
+        s.write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
         let mut body = String::new();
         s.read_to_string(&mut body).await.unwrap();
         body

@@ -166,7 +166,9 @@ async fn executor(url: &str) -> Result<tokio::task::JoinHandle<()>, BoxError> {
     let mut sub = nats.subscribe("concord.v1.default.exec.default").await?;
     Ok(tokio::spawn(async move {
         while let Some(m) = sub.next().await {
-            let Ok(d) = serde_json::from_slice::<StepDispatch>(&m.payload) else { continue };
+            let Ok(d) = serde_json::from_slice::<StepDispatch>(&m.payload) else {
+                continue;
+            };
             let o = StepOutcome {
                 key: d.key,
                 result: StepResult::Succeeded,
@@ -181,14 +183,23 @@ async fn executor(url: &str) -> Result<tokio::task::JoinHandle<()>, BoxError> {
 async fn start_coordinator(
     url: &str,
     dir: &std::path::Path,
-) -> Result<(Arc<Health>, tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<()>), BoxError> {
+) -> Result<
+    (
+        Arc<Health>,
+        tokio::sync::oneshot::Sender<()>,
+        tokio::task::JoinHandle<()>,
+    ),
+    BoxError,
+> {
     let policy = dir.join("bench-policy.toml");
     std::fs::write(&policy, BENCH_POLICY)?;
-    let mut core = Config::default();
-    core.running_per_agent_max = 1_000_000;
-    core.pending_per_agent_max = 1_000_000;
-    core.plans_max = 1_000_000;
-    core.idempotency_keys_max = 1_000_000;
+    let core = Config {
+        running_per_agent_max: 1_000_000,
+        pending_per_agent_max: 1_000_000,
+        plans_max: 1_000_000,
+        idempotency_keys_max: 1_000_000,
+        ..Config::default()
+    };
     let cfg = RuntimeConfig {
         nats: vec![url.to_string()],
         policy: Some(policy),
@@ -219,7 +230,11 @@ async fn start_coordinator(
 /// The floor responder: one JetStream publish per request; `ack_first`
 /// waits for the ack before replying (round trip), else replies when the
 /// ack arrives without holding up the next request (throughput).
-async fn floor_responder(url: &str, subject: &str, stream_subject: &str) -> Result<tokio::task::JoinHandle<()>, BoxError> {
+async fn floor_responder(
+    url: &str,
+    subject: &str,
+    stream_subject: &str,
+) -> Result<tokio::task::JoinHandle<()>, BoxError> {
     let nats = async_nats::connect(url).await?;
     let js = jetstream::new(nats.clone());
     let _ = js
@@ -233,7 +248,9 @@ async fn floor_responder(url: &str, subject: &str, stream_subject: &str) -> Resu
     let stream_subject = stream_subject.to_string();
     Ok(tokio::spawn(async move {
         while let Some(m) = sub.next().await {
-            let Ok(ack) = js.publish(stream_subject.clone(), m.payload.clone()).await else { continue };
+            let Ok(ack) = js.publish(stream_subject.clone(), m.payload.clone()).await else {
+                continue;
+            };
             let nats = nats.clone();
             tokio::spawn(async move {
                 if ack.await.is_ok()
@@ -323,7 +340,10 @@ pub async fn run_bench(bin: std::path::PathBuf, opts: BenchOptions) -> Result<Re
     let nats = async_nats::connect(&url).await?;
     let client = ConcordClient::connect(&url, &Credentials::default(), "default", None).await?;
 
-    eprintln!("bench: round trips ({} each), floor and decisions interleaved", opts.round_trips);
+    eprintln!(
+        "bench: round trips ({} each), floor and decisions interleaved",
+        opts.round_trips
+    );
     let mut floor = Vec::new();
     let mut decided = Vec::new();
     for i in 0..opts.round_trips as u64 {
@@ -339,7 +359,10 @@ pub async fn run_bench(bin: std::path::PathBuf, opts: BenchOptions) -> Result<Re
     report.floor_round_trip = Latency::of(floor);
     report.decision_round_trip = Latency::of(decided);
 
-    eprintln!("bench: throughput, {} s each, {} concurrent", opts.seconds, opts.concurrency);
+    eprintln!(
+        "bench: throughput, {} s each, {} concurrent",
+        opts.seconds, opts.concurrency
+    );
     let n2 = nats.clone();
     report.floor_rate = concurrent(opts.seconds, opts.concurrency, 0, move |_| {
         let n = n2.clone();
@@ -381,7 +404,10 @@ pub async fn run_bench(bin: std::path::PathBuf, opts: BenchOptions) -> Result<Re
     }
 
     if !opts.skip_recovery {
-        eprintln!("bench: recovery from a generated log of {} events", opts.recovery_events);
+        eprintln!(
+            "bench: recovery from a generated log of {} events",
+            opts.recovery_events
+        );
         recovery(&bin, &opts, &mut report).await?;
     }
     Ok(report)
@@ -434,8 +460,10 @@ async fn recovery(bin: &std::path::Path, opts: &BenchOptions, report: &mut Repor
     let url = server.url();
     let policy_path = server.dir().join("bench-policy.toml");
     std::fs::write(&policy_path, BENCH_POLICY)?;
-    let mut config = Config::default();
-    config.idempotency_keys_max = 100_000;
+    let config = Config {
+        idempotency_keys_max: 100_000,
+        ..Config::default()
+    };
     let cfg = RuntimeConfig {
         nats: vec![url.clone()],
         policy: Some(policy_path),
@@ -512,7 +540,7 @@ async fn recovery(bin: &std::path::Path, opts: &BenchOptions, report: &mut Repor
                 events: ev,
             });
         }
-        if batch.len() >= 2_000 {
+        if batch.len() >= 400 {
             flush(&mut batch, &mut prev, &mut seq).await?;
         }
     }
@@ -614,7 +642,9 @@ pub fn render(r: &Report, opts: &BenchOptions) -> String {
         ));
     }
     if let Some(ms) = r.recovery_snapshot_ms {
-        s.push_str(&format!("| recovery from a snapshot at the end | | {ms:.0} ms | | < 2 s |\n"));
+        s.push_str(&format!(
+            "| recovery from a snapshot at the end | | {ms:.0} ms | | < 2 s |\n"
+        ));
     }
     s
 }

@@ -112,7 +112,7 @@ impl Default for LogConfig {
         LogConfig {
             stream: "CONCORD_LOG".into(),
             replicas: 1,
-            max_bytes: 8 * 1024 * 1024 * 1024,
+            max_bytes: 1024 * 1024 * 1024,
             duplicate_window_ms: 120_000,
             batch_bytes_max: 512 * 1024,
             batch_records_max: 4096,

@@ -215,6 +215,9 @@ pub async fn run(
         ctl_rx,
         out_rx,
     };
+    // Fused: once it resolved it is never polled again (a failed drain
+    // during shutdown must not wait on it a second time).
+    let shutdown = futures::FutureExt::fuse(shutdown);
     tokio::pin!(shutdown);
     let mut failures = 0u32;
     let result = loop {
@@ -242,6 +245,10 @@ pub async fn run(
         };
         daemon.health.ready.store(true, Ordering::SeqCst);
         let outcome = daemon.serve(&mut state, &mut shutdown).await;
+        if futures::future::FusedFuture::is_terminated(&*shutdown) {
+            daemon.health.ready.store(false, Ordering::SeqCst);
+            break outcome;
+        }
         daemon.health.ready.store(false, Ordering::SeqCst);
         match outcome {
             Ok(()) => break Ok(()),
@@ -693,7 +700,7 @@ impl Daemon {
     async fn serve(
         &mut self,
         state: &mut State,
-        shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
+        shutdown: &mut std::pin::Pin<&mut futures::future::Fuse<impl Future<Output = ()>>>,
     ) -> Result<(), RuntimeError> {
         let mut beat = tokio::time::interval(Duration::from_millis(500));
         loop {
