@@ -111,7 +111,9 @@ fn markers<DB: DrawingBackend>(
     run: &Run,
     top: f64,
 ) -> Result<(), PlotError> {
-    for (t, v, label) in &run.markers {
+    for (k, (t, v, label)) in run.markers.iter().enumerate() {
+        // Decisions close in time would print over each other: stagger the labels.
+        let y = top * (0.95 - 0.07 * (k % 6) as f64);
         let x = *t as f64 / 3_600_000.0;
         let color = match v {
             Verdict::Admit => RGBColor(0, 150, 0),
@@ -127,7 +129,7 @@ fn markers<DB: DrawingBackend>(
         chart
             .draw_series(std::iter::once(Text::new(
                 format!("{label}: {}", v.name()),
-                (x, top * 0.97),
+                (x, y),
                 ("sans-serif", 11).into_font().color(&color),
             )))
             .map_err(err)?;
