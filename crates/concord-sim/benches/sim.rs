@@ -5,6 +5,8 @@
 //! - `replay/intents`: re-deciding a recording of 2,000 intents (3 of 4
 //!   admitted and run: intent + outcome; 1 of 4 rejected by the ceiling)
 //!   under the shipped policy and the seven-days world; throughput in intents.
+//!   `replay/intents-native-budget`: the same with the policy's CEL
+//!   connection-budget rule as the native `[[rules.budget]]`.
 //! - `replay/observations`: re-feeding 100,000 observations and timer ticks;
 //!   throughput in inputs.
 //! - `replay/decode`: parsing the observation recording from JSONL.
@@ -76,8 +78,23 @@ fn record(policy_text: &str, world: World, inputs: impl Iterator<Item = (u64, In
     records
 }
 
-fn intents(n: u64) -> Vec<Record> {
-    let policy = std::fs::read_to_string(root().join("config/policy.toml")).unwrap();
+/// The shipped policy with its CEL connection-budget rule replaced by the
+/// native budget rule that checks the same thing.
+fn native_budget(policy: &str) -> String {
+    let start = policy.find("[[rules.cel]]\nid = \"coupling.db_connections\"").unwrap();
+    let end = start + policy[start..].find("# Destructive steps").unwrap();
+    format!(
+        "{}[[rules.budget]]\nid = \"coupling.db_connections\"\nterms = [\"svc/*/pool_size\", \"svc/*/replicas\"]\nlimit = \"db/primary/max_connections\"\nmax_fraction = 0.8\noutcome = \"reject\"\n\n{}",
+        &policy[..start],
+        &policy[end..]
+    )
+}
+
+fn intents(n: u64, native: bool) -> Vec<Record> {
+    let mut policy = std::fs::read_to_string(root().join("config/policy.toml")).unwrap();
+    if native {
+        policy = native_budget(&policy);
+    }
     let world =
         World::from_toml_str(&std::fs::read_to_string(root().join("config/examples/world.toml")).unwrap()).unwrap();
     let inputs = (0..n).map(|i| {
@@ -157,13 +174,15 @@ fn bench(c: &mut Criterion) {
 
     let mut g = c.benchmark_group("replay");
     g.sample_size(10);
-    let rec = intents(2_000);
-    let n = rec
-        .iter()
-        .filter(|r| matches!(r, Record::Input { input, .. } if matches!(**input, Input::Intent { .. })))
-        .count();
-    g.throughput(Throughput::Elements(n as u64));
-    g.bench_function("intents", |b| b.iter(|| replay(&rec).unwrap()));
+    for (name, native) in [("intents", false), ("intents-native-budget", true)] {
+        let rec = intents(2_000, native);
+        let n = rec
+            .iter()
+            .filter(|r| matches!(r, Record::Input { input, .. } if matches!(**input, Input::Intent { .. })))
+            .count();
+        g.throughput(Throughput::Elements(n as u64));
+        g.bench_function(name, |b| b.iter(|| replay(&rec).unwrap()));
+    }
     let rec = observations(100_000);
     g.throughput(Throughput::Elements(rec.len() as u64 - 1));
     g.bench_function("observations", |b| b.iter(|| replay(&rec).unwrap()));

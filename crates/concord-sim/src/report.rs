@@ -6,7 +6,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 
-use concord_proto::{ResourcePath, Value, Verdict};
+use concord_proto::{Value, Verdict};
 use serde::Serialize;
 
 use crate::check::Violation;
@@ -407,19 +407,4 @@ fn metric_rows(m: &Metrics) -> Vec<(&'static str, String)> {
         ("observations reported", m.observations.to_string()),
         ("coordinator crashes survived", m.crashes.to_string()),
     ]
-}
-
-/// The final values of the paths a scenario's expectations name.
-pub fn final_values<'a>(run: &'a Run, paths: impl Iterator<Item = &'a ResourcePath>) -> BTreeMap<String, String> {
-    paths
-        .map(|p| {
-            (
-                p.to_string(),
-                run.world
-                    .get(p)
-                    .map(|v| v.to_string())
-                    .unwrap_or_else(|| "absent".into()),
-            )
-        })
-        .collect()
 }

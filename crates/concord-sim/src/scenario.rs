@@ -741,12 +741,6 @@ impl Scenario {
         Ok(s)
     }
 
-    /// The compiled policy.
-    pub fn compiled_policy(&self) -> Policy {
-        // Compiled once in `parse`, so this cannot fail.
-        Policy::compile(self.policy.clone()).unwrap_or_else(|_| unreachable_policy())
-    }
-
     /// The path of a world service's subtree.
     pub fn service_path(&self, name: &str) -> Option<&ResourcePath> {
         self.world.services.get(name).map(|s| &s.path)
@@ -1031,13 +1025,5 @@ pub fn halt_scope(a: &OperatorAction) -> Result<HaltScope, String> {
             .map_err(|(_, d)| format!("name: {d}")),
         ("all", Some(_)) => Err("scope `all` takes no name".into()),
         (s, _) => Err(format!("scope `{s}`: `all`, or `agent`/`path` with a `name`")),
-    }
-}
-
-fn unreachable_policy() -> Policy {
-    // `parse` compiled the same configuration; the default one always compiles.
-    match Policy::compile(PolicyConfig::default()) {
-        Ok(p) => p,
-        Err(e) => panic!("the default policy does not compile: {e}"),
     }
 }
