@@ -5,19 +5,19 @@
 //!   from the `Genesis` record (applying `Policy` records as they come) and
 //!   compares every event it produces with the recorded ones; the first
 //!   difference is an error naming the record and the event.
-//! - [`what_if`] does the same and feeds the same inputs to a second
-//!   coordinator under another policy: the recorded run keeps driving the
-//!   inputs, the other policy's verdicts are computed alongside and reported
-//!   as counterfactual, with the first event where they differ and how much
-//!   earlier (or later) the other policy would have intervened. After the
-//!   first difference the second coordinator's state follows its own
-//!   verdicts (a plan it rejected does not run there), so later rows are
-//!   marked as after the divergence.
-//! - [`rebuild`] is how the simulator restores a crashed coordinator.
+//! - [`what_if`] does the same, and before each input that decides
+//!   something, takes the decision again under another policy on a copy of
+//!   the recorded state (snapshot and restore): the recorded run keeps
+//!   driving state, the other policy's verdicts are computed alongside and
+//!   reported as counterfactual, with the event where they first differ and
+//!   how much earlier (or later) the other policy would have intervened.
+//! - [`rebuild`] restores a coordinator from its log as a restarted process
+//!   does (recorded decisions applied, not re-decided); the simulator's crash
+//!   fault goes through it.
 
 use std::collections::BTreeMap;
 
-use concord_core::coordinator::{Coordinator, Effect, Event, Input, Record};
+use concord_core::coordinator::{Coordinator, Effect, Event, Input, Record, first_divergence};
 use concord_core::policy::{Policy, PolicyConfig};
 use concord_proto::Verdict;
 use serde::Serialize;
@@ -182,14 +182,32 @@ fn compare(line: usize, now_ms: u64, input: &Input, got: &[Event], recorded: &[E
     })
 }
 
-/// Restores a coordinator from its log: today by re-feeding every recorded
-/// input to a fresh coordinator from the genesis record (deterministic with
-/// the same binary), checking each produces the recorded events. This is the
-/// one place to swap in recovery that applies recorded decisions.
+/// Restores a coordinator from its log, as a restarted process does: every
+/// recorded input is re-fed to a fresh coordinator from the genesis record
+/// with [`Coordinator::recover_input`], which takes each decision from the
+/// recorded events instead of deciding again, and the events it produces
+/// must match the record. The simulator's crash fault goes through here.
 pub fn rebuild(records: &[Record]) -> Result<Coordinator, ReplayError> {
     let mut c = genesis(records)?;
     for (i, r) in records.iter().enumerate().skip(1) {
-        step(&mut c, i + 1, r)?;
+        match r {
+            Record::Input { now_ms, input, events } => {
+                let fx = c.recover_input(*now_ms, (**input).clone(), events);
+                if let Some(d) = first_divergence(events, &fx) {
+                    return Err(ReplayError::Divergence {
+                        line: i + 1,
+                        at: crate::time::stamp(*now_ms),
+                        input: input_kind(input).into(),
+                        event: d.index + 1,
+                        got: text(d.produced.as_ref()),
+                        recorded: text(d.recorded.as_ref()),
+                    });
+                }
+            }
+            other => {
+                step(&mut c, i + 1, other)?;
+            }
+        }
     }
     Ok(c)
 }
@@ -285,7 +303,7 @@ pub struct WhatIfRow {
     pub other_reasons: Vec<String>,
     /// The verdicts differ.
     pub changed: bool,
-    /// At or after the first difference (the other coordinator's state has diverged).
+    /// At or after the first difference.
     pub after_divergence: bool,
 }
 
@@ -318,40 +336,68 @@ fn decided(evs: &[Event]) -> Vec<(String, String, Verdict, Vec<String>)> {
                 verdict,
                 reasons,
                 ..
-            } => Some((format!("{lineage}/{version}"), agent.clone(), *verdict, reasons.clone())),
+            } => Some((
+                format!("{lineage}/{version}"),
+                agent.clone(),
+                *verdict,
+                reasons.iter().map(|r| r.rule.clone()).collect(),
+            )),
             _ => None,
         })
         .collect()
 }
 
 /// Replays `records` (checking them as [`replay`] does) and computes the
-/// verdicts `other` would have given, side by side.
+/// verdicts `other` would have given, side by side. Each decision is taken
+/// again on a copy of the recorded state just before it (a snapshot
+/// restored under the other policy), so every counterfactual verdict is
+/// about the world as it really was at that moment.
 pub fn what_if(records: &[Record], other: PolicyConfig) -> Result<WhatIf, ReplayError> {
     let mut a = genesis(records)?;
-    let Some(Record::Genesis(g)) = records.first() else {
-        return Err(ReplayError::NoGenesis);
-    };
-    let other = Policy::compile(other).map_err(|e| ReplayError::Policy {
+    let compiled = Policy::compile(other.clone()).map_err(|e| ReplayError::Policy {
         line: 0,
         detail: e.to_string(),
     })?;
     let mut w = WhatIf {
-        policy_hash: other.hash.clone(),
+        policy_hash: compiled.hash.clone(),
         ..WhatIf::default()
     };
-    let mut b = Coordinator::new(g.config.clone(), other, g.world.clone());
+    drop(compiled);
     for (i, r) in records.iter().enumerate().skip(1) {
+        // Only inputs that decide something need the other policy's view.
+        let alt = match r {
+            Record::Input {
+                now_ms,
+                input,
+                events: recorded,
+            } if matches!(**input, Input::Intent { .. } | Input::Control { .. })
+                || recorded.iter().any(|e| matches!(e, Event::Decided { .. })) =>
+            {
+                let bytes = a.snapshot().map_err(|e| ReplayError::Decode {
+                    line: i + 1,
+                    detail: format!("snapshot: {e}"),
+                })?;
+                let mut fork = Coordinator::restore(&bytes).map_err(|e| ReplayError::Decode {
+                    line: i + 1,
+                    detail: format!("restore: {e}"),
+                })?;
+                let policy = Policy::compile(other.clone()).map_err(|e| ReplayError::Policy {
+                    line: 0,
+                    detail: e.to_string(),
+                })?;
+                fork.set_policy(policy);
+                Some(events(fork.handle(*now_ms, (**input).clone())))
+            }
+            _ => None,
+        };
         let Some(rec) = step(&mut a, i + 1, r)? else { continue };
-        // The other coordinator keeps the other policy whatever the log reloads.
-        let Record::Input { now_ms, input, .. } = r else {
+        let (Some(alt), Record::Input { now_ms, .. }) = (alt, r) else {
             continue;
         };
-        let alt = events(b.handle(*now_ms, (**input).clone()));
+        let now_ms = *now_ms;
         let (ra, rb) = (decided(&rec), decided(&alt));
-        let mut keys: Vec<&String> = ra.iter().map(|x| &x.0).chain(rb.iter().map(|x| &x.0)).collect();
-        keys.dedup();
         let mut seen = std::collections::BTreeSet::new();
-        for k in keys {
+        for k in ra.iter().map(|x| &x.0).chain(rb.iter().map(|x| &x.0)) {
             if !seen.insert(k.clone()) {
                 continue;
             }
@@ -363,7 +409,7 @@ pub fn what_if(records: &[Record], other: PolicyConfig) -> Result<WhatIf, Replay
             }
             let row = WhatIfRow {
                 line: i + 1,
-                at_ms: *now_ms,
+                at_ms: now_ms,
                 agent: x.or(y).map(|d| d.1.clone()).unwrap_or_default(),
                 plan: k.clone(),
                 recorded: x.map(|d| d.2),
@@ -374,10 +420,10 @@ pub fn what_if(records: &[Record], other: PolicyConfig) -> Result<WhatIf, Replay
                 after_divergence: w.first_change.is_some(),
             };
             if row.recorded.is_some_and(|v| v != Verdict::Admit) && w.recorded_first_intervention_ms.is_none() {
-                w.recorded_first_intervention_ms = Some(*now_ms);
+                w.recorded_first_intervention_ms = Some(now_ms);
             }
             if row.other.is_some_and(|v| v != Verdict::Admit) && w.other_first_intervention_ms.is_none() {
-                w.other_first_intervention_ms = Some(*now_ms);
+                w.other_first_intervention_ms = Some(now_ms);
             }
             w.changed += usize::from(changed);
             w.rows.push(row);

@@ -193,9 +193,10 @@ pub struct Run {
     pub markers: Vec<(u64, Verdict, String)>,
 }
 
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 enum Who {
-    Agent(usize),
+    /// An agent; for intents, the plan's lineage and version.
+    Agent(usize, Option<(String, u32)>),
     Operator,
 }
 
@@ -628,8 +629,8 @@ impl Engine<'_> {
                 );
                 match self.mode {
                     Mode::Coordinated => {
-                        let request = self.request(Who::Agent(agent));
                         let lineage = intent.lineage.to_string();
+                        let request = self.request(Who::Agent(agent, Some((lineage.clone(), intent.version))));
                         let input = Input::Intent {
                             request,
                             agent: name,
@@ -660,7 +661,7 @@ impl Engine<'_> {
             }
             Action::Lease(req) => match self.mode {
                 Mode::Coordinated => {
-                    let request = self.request(Who::Agent(agent));
+                    let request = self.request(Who::Agent(agent, None));
                     let at = self.now + self.latency();
                     self.push(
                         at,
@@ -759,6 +760,13 @@ impl Engine<'_> {
             core_version: CORE_VERSION.into(),
         });
         self.metrics.crashes += 1;
+        // As the live runtime does after a restart: dispatches sent and not
+        // yet answered go out again; the executor dedupes them on their key.
+        for d in rebuilt.outstanding_dispatches() {
+            let base = self.exec_latency();
+            let at = self.now + base + self.latency();
+            self.push(at, Ev::Exec(Box::new(d)));
+        }
         let n = self.records.len();
         self.note(
             "fault",
@@ -868,7 +876,7 @@ impl Engine<'_> {
                 let key = lv(lineage.as_str(), *version);
                 if let Some(p) = self.plans.get_mut(&key) {
                     p.verdict = Some(*verdict);
-                    p.reasons = reasons.clone();
+                    p.reasons = reasons.iter().map(|r| r.rule.clone()).collect();
                 }
                 self.markers.push((self.now, *verdict, key.clone()));
                 let mut text = format!("{lineage} v{version} of {agent}: {verdict}");
@@ -876,7 +884,8 @@ impl Engine<'_> {
                     text.push_str(" (queued behind a conflicting plan)");
                 }
                 if !reasons.is_empty() {
-                    text.push_str(&format!(" [{}]", reasons.join(", ")));
+                    let ids: Vec<&str> = reasons.iter().map(|r| r.rule.as_str()).collect();
+                    text.push_str(&format!(" [{}]", ids.join(", ")));
                 }
                 if let Some(c) = conflicts.first() {
                     text.push_str(&format!(" conflicts with {} of {}", c.other, c.agent));
@@ -1056,16 +1065,16 @@ impl Engine<'_> {
             return;
         };
         match (who, reply) {
-            (Who::Agent(i), Reply::Decision(d)) => {
+            (Who::Agent(i, Some((lineage, version))), Reply::Decision(d)) => {
                 let n = Notice::Decided {
-                    lineage: d.preview.plan.lineage.to_string(),
-                    version: d.preview.plan.version,
+                    lineage,
+                    version,
                     verdict: d.verdict,
                 };
                 let at = self.now + self.latency();
                 self.push(at, Ev::Notice(i, n));
             }
-            (Who::Agent(i), Reply::Lease(r)) => {
+            (Who::Agent(i, _), Reply::Lease(r)) => {
                 let name = self.agents[i].name.clone();
                 if let LeaseReply::Refused { code, message, .. } = &r {
                     self.note("lease", format!("{name}: lease refused ({code}): {message}"));
