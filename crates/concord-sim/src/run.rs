@@ -1010,10 +1010,14 @@ impl Engine<'_> {
                 reason,
             } => self.note(
                 "operator",
-                format!("{operator}: halt {grade:?} on {scope:?}: {reason}").to_lowercase(),
+                format!(
+                    "{operator}: halt ({}) on {}: {reason}",
+                    format!("{grade:?}").to_lowercase(),
+                    scope_text(scope)
+                ),
             ),
             Event::Resumed { operator, scope, .. } => {
-                self.note("operator", format!("{operator}: resume {scope:?}").to_lowercase())
+                self.note("operator", format!("{operator}: resume {}", scope_text(scope)))
             }
             Event::SagaDecided {
                 lineage,
@@ -1292,6 +1296,15 @@ impl Engine<'_> {
             series: self.series,
             markers: self.markers,
         }
+    }
+}
+
+fn scope_text(scope: &concord_proto::coord::HaltScope) -> String {
+    use concord_proto::coord::HaltScope as H;
+    match scope {
+        H::All => "everything".into(),
+        H::Agent(a) => format!("agent {a}"),
+        H::Path(p) => format!("path {p}"),
     }
 }
 

@@ -45,6 +45,7 @@ fn every_shipped_scenario_has_a_test() {
         .collect();
     let tested = [
         "benign",
+        "kill-switch",
         "lease-pause",
         "racing",
         "remediation-loop",
@@ -94,6 +95,11 @@ fn lease_pause() {
 #[test]
 fn benign() {
     check("benign");
+}
+
+#[test]
+fn kill_switch() {
+    check("kill-switch");
 }
 
 #[test]
