@@ -50,6 +50,10 @@ enum Command {
     NatsConfig(cmd::natsconfig::Args),
     /// Measure the live bus beside its physical floors (docs/BENCHMARKS.md).
     Bench(cmd::bench::Args),
+    /// Run a scenario in virtual time, coordinated and uncoordinated (exit 4 if an expectation or checker fails).
+    Sim(cmd::sim::Args),
+    /// Re-decide a recorded log and check it reproduces; with --policy, what-if.
+    Replay(cmd::replay::Args),
 }
 
 /// Operators' commands, each a top-level subcommand.
@@ -87,6 +91,8 @@ fn main() -> ExitCode {
         Command::Log(a) => cmd::tail::log(a),
         Command::NatsConfig(a) => cmd::natsconfig::run(a),
         Command::Bench(a) => cmd::bench::run(a),
+        Command::Sim(a) => cmd::sim::run(a),
+        Command::Replay(a) => cmd::replay::run(a),
     };
     match result {
         Ok(code) => ExitCode::from(code),

@@ -5,7 +5,9 @@ pub mod bus;
 pub mod check;
 pub mod live;
 pub mod natsconfig;
+pub mod replay;
 pub mod schema;
+pub mod sim;
 pub mod tail;
 pub mod up;
 
