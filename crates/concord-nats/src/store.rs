@@ -238,23 +238,16 @@ impl Store {
             .get_stream(&self.stream)
             .await
             .map_err(js_err("open the log stream"))?;
-        let consumer: consumer::PullConsumer = s
-            .create_consumer(consumer::pull::Config {
-                deliver_policy: consumer::DeliverPolicy::ByStartSequence {
-                    start_sequence: from_seq,
-                },
-                ack_policy: consumer::AckPolicy::None,
-                inactive_threshold: Duration::from_secs(60),
+        // An ordered consumer: it tracks sequences, and recreates itself on a
+        // gap, a reset or a reconnect, so no message is skipped.
+        let consumer = s
+            .create_consumer(consumer::pull::OrderedConfig {
+                deliver_policy: consumer::DeliverPolicy::ByStartSequence { start_sequence: from_seq },
                 ..Default::default()
             })
             .await
             .map_err(js_err("create a log reader"))?;
-        let mut messages = consumer
-            .stream()
-            .max_messages_per_batch(1000)
-            .messages()
-            .await
-            .map_err(js_err("read the log"))?;
+        let mut messages = consumer.messages().await.map_err(js_err("read the log"))?;
         while let Some(m) = messages.next().await {
             let m = m.map_err(js_err("read the log"))?;
             let seq = m.info().map_err(js_err("read a log message's info"))?.stream_sequence;
