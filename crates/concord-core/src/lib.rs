@@ -46,3 +46,4 @@ pub mod preview;
 pub mod report;
 mod rules;
 pub mod world;
+pub mod worlddoc;

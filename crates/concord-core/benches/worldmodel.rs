@@ -1,0 +1,2 @@
+//! World model benchmarks (filled in with the coordinator's document).
+fn main() {}
