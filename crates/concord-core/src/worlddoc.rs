@@ -390,18 +390,30 @@ fn make_doc_id(identity: &Identity, epoch: u64, created_at_ms: u64) -> DocId {
 }
 
 fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        out.push(DIGITS[usize::from(b >> 4)] as char);
+        out.push(DIGITS[usize::from(b & 0xf)] as char);
+    }
+    out
+}
+
+fn unhex(s: &str) -> Option<Vec<u8>> {
+    let digit = |c: u8| match c {
+        b'0'..=b'9' => Some(c - b'0'),
+        b'a'..=b'f' => Some(c - b'a' + 10),
+        _ => None,
+    };
+    let b = s.as_bytes();
+    if !b.len().is_multiple_of(2) {
+        return None;
+    }
+    b.chunks(2).map(|p| Some(digit(p[0])? << 4 | digit(p[1])?)).collect()
 }
 
 fn unhex16(s: &str) -> Option<DocId> {
-    if s.len() != 32 {
-        return None;
-    }
-    let mut out = [0u8; 16];
-    for (i, o) in out.iter_mut().enumerate() {
-        *o = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
-    }
-    Some(out)
+    unhex(s)?.try_into().ok()
 }
 
 /// An empty document written by `actor`.
@@ -813,14 +825,16 @@ pub struct Rotation {
 
 impl WorldDoc {
     /// A new document (epoch 0) holding `world`, written at `now_ms`.
-    pub fn new(identity: Identity, config: WorldDocConfig, world: &World, now_ms: u64) -> Result<Self, WorldDocError> {
+    pub fn new(identity: Identity, config: WorldDocConfig, world: &World, now_ms: u64) -> Self {
         let state = Snapshot {
             resources: world.resources.clone(),
             services: world.services.clone(),
             observations: BTreeMap::new(),
             provenance: BTreeMap::new(),
         };
-        Self::create(identity, config, 0, &state, now_ms)
+        // Every write goes to an object made in the same transaction, with
+        // keys and values Automerge accepts whatever they hold: it cannot fail.
+        Self::create(identity, config, 0, &state, now_ms).expect("a fresh document accepts every write")
     }
 
     fn create(
@@ -1061,7 +1075,6 @@ impl WorldDoc {
 
     /// Writes the changes a step (or compensation) made, with their
     /// provenance, as one change.
-    #[allow(dead_code)] // the coordinator's step outcomes call it
     pub(crate) fn apply_step(
         &mut self,
         now_ms: u64,
@@ -1090,7 +1103,6 @@ impl WorldDoc {
 
     /// Writes the latest value of a series (the caller applied the deadband),
     /// touching only the fields that differ from `written`.
-    #[allow(dead_code)] // the coordinator's observation path calls it
     pub(crate) fn put_observation(
         &mut self,
         path: &ResourcePath,
@@ -1342,6 +1354,39 @@ fn write_provenance<T: Transactable>(
     Ok(())
 }
 
+/// The world document inside a coordinator snapshot: its identity, bounds
+/// and saved bytes (hex). Sync sessions are not state: after a restore,
+/// replicas say hello again and catch up from what they hold.
+pub mod serde_doc {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    use super::{Identity, WorldDoc, WorldDocConfig, hex, unhex};
+
+    #[derive(Serialize, Deserialize)]
+    struct Saved {
+        identity: Identity,
+        config: WorldDocConfig,
+        bytes: String,
+    }
+
+    /// Writes the document as its identity, bounds and bytes.
+    pub fn serialize<S: Serializer>(d: &WorldDoc, s: S) -> Result<S::Ok, S::Error> {
+        Saved {
+            identity: d.identity.clone(),
+            config: d.config.clone(),
+            bytes: hex(&d.save()),
+        }
+        .serialize(s)
+    }
+
+    /// Loads the document with the saved identity's actor.
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<WorldDoc, D::Error> {
+        let saved = Saved::deserialize(d)?;
+        let bytes = unhex(&saved.bytes).ok_or_else(|| serde::de::Error::custom("world document bytes: not hex"))?;
+        WorldDoc::load(&bytes, saved.identity, saved.config).map_err(serde::de::Error::custom)
+    }
+}
+
 // ---- the replica --------------------------------------------------------------
 
 /// What a replica-side receive did.
@@ -1585,7 +1630,7 @@ mod tests {
     #[test]
     fn values_round_trip_with_their_types() {
         let w = world();
-        let d = WorldDoc::new(Identity::default(), WorldDocConfig::default(), &w, 1_000).unwrap();
+        let d = WorldDoc::new(Identity::default(), WorldDocConfig::default(), &w, 1_000);
         assert_eq!(d.world(), w);
         assert_eq!(d.resource("svc/api/limits"), w.resources.get("svc/api/limits").cloned());
         assert_eq!(d.scan_prefix("svc/api/t").len(), 1);
@@ -1599,7 +1644,7 @@ mod tests {
                 coordinator: "c1".into(),
                 incarnation: inc,
             };
-            let mut d = WorldDoc::new(id, WorldDocConfig::default(), &world(), 5_000).unwrap();
+            let mut d = WorldDoc::new(id, WorldDocConfig::default(), &world(), 5_000);
             let p = ResourcePath::parse("svc/api/pool_size").unwrap();
             d.apply_step(6_000, &[(p, Some(Value::Int(60)))], &by("s1", 6_000))
                 .unwrap();

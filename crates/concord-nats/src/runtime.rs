@@ -1081,7 +1081,6 @@ impl Daemon {
                         .collect(),
                     observations: c
                         .observations()
-                        .iter()
                         .filter(|(p, _)| under(p))
                         .take(10_000)
                         .map(|(p, o)| (p.clone(), o.clone()))
