@@ -1266,9 +1266,20 @@ impl WorldDoc {
         if frame.kind == FrameKind::Hello {
             p.state = sync::State::new_read_only();
         }
+        let holds_some = !msg.heads.is_empty();
         // The message carries no changes, so this cannot change the document.
         doc.receive_sync_message(&mut p.state, msg)
             .map_err(|e| SyncError::Message(e.to_string()))?;
+        if holds_some {
+            // Automerge sends the whole document instead of the missing
+            // changes when they are over a third of the document's *changes*;
+            // a document starts (and restarts at each rotation) as one large
+            // change, so a replica that holds it would get all of it again.
+            // Forgetting the peer's advertised capabilities keeps replies to
+            // the changes it lacks. An empty replica still gets the whole
+            // document, compressed, in one message.
+            p.state.their_capabilities = None;
+        }
         Ok(SyncReceipt::Applied)
     }
 
