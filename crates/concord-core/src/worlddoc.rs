@@ -10,8 +10,10 @@
 //!   beyond the deadband ([`needs_write`]), so `at_ms` is the coordinator's
 //!   receive time of the value the document holds. The full series stays in
 //!   the coordinator's bounded core state;
-//! - `provenance`: resource path -> `{ lineage, version, step, phase, agent,
-//!   at_ms }`, the plan step (or compensation) that last changed the path;
+//! - `provenance`: resource path -> the JSON text of `{ lineage, version, step,
+//!   phase, agent, at_ms }`, the plan step (or compensation) that last
+//!   changed the path. One string, not a map: it is written on the saga's
+//!   path, and each Automerge operation costs tens of microseconds;
 //! - `schema`, `coordinator`, `epoch`, `doc_id`, `created_at_ms`: what this
 //!   document is.
 //!
@@ -41,7 +43,9 @@ use std::fmt;
 
 use automerge::sync::{self, SyncDoc};
 use automerge::transaction::{CommitOptions, Transactable};
-use automerge::{ActorId, Automerge, ChangeHash, ObjId, ObjType, ROOT, ReadDoc, ScalarValue, ScalarValueRef, ValueRef};
+use automerge::{
+    ActorId, Automerge, ChangeHash, ObjId, ObjType, ROOT, ReadDoc, ScalarValue, ScalarValueRef, ValueRef, hydrate,
+};
 use concord_proto::coord::Phase;
 use concord_proto::{ObservationKind, ResourcePath, Value};
 use serde::{Deserialize, Serialize};
@@ -451,45 +455,40 @@ fn scalar(v: &Value) -> Option<ScalarValue> {
     })
 }
 
-/// Writes `v` at `key` of map `obj`: scalars as Automerge scalars, lists and
-/// maps as Automerge objects, so replicas read typed values.
-fn put_value<T: Transactable>(tx: &mut T, obj: &ObjId, key: &str, v: &Value) -> Result<(), WorldDocError> {
-    if let Some(s) = scalar(v) {
-        return tx.put(obj, key, s).map_err(am);
+/// A value as an Automerge hydrate value (for batch writes): scalars as
+/// Automerge scalars, lists and maps as Automerge objects, so replicas read
+/// typed values.
+fn to_hydrate(v: &Value) -> hydrate::Value {
+    match scalar(v) {
+        Some(s) => hydrate::Value::Scalar(s),
+        None => match v {
+            Value::List(l) => hydrate::Value::from(l.iter().map(to_hydrate).collect::<Vec<_>>()),
+            Value::Map(m) => hmap(m.iter().map(|(k, v)| (k.clone(), to_hydrate(v)))),
+            _ => unreachable!("scalars are handled above"),
+        },
     }
-    let (kind, list, map) = match v {
-        Value::List(l) => (ObjType::List, Some(l), None),
-        Value::Map(m) => (ObjType::Map, None, Some(m)),
-        _ => unreachable!("scalars are written above"),
-    };
-    let child = tx.put_object(obj, key, kind).map_err(am)?;
-    fill(tx, &child, list, map)
 }
 
-fn fill<T: Transactable>(
-    tx: &mut T,
-    obj: &ObjId,
-    list: Option<&Vec<Value>>,
-    map: Option<&BTreeMap<String, Value>>,
-) -> Result<(), WorldDocError> {
-    for (i, item) in list.into_iter().flatten().enumerate() {
-        match scalar(item) {
-            Some(s) => tx.insert(obj, i, s).map_err(am)?,
-            None => {
-                let (kind, l, m) = match item {
-                    Value::List(l) => (ObjType::List, Some(l), None),
-                    Value::Map(m) => (ObjType::Map, None, Some(m)),
-                    _ => unreachable!("scalars are inserted above"),
-                };
-                let child = tx.insert_object(obj, i, kind).map_err(am)?;
-                fill(tx, &child, l, m)?;
-            }
-        }
+/// A hydrate map. Automerge keeps it in a hash map but writes its keys
+/// sorted (`batch_bfs`), so the document does not depend on hash order.
+fn hmap(entries: impl IntoIterator<Item = (String, hydrate::Value)>) -> hydrate::Value {
+    let mut m = hydrate::Map::default();
+    for (k, value) in entries {
+        m.insert(k, hydrate::MapValue { value, conflict: false });
     }
-    for (k, item) in map.into_iter().flatten() {
-        put_value(tx, obj, k, item)?;
+    hydrate::Value::Map(m)
+}
+
+/// Writes `v` at `key` of map `obj`: a scalar in one operation, a list or
+/// map as one batch (two splices of the op set, whatever its size).
+fn put_value<T: Transactable>(tx: &mut T, obj: &ObjId, key: &str, v: &Value) -> Result<(), WorldDocError> {
+    match scalar(v) {
+        Some(s) => tx.put(obj, key, s).map_err(am),
+        None => tx
+            .batch_create_object(obj, key, &to_hydrate(v), false)
+            .map(|_| ())
+            .map_err(am),
     }
-    Ok(())
 }
 
 fn from_scalar(s: &ScalarValueRef<'_>) -> Option<Value> {
@@ -586,13 +585,6 @@ fn kind_from(s: &str) -> Option<ObservationKind> {
     })
 }
 
-fn phase_word(p: Phase) -> &'static str {
-    match p {
-        Phase::Do => "do",
-        Phase::Undo => "undo",
-    }
-}
-
 /// The object ids of the root maps, found once per document.
 #[derive(Clone, Debug)]
 struct Roots {
@@ -687,22 +679,7 @@ fn observations_of<D: ReadDoc>(doc: &D, roots: &Roots) -> BTreeMap<ResourcePath,
 }
 
 fn provenance_of<D: ReadDoc>(doc: &D, roots: &Roots, path: &str) -> Option<Provenance> {
-    let obj = match doc.get(&roots.provenance, path).ok()?? {
-        (automerge::Value::Object(ObjType::Map), id) => id,
-        _ => return None,
-    };
-    Some(Provenance {
-        lineage: read_str(doc, &obj, "lineage")?,
-        version: u32::try_from(read_u64(doc, &obj, "version")?).ok()?,
-        step: read_str(doc, &obj, "step")?,
-        phase: match read_str(doc, &obj, "phase")?.as_str() {
-            "do" => Phase::Do,
-            "undo" => Phase::Undo,
-            _ => return None,
-        },
-        agent: read_str(doc, &obj, "agent")?,
-        at_ms: read_u64(doc, &obj, "at_ms")?,
-    })
+    serde_json::from_str(&read_str(doc, &roots.provenance, path)?).ok()
 }
 
 fn provenances_of<D: ReadDoc>(doc: &D, roots: &Roots) -> BTreeMap<ResourcePath, Provenance> {
@@ -857,28 +834,45 @@ impl WorldDoc {
         tx.put(ROOT, "epoch", as_i64(epoch)).map_err(am)?;
         tx.put(ROOT, "doc_id", hex(&header.doc_id)).map_err(am)?;
         tx.put(ROOT, "created_at_ms", as_i64(now_ms)).map_err(am)?;
-        let resources = tx.put_object(ROOT, "resources", ObjType::Map).map_err(am)?;
-        for (p, v) in &state.resources {
-            put_value(&mut tx, &resources, p.as_str(), v)?;
-        }
-        let services = tx.put_object(ROOT, "services", ObjType::Map).map_err(am)?;
-        for (name, s) in &state.services {
-            let mut m = BTreeMap::new();
-            m.insert("path".to_string(), Value::Str(s.path.to_string()));
-            m.insert(
-                "depends_on".to_string(),
-                Value::List(s.depends_on.iter().map(|d| Value::Str(d.to_string())).collect()),
-            );
-            put_value(&mut tx, &services, name, &Value::Map(m))?;
-        }
-        let observations = tx.put_object(ROOT, "observations", ObjType::Map).map_err(am)?;
-        for (p, o) in &state.observations {
-            write_observation(&mut tx, &observations, p.as_str(), o, None)?;
-        }
-        let provenance = tx.put_object(ROOT, "provenance", ObjType::Map).map_err(am)?;
-        for (p, by) in &state.provenance {
-            write_provenance(&mut tx, &provenance, p.as_str(), by, None)?;
-        }
+        // Each root map is written as one batch: a 100k-path world costs two
+        // op-set splices instead of 100k.
+        let str_value = |s: &str| hydrate::Value::Scalar(ScalarValue::Str(s.into()));
+        let resources = hmap(state.resources.iter().map(|(p, v)| (p.to_string(), to_hydrate(v))));
+        let services = hmap(state.services.iter().map(|(name, s)| {
+            let depends_on: Vec<hydrate::Value> = s.depends_on.iter().map(|d| str_value(d.as_str())).collect();
+            (
+                name.clone(),
+                hmap([
+                    ("path".to_string(), str_value(s.path.as_str())),
+                    ("depends_on".to_string(), hydrate::Value::from(depends_on)),
+                ]),
+            )
+        }));
+        let observations = hmap(state.observations.iter().map(|(p, o)| {
+            (
+                p.to_string(),
+                hmap([
+                    ("kind".to_string(), str_value(kind_word(o.kind))),
+                    ("value".to_string(), to_hydrate(&o.value)),
+                    ("agent".to_string(), str_value(&o.agent)),
+                    (
+                        "at_ms".to_string(),
+                        hydrate::Value::Scalar(ScalarValue::Int(as_i64(o.at_ms))),
+                    ),
+                ]),
+            )
+        }));
+        let provenance = hmap(
+            state
+                .provenance
+                .iter()
+                .map(|(p, by)| (p.to_string(), str_value(&provenance_json(by)))),
+        );
+        let mut root = |key: &str, value: &hydrate::Value| tx.batch_create_object(ROOT, key, value, false).map_err(am);
+        let resources = root("resources", &resources)?;
+        let services = root("services", &services)?;
+        let observations = root("observations", &observations)?;
+        let provenance = root("provenance", &provenance)?;
         tx.commit_with(commit_options(now_ms));
         let roots = Roots {
             resources,
@@ -980,7 +974,7 @@ impl WorldDoc {
     }
 
     /// A new process incarnation writes from now on.
-    pub fn set_incarnation(&mut self, incarnation: u64) -> Result<(), WorldDocError> {
+    pub(crate) fn set_incarnation(&mut self, incarnation: u64) -> Result<(), WorldDocError> {
         if incarnation <= self.identity.incarnation {
             return Err(WorldDocError::IncarnationNotNewer {
                 current: self.identity.incarnation,
@@ -1091,11 +1085,8 @@ impl WorldDoc {
                 Some(v) => put_value(&mut tx, &roots.resources, path.as_str(), v)?,
                 None => tx.delete(&roots.resources, path.as_str()).map_err(am)?,
             }
-            let existing = match tx.get(&roots.provenance, path.as_str()).map_err(am)? {
-                Some((automerge::Value::Object(ObjType::Map), id)) => Some(id),
-                _ => None,
-            };
-            write_provenance(&mut tx, &roots.provenance, path.as_str(), by, existing)?;
+            tx.put(&roots.provenance, path.as_str(), provenance_json(by))
+                .map_err(am)?;
         }
         tx.commit_with(commit_options(now_ms));
         Ok(())
@@ -1132,7 +1123,7 @@ impl WorldDoc {
     /// Starts a fresh document (the next epoch) from the current state:
     /// resources, services, the latest observations, and the provenance of
     /// paths that still hold a value. Every peer's session starts over.
-    pub fn rotate(&mut self, now_ms: u64) -> Result<Rotation, WorldDocError> {
+    pub(crate) fn rotate(&mut self, now_ms: u64) -> Result<Rotation, WorldDocError> {
         let resources = self.resources();
         let provenance = self
             .provenances()
@@ -1334,35 +1325,25 @@ fn write_observation<T: Transactable>(
             tx.put(&obj, "at_ms", as_i64(o.at_ms)).map_err(am)?;
         }
         None => {
-            let obj = tx.put_object(parent, path, ObjType::Map).map_err(am)?;
-            tx.put(&obj, "kind", kind_word(o.kind)).map_err(am)?;
-            put_value(tx, &obj, "value", &o.value)?;
-            tx.put(&obj, "agent", o.agent.as_str()).map_err(am)?;
-            tx.put(&obj, "at_ms", as_i64(o.at_ms)).map_err(am)?;
+            let record = hmap([
+                ("kind".to_string(), hydrate::Value::Scalar(kind_word(o.kind).into())),
+                ("value".to_string(), to_hydrate(&o.value)),
+                ("agent".to_string(), hydrate::Value::Scalar(o.agent.as_str().into())),
+                (
+                    "at_ms".to_string(),
+                    hydrate::Value::Scalar(ScalarValue::Int(as_i64(o.at_ms))),
+                ),
+            ]);
+            tx.batch_create_object(parent, path, &record, false).map_err(am)?;
         }
     }
     Ok(())
 }
 
-fn write_provenance<T: Transactable>(
-    tx: &mut T,
-    parent: &ObjId,
-    path: &str,
-    by: &Provenance,
-    existing: Option<ObjId>,
-) -> Result<(), WorldDocError> {
-    let obj = match existing {
-        Some(obj) => obj,
-        None => tx.put_object(parent, path, ObjType::Map).map_err(am)?,
-    };
-    tx.put(&obj, "lineage", by.lineage.as_str()).map_err(am)?;
-    tx.put(&obj, "version", i64::from(by.version)).map_err(am)?;
-    tx.put(&obj, "step", by.step.as_str()).map_err(am)?;
-    tx.put(&obj, "phase", phase_word(by.phase)).map_err(am)?;
-    tx.put(&obj, "agent", by.agent.as_str()).map_err(am)?;
-    tx.put(&obj, "at_ms", i64::try_from(by.at_ms).unwrap_or(i64::MAX))
-        .map_err(am)?;
-    Ok(())
+/// A provenance record is one JSON string: one operation on the step path
+/// (a map of six fields costs six, and writes there are on the saga's way).
+fn provenance_json(by: &Provenance) -> String {
+    serde_json::to_string(by).unwrap_or_default()
 }
 
 /// The world document inside a coordinator snapshot: its identity, bounds
