@@ -25,11 +25,13 @@
 //! may already hold from a run whose last inputs were not logged.
 //!
 //! Rotation: Automerge keeps every change forever. Every
-//! [`WorldDocConfig::rotate_changes_max`] changes or
-//! [`WorldDocConfig::rotate_after_ms`] of coordinator time (checked when the
-//! document is written), the coordinator starts a fresh document from the
-//! current state, one change long, with the next epoch and a new document id.
-//! Replicas notice the new id in the next sync frame and start over.
+//! [`WorldDocConfig::rotate_changes_max`] changes (and, if set, once the
+//! document is [`WorldDocConfig::rotate_after_ms`] old; both checked when the
+//! document is written, so replay rotates at the same input), the coordinator
+//! starts a fresh document from the current state, one change long, with the
+//! next epoch, a new actor and a new document id, and logs
+//! `Event::WorldRotated`. Replicas notice the new id in the next sync frame,
+//! drop their copy and receive the fresh document whole.
 //!
 //! Sync: [`WorldDoc::sync_generate`] and [`WorldDoc::sync_receive`] are the
 //! per-peer step functions of Automerge's sync protocol, wrapped in a small
@@ -105,9 +107,13 @@ pub struct WorldDocConfig {
     /// even within its deadband, so a replica can tell a steady series from a
     /// silent one. 0: never.
     pub observation_refresh_ms: u64,
-    /// Start a fresh document after this many changes.
+    /// Start a fresh document after this many changes: what bounds the
+    /// document's memory (about 200 bytes per change in automerge 0.12).
     pub rotate_changes_max: u64,
-    /// Start a fresh document after this much coordinator time.
+    /// Also start a fresh document once it is this old (coordinator time),
+    /// to bound the age of the history replicas hold. 0: never. Off by
+    /// default: a quiet document holds little history, and each rotation
+    /// rewrites the whole world.
     pub rotate_after_ms: u64,
     /// Most sync peers (agents' replicas) tracked at once.
     pub sync_peers_max: usize,
@@ -120,7 +126,7 @@ impl Default for WorldDocConfig {
             metric_deadband_rel: 0.05,
             observation_refresh_ms: 15 * 60 * 1000,
             rotate_changes_max: 50_000,
-            rotate_after_ms: 24 * 60 * 60 * 1000,
+            rotate_after_ms: 0,
             sync_peers_max: 10_000,
         }
     }
@@ -1117,14 +1123,17 @@ impl WorldDoc {
     /// Whether the schedule calls for a fresh document at `now_ms`.
     pub fn rotation_due(&self, now_ms: u64) -> bool {
         self.change_count() >= self.config.rotate_changes_max
-            || now_ms.saturating_sub(self.header.created_at_ms) >= self.config.rotate_after_ms
+            || (self.config.rotate_after_ms > 0
+                && now_ms.saturating_sub(self.header.created_at_ms) >= self.config.rotate_after_ms)
     }
 
     /// Starts a fresh document (the next epoch) from the current state:
-    /// resources, services, the latest observations, and the provenance of
-    /// paths that still hold a value. Every peer's session starts over.
-    pub(crate) fn rotate(&mut self, now_ms: u64) -> Result<Rotation, WorldDocError> {
-        let resources = self.resources();
+    /// resources and services from `world` (the materialized view, equal to
+    /// the document's and cheaper to read), the latest observations, and the
+    /// provenance of paths that still hold a value. Every peer's session
+    /// starts over.
+    pub(crate) fn rotate(&mut self, now_ms: u64, world: &World) -> Result<Rotation, WorldDocError> {
+        let resources = world.resources.clone();
         let provenance = self
             .provenances()
             .into_iter()
@@ -1132,7 +1141,7 @@ impl WorldDoc {
             .collect();
         let state = Snapshot {
             resources,
-            services: self.services(),
+            services: world.services.clone(),
             observations: self.observations(),
             provenance,
         };

@@ -1849,7 +1849,7 @@ impl Coordinator {
         if !self.doc.rotation_due(now) {
             return;
         }
-        match self.doc.rotate(now) {
+        match self.doc.rotate(now, &self.world) {
             Ok(r) => fx.push(Effect::Event(Event::WorldRotated {
                 epoch: r.epoch,
                 doc_id: r.doc_id,
