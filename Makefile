@@ -51,6 +51,7 @@ core-deps:
 ## bench: criterion benchmarks (figures go to docs/BENCHMARKS.md by hand, with the command).
 bench:
 	$(CARGO) bench --locked -p concord-core --bench preview
+	$(CARGO) bench --locked -p concord-core --bench worldmodel
 
 ## fuzz-check: the fuzz target compiles (running it needs nightly; see docs/FUZZING.md).
 fuzz-check:

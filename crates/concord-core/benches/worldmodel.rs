@@ -19,6 +19,9 @@
 //!   document (the cold path: after a load, in checks).
 //! - `worldmodel/rotate/100k`: the observation whose write triggers a
 //!   rotation of a 100k-path document (a fresh document of the current state).
+//! - `worldmodel/step/100k`: a step success on a 100k-path world (the
+//!   outcome alone is timed): the materialized view and one change (the
+//!   resource and its provenance) in the document.
 //! - `worldmodel/sync/round`: one written observation and the sync round that
 //!   carries it to one replica (generate, receive, answer, receive).
 //!
@@ -450,6 +453,63 @@ fn bench(c: &mut Criterion) {
         )
     });
     group.finish();
+
+    // A step success: the outcome that writes a resource and its provenance
+    // (one change, two operations) into a 100k-path document. Only the
+    // outcome is timed; each iteration first admits a one-step plan.
+    let mut group = c.benchmark_group("worldmodel/step/100k");
+    configure(&mut group);
+    let mut coord = coordinator(w.clone(), Config::default());
+    let mut n = 0u64;
+    group.bench_function("outcome-succeeded", |b| {
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                n += 1;
+                let now = 1_000 + n * 10;
+                let svc = n % SERVICES as u64;
+                let j = serde_json::json!({ "protocol": 1, "lineage": format!("p{n}"), "version": 1, "goal": "g",
+                    "steps": [{ "id": "s1", "kind": "set", "path": format!("svc/svc-{svc:02}/pool_size"),
+                                "args": { "value": 10 + (n / SERVICES as u64) % 2 }, "confidence": 0.9,
+                                "compensation": { "mode": "restore" } }] });
+                let fx = coord.handle(
+                    now,
+                    Input::Intent {
+                        request: n,
+                        agent: "resource".into(),
+                        intent: decode_intent(&serde_json::to_vec(&j).unwrap()).unwrap(),
+                    },
+                );
+                let key = fx
+                    .iter()
+                    .find_map(|e| match e {
+                        concord_core::coordinator::Effect::Dispatch(d) => Some(d.key.clone()),
+                        _ => None,
+                    })
+                    .expect("the plan is admitted and dispatched");
+                let outcome = Input::Outcome {
+                    executor: "bench".into(),
+                    outcome: concord_proto::coord::StepOutcome {
+                        key,
+                        result: concord_proto::coord::StepResult::Succeeded,
+                    },
+                };
+                // The bench, not the core, reads the clock.
+                #[allow(clippy::disallowed_methods)]
+                let start = std::time::Instant::now();
+                black_box(coord.handle(now + 1, outcome));
+                total += start.elapsed();
+            }
+            total
+        })
+    });
+    group.finish();
+    eprintln!(
+        "step/100k: after the runs, epoch {} with {} changes",
+        coord.world_doc().epoch(),
+        coord.world_doc().change_count()
+    );
+    drop(coord);
 
     let mut group = c.benchmark_group("worldmodel/sync");
     configure(&mut group);
