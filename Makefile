@@ -52,6 +52,7 @@ core-deps:
 bench:
 	$(CARGO) bench --locked -p concord-core --bench preview
 	$(CARGO) bench --locked -p concord-sim --bench sim
+	$(CARGO) bench --locked -p concord-core --bench worldmodel
 
 ## fuzz-check: the fuzz target compiles (running it needs nightly; see docs/FUZZING.md).
 fuzz-check:

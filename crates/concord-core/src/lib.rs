@@ -6,7 +6,8 @@
 //! (what each kind of step does), [`policy`] (rules and their settings),
 //! [`preview`] (diff, invariants over every step prefix, verdict),
 //! [`plandiff`] (versions of a plan and scope expansion), [`report`] (the
-//! human-readable rendering).
+//! human-readable rendering), [`coordinator`] (the state machine) and
+//! [`worlddoc`] (the world as an Automerge document, its sync and replicas).
 //!
 //! ```
 //! use concord_core::{policy::Policy, preview::{preview, PreviewInput}, world::World};
@@ -46,3 +47,4 @@ pub mod preview;
 pub mod report;
 mod rules;
 pub mod world;
+pub mod worlddoc;

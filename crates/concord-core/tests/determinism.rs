@@ -16,7 +16,7 @@ const CHILD: &str = "CONCORD_DETERMINISM_CHILD";
 
 /// A fixed run through the shipped policy and example world: decisions with
 /// CEL rules and figures, sagas, compensation, observations, leases, halts.
-fn run() -> (String, String) {
+fn run() -> (String, String, String) {
     let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../..");
     let policy =
         Policy::from_toml_str(&std::fs::read_to_string(format!("{root}/config/policy.toml")).unwrap()).unwrap();
@@ -163,16 +163,21 @@ fn run() -> (String, String) {
     for _ in 0..5 {
         feed(&mut c, Input::Tick, &mut fx);
     }
-    (serde_json::to_string(&fx).unwrap(), c.state_digest())
+    // The world document's bytes too: derived actors and injected times.
+    // The run wrote a deploy's changes and an observation into it.
+    assert!(c.world_doc().change_count() >= 3, "{}", c.world_doc().change_count());
+    let doc = blake3::hash(&c.world_doc().save()).to_hex().to_string();
+    (serde_json::to_string(&fx).unwrap(), c.state_digest(), doc)
 }
 
 #[test]
 fn determinism_across_processes() {
-    let (effects, digest) = run();
+    let (effects, digest, doc) = run();
     if std::env::var_os(CHILD).is_some() {
         println!("EFFECTS {}", blake3::hash(effects.as_bytes()).to_hex());
         println!("DIGEST {digest}");
         println!("BYTES {}", effects.len());
+        println!("DOC {doc}");
         return;
     }
     let child = || {
@@ -192,19 +197,20 @@ fn determinism_across_processes() {
             .lines()
             // libtest may print "test name ... " before the first line.
             .filter_map(|l| {
-                ["EFFECTS ", "DIGEST ", "BYTES "]
+                ["EFFECTS ", "DIGEST ", "BYTES ", "DOC "]
                     .iter()
                     .find_map(|m| l.find(m).map(|i| l[i..].to_string()))
             })
             .collect::<Vec<_>>()
     };
     let (a, b) = (child(), child());
-    assert_eq!(a.len(), 3, "{a:?}");
+    assert_eq!(a.len(), 4, "{a:?}");
     assert_eq!(a, b, "two processes disagree");
     let here = vec![
         format!("EFFECTS {}", blake3::hash(effects.as_bytes()).to_hex()),
         format!("DIGEST {digest}"),
         format!("BYTES {}", effects.len()),
+        format!("DOC {doc}"),
     ];
     assert_eq!(a, here, "a child process and this one disagree");
     // The run exercised what it claims to.
@@ -220,7 +226,7 @@ fn determinism_across_processes() {
 
 #[test]
 fn replaying_inputs_rebuilds_the_same_state() {
-    let (_, a) = run();
-    let (_, b) = run();
+    let (_, a, _) = run();
+    let (_, b, _) = run();
     assert_eq!(a, b);
 }

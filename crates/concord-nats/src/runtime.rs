@@ -575,10 +575,15 @@ impl Daemon {
                     applied += 1;
                     match record {
                         Record::Genesis(g) => {
-                            let policy = Policy::compile(g.policy).map_err(|e| format!("genesis policy: {e}"))?;
-                            coord = Some(Coordinator::new(g.config, policy, g.world));
+                            coord = Some(Coordinator::from_genesis(&g).map_err(|e| format!("genesis policy: {e}"))?);
                         }
-                        Record::Incarnation { incarnation: n, .. } => incarnation = incarnation.max(n),
+                        Record::Incarnation { incarnation: n, .. } => {
+                            incarnation = incarnation.max(n);
+                            // The world document's writer follows the incarnation.
+                            if let Some(c) = coord.as_mut() {
+                                c.incarnate(n).map_err(|e| format!("incarnation record: {e}"))?;
+                            }
+                        }
                         Record::Policy { policy, .. } => {
                             let c = coord.as_mut().ok_or("a policy record before the genesis")?;
                             c.set_policy(Policy::compile(*policy).map_err(|e| format!("policy record: {e}"))?);
@@ -623,10 +628,12 @@ impl Daemon {
                     config: self.cfg.core.clone(),
                     policy: policy.config.clone(),
                     policy_hash: policy.hash.clone(),
-                    world: world.clone(),
+                    world,
                 };
+                let c = Coordinator::from_genesis(&genesis)
+                    .map_err(|e| RuntimeError::Recovery(format!("genesis policy: {e}")))?;
                 state_records.push(Record::Genesis(Box::new(genesis)));
-                Coordinator::new(self.cfg.core.clone(), policy, world)
+                c
             }
         };
         let mut state = State {
@@ -643,6 +650,12 @@ impl Daemon {
             batches: 0,
         };
         let now = state.last_now;
+        // This process writes the world document under its own actor, so it
+        // never reuses an (actor, seq) pair a replica may hold from the last one.
+        state
+            .coord
+            .incarnate(state.incarnation)
+            .map_err(|e| RuntimeError::Recovery(format!("incarnation: {e}")))?;
         state_records.push(Record::Incarnation {
             now_ms: now,
             coordinator: self.cfg.coordinator.clone(),
@@ -1088,7 +1101,6 @@ impl Daemon {
                         .collect(),
                     observations: c
                         .observations()
-                        .iter()
                         .filter(|(p, _)| under(p))
                         .take(10_000)
                         .map(|(p, o)| (p.clone(), o.clone()))

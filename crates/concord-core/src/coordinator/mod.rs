@@ -34,7 +34,7 @@ use concord_proto::coord::{
 use concord_proto::preview::{Preview, Reason};
 use concord_proto::{
     Compensation, DeleteArgs, DeleteConfirm, DeployArgs, GrantArgs, Id, Intent, NetChange, NetworkArgs, Observation,
-    ObservationKind, OnConflict, Op, ResourcePath, ScaleArgs, SetArgs, Short, StepSpec, Value, Verdict,
+    OnConflict, Op, ResourcePath, ScaleArgs, SetArgs, Short, StepSpec, Value, Verdict,
 };
 use serde::{Deserialize, Serialize};
 
@@ -42,6 +42,8 @@ use crate::apply::{PathChange, apply};
 use crate::policy::Policy;
 use crate::preview::{PreviewInput, preview_on};
 use crate::world::{Base, Overlay, State, World};
+pub use crate::worlddoc::ObservationRecord;
+use crate::worlddoc::{Identity, Provenance, WorldDoc, WorldDocConfig, WorldDocError, needs_write};
 pub use compounding::{Breaker, HISTORY_MAX, HistoryEntry};
 pub use leases::{Lease, LeaseTable};
 pub use record::{Genesis, RECORD_VERSION, Record};
@@ -73,6 +75,15 @@ pub struct Config {
     pub idempotency_keys_max: usize,
     /// Most observation series kept.
     pub observation_series_max: usize,
+    /// Most points kept per observation series (oldest dropped first).
+    #[serde(default = "default_observation_points_max")]
+    pub observation_points_max: usize,
+    /// Points older than this are dropped from a series.
+    #[serde(default = "default_observation_retention_ms")]
+    pub observation_retention_ms: u64,
+    /// The world document: deadband, rotation, sync bounds.
+    #[serde(default)]
+    pub world_doc: WorldDocConfig,
     /// Most ended lineages remembered (their last version), for re-plan diffs.
     pub ended_lineages_max: usize,
     /// A plan from the same agent touching the same paths within this window
@@ -96,11 +107,23 @@ impl Default for Config {
             lease_waiters_max: 10_000,
             idempotency_keys_max: 65_536,
             observation_series_max: 100_000,
+            observation_points_max: default_observation_points_max(),
+            observation_retention_ms: default_observation_retention_ms(),
+            world_doc: WorldDocConfig::default(),
             ended_lineages_max: 10_000,
             replan_window_ms: 60 * 60 * 1000,
             recent_plans_per_agent_max: 32,
         }
     }
+}
+
+fn default_observation_points_max() -> usize {
+    // Two hours of a series reporting once a minute.
+    120
+}
+
+fn default_observation_retention_ms() -> u64 {
+    2 * 60 * 60 * 1000
 }
 
 /// One input, as the runtime received it.
@@ -410,6 +433,16 @@ pub enum Event {
         /// Why.
         reason: String,
     },
+    /// The world document was rotated: a fresh document (the next epoch)
+    /// holds the current state; replicas start over from it.
+    WorldRotated {
+        /// The new epoch.
+        epoch: u64,
+        /// The new document id (hex).
+        doc_id: String,
+        /// Changes in the retired document.
+        retired_changes: u64,
+    },
 }
 
 /// A halt in force.
@@ -515,17 +548,18 @@ pub struct PlanOverview {
     pub paths: Vec<ResourcePath>,
 }
 
-/// The latest observation of a series.
+/// One observation series in core state: the latest observation, its
+/// recent points, and what the world document holds for it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct ObservationRecord {
-    /// Kind.
-    pub kind: ObservationKind,
-    /// Value.
-    pub value: Value,
-    /// Reporting agent.
-    pub agent: String,
-    /// Coordinator receive time.
-    pub at_ms: u64,
+pub struct Series {
+    /// The latest observation, whatever the deadband.
+    pub latest: ObservationRecord,
+    /// Recent points, oldest first: (coordinator receive time, value). At most
+    /// `observation_points_max`, none older than `observation_retention_ms`
+    /// at the series' last report.
+    pub points: VecDeque<(u64, Value)>,
+    /// The value the world document holds (the last one beyond the deadband).
+    pub written: Option<ObservationRecord>,
 }
 
 /// The coordinator.
@@ -556,7 +590,13 @@ pub struct Coordinator {
     #[serde(with = "pairs")]
     decisions: BTreeMap<(String, String), Decision>,
     decision_order: VecDeque<(String, String)>,
-    observations: BTreeMap<ResourcePath, ObservationRecord>,
+    /// Observation series by path.
+    observations: BTreeMap<ResourcePath, Series>,
+    /// The world document: written by this coordinator alone, replicated to
+    /// agents. `world` is its materialized view, updated with the same
+    /// changes, so previews never read Automerge.
+    #[serde(with = "crate::worlddoc::serde_doc")]
+    doc: WorldDoc,
     /// Last version of ended lineages, oldest forgotten first.
     ended: BTreeMap<Id, Intent>,
     ended_order: VecDeque<Id>,
@@ -651,9 +691,20 @@ fn material_hash(p: &Preview, conflicts: &[Conflict]) -> String {
 }
 
 impl Coordinator {
-    /// A coordinator over `world` under `policy`.
+    /// A coordinator over `world` under `policy`, with the default identity
+    /// (coordinator `concord`, incarnation 1) and its world document created
+    /// at time 0: for tests, benchmarks and the simulator. The runtime uses
+    /// [`Coordinator::with_identity`] or [`Coordinator::from_genesis`].
     pub fn new(config: Config, policy: Policy, world: World) -> Self {
+        Self::with_identity(config, policy, world, Identity::default(), 0)
+    }
+
+    /// A coordinator over `world` under `policy`, writing its world document
+    /// as `identity`, the document created at `now_ms`.
+    pub fn with_identity(config: Config, policy: Policy, world: World, identity: Identity, now_ms: u64) -> Self {
+        let doc = WorldDoc::new(identity, config.world_doc.clone(), &world, now_ms);
         Coordinator {
+            doc,
             config,
             policy,
             world,
@@ -836,14 +887,62 @@ impl Coordinator {
         self.fencing.get(path).copied().unwrap_or(0)
     }
 
-    /// The latest observation of every series, by path.
-    pub fn observations(&self) -> &BTreeMap<ResourcePath, ObservationRecord> {
-        &self.observations
+    /// The latest observation of every series, in path order.
+    pub fn observations(&self) -> impl Iterator<Item = (&ResourcePath, &ObservationRecord)> {
+        self.observations.iter().map(|(p, s)| (p, &s.latest))
     }
 
     /// The latest observation of a series.
     pub fn observation(&self, path: &ResourcePath) -> Option<&ObservationRecord> {
+        self.observations.get(path).map(|s| &s.latest)
+    }
+
+    /// An observation series: its latest value, recent points, and what the
+    /// world document holds.
+    pub fn series(&self, path: &ResourcePath) -> Option<&Series> {
         self.observations.get(path)
+    }
+
+    /// The coordinator whose [`Record::Genesis`] this is, as incarnation 1.
+    /// Feed the later records to it: [`Coordinator::incarnate`] for each
+    /// [`Record::Incarnation`], [`Coordinator::set_policy`] for each
+    /// [`Record::Policy`], [`Coordinator::recover_input`] for each input.
+    pub fn from_genesis(g: &Genesis) -> Result<Self, crate::policy::PolicyError> {
+        let policy = Policy::compile(g.policy.clone())?;
+        let identity = Identity {
+            coordinator: g.coordinator.clone(),
+            incarnation: 1,
+        };
+        Ok(Self::with_identity(
+            g.config.clone(),
+            policy,
+            g.world.clone(),
+            identity,
+            g.now_ms,
+        ))
+    }
+
+    /// A new process incarnation ([`Record::Incarnation`]): the world
+    /// document is written under a new actor from now on, so no (actor, seq)
+    /// pair that replicas may hold is ever reused. The same incarnation again
+    /// is a no-op; an older one is refused.
+    pub fn incarnate(&mut self, incarnation: u64) -> Result<(), WorldDocError> {
+        if incarnation == self.doc.identity().incarnation {
+            return Ok(());
+        }
+        self.doc.set_incarnation(incarnation)
+    }
+
+    /// The world document: heads, bytes, reads, and the sync step functions
+    /// ([`WorldDoc::sync_generate`], [`WorldDoc::sync_receive`]).
+    pub fn world_doc(&self) -> &WorldDoc {
+        &self.doc
+    }
+
+    /// The world document, for the sync step functions (which never change
+    /// the document itself).
+    pub fn world_doc_mut(&mut self) -> &mut WorldDoc {
+        &mut self.doc
     }
 
     /// A digest of the coordinator's whole dynamic state (world, plans,
@@ -859,6 +958,8 @@ impl Coordinator {
                 (&self.decisions, &self.decision_order, &self.observations),
                 (&self.ended, &self.ended_order, &self.history, &self.breakers),
                 (&self.per_agent, &self.queued, &self.recent),
+                // The document's heads name its whole history (actor, times, ops).
+                (self.doc.identity(), self.doc.epoch(), self.doc.heads_hex()),
             )
         );
         blake3::hash(text.as_bytes()).to_hex().to_string()
@@ -974,8 +1075,14 @@ impl Coordinator {
     }
 
     /// A coordinator restored from [`Coordinator::snapshot`] bytes.
+    ///
+    /// The world document is loaded with the identity it was saved under
+    /// (call [`Coordinator::incarnate`] for the new process) and checked
+    /// against the materialized world: a snapshot whose two disagree is refused.
     pub fn restore(bytes: &[u8]) -> Result<Coordinator, serde_json::Error> {
-        serde_json::from_slice(bytes)
+        let c: Coordinator = serde_json::from_slice(bytes)?;
+        c.doc.check_view(&c.world).map_err(serde::de::Error::custom)?;
+        Ok(c)
     }
 
     /// Handles one input at coordinator time `now_ms` and returns what to do.
@@ -984,7 +1091,7 @@ impl Coordinator {
         match input {
             Input::Intent { request, agent, intent } => self.on_intent(now_ms, request, &agent, intent, &mut fx),
             Input::Lease { request, agent, lease } => self.on_lease(now_ms, request, &agent, lease, &mut fx),
-            Input::Observe { agent, observation } => self.on_observe(now_ms, &agent, observation),
+            Input::Observe { agent, observation } => self.on_observe(now_ms, &agent, observation, &mut fx),
             Input::Outcome { outcome, .. } => self.on_outcome(now_ms, outcome, &mut fx),
             Input::Control {
                 request,
@@ -1638,7 +1745,7 @@ impl Coordinator {
         match (&outcome.result, key.phase) {
             (StepResult::Succeeded, phase) => {
                 fx.push(Effect::Event(Event::StepSucceeded { key: key.clone() }));
-                self.apply_to_world(&changes);
+                self.apply_to_world(now, &key, &changes, fx);
                 let verification = self
                     .plans
                     .get(&lineage)
@@ -1706,12 +1813,51 @@ impl Coordinator {
         }
     }
 
-    fn apply_to_world(&mut self, changes: &[PathChange]) {
+    /// Applies a successful step's changes: to the world document (with
+    /// their provenance) and to `world`, its materialized view.
+    fn apply_to_world(&mut self, now: u64, key: &DispatchKey, changes: &[PathChange], fx: &mut Vec<Effect>) {
+        let by = Provenance {
+            lineage: key.lineage.to_string(),
+            version: key.version,
+            step: key.step.to_string(),
+            phase: key.phase,
+            agent: self
+                .plans
+                .get(&key.lineage)
+                .map(|p| p.agent.clone())
+                .unwrap_or_default(),
+            at_ms: now,
+        };
+        let writes: Vec<(ResourcePath, Option<Value>)> =
+            changes.iter().map(|c| (c.path.clone(), c.after.clone())).collect();
+        if let Err(e) = self.doc.apply_step(now, &writes, &by) {
+            fx.push(Effect::Alert {
+                message: format!("world document: step {} not written: {e}", key.text()),
+            });
+        }
         for c in changes {
             match &c.after {
                 Some(v) => self.world.resources.insert(c.path.clone(), v.clone()),
                 None => self.world.resources.remove(&c.path),
             };
+        }
+        self.rotate_if_due(now, fx);
+    }
+
+    /// Starts a fresh world document when the schedule calls for one.
+    fn rotate_if_due(&mut self, now: u64, fx: &mut Vec<Effect>) {
+        if !self.doc.rotation_due(now) {
+            return;
+        }
+        match self.doc.rotate(now, &self.world) {
+            Ok(r) => fx.push(Effect::Event(Event::WorldRotated {
+                epoch: r.epoch,
+                doc_id: r.doc_id,
+                retired_changes: r.retired_changes,
+            })),
+            Err(e) => fx.push(Effect::Alert {
+                message: format!("world document: rotation failed: {e}"),
+            }),
         }
     }
 
@@ -1809,19 +1955,43 @@ impl Coordinator {
 
     // ---- observations and timers --------------------------------------------
 
-    fn on_observe(&mut self, now: u64, agent: &str, obs: Observation) {
+    /// Keeps the observation in its series (bounded by count and age) and
+    /// writes it to the world document when it moves beyond the deadband.
+    fn on_observe(&mut self, now: u64, agent: &str, obs: Observation, fx: &mut Vec<Effect>) {
         if !self.observations.contains_key(&obs.path) && self.observations.len() >= self.config.observation_series_max {
             return;
         }
-        self.observations.insert(
-            obs.path,
-            ObservationRecord {
-                kind: obs.kind,
-                value: obs.value,
-                agent: agent.to_string(),
-                at_ms: now,
-            },
-        );
+        let rec = ObservationRecord {
+            kind: obs.kind,
+            value: obs.value,
+            agent: agent.to_string(),
+            at_ms: now,
+        };
+        let series = self.observations.entry(obs.path.clone()).or_insert_with(|| Series {
+            latest: rec.clone(),
+            points: VecDeque::new(),
+            written: None,
+        });
+        series.latest = rec.clone();
+        series.points.push_back((now, rec.value.clone()));
+        while series.points.len() > self.config.observation_points_max
+            || series
+                .points
+                .front()
+                .is_some_and(|(t, _)| now.saturating_sub(*t) > self.config.observation_retention_ms)
+        {
+            series.points.pop_front();
+        }
+        if !needs_write(&self.config.world_doc, series.written.as_ref(), &rec) {
+            return;
+        }
+        match self.doc.put_observation(&obs.path, &rec, series.written.as_ref()) {
+            Ok(()) => series.written = Some(rec),
+            Err(e) => fx.push(Effect::Alert {
+                message: format!("world document: observation of `{}` not written: {e}", obs.path),
+            }),
+        }
+        self.rotate_if_due(now, fx);
     }
 
     fn on_tick(&mut self, now: u64, fx: &mut Vec<Effect>) {
@@ -1893,7 +2063,7 @@ impl Coordinator {
                 }
                 let step = &plan.intent.steps[index];
                 let Some(v) = &step.verification else { return };
-                let obs = self.observations.get(&v.path);
+                let obs = self.observations.get(&v.path).map(|s| &s.latest);
                 let fresh = obs.is_some_and(|o| now.saturating_sub(o.at_ms) <= v.fresh_ms);
                 let holds = fresh && v.op.holds(obs.map(|o| &o.value), v.value.as_ref());
                 let key = DispatchKey {
