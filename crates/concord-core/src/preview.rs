@@ -16,12 +16,12 @@ use cel::{Context, Value as CelValue};
 use concord_proto::preview::*;
 use concord_proto::{Compensation, Intent, Op, PreflightResult, ResourcePath, StepKind, StepSpec, Value};
 
-use crate::apply::{PathChange, apply, restore};
+use crate::apply::{PathChange, apply_op, restore};
 use crate::celx;
 use crate::plandiff::plan_diff;
 use crate::policy::{CelRule, Outcome, Policy};
 use crate::rules;
-use crate::world::{Base, State, World};
+use crate::world::{Base, Overlay, State, World};
 
 /// Most world paths one CEL rule's `reads` may reach (scanned by prefix):
 /// the rule's evaluation budget.
@@ -93,13 +93,30 @@ fn to_changes(changes: &[PathChange], step: &concord_proto::Id) -> Vec<Change> {
 
 impl<'w> Run<'w> {
     pub(crate) fn simulate(base: Base<'w>, intent: &Intent) -> Run<'w> {
+        let n = intent.steps.len();
         let mut apply_errors = Vec::new();
-        let mut forward: Vec<State<'w>> = vec![State::on(base)];
-        let mut step_changes = Vec::with_capacity(intent.steps.len());
+        let mut step_changes = Vec::with_capacity(n);
         let mut last_writer = BTreeMap::new();
+        let mut states: Vec<EvalState> = Vec::new();
+        // A state is kept only if it is new; its label is written only then
+        // (most compensation states repeat forward ones). Returns its index.
+        let find_or_push = |states: &mut Vec<EvalState>, changes: &Overlay, label: &dyn Fn() -> String| {
+            states.iter().position(|e| &e.changes == changes).unwrap_or_else(|| {
+                states.push(EvalState {
+                    label: label(),
+                    changes: changes.clone(),
+                });
+                states.len() - 1
+            })
+        };
+        // Per forward state (after 0..=n steps): the index of the equal state
+        // in `states` (none yet for the unchanged world).
+        let mut forward_at: Vec<Option<usize>> = Vec::with_capacity(n + 1);
+        forward_at.push(None);
+        let mut failed: Vec<usize> = Vec::new();
+        let mut s = State::on(base);
         for step in &intent.steps {
-            let mut s = forward.last().cloned().unwrap_or_else(|| State::on(base));
-            match apply(&mut s, &spec(step)) {
+            match apply_op(&mut s, &step.path, &step.op) {
                 Ok(ch) => {
                     for c in &ch {
                         last_writer.insert(c.path.clone(), step.id.clone());
@@ -109,44 +126,80 @@ impl<'w> Run<'w> {
                 Err(e) => {
                     apply_errors.push(format!("step {}: {e}", step.id));
                     step_changes.push(Vec::new());
+                    // A step can fail after some of its writes: its changes
+                    // are not all known, so its restore proves nothing.
+                    failed.push(step_changes.len() - 1);
                 }
             }
-            forward.push(s);
+            let at = find_or_push(&mut states, s.changes(), &|| format!("after step {}", step.id));
+            forward_at.push(Some(at));
         }
-        let mut states: Vec<EvalState> = Vec::new();
-        // A state's label is written only if the state is new: most
-        // compensation states repeat forward ones.
-        let push = |label: &dyn Fn() -> String, s: &State<'_>, states: &mut Vec<EvalState>| {
-            if !states.iter().any(|e| &e.changes == s.changes()) {
-                states.push(EvalState {
-                    label: label(),
-                    changes: s.changes().clone(),
-                });
-            }
+        let final_changes = s.changes().clone();
+        drop(s);
+        let empty = Overlay::new();
+        let forward = |k: usize, states: &[EvalState]| -> Overlay {
+            forward_at[k].map(|i| states[i].changes.clone()).unwrap_or_default()
         };
-        for (i, s) in forward.iter().enumerate().skip(1) {
-            push(&|| format!("after step {}", intent.steps[i - 1].id), s, &mut states);
-        }
         // A failure can come after any step (a failed verification leaves the
         // step applied), so undo steps f..1 from each forward state f.
+        //
+        // Restoring step j in the state the forward run reached after step
+        // j+1 gives back the forward state after step j: every path the step
+        // changed returns to its value before it, and no other path differs
+        // between the two. While compensation stays on that track, the state
+        // is known without building it, and is already among the states
+        // (the unchanged world excepted).
         let mut compensation = Vec::new();
-        let n = intent.steps.len();
-        for (f, after_f) in forward.iter().enumerate().skip(1) {
-            let mut s = after_f.clone();
+        for f in 1..=n {
+            // `Some(k)`: the state equals the forward state after k steps.
+            let mut track: Option<usize> = Some(f);
+            let mut cur: Option<State<'w>> = None;
             for j in (0..f).rev() {
                 let step = &intent.steps[j];
                 let (mode, changes, note) = match &step.compensation {
-                    Compensation::Restore => ("restore", restore(&mut s, &step_changes[j]), None),
-                    Compensation::Undo(u) => match apply(&mut s, u) {
-                        Ok(ch) => ("undo", ch, None),
-                        Err(e) => {
-                            let msg = format!("compensation of step {}: {e}", step.id);
-                            if !apply_errors.contains(&msg) {
-                                apply_errors.push(msg);
+                    Compensation::Restore if track == Some(j + 1) && !failed.contains(&j) => {
+                        // The changes are only reported for the rollback after the last step.
+                        let changes = if f == n {
+                            let at = forward_at[j + 1].map(|i| &states[i].changes).unwrap_or(&empty);
+                            let now = |p: &ResourcePath| match at.get(p) {
+                                Some(v) => v.as_ref(),
+                                None => base.get(p),
+                            };
+                            step_changes[j]
+                                .iter()
+                                .rev()
+                                .filter_map(|c: &PathChange| {
+                                    let now = now(&c.path);
+                                    (now != c.before.as_ref()).then(|| PathChange {
+                                        path: c.path.clone(),
+                                        before: now.cloned(),
+                                        after: c.before.clone(),
+                                    })
+                                })
+                                .collect()
+                        } else {
+                            Vec::new()
+                        };
+                        track = Some(j);
+                        ("restore", changes, None)
+                    }
+                    Compensation::Restore => {
+                        let s = materialize(&mut cur, track.take(), base, &|k| forward(k, &states));
+                        ("restore", restore(s, &step_changes[j]), None)
+                    }
+                    Compensation::Undo(u) => {
+                        let s = materialize(&mut cur, track.take(), base, &|k| forward(k, &states));
+                        match apply_op(s, &u.path, &u.op) {
+                            Ok(ch) => ("undo", ch, None),
+                            Err(e) => {
+                                let msg = format!("compensation of step {}: {e}", step.id);
+                                if !apply_errors.contains(&msg) {
+                                    apply_errors.push(msg);
+                                }
+                                ("undo", Vec::new(), None)
                             }
-                            ("undo", Vec::new(), None)
                         }
-                    },
+                    }
                     Compensation::Irreversible { reason } => ("irreversible", Vec::new(), Some(reason.to_string())),
                 };
                 if f == n {
@@ -157,21 +210,27 @@ impl<'w> Run<'w> {
                         note,
                     });
                 }
-                push(
-                    &|| {
-                        format!(
-                            "after undoing step {} (rollback after step {})",
-                            step.id,
-                            intent.steps[f - 1].id
-                        )
-                    },
-                    &s,
-                    &mut states,
-                );
+                let label = || {
+                    format!(
+                        "after undoing step {} (rollback after step {})",
+                        step.id,
+                        intent.steps[f - 1].id
+                    )
+                };
+                match (track, &cur) {
+                    // A forward state after at least one step is already kept.
+                    (Some(k), _) if k > 0 => {}
+                    (Some(_), _) => {
+                        find_or_push(&mut states, &empty, &label);
+                    }
+                    (None, Some(s)) => {
+                        find_or_push(&mut states, s.changes(), &label);
+                    }
+                    (None, None) => {}
+                }
             }
         }
         let touched = states.iter().flat_map(|s| s.changes.keys().cloned()).collect();
-        let final_changes = forward.last().map(|s| s.changes().clone()).unwrap_or_default();
         Run {
             base,
             states,
@@ -183,6 +242,20 @@ impl<'w> Run<'w> {
             final_changes,
         }
     }
+}
+
+/// The compensation state as a [`State`] to apply to: built from the forward
+/// state after `track` steps if it is still only known as that.
+fn materialize<'s, 'w>(
+    cur: &'s mut Option<State<'w>>,
+    track: Option<usize>,
+    base: Base<'w>,
+    forward: &dyn Fn(usize) -> Overlay,
+) -> &'s mut State<'w> {
+    if let Some(k) = track {
+        *cur = Some(State::with_changes(base, forward(k)));
+    }
+    cur.get_or_insert_with(|| State::on(base))
 }
 
 /// Computes the preview of a plan against the world as it is.

@@ -151,16 +151,21 @@ impl<'w> Base<'w> {
 
     /// The value at `path`.
     pub fn get(&self, path: &ResourcePath) -> Option<&'w Value> {
+        self.get_str(path.as_str())
+    }
+
+    /// The value at the path whose text is `path` (no path is built to look it up).
+    pub fn get_str(&self, path: &str) -> Option<&'w Value> {
         match self.overlay.and_then(|o| o.get(path)) {
             Some(v) => v.as_ref(),
-            None => self.world.get(path),
+            None => self.world.resources.get(path),
         }
     }
 
     /// Calls `f` for every existing (path, value) whose path text starts with
     /// `prefix`, without copying: world entries first (those the overlay does
     /// not change), then the overlay's values, each run in path order.
-    pub fn visit_prefix(&self, prefix: &str, mut f: impl FnMut(&ResourcePath, &Value)) {
+    pub fn visit_prefix(&self, prefix: &str, mut f: impl FnMut(&'w ResourcePath, &'w Value)) {
         for (p, v) in self.world.scan_prefix(prefix) {
             if self.overlay.is_none_or(|o| !o.contains_key(p)) {
                 f(p, v);
@@ -226,11 +231,22 @@ impl<'w> State<'w> {
         &self.changes
     }
 
+    /// `base` with `changes` already applied (changes equal to the base
+    /// must have been dropped, as [`State::put`] does).
+    pub(crate) fn with_changes(base: Base<'w>, changes: Overlay) -> Self {
+        State { base, changes }
+    }
+
     /// The value at `path` in this state.
     pub fn get(&self, path: &ResourcePath) -> Option<&Value> {
+        self.get_str(path.as_str())
+    }
+
+    /// The value at the path whose text is `path`.
+    pub fn get_str(&self, path: &str) -> Option<&Value> {
         match self.changes.get(path) {
             Some(v) => v.as_ref(),
-            None => self.base.get(path),
+            None => self.base.get_str(path),
         }
     }
 
@@ -262,12 +278,15 @@ impl<'w> State<'w> {
 
     /// The nearest ancestor of `path` that holds a value, if any.
     pub fn valued_ancestor(&self, path: &ResourcePath) -> Option<ResourcePath> {
-        let mut cur = path.parent();
-        while let Some(p) = cur {
-            if self.get(&p).is_some() {
-                return Some(p);
+        // Ancestors are prefixes of the path's text: look them up by slice
+        // and build a path only for the one found.
+        let text = path.as_str();
+        let mut end = text.len();
+        while let Some(i) = text[..end].rfind('/') {
+            end = i;
+            if self.get_str(&text[..end]).is_some() {
+                return ResourcePath::parse(&text[..end]).ok();
             }
-            cur = p.parent();
         }
         None
     }
