@@ -10,8 +10,8 @@
 //! the base world, and rules read the base through prefix range scans.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Arc;
 
+use cel::common::types::{CelDouble, CelInt, CelList, CelNull};
 use cel::{Context, Value as CelValue};
 use concord_proto::preview::*;
 use concord_proto::{Compensation, Intent, Op, PreflightResult, ResourcePath, StepKind, StepSpec, Value};
@@ -21,7 +21,7 @@ use crate::celx;
 use crate::plandiff::plan_diff;
 use crate::policy::{CelRule, Outcome, Policy};
 use crate::rules;
-use crate::world::{Base, Overlay, State, World};
+use crate::world::{Base, Memo, Overlay, State, World};
 
 /// Most world paths one CEL rule's `reads` may reach (scanned by prefix):
 /// the rule's evaluation budget.
@@ -274,6 +274,8 @@ pub fn preview_on(input: PreviewInput<'_>, base: Base<'_>) -> Preview {
         policy,
         previous,
     } = input;
+    let memo = Memo::default();
+    let base = base.with_memo(&memo);
     let run = Run::simulate(base, intent);
 
     let diff: Vec<Change> = run
@@ -324,21 +326,19 @@ pub fn preview_on(input: PreviewInput<'_>, base: Base<'_>) -> Preview {
     invariants.push(assumption_rule);
     invariants.extend(policy.budgets.iter().map(|b| b.evaluate(&run)));
     if !policy.cel.is_empty() {
-        // Built only when some rule reads the plan.
-        let plan_val = if policy.cel.iter().any(|r| r.vars.plan) {
-            plan_value(intent)
-        } else {
-            CelValue::Null
-        };
-        let agent_val = celx::record(vec![
-            ("id", CelValue::String(Arc::new(agent.to_string()))),
-            (
-                "autonomy",
-                CelValue::String(Arc::new(policy.agent(agent).autonomy.name().to_string())),
-            ),
-        ]);
+        // Built once, and only when some rule reads them; rules borrow them.
+        let reads_plan = policy.cel.iter().any(|r| r.vars.plan);
+        let args: Vec<Option<Value>> = if reads_plan { step_args(intent) } else { Vec::new() };
+        let plan_val = reads_plan.then(|| plan_val(intent, &args));
+        let autonomy = policy.agent(agent).autonomy.name();
+        let agent_val = policy.cel.iter().any(|r| r.vars.agent).then(|| {
+            celx::record_val(vec![
+                ("id", celx::str_val(agent)),
+                ("autonomy", celx::str_val(autonomy)),
+            ])
+        });
         for rule in &policy.cel {
-            invariants.push(eval_cel(rule, policy, &run, &plan_val, &agent_val));
+            invariants.push(eval_cel(rule, policy, &run, plan_val.as_ref(), agent_val.as_ref()));
         }
     }
 
@@ -495,30 +495,45 @@ fn risk(intent: &Intent, blast: &[Affected], reasons: &[Reason]) -> Risk {
     }
 }
 
-fn plan_value(intent: &Intent) -> CelValue {
-    let steps = intent
+/// Each step's arguments as a concord value (`None` when they have no such
+/// form), as `plan.steps[i].args` shows them.
+fn step_args(intent: &Intent) -> Vec<Option<Value>> {
+    intent
         .steps
         .iter()
         .map(|s| {
-            let args = serde_json::to_value(&s.op)
+            serde_json::to_value(&s.op)
                 .ok()
                 .and_then(|v| serde_json::from_value::<Value>(v).ok())
-                .map(|v| celx::to_cel(&v))
-                .unwrap_or(CelValue::Null);
-            celx::record(vec![
-                ("id", CelValue::String(Arc::new(s.id.to_string()))),
-                ("kind", CelValue::String(Arc::new(s.kind().name().to_string()))),
-                ("path", CelValue::String(Arc::new(s.path.to_string()))),
-                ("confidence", CelValue::Float(s.confidence)),
-                ("args", args),
+        })
+        .collect()
+}
+
+/// `plan`: lineage, version, goal and steps (id, kind, path, confidence, args).
+fn plan_val<'v>(intent: &'v Intent, args: &'v [Option<Value>]) -> celx::Val<'v> {
+    let steps: Vec<celx::Val<'v>> = intent
+        .steps
+        .iter()
+        .zip(args)
+        .map(|(s, a)| {
+            celx::record_val(vec![
+                ("id", celx::str_val(s.id.as_str())),
+                ("kind", celx::str_val(s.kind().name())),
+                ("path", celx::str_val(s.path.as_str())),
+                ("confidence", Box::new(CelDouble::from(s.confidence))),
+                (
+                    "args",
+                    a.as_ref()
+                        .map_or_else(|| Box::new(CelNull) as celx::Val<'v>, celx::to_val),
+                ),
             ])
         })
-        .collect::<Vec<_>>();
-    celx::record(vec![
-        ("lineage", CelValue::String(Arc::new(intent.lineage.to_string()))),
-        ("version", CelValue::Int(intent.version.into())),
-        ("goal", CelValue::String(Arc::new(intent.goal.to_string()))),
-        ("steps", CelValue::List(Arc::new(steps))),
+        .collect();
+    celx::record_val(vec![
+        ("lineage", celx::str_val(intent.lineage.as_str())),
+        ("version", Box::new(CelInt::from(i64::from(intent.version)))),
+        ("goal", celx::str_val(intent.goal.as_str())),
+        ("steps", Box::new(CelList::from(steps))),
     ])
 }
 
@@ -528,7 +543,13 @@ enum Eval {
     Error(String),
 }
 
-fn eval_cel(rule: &CelRule, policy: &Policy, run: &Run<'_>, plan: &CelValue, agent: &CelValue) -> RuleResult {
+fn eval_cel<'r>(
+    rule: &CelRule,
+    policy: &Policy,
+    run: &'r Run<'_>,
+    plan: Option<&celx::Val<'_>>,
+    agent: Option<&celx::Val<'_>>,
+) -> RuleResult {
     let outcome = rule.config.outcome.verdict();
     let affected = run.touched.iter().any(|p| rule.reads.matches(p.as_str()));
     if !affected && !rule.reads_plan_or_agent {
@@ -542,37 +563,45 @@ fn eval_cel(rule: &CelRule, policy: &Policy, run: &Run<'_>, plan: &CelValue, age
             message: "reads no path this plan touches".into(),
         };
     }
-    let mut base: BTreeMap<ResourcePath, Value> = BTreeMap::new();
+    // The paths the rule reads, borrowed from the base, in path order.
+    let mut base: Vec<(&'r ResourcePath, &'r Value)> = Vec::new();
     let mut scanned = 0usize;
     for prefix in &rule.reads.prefixes {
-        for (p, v) in run.base.scan_prefix(prefix) {
+        let from = base.len();
+        run.base.visit_prefix(prefix, |p, v| {
             // The rule's evaluation budget: CEL has no step counter, so bound
             // what a rule may bind (and what concord scans to find it).
             scanned += 1;
-            if scanned > CEL_SCAN_PATHS_MAX {
-                return RuleResult {
-                    id: rule.config.id.clone(),
-                    status: RuleStatus::Error,
-                    outcome,
-                    at: None,
-                    pre_existing: false,
-                    figures: BTreeMap::new(),
-                    message: format!(
-                        "evaluation failed (fails closed): budget exhausted: the rule's `reads` ({}) reach more than \
-                         {CEL_SCAN_PATHS_MAX} paths; give them narrower literal prefixes",
-                        rule.reads.patterns.join(", ")
-                    ),
-                };
+            if scanned <= CEL_SCAN_PATHS_MAX && rule.reads.matches(p.as_str()) {
+                base.push((p, v));
             }
-            if rule.reads.matches(p.as_str()) {
-                base.insert(p, v);
-            }
+        });
+        if scanned > CEL_SCAN_PATHS_MAX {
+            return RuleResult {
+                id: rule.config.id.clone(),
+                status: RuleStatus::Error,
+                outcome,
+                at: None,
+                pre_existing: false,
+                figures: BTreeMap::new(),
+                message: format!(
+                    "evaluation failed (fails closed): budget exhausted: the rule's `reads` ({}) reach more than \
+                     {CEL_SCAN_PATHS_MAX} paths; give them narrower literal prefixes",
+                    rule.reads.patterns.join(", ")
+                ),
+            };
         }
+        // The world's run, then the overlay's: one stable sort merges them.
+        base[from..].sort_by(|a, b| a.0.cmp(b.0));
     }
-    let before = celx::nested(&base);
-    // The bindings that do not change between states are made once; each
-    // evaluation adds only `after`, in an inner scope. A variable the rule
-    // never references is never converted.
+    // `before` is built only if the rule reads it (or, on a failure, to
+    // tell whether it was failing already).
+    let before = rule.vars.before.then(|| celx::nested_val(base.iter().copied()));
+    let bindings = celx::Bindings {
+        before: before.as_ref(),
+        plan: plan.filter(|_| rule.vars.plan),
+        agent: agent.filter(|_| rule.vars.agent),
+    };
     let mut root = Context::with_env(policy.env.clone());
     if let Err(e) = celx::add_helpers(&mut root) {
         return RuleResult {
@@ -585,39 +614,25 @@ fn eval_cel(rule: &CelRule, policy: &Policy, run: &Run<'_>, plan: &CelValue, age
             message: format!("evaluation failed (fails closed): {e}"),
         };
     }
-    if rule.vars.before {
-        root.add_variable_from_value("before", before.clone());
-    }
-    if rule.vars.plan {
-        root.add_variable_from_value("plan", plan.clone());
-    }
-    if rule.vars.agent {
-        root.add_variable_from_value("agent", agent.clone());
-    }
-    let run_program = |program: &cel::Program, after: &CelValue| -> Result<CelValue, String> {
+    root.set_variable_resolver(&bindings);
+    let run_program = |program: &cel::Program, after: &dyn Fn() -> celx::Val<'r>| -> Result<CelValue, String> {
         let mut ctx = root.new_inner_scope();
         if rule.vars.after {
-            ctx.add_variable_from_value("after", after.clone());
+            ctx.add_variable_as_val("after", after());
         }
         program.execute(&ctx).map_err(|e| e.to_string())
     };
-    let project = |changes: &BTreeMap<ResourcePath, Option<Value>>| {
-        let mut m = base.clone();
-        for (p, v) in changes {
-            match v {
-                Some(v) => m.insert(p.clone(), v.clone()),
-                None => m.remove(p),
-            };
-        }
-        celx::nested(&m)
+    // The base with `changes` (to paths the rule reads) applied, in path order.
+    let project = |changes: &[(&'r ResourcePath, &'r Option<Value>)]| -> celx::Val<'r> {
+        celx::nested_val(merge(&base, changes))
     };
-    let eval = |after: &CelValue| match run_program(&rule.program, after) {
+    let eval = |after: &dyn Fn() -> celx::Val<'r>| match run_program(&rule.program, after) {
         Ok(CelValue::Bool(true)) => Eval::Pass,
         Ok(CelValue::Bool(false)) => Eval::Fail,
         Ok(other) => Eval::Error(format!("the rule must give a bool, it gave {other:?}")),
         Err(e) => Eval::Error(e),
     };
-    let figures = |after: &CelValue| -> BTreeMap<String, Value> {
+    let figures = |after: &dyn Fn() -> celx::Val<'r>| -> BTreeMap<String, Value> {
         rule.figures
             .iter()
             .map(|(name, p)| {
@@ -630,9 +645,9 @@ fn eval_cel(rule: &CelRule, policy: &Policy, run: &Run<'_>, plan: &CelValue, age
             .collect()
     };
     // Evaluate each distinct projection once.
-    let mut seen: Vec<BTreeMap<&ResourcePath, &Option<Value>>> = Vec::new();
+    let mut seen: Vec<Vec<(&'r ResourcePath, &'r Option<Value>)>> = Vec::new();
     for state in &run.states {
-        let restricted: BTreeMap<&ResourcePath, &Option<Value>> = state
+        let restricted: Vec<(&'r ResourcePath, &'r Option<Value>)> = state
             .changes
             .iter()
             .filter(|(p, _)| rule.reads.matches(p.as_str()))
@@ -640,10 +655,7 @@ fn eval_cel(rule: &CelRule, policy: &Policy, run: &Run<'_>, plan: &CelValue, age
         if seen.contains(&restricted) {
             continue;
         }
-        let owned: BTreeMap<ResourcePath, Option<Value>> =
-            restricted.iter().map(|(p, v)| ((*p).clone(), (*v).clone())).collect();
-        seen.push(restricted);
-        let after = project(&owned);
+        let after = || project(&restricted);
         match eval(&after) {
             Eval::Pass => {}
             Eval::Fail => {
@@ -657,8 +669,8 @@ fn eval_cel(rule: &CelRule, policy: &Policy, run: &Run<'_>, plan: &CelValue, age
                 // A rule that reads the plan or the agent fails because of the
                 // plan itself; only a rule over the world alone can already be
                 // failing before the plan.
-                let pre_existing =
-                    !rule.reads_plan_or_agent && (owned.is_empty() || matches!(eval(&before), Eval::Fail));
+                let pre_existing = !rule.reads_plan_or_agent
+                    && (restricted.is_empty() || matches!(eval(&|| project(&[])), Eval::Fail));
                 return RuleResult {
                     id: rule.config.id.clone(),
                     status: RuleStatus::Fail,
@@ -668,7 +680,7 @@ fn eval_cel(rule: &CelRule, policy: &Policy, run: &Run<'_>, plan: &CelValue, age
                         outcome
                     },
                     // A rule over the plan alone is not about any one state.
-                    at: (!owned.is_empty() || !rule.reads_plan_or_agent).then(|| state.label.clone()),
+                    at: (!restricted.is_empty() || !rule.reads_plan_or_agent).then(|| state.label.clone()),
                     pre_existing,
                     figures: figs,
                     message: if pre_existing {
@@ -677,7 +689,7 @@ fn eval_cel(rule: &CelRule, policy: &Policy, run: &Run<'_>, plan: &CelValue, age
                             describe(rule)
                         )
                     } else {
-                        let at = if owned.is_empty() && rule.reads_plan_or_agent {
+                        let at = if restricted.is_empty() && rule.reads_plan_or_agent {
                             String::new()
                         } else {
                             format!(" {}", state.label)
@@ -698,6 +710,7 @@ fn eval_cel(rule: &CelRule, policy: &Policy, run: &Run<'_>, plan: &CelValue, age
                 };
             }
         }
+        seen.push(restricted);
     }
     RuleResult {
         id: rule.config.id.clone(),
@@ -709,16 +722,48 @@ fn eval_cel(rule: &CelRule, policy: &Policy, run: &Run<'_>, plan: &CelValue, age
         figures: if rule.figures.is_empty() {
             BTreeMap::new()
         } else {
-            let end: BTreeMap<ResourcePath, Option<Value>> = run
+            let end: Vec<(&'r ResourcePath, &'r Option<Value>)> = run
                 .final_changes
                 .iter()
                 .filter(|(p, _)| rule.reads.matches(p.as_str()))
-                .map(|(p, v)| (p.clone(), v.clone()))
                 .collect();
-            figures(&project(&end))
+            figures(&|| project(&end))
         },
         message: format!("holds in every state: {}", describe(rule)),
     }
+}
+
+/// `base` (path order) with `changes` (path order) applied: a changed path
+/// takes its new value or is gone.
+fn merge<'s, 'r>(
+    base: &'s [(&'r ResourcePath, &'r Value)],
+    changes: &'s [(&'r ResourcePath, &'r Option<Value>)],
+) -> impl Iterator<Item = (&'r ResourcePath, &'r Value)> + 's
+where
+    'r: 's,
+{
+    let mut b = base.iter().copied().peekable();
+    let mut c = changes.iter().copied().peekable();
+    std::iter::from_fn(move || {
+        loop {
+            let take_base = match (b.peek(), c.peek()) {
+                (None, None) => return None,
+                (Some(_), None) => true,
+                (None, Some(_)) => false,
+                (Some((bp, _)), Some((cp, _))) => bp < cp,
+            };
+            if take_base {
+                return b.next();
+            }
+            let (p, v) = c.next()?;
+            if b.peek().is_some_and(|(bp, _)| *bp == p) {
+                b.next();
+            }
+            if let Some(v) = v {
+                return Some((p, v));
+            }
+        }
+    })
 }
 
 fn describe(rule: &CelRule) -> String {

@@ -4,6 +4,7 @@
 //! Values live only at leaves: a path holds a value or has descendants, never
 //! both, so the tree has one meaning whichever way it is read.
 
+use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::ops::Bound;
 
@@ -128,12 +129,74 @@ pub type Overlay = BTreeMap<ResourcePath, Option<Value>>;
 pub struct Base<'w> {
     world: &'w World,
     overlay: Option<&'w Overlay>,
+    memo: Option<&'w Memo<'w>>,
+}
+
+/// Lookups in a base, remembered for the length of one preview. A plan's
+/// steps, its states and the rules read the same few paths again and again,
+/// and in a large world each lookup is a descent through a B-tree of text
+/// keys (some 1,500 instructions at 100k paths); a remembered one is a scan
+/// of a few hashes.
+#[derive(Debug, Default)]
+pub(crate) struct Memo<'w> {
+    entries: RefCell<Vec<MemoEntry<'w>>>,
+}
+
+#[derive(Debug)]
+struct MemoEntry<'w> {
+    hash: u64,
+    text: Box<str>,
+    kind: MemoKind<'w>,
+}
+
+#[derive(Clone, Copy, Debug)]
+enum MemoKind<'w> {
+    /// The base's value at a path.
+    Get(Option<&'w Value>),
+    /// Whether the world, and the overlay, hold anything under a prefix.
+    Under { world: bool, overlay: bool },
+}
+
+/// Most entries a memo keeps: beyond it lookups are simply not remembered,
+/// so a plan that reads many paths costs what it did without one.
+const MEMO_ENTRIES_MAX: usize = 64;
+
+/// FNV-1a: short keys, no allocation, the same in every process.
+fn text_hash(text: &str) -> u64 {
+    text.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+impl<'w> Memo<'w> {
+    fn find(&self, is: fn(&MemoKind<'w>) -> bool, hash: u64, text: &str) -> Option<MemoKind<'w>> {
+        self.entries
+            .borrow()
+            .iter()
+            .find(|e| e.hash == hash && is(&e.kind) && &*e.text == text)
+            .map(|e| e.kind)
+    }
+
+    fn remember(&self, hash: u64, text: &str, kind: MemoKind<'w>) {
+        let mut entries = self.entries.borrow_mut();
+        if entries.len() < MEMO_ENTRIES_MAX {
+            entries.push(MemoEntry {
+                hash,
+                text: text.into(),
+                kind,
+            });
+        }
+    }
 }
 
 impl<'w> Base<'w> {
     /// The world as it is.
     pub fn current(world: &'w World) -> Self {
-        Base { world, overlay: None }
+        Base {
+            world,
+            overlay: None,
+            memo: None,
+        }
     }
 
     /// The world with `overlay` applied.
@@ -141,6 +204,19 @@ impl<'w> Base<'w> {
         Base {
             world,
             overlay: Some(overlay),
+            memo: None,
+        }
+    }
+
+    /// The same base, remembering its lookups in `memo`.
+    pub(crate) fn with_memo<'m>(self, memo: &'m Memo<'m>) -> Base<'m>
+    where
+        'w: 'm,
+    {
+        Base {
+            world: self.world,
+            overlay: self.overlay,
+            memo: Some(memo),
         }
     }
 
@@ -156,18 +232,61 @@ impl<'w> Base<'w> {
 
     /// The value at the path whose text is `path` (no path is built to look it up).
     pub fn get_str(&self, path: &str) -> Option<&'w Value> {
+        let Some(memo) = self.memo else {
+            return self.lookup(path);
+        };
+        let hash = text_hash(path);
+        if let Some(MemoKind::Get(v)) = memo.find(|k| matches!(k, MemoKind::Get(_)), hash, path) {
+            return v;
+        }
+        let v = self.lookup(path);
+        memo.remember(hash, path, MemoKind::Get(v));
+        v
+    }
+
+    fn lookup(&self, path: &str) -> Option<&'w Value> {
         match self.overlay.and_then(|o| o.get(path)) {
             Some(v) => v.as_ref(),
             None => self.world.resources.get(path),
         }
     }
 
+    /// Whether the world, and the overlay, hold any path whose text starts
+    /// with `prefix` (removals in the overlay included).
+    pub(crate) fn holds_under(&self, prefix: &str) -> (bool, bool) {
+        let look = || {
+            (
+                scan_prefix(&self.world.resources, prefix).next().is_some(),
+                self.overlay.is_some_and(|o| scan_prefix(o, prefix).next().is_some()),
+            )
+        };
+        let Some(memo) = self.memo else {
+            return look();
+        };
+        let hash = text_hash(prefix);
+        if let Some(MemoKind::Under { world, overlay }) =
+            memo.find(|k| matches!(k, MemoKind::Under { .. }), hash, prefix)
+        {
+            return (world, overlay);
+        }
+        let (world, overlay) = look();
+        memo.remember(hash, prefix, MemoKind::Under { world, overlay });
+        (world, overlay)
+    }
+
     /// Calls `f` for every existing (path, value) whose path text starts with
     /// `prefix`, without copying: world entries first (those the overlay does
     /// not change), then the overlay's values, each run in path order.
     pub fn visit_prefix(&self, prefix: &str, mut f: impl FnMut(&'w ResourcePath, &'w Value)) {
+        // Both runs are in path order: walk the overlay's alongside the
+        // world's instead of searching the overlay for every world path.
+        let mut changed = self.overlay.map(|o| scan_prefix(o, prefix).peekable());
         for (p, v) in self.world.scan_prefix(prefix) {
-            if self.overlay.is_none_or(|o| !o.contains_key(p)) {
+            let overridden = changed.as_mut().is_some_and(|o| {
+                while o.next_if(|(q, _)| q.as_str() < p.as_str()).is_some() {}
+                o.peek().is_some_and(|(q, _)| *q == p)
+            });
+            if !overridden {
                 f(p, v);
             }
         }
@@ -300,8 +419,13 @@ impl<'w> State<'w> {
             matches!(self.changes.get(p), Some(None))
                 || (!self.changes.contains_key(p) && matches!(overlay.and_then(|o| o.get(p)), Some(None)))
         };
-        scan_prefix(&self.changes, &prefix).any(|(_, v)| v.is_some())
-            || overlay.is_some_and(|o| scan_prefix(o, &prefix).any(|(p, v)| v.is_some() && !removed(p)))
-            || scan_prefix(&self.base.world.resources, &prefix).any(|(p, _)| !removed(p))
+        if scan_prefix(&self.changes, &prefix).any(|(_, v)| v.is_some()) {
+            return true;
+        }
+        // Most written paths are leaves: the base holds nothing under them,
+        // which it answers (and remembers) without a scan.
+        let (in_world, in_overlay) = self.base.holds_under(&prefix);
+        (in_overlay && overlay.is_some_and(|o| scan_prefix(o, &prefix).any(|(p, v)| v.is_some() && !removed(p))))
+            || (in_world && scan_prefix(&self.base.world.resources, &prefix).any(|(p, _)| !removed(p)))
     }
 }
