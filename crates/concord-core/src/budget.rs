@@ -53,6 +53,8 @@ pub struct Budget {
     bounds: Vec<(String, String)>,
     /// `*` segments per term (the same in every term).
     stars: usize,
+    /// Per term: whether it is `head*tail` with a single `*` segment.
+    single: Vec<bool>,
 }
 
 /// Whether `text` ends with `tail`, compared from the last byte: most paths
@@ -110,11 +112,13 @@ impl Budget {
                 (head, tail)
             })
             .collect();
+        let single = terms.iter().map(|t| n == 1 && t.len() > 1).collect();
         Ok(Budget {
             config,
             terms,
             bounds,
             stars: n,
+            single,
         })
     }
 
@@ -125,6 +129,18 @@ impl Budget {
         let (head, tail) = &self.bounds[t];
         if !ends_with(path, tail) || !path.starts_with(head.as_str()) {
             return false;
+        }
+        if self.single[t] {
+            // `head*tail` with one whole-segment `*`: the capture is what lies
+            // between, if it is one non-empty segment.
+            let Some(middle) = path.get(head.len()..path.len() - tail.len()) else {
+                return false;
+            };
+            if path.len() < head.len() + tail.len() || middle.is_empty() || middle.bytes().any(|b| b == b'/') {
+                return false;
+            }
+            caps.push(middle);
+            return true;
         }
         // Segments are short: a byte loop finds their ends faster than a
         // vectorised search that must first set itself up.
@@ -429,6 +445,12 @@ impl<'a> Groups<'a> {
     fn entry(&mut self, caps: &[&'a str]) -> usize {
         match self.find(caps) {
             Ok(i) => i,
+            Err(i) if i == self.len => {
+                self.caps.extend_from_slice(caps);
+                self.vals.resize(self.vals.len() + self.n, None);
+                self.len += 1;
+                i
+            }
             Err(i) => {
                 self.caps.splice(i * self.k..i * self.k, caps.iter().copied());
                 self.vals

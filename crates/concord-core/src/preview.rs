@@ -14,7 +14,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use cel::common::types::{CelDouble, CelInt, CelList, CelNull};
 use cel::{Context, Value as CelValue};
 use concord_proto::preview::*;
-use concord_proto::{Compensation, Intent, Op, PreflightResult, ResourcePath, StepKind, StepSpec, Value};
+use concord_proto::{Compensation, Intent, Op, PreflightResult, ResourcePath, StepKind, Value};
 
 use crate::apply::{PathChange, apply_op, restore};
 use crate::celx;
@@ -66,17 +66,8 @@ pub(crate) struct Run<'w> {
     pub apply_errors: Vec<String>,
     /// Every path any state changes.
     pub touched: BTreeSet<ResourcePath>,
-    /// Last step that changed each path of the final state.
-    pub last_writer: BTreeMap<ResourcePath, concord_proto::Id>,
     /// The final state's changes.
     pub final_changes: BTreeMap<ResourcePath, Option<Value>>,
-}
-
-pub(crate) fn spec(step: &concord_proto::Step) -> StepSpec {
-    StepSpec {
-        path: step.path.clone(),
-        op: step.op.clone(),
-    }
 }
 
 fn to_changes(changes: &[PathChange], step: &concord_proto::Id) -> Vec<Change> {
@@ -96,7 +87,6 @@ impl<'w> Run<'w> {
         let n = intent.steps.len();
         let mut apply_errors = Vec::new();
         let mut step_changes = Vec::with_capacity(n);
-        let mut last_writer = BTreeMap::new();
         let mut states: Vec<EvalState> = Vec::new();
         // A state is kept only if it is new; its label is written only then
         // (most compensation states repeat forward ones). Returns its index.
@@ -117,12 +107,7 @@ impl<'w> Run<'w> {
         let mut s = State::on(base);
         for step in &intent.steps {
             match apply_op(&mut s, &step.path, &step.op) {
-                Ok(ch) => {
-                    for c in &ch {
-                        last_writer.insert(c.path.clone(), step.id.clone());
-                    }
-                    step_changes.push(ch);
-                }
+                Ok(ch) => step_changes.push(ch),
                 Err(e) => {
                     apply_errors.push(format!("step {}: {e}", step.id));
                     step_changes.push(Vec::new());
@@ -238,7 +223,6 @@ impl<'w> Run<'w> {
             compensation,
             apply_errors,
             touched,
-            last_writer,
             final_changes,
         }
     }
@@ -285,11 +269,14 @@ pub fn preview_on(input: PreviewInput<'_>, base: Base<'_>) -> Preview {
             path: path.clone(),
             before: base.get(path).cloned(),
             after: after.clone(),
-            step: run
-                .last_writer
-                .get(path)
-                .cloned()
-                .unwrap_or_else(|| intent.steps[0].id.clone()),
+            // The last step that changed the path.
+            step: intent
+                .steps
+                .iter()
+                .zip(&run.step_changes)
+                .rev()
+                .find(|(_, ch)| ch.iter().any(|c| &c.path == path))
+                .map_or_else(|| intent.steps[0].id.clone(), |(s, _)| s.id.clone()),
         })
         .collect();
     let actions: Vec<Action> = intent
@@ -314,8 +301,9 @@ pub fn preview_on(input: PreviewInput<'_>, base: Base<'_>) -> Preview {
         })
         .collect();
 
-    let mut touched_all: BTreeSet<ResourcePath> = run.touched.clone();
-    touched_all.extend(actions.iter().map(|a| a.path.clone()));
+    let mut touched_all: Vec<&ResourcePath> = run.touched.iter().chain(actions.iter().map(|a| &a.path)).collect();
+    touched_all.sort_unstable();
+    touched_all.dedup();
     let blast_radius = blast_radius(world, &touched_all);
 
     let plan_diff = previous.map(|p| plan_diff(p, intent));
@@ -380,7 +368,7 @@ pub fn preview_on(input: PreviewInput<'_>, base: Base<'_>) -> Preview {
             agent: agent.to_string(),
             lineage: intent.lineage.clone(),
             version: intent.version,
-            hash: intent.content_hash(),
+            hash: plan_hash(intent),
             goal: intent.goal.to_string(),
         },
         verdict,
@@ -388,7 +376,7 @@ pub fn preview_on(input: PreviewInput<'_>, base: Base<'_>) -> Preview {
         diff,
         actions,
         blast_radius,
-        compensation: run.compensation.clone(),
+        compensation: run.compensation,
         invariants,
         assumptions,
         unknowns: intent.unknowns.iter().map(|u| u.to_string()).collect(),
@@ -402,28 +390,40 @@ pub fn preview_on(input: PreviewInput<'_>, base: Base<'_>) -> Preview {
 /// declared dependency on it, and those sharing a dependency with an owner
 /// (a bigger pool on `svc/api` is more load on the `db/primary` that
 /// `svc/worker` also needs). Declared, never guessed.
-fn blast_radius(world: &World, touched: &BTreeSet<ResourcePath>) -> Vec<Affected> {
-    let mut out: Vec<Affected> = Vec::new();
+fn blast_radius(world: &World, touched: &[&ResourcePath]) -> Vec<Affected> {
+    // The touched path a service's subtree overlaps, if any: found once per
+    // service, for both the owners and the services themselves.
+    let owns: Vec<Option<&ResourcePath>> = world
+        .services
+        .values()
+        .map(|svc| touched.iter().copied().find(|p| overlaps(&svc.path, p)))
+        .collect();
     let owners: Vec<(&ResourcePath, &crate::world::Service)> = world
         .services
         .values()
-        .filter_map(|svc| touched.iter().find(|p| svc.path.overlaps(p)).map(|p| (p, svc)))
+        .zip(&owns)
+        .filter_map(|(svc, p)| p.map(|p| (p, svc)))
         .collect();
-    for (name, svc) in &world.services {
-        let owns = touched.iter().find(|p| svc.path.overlaps(p));
-        let dep = touched.iter().find(|p| svc.depends_on.iter().any(|d| d.overlaps(p)));
-        let shared = owners.iter().find_map(|(p, owner)| {
+    let mut out: Vec<Affected> = Vec::new();
+    for ((name, svc), owns) in world.services.iter().zip(owns) {
+        let (via, relation, through) = if let Some(p) = owns {
+            (p, "owns", None)
+        } else if let Some(p) = touched
+            .iter()
+            .copied()
+            .find(|p| svc.depends_on.iter().any(|d| overlaps(d, p)))
+        {
+            (p, "depends_on", None)
+        } else if let Some((p, d)) = owners.iter().find_map(|(p, owner)| {
             owner
                 .depends_on
                 .iter()
-                .find(|od| svc.depends_on.iter().any(|d| d.overlaps(od)))
+                .find(|od| svc.depends_on.iter().any(|d| overlaps(d, od)))
                 .map(|od| (*p, od))
-        });
-        let (via, relation, through) = match (owns, dep, shared) {
-            (Some(p), _, _) => (p, "owns", None),
-            (None, Some(p), _) => (p, "depends_on", None),
-            (None, None, Some((p, d))) => (p, "shares_dependency", Some(d.clone())),
-            (None, None, None) => continue,
+        }) {
+            (p, "shares_dependency", Some(d.clone()))
+        } else {
+            continue;
         };
         out.push(Affected {
             service: name.clone(),
@@ -433,6 +433,31 @@ fn blast_radius(world: &World, touched: &BTreeSet<ResourcePath>) -> Vec<Affected
         });
     }
     out
+}
+
+/// [`ResourcePath::overlaps`] with one comparison: the shorter path must be
+/// the longer one or its ancestor.
+fn overlaps(a: &ResourcePath, b: &ResourcePath) -> bool {
+    let (short, long) = if a.as_str().len() <= b.as_str().len() {
+        (a.as_str(), b.as_str())
+    } else {
+        (b.as_str(), a.as_str())
+    };
+    long.starts_with(short) && (long.len() == short.len() || long.as_bytes()[short.len()] == b'/')
+}
+
+/// The plan's content hash, [`Intent::content_hash`]: without an idempotency
+/// key the intent is its own content, so its bytes go straight to the hasher
+/// instead of through a copy of the intent and a buffer.
+pub(crate) fn plan_hash(intent: &Intent) -> String {
+    if intent.idempotency_key.is_some() {
+        return intent.content_hash();
+    }
+    let mut hasher = blake3::Hasher::new();
+    match serde_json::to_writer(&mut hasher, intent) {
+        Ok(()) => hasher.finalize().to_hex().to_string(),
+        Err(_) => intent.content_hash(),
+    }
 }
 
 /// Risk from what the plan does, how far it reaches, how sure the agent is,

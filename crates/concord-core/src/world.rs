@@ -96,7 +96,10 @@ impl World {
     }
 
     /// Every (path, value) whose path text starts with `prefix`, in order.
-    pub fn scan_prefix<'a>(&'a self, prefix: &str) -> impl Iterator<Item = (&'a ResourcePath, &'a Value)> + 'a {
+    pub fn scan_prefix<'a, 'p>(
+        &'a self,
+        prefix: &'p str,
+    ) -> impl Iterator<Item = (&'a ResourcePath, &'a Value)> + use<'a, 'p> {
         scan_prefix(&self.resources, prefix)
     }
 }
@@ -105,13 +108,12 @@ impl World {
 ///
 /// Paths sort as their text, so these entries form one run that starts at
 /// `prefix`: the scan costs O(log n + matches), whatever the map's size.
-pub(crate) fn scan_prefix<'a, V>(
+pub(crate) fn scan_prefix<'a, 'p, V>(
     map: &'a BTreeMap<ResourcePath, V>,
-    prefix: &str,
-) -> impl Iterator<Item = (&'a ResourcePath, &'a V)> + 'a {
-    let owned = prefix.to_string();
+    prefix: &'p str,
+) -> impl Iterator<Item = (&'a ResourcePath, &'a V)> + use<'a, 'p, V> {
     map.range::<str, _>((Bound::Included(prefix), Bound::Unbounded))
-        .take_while(move |(p, _)| p.as_str().starts_with(owned.as_str()))
+        .take_while(move |(p, _)| p.as_str().starts_with(prefix))
 }
 
 fn first_descendant<V>(map: &BTreeMap<ResourcePath, V>, path: &ResourcePath) -> Option<ResourcePath> {
