@@ -30,8 +30,12 @@ pub struct ApplyError(pub String);
 
 /// Applies `spec` to `state` and returns what it changed.
 pub fn apply(state: &mut State<'_>, spec: &StepSpec) -> Result<Vec<PathChange>, ApplyError> {
-    let path = &spec.path;
-    let writes: Vec<(ResourcePath, Option<Value>)> = match &spec.op {
+    apply_op(state, &spec.path, &spec.op)
+}
+
+/// [`apply`] of `op` at `path`, without a [`StepSpec`] to own them.
+pub(crate) fn apply_op(state: &mut State<'_>, path: &ResourcePath, op: &Op) -> Result<Vec<PathChange>, ApplyError> {
+    let writes: Vec<(ResourcePath, Option<Value>)> = match op {
         Op::Set(a) => vec![(path.clone(), Some(a.value.clone()))],
         Op::Deploy(a) => vec![
             (child(path, "version")?, Some(Value::Str(a.version.to_string()))),
@@ -57,7 +61,7 @@ pub fn apply(state: &mut State<'_>, spec: &StepSpec) -> Result<Vec<PathChange>, 
             let at = child(path, "grants")?;
             let member = format!("{}:{}", a.principal, a.role);
             let mut set = string_set(state.get(&at), &at)?;
-            if matches!(spec.op, Op::Grant(_)) {
+            if matches!(op, Op::Grant(_)) {
                 set.insert(member);
             } else if !set.remove(&member) {
                 return Err(ApplyError(format!("`{member}` is not granted at `{at}`")));

@@ -11,7 +11,7 @@
 //! `svc/*/replicas` pair up by the service name. A capture whose other terms
 //! are missing contributes nothing.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 use concord_proto::ResourcePath;
 use concord_proto::preview::{RuleResult, RuleStatus};
@@ -51,6 +51,18 @@ pub struct Budget {
     /// Per term: the literal text before its first `*` (where matches start)
     /// and after its last `*` (a cheap test before splitting a path).
     bounds: Vec<(String, String)>,
+    /// `*` segments per term (the same in every term).
+    stars: usize,
+    /// Per term: whether it is `head*tail` with a single `*` segment.
+    single: Vec<bool>,
+}
+
+/// Whether `text` ends with `tail`, compared from the last byte: most paths
+/// under a term's prefix differ from its tail at once (`.../version` is not
+/// `.../pool_size`), and a byte loop rejects them without a library call.
+fn ends_with(text: &str, tail: &str) -> bool {
+    let (text, tail) = (text.as_bytes(), tail.as_bytes());
+    text.len() >= tail.len() && text.iter().rev().zip(tail.iter().rev()).all(|(a, b)| a == b)
 }
 
 fn segments(p: &str) -> Vec<String> {
@@ -100,50 +112,82 @@ impl Budget {
                 (head, tail)
             })
             .collect();
-        Ok(Budget { config, terms, bounds })
+        let single = terms.iter().map(|t| n == 1 && t.len() > 1).collect();
+        Ok(Budget {
+            config,
+            terms,
+            bounds,
+            stars: n,
+            single,
+        })
     }
 
-    /// The captures of `path` under term `t`, if it matches.
-    fn captures(&self, t: usize, path: &str) -> Option<Vec<String>> {
+    /// Whether `path` matches term `t`; its captures, in order, go to `caps`
+    /// (cleared first). Borrows from `path`: nothing is allocated.
+    fn capture<'p>(&self, t: usize, path: &'p str, caps: &mut Vec<&'p str>) -> bool {
+        caps.clear();
         let (head, tail) = &self.bounds[t];
-        if !path.starts_with(head.as_str()) || !path.ends_with(tail.as_str()) {
-            return None;
+        if !ends_with(path, tail) || !path.starts_with(head.as_str()) {
+            return false;
         }
-        let pattern = &self.terms[t];
-        let segs: Vec<&str> = path.split('/').collect();
-        if segs.len() != pattern.len() {
-            return None;
-        }
-        let mut caps = Vec::new();
-        for (p, s) in pattern.iter().zip(&segs) {
-            if p == "*" {
-                caps.push((*s).to_string());
-            } else if p != s {
-                return None;
+        if self.single[t] {
+            // `head*tail` with one whole-segment `*`: the capture is what lies
+            // between, if it is one non-empty segment.
+            let Some(middle) = path.get(head.len()..path.len() - tail.len()) else {
+                return false;
+            };
+            if path.len() < head.len() + tail.len() || middle.is_empty() || middle.bytes().any(|b| b == b'/') {
+                return false;
             }
+            caps.push(middle);
+            return true;
         }
-        Some(caps)
+        // Segments are short: a byte loop finds their ends faster than a
+        // vectorised search that must first set itself up.
+        let bytes = path.as_bytes();
+        let pattern = &self.terms[t];
+        let mut start = 0;
+        for (i, p) in pattern.iter().enumerate() {
+            let mut end = start;
+            while end < bytes.len() && bytes[end] != b'/' {
+                end += 1;
+            }
+            let last = i + 1 == pattern.len();
+            if last != (end == bytes.len()) {
+                return false;
+            }
+            let seg = &path[start..end];
+            if p == "*" {
+                caps.push(seg);
+            } else if p.as_bytes() != seg.as_bytes() {
+                return false;
+            }
+            start = end + 1;
+        }
+        true
     }
 
-    /// Term `t`'s path for a capture.
-    fn path(&self, t: usize, caps: &[String]) -> Option<ResourcePath> {
-        let mut it = caps.iter();
-        let text: Vec<&str> = self.terms[t]
+    /// Whether `path` matches term `t`.
+    fn matches(&self, t: usize, path: &str) -> bool {
+        let (head, tail) = &self.bounds[t];
+        if !ends_with(path, tail) || !path.starts_with(head.as_str()) {
+            return false;
+        }
+        let mut segs = path.split('/');
+        self.terms[t]
             .iter()
-            .map(|s| {
-                if s == "*" {
-                    it.next().map(String::as_str).unwrap_or("")
-                } else {
-                    s.as_str()
-                }
-            })
-            .collect();
-        ResourcePath::parse(&text.join("/")).ok()
+            .all(|p| segs.next().is_some_and(|s| p == "*" || p == s))
+            && segs.next().is_none()
+    }
+
+    /// The changes to paths this rule reads, in path order.
+    fn restrict<'a>(&self, changes: &'a Overlay) -> Vec<(&'a ResourcePath, &'a Option<Value>)> {
+        changes.iter().filter(|(p, _)| self.reads(p)).collect()
     }
 
     /// Whether `path` is one this rule reads.
     pub fn reads(&self, path: &ResourcePath) -> bool {
-        path == &self.config.limit || (0..self.terms.len()).any(|t| self.captures(t, path.as_str()).is_some())
+        path == &self.config.limit || (0..self.terms.len()).any(|t| self.matches(t, path.as_str()))
     }
 
     /// Evaluates the rule in every distinct state of `run`.
@@ -170,52 +214,83 @@ impl Budget {
             );
         }
         let number = |v: Option<&Value>| v.and_then(Value::as_f64);
-        // Base contributions per capture, from the world the plan starts in.
-        let contribution = |get: &dyn Fn(&ResourcePath) -> Option<f64>, caps: &[String]| -> f64 {
-            let mut product = 1.0;
-            for t in 0..self.terms.len() {
-                match self.path(t, caps).and_then(|p| get(&p)) {
-                    Some(v) => product *= v,
-                    None => return 0.0,
-                }
-            }
-            product
-        };
-        let base_get = |p: &ResourcePath| number(run.base.get(p));
-        // One visit per term prefix, grouping the terms' values by capture.
+        let base = run.base;
+        // Base values per capture, from the world the plan starts in: one
+        // visit per distinct term prefix, captures borrowed from the paths,
+        // kept sorted by capture. Paths arrive in order, so a capture is
+        // usually the last one seen or a new last one.
         let n = self.terms.len();
-        let mut grouped: BTreeMap<Vec<String>, Vec<Option<f64>>> = BTreeMap::new();
-        for (t, (head, _)) in self.bounds.iter().enumerate() {
-            run.base.visit_prefix(head, |p, v| {
-                if let Some(caps) = self.captures(t, p.as_str()) {
-                    grouped.entry(caps).or_insert_with(|| vec![None; n])[t] = v.as_f64();
+        let mut groups = Groups::new(self.stars, n);
+        let mut caps: Vec<&str> = Vec::new();
+        let mut heads: Vec<&str> = self.bounds.iter().map(|(h, _)| h.as_str()).collect();
+        heads.sort_unstable();
+        heads.dedup();
+        for head in heads {
+            let under: Vec<usize> = (0..n).filter(|&t| self.bounds[t].0 == head).collect();
+            base.visit_prefix(head, |p, v| {
+                for &t in &under {
+                    // Most paths under the prefix end otherwise: reject them
+                    // on their last byte before anything else.
+                    if self.bounds[t]
+                        .1
+                        .as_bytes()
+                        .last()
+                        .is_some_and(|b| p.as_str().as_bytes().last() != Some(b))
+                        || !self.capture(t, p.as_str(), &mut caps)
+                    {
+                        continue;
+                    }
+                    let i = groups.entry(&caps);
+                    groups.vals_mut(i)[t] = v.as_f64();
                 }
             });
         }
-        let base_total: f64 = grouped
-            .values()
-            .filter_map(|vals| vals.iter().copied().collect::<Option<Vec<f64>>>())
+        let base_total: f64 = (0..groups.len)
+            .filter_map(|i| groups.vals(i).iter().copied().collect::<Option<Vec<f64>>>())
             .map(|vals| vals.iter().product::<f64>())
             .sum();
-        let evaluate_state = |changes: &Overlay| -> Result<(f64, f64), String> {
-            let get = |p: &ResourcePath| match changes.get(p) {
-                Some(v) => number(v.as_ref()),
-                None => base_get(p),
-            };
-            let mut touched: BTreeSet<Vec<String>> = BTreeSet::new();
-            for p in changes.keys() {
-                for t in 0..self.terms.len() {
-                    if let Some(c) = self.captures(t, p.as_str()) {
-                        touched.insert(c);
+        let base_limit = number(base.get(&self.config.limit));
+        // A state's changes to the paths this rule reads, in path order.
+        type Restricted<'a> = Vec<(&'a ResourcePath, &'a Option<Value>)>;
+        let evaluate_state = |changes: &Restricted<'_>| -> Result<(f64, f64), String> {
+            // The changed terms: (capture, term, new value), captures flat.
+            let mut caps: Vec<&str> = Vec::new();
+            let mut flat: Vec<&str> = Vec::new();
+            let mut changed: Vec<(usize, usize, Option<f64>)> = Vec::new();
+            for (p, v) in changes {
+                for t in 0..n {
+                    if self.capture(t, p.as_str(), &mut caps) {
+                        changed.push((flat.len(), t, number(v.as_ref())));
+                        flat.extend_from_slice(&caps);
                     }
                 }
             }
+            let k = self.stars;
+            let key = |at: usize| &flat[at..at + k];
+            // Stable: a path's terms keep their order within a capture.
+            changed.sort_by(|a, b| key(a.0).cmp(key(b.0)));
             let mut total = base_total;
-            for caps in &touched {
-                total += contribution(&get, caps) - contribution(&base_get, caps);
+            let mut before: Vec<Option<f64>> = vec![None; n];
+            let mut now: Vec<Option<f64>> = vec![None; n];
+            let mut i = 0;
+            while i < changed.len() {
+                let caps = key(changed[i].0);
+                match groups.find(caps) {
+                    Ok(g) => before.copy_from_slice(groups.vals(g)),
+                    Err(_) => before.fill(None),
+                }
+                now.copy_from_slice(&before);
+                while i < changed.len() && key(changed[i].0) == caps {
+                    now[changed[i].1] = changed[i].2;
+                    i += 1;
+                }
+                total += product(&now) - product(&before);
             }
-            let limit =
-                get(&self.config.limit).ok_or_else(|| format!("the limit `{}` holds no number", self.config.limit))?;
+            let limit = match changes.binary_search_by(|(k, _)| (*k).cmp(&self.config.limit)) {
+                Ok(i) => number(changes[i].1.as_ref()),
+                Err(_) => base_limit,
+            }
+            .ok_or_else(|| format!("the limit `{}` holds no number", self.config.limit))?;
             Ok((total, limit))
         };
         let figures = |total: f64, limit: f64| {
@@ -225,24 +300,21 @@ impl Budget {
             f.insert("budget".to_string(), Value::Float(limit * self.config.max_fraction));
             f
         };
-        let describe = if self.config.description.is_empty() {
-            format!(
-                "sum of {} stays within {} of `{}`",
-                self.config.terms.join(" x "),
-                self.config.max_fraction,
-                self.config.limit
-            )
-        } else {
-            self.config.description.clone()
+        let describe = || {
+            if self.config.description.is_empty() {
+                format!(
+                    "sum of {} stays within {} of `{}`",
+                    self.config.terms.join(" x "),
+                    self.config.max_fraction,
+                    self.config.limit
+                )
+            } else {
+                self.config.description.clone()
+            }
         };
-        let mut seen: Vec<Overlay> = Vec::new();
+        let mut seen: Vec<Restricted<'_>> = Vec::new();
         for state in &run.states {
-            let restricted: Overlay = state
-                .changes
-                .iter()
-                .filter(|(p, _)| self.reads(p))
-                .map(|(p, v)| (p.clone(), v.clone()))
-                .collect();
+            let restricted = self.restrict(&state.changes);
             if seen.contains(&restricted) {
                 continue;
             }
@@ -260,10 +332,11 @@ impl Budget {
                 }
             };
             if total > limit * self.config.max_fraction {
-                let pre_existing = evaluate_state(&Overlay::new())
+                let pre_existing = evaluate_state(&Vec::new())
                     .map(|(t, l)| t > l * self.config.max_fraction)
                     .unwrap_or(false);
                 let budget = limit * self.config.max_fraction;
+                let describe = describe();
                 return result(
                     RuleStatus::Fail,
                     if pre_existing {
@@ -285,12 +358,7 @@ impl Budget {
             }
             seen.push(restricted);
         }
-        let end: Overlay = run
-            .final_changes
-            .iter()
-            .filter(|(p, _)| self.reads(p))
-            .map(|(p, v)| (p.clone(), v.clone()))
-            .collect();
+        let end = self.restrict(&run.final_changes);
         let f = evaluate_state(&end).map(|(t, l)| figures(t, l)).unwrap_or_default();
         result(
             RuleStatus::Pass,
@@ -298,7 +366,98 @@ impl Budget {
             None,
             false,
             f,
-            format!("holds in every state: {describe}"),
+            format!("holds in every state: {}", describe()),
         )
+    }
+}
+
+/// A capture's product, multiplied in term order; a missing or non-numeric
+/// term makes it contribute nothing.
+fn product(vals: &[Option<f64>]) -> f64 {
+    let mut product = 1.0;
+    for v in vals {
+        match v {
+            Some(v) => product *= v,
+            None => return 0.0,
+        }
+    }
+    product
+}
+
+/// Term values per capture, sorted by capture, stored flat (`k` captures
+/// and `n` values per group) so that a group costs no allocation of its own.
+struct Groups<'a> {
+    k: usize,
+    n: usize,
+    len: usize,
+    caps: Vec<&'a str>,
+    vals: Vec<Option<f64>>,
+}
+
+impl<'a> Groups<'a> {
+    fn new(k: usize, n: usize) -> Self {
+        Groups {
+            k,
+            n,
+            len: 0,
+            caps: Vec::new(),
+            vals: Vec::new(),
+        }
+    }
+
+    fn key(&self, i: usize) -> &[&'a str] {
+        &self.caps[i * self.k..(i + 1) * self.k]
+    }
+
+    fn vals(&self, i: usize) -> &[Option<f64>] {
+        &self.vals[i * self.n..(i + 1) * self.n]
+    }
+
+    fn vals_mut(&mut self, i: usize) -> &mut [Option<f64>] {
+        &mut self.vals[i * self.n..(i + 1) * self.n]
+    }
+
+    /// The group of `caps`, or where it would go. Paths arrive in order, so
+    /// a capture is usually the last one or a new last one.
+    fn find(&self, caps: &[&str]) -> Result<usize, usize> {
+        if self.len == 0 {
+            return Err(0);
+        }
+        match self.key(self.len - 1).cmp(caps) {
+            std::cmp::Ordering::Equal => Ok(self.len - 1),
+            std::cmp::Ordering::Less => Err(self.len),
+            std::cmp::Ordering::Greater => {
+                let (mut lo, mut hi) = (0, self.len - 1);
+                while lo < hi {
+                    let mid = (lo + hi) / 2;
+                    match self.key(mid).cmp(caps) {
+                        std::cmp::Ordering::Equal => return Ok(mid),
+                        std::cmp::Ordering::Less => lo = mid + 1,
+                        std::cmp::Ordering::Greater => hi = mid,
+                    }
+                }
+                Err(lo)
+            }
+        }
+    }
+
+    /// The group of `caps`, added (with no values) if new.
+    fn entry(&mut self, caps: &[&'a str]) -> usize {
+        match self.find(caps) {
+            Ok(i) => i,
+            Err(i) if i == self.len => {
+                self.caps.extend_from_slice(caps);
+                self.vals.resize(self.vals.len() + self.n, None);
+                self.len += 1;
+                i
+            }
+            Err(i) => {
+                self.caps.splice(i * self.k..i * self.k, caps.iter().copied());
+                self.vals
+                    .splice(i * self.n..i * self.n, std::iter::repeat_n(None, self.n));
+                self.len += 1;
+                i
+            }
+        }
     }
 }

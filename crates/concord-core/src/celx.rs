@@ -11,26 +11,12 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
-use cel::objects::{Key, Map};
+use cel::common::types::{CelBool, CelDouble, CelInt, CelList, CelMap, CelMapKey, CelString};
+use cel::common::value::{CowVal, Val as CelVal};
+use cel::context::VariableResolver;
+use cel::objects::Key;
 use cel::{Context, ExecutionError, Value as CelValue};
 use concord_proto::{ResourcePath, Value};
-
-/// Converts a concord value to CEL.
-pub fn to_cel(v: &Value) -> CelValue {
-    match v {
-        Value::Bool(b) => CelValue::Bool(*b),
-        Value::Int(i) => CelValue::Int(*i),
-        Value::Float(f) => CelValue::Float(*f),
-        Value::Str(s) => CelValue::String(Arc::new(s.clone())),
-        Value::List(l) => CelValue::List(Arc::new(l.iter().map(to_cel).collect())),
-        Value::Map(m) => map(m.iter().map(|(k, v)| (k.clone(), to_cel(v)))),
-    }
-}
-
-fn map(entries: impl Iterator<Item = (String, CelValue)>) -> CelValue {
-    let hm: HashMap<Key, CelValue> = entries.map(|(k, v)| (Key::String(Arc::new(k)), v)).collect();
-    CelValue::Map(Map { map: Arc::new(hm) })
-}
 
 /// Converts a CEL result to a concord value for a report; maps come out sorted.
 pub fn from_cel(v: &CelValue) -> Value {
@@ -60,24 +46,58 @@ fn key_text(k: &Key) -> String {
     }
 }
 
-enum Node {
-    Leaf(Value),
-    Branch(BTreeMap<String, Node>),
+/// A CEL value as the interpreter holds it. Built straight from concord's
+/// values (no intermediate `cel::Value` to convert), borrowing their text.
+pub type Val<'v> = Box<dyn CelVal + 'v>;
+
+/// Converts a concord value to an interpreter value, borrowing its strings.
+pub fn to_val(v: &Value) -> Val<'_> {
+    match v {
+        Value::Bool(b) => Box::new(CelBool::from(*b)),
+        Value::Int(i) => Box::new(CelInt::from(*i)),
+        Value::Float(f) => Box::new(CelDouble::from(*f)),
+        Value::Str(s) => Box::new(CelString::from(s.as_str())),
+        Value::List(l) => Box::new(CelList::from(l.iter().map(to_val).collect::<Vec<_>>())),
+        Value::Map(m) => Box::new(CelMap::from(
+            m.iter()
+                .map(|(k, v)| (CelMapKey::from(k.as_str()), to_val(v)))
+                .collect::<HashMap<_, _>>(),
+        )),
+    }
+}
+
+/// A string value, borrowed.
+pub fn str_val(s: &str) -> Val<'_> {
+    Box::new(CelString::from(s))
+}
+
+/// A map value from string keys.
+pub fn record_val<'v>(entries: Vec<(&'v str, Val<'v>)>) -> Val<'v> {
+    Box::new(CelMap::from(
+        entries
+            .into_iter()
+            .map(|(k, v)| (CelMapKey::from(k), v))
+            .collect::<HashMap<_, _>>(),
+    ))
+}
+
+enum Node<'v> {
+    Leaf(&'v Value),
+    Branch(BTreeMap<&'v str, Node<'v>>),
 }
 
 /// Builds the nested map of a projection: `a/b/c = 1` becomes `{a: {b: {c: 1}}}`.
-pub fn nested(entries: &BTreeMap<ResourcePath, Value>) -> CelValue {
-    let mut root: BTreeMap<String, Node> = BTreeMap::new();
+/// `entries` come in path order.
+pub fn nested_val<'v>(entries: impl Iterator<Item = (&'v ResourcePath, &'v Value)>) -> Val<'v> {
+    let mut root: BTreeMap<&'v str, Node<'v>> = BTreeMap::new();
     for (path, value) in entries {
-        let segs: Vec<&str> = path.segments().collect();
+        let mut segs = path.as_str().split('/').peekable();
         let mut cur = &mut root;
-        for (i, seg) in segs.iter().enumerate() {
-            if i + 1 == segs.len() {
-                cur.insert(seg.to_string(), Node::Leaf(value.clone()));
+        while let Some(seg) = segs.next() {
+            if segs.peek().is_none() {
+                cur.insert(seg, Node::Leaf(value));
             } else {
-                let node = cur
-                    .entry(seg.to_string())
-                    .or_insert_with(|| Node::Branch(BTreeMap::new()));
+                let node = cur.entry(seg).or_insert_with(|| Node::Branch(BTreeMap::new()));
                 if let Node::Leaf(_) = node {
                     // Worlds keep values at leaves; a leaf here cannot have children.
                     *node = Node::Branch(BTreeMap::new());
@@ -87,23 +107,46 @@ pub fn nested(entries: &BTreeMap<ResourcePath, Value>) -> CelValue {
             }
         }
     }
-    fn build(m: &BTreeMap<String, Node>) -> CelValue {
-        map(m.iter().map(|(k, n)| {
-            (
-                k.clone(),
-                match n {
-                    Node::Leaf(v) => to_cel(v),
-                    Node::Branch(b) => build(b),
-                },
-            )
-        }))
+    fn build<'v>(m: &BTreeMap<&'v str, Node<'v>>) -> Val<'v> {
+        Box::new(CelMap::from(
+            m.iter()
+                .map(|(k, n)| {
+                    (
+                        CelMapKey::from(*k),
+                        match n {
+                            Node::Leaf(v) => to_val(v),
+                            Node::Branch(b) => build(b),
+                        },
+                    )
+                })
+                .collect::<HashMap<_, _>>(),
+        ))
     }
     build(&root)
 }
 
-/// A map value from string keys.
-pub fn record(entries: Vec<(&str, CelValue)>) -> CelValue {
-    map(entries.into_iter().map(|(k, v)| (k.to_string(), v)))
+/// The variables one rule may read, bound by reference: a lookup borrows
+/// the value instead of copying it into the context.
+#[derive(Debug)]
+pub struct Bindings<'a, 'v> {
+    /// `before`, if the rule reads it.
+    pub before: Option<&'a Val<'v>>,
+    /// `plan`, if the rule reads it.
+    pub plan: Option<&'a Val<'v>>,
+    /// `agent`, if the rule reads it.
+    pub agent: Option<&'a Val<'v>>,
+}
+
+impl VariableResolver for Bindings<'_, '_> {
+    fn resolve<'b>(&'b self, variable: &str) -> Option<CowVal<'b, 'b>> {
+        let v = match variable {
+            "before" => self.before,
+            "plan" => self.plan,
+            "agent" => self.agent,
+            _ => None,
+        }?;
+        Some(CowVal::Borrowed(v.as_ref()))
+    }
 }
 
 /// Registers `sum` and `keys` on a root context.

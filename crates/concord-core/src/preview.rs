@@ -10,18 +10,18 @@
 //! the base world, and rules read the base through prefix range scans.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Arc;
 
+use cel::common::types::{CelDouble, CelInt, CelList, CelNull};
 use cel::{Context, Value as CelValue};
 use concord_proto::preview::*;
-use concord_proto::{Compensation, Intent, Op, PreflightResult, ResourcePath, StepKind, StepSpec, Value};
+use concord_proto::{Compensation, Intent, Op, PreflightResult, ResourcePath, StepKind, Value};
 
-use crate::apply::{PathChange, apply, restore};
+use crate::apply::{PathChange, apply_op, restore};
 use crate::celx;
 use crate::plandiff::plan_diff;
 use crate::policy::{CelRule, Outcome, Policy};
 use crate::rules;
-use crate::world::{Base, State, World};
+use crate::world::{Base, Memo, Overlay, State, World};
 
 /// Most world paths one CEL rule's `reads` may reach (scanned by prefix):
 /// the rule's evaluation budget.
@@ -66,17 +66,8 @@ pub(crate) struct Run<'w> {
     pub apply_errors: Vec<String>,
     /// Every path any state changes.
     pub touched: BTreeSet<ResourcePath>,
-    /// Last step that changed each path of the final state.
-    pub last_writer: BTreeMap<ResourcePath, concord_proto::Id>,
     /// The final state's changes.
     pub final_changes: BTreeMap<ResourcePath, Option<Value>>,
-}
-
-pub(crate) fn spec(step: &concord_proto::Step) -> StepSpec {
-    StepSpec {
-        path: step.path.clone(),
-        op: step.op.clone(),
-    }
 }
 
 fn to_changes(changes: &[PathChange], step: &concord_proto::Id) -> Vec<Change> {
@@ -93,60 +84,107 @@ fn to_changes(changes: &[PathChange], step: &concord_proto::Id) -> Vec<Change> {
 
 impl<'w> Run<'w> {
     pub(crate) fn simulate(base: Base<'w>, intent: &Intent) -> Run<'w> {
+        let n = intent.steps.len();
         let mut apply_errors = Vec::new();
-        let mut forward: Vec<State<'w>> = vec![State::on(base)];
-        let mut step_changes = Vec::with_capacity(intent.steps.len());
-        let mut last_writer = BTreeMap::new();
+        let mut step_changes = Vec::with_capacity(n);
+        let mut states: Vec<EvalState> = Vec::new();
+        // A state is kept only if it is new; its label is written only then
+        // (most compensation states repeat forward ones). Returns its index.
+        let find_or_push = |states: &mut Vec<EvalState>, changes: &Overlay, label: &dyn Fn() -> String| {
+            states.iter().position(|e| &e.changes == changes).unwrap_or_else(|| {
+                states.push(EvalState {
+                    label: label(),
+                    changes: changes.clone(),
+                });
+                states.len() - 1
+            })
+        };
+        // Per forward state (after 0..=n steps): the index of the equal state
+        // in `states` (none yet for the unchanged world).
+        let mut forward_at: Vec<Option<usize>> = Vec::with_capacity(n + 1);
+        forward_at.push(None);
+        let mut failed: Vec<usize> = Vec::new();
+        let mut s = State::on(base);
         for step in &intent.steps {
-            let mut s = forward.last().cloned().unwrap_or_else(|| State::on(base));
-            match apply(&mut s, &spec(step)) {
-                Ok(ch) => {
-                    for c in &ch {
-                        last_writer.insert(c.path.clone(), step.id.clone());
-                    }
-                    step_changes.push(ch);
-                }
+            match apply_op(&mut s, &step.path, &step.op) {
+                Ok(ch) => step_changes.push(ch),
                 Err(e) => {
                     apply_errors.push(format!("step {}: {e}", step.id));
                     step_changes.push(Vec::new());
+                    // A step can fail after some of its writes: its changes
+                    // are not all known, so its restore proves nothing.
+                    failed.push(step_changes.len() - 1);
                 }
             }
-            forward.push(s);
+            let at = find_or_push(&mut states, s.changes(), &|| format!("after step {}", step.id));
+            forward_at.push(Some(at));
         }
-        let mut states: Vec<EvalState> = Vec::new();
-        // A state's label is written only if the state is new: most
-        // compensation states repeat forward ones.
-        let push = |label: &dyn Fn() -> String, s: &State<'_>, states: &mut Vec<EvalState>| {
-            if !states.iter().any(|e| &e.changes == s.changes()) {
-                states.push(EvalState {
-                    label: label(),
-                    changes: s.changes().clone(),
-                });
-            }
+        let final_changes = s.changes().clone();
+        drop(s);
+        let empty = Overlay::new();
+        let forward = |k: usize, states: &[EvalState]| -> Overlay {
+            forward_at[k].map(|i| states[i].changes.clone()).unwrap_or_default()
         };
-        for (i, s) in forward.iter().enumerate().skip(1) {
-            push(&|| format!("after step {}", intent.steps[i - 1].id), s, &mut states);
-        }
         // A failure can come after any step (a failed verification leaves the
         // step applied), so undo steps f..1 from each forward state f.
+        //
+        // Restoring step j in the state the forward run reached after step
+        // j+1 gives back the forward state after step j: every path the step
+        // changed returns to its value before it, and no other path differs
+        // between the two. While compensation stays on that track, the state
+        // is known without building it, and is already among the states
+        // (the unchanged world excepted).
         let mut compensation = Vec::new();
-        let n = intent.steps.len();
-        for (f, after_f) in forward.iter().enumerate().skip(1) {
-            let mut s = after_f.clone();
+        for f in 1..=n {
+            // `Some(k)`: the state equals the forward state after k steps.
+            let mut track: Option<usize> = Some(f);
+            let mut cur: Option<State<'w>> = None;
             for j in (0..f).rev() {
                 let step = &intent.steps[j];
                 let (mode, changes, note) = match &step.compensation {
-                    Compensation::Restore => ("restore", restore(&mut s, &step_changes[j]), None),
-                    Compensation::Undo(u) => match apply(&mut s, u) {
-                        Ok(ch) => ("undo", ch, None),
-                        Err(e) => {
-                            let msg = format!("compensation of step {}: {e}", step.id);
-                            if !apply_errors.contains(&msg) {
-                                apply_errors.push(msg);
+                    Compensation::Restore if track == Some(j + 1) && !failed.contains(&j) => {
+                        // The changes are only reported for the rollback after the last step.
+                        let changes = if f == n {
+                            let at = forward_at[j + 1].map(|i| &states[i].changes).unwrap_or(&empty);
+                            let now = |p: &ResourcePath| match at.get(p) {
+                                Some(v) => v.as_ref(),
+                                None => base.get(p),
+                            };
+                            step_changes[j]
+                                .iter()
+                                .rev()
+                                .filter_map(|c: &PathChange| {
+                                    let now = now(&c.path);
+                                    (now != c.before.as_ref()).then(|| PathChange {
+                                        path: c.path.clone(),
+                                        before: now.cloned(),
+                                        after: c.before.clone(),
+                                    })
+                                })
+                                .collect()
+                        } else {
+                            Vec::new()
+                        };
+                        track = Some(j);
+                        ("restore", changes, None)
+                    }
+                    Compensation::Restore => {
+                        let s = materialize(&mut cur, track.take(), base, &|k| forward(k, &states));
+                        ("restore", restore(s, &step_changes[j]), None)
+                    }
+                    Compensation::Undo(u) => {
+                        let s = materialize(&mut cur, track.take(), base, &|k| forward(k, &states));
+                        match apply_op(s, &u.path, &u.op) {
+                            Ok(ch) => ("undo", ch, None),
+                            Err(e) => {
+                                let msg = format!("compensation of step {}: {e}", step.id);
+                                if !apply_errors.contains(&msg) {
+                                    apply_errors.push(msg);
+                                }
+                                ("undo", Vec::new(), None)
                             }
-                            ("undo", Vec::new(), None)
                         }
-                    },
+                    }
                     Compensation::Irreversible { reason } => ("irreversible", Vec::new(), Some(reason.to_string())),
                 };
                 if f == n {
@@ -157,21 +195,27 @@ impl<'w> Run<'w> {
                         note,
                     });
                 }
-                push(
-                    &|| {
-                        format!(
-                            "after undoing step {} (rollback after step {})",
-                            step.id,
-                            intent.steps[f - 1].id
-                        )
-                    },
-                    &s,
-                    &mut states,
-                );
+                let label = || {
+                    format!(
+                        "after undoing step {} (rollback after step {})",
+                        step.id,
+                        intent.steps[f - 1].id
+                    )
+                };
+                match (track, &cur) {
+                    // A forward state after at least one step is already kept.
+                    (Some(k), _) if k > 0 => {}
+                    (Some(_), _) => {
+                        find_or_push(&mut states, &empty, &label);
+                    }
+                    (None, Some(s)) => {
+                        find_or_push(&mut states, s.changes(), &label);
+                    }
+                    (None, None) => {}
+                }
             }
         }
         let touched = states.iter().flat_map(|s| s.changes.keys().cloned()).collect();
-        let final_changes = forward.last().map(|s| s.changes().clone()).unwrap_or_default();
         Run {
             base,
             states,
@@ -179,10 +223,23 @@ impl<'w> Run<'w> {
             compensation,
             apply_errors,
             touched,
-            last_writer,
             final_changes,
         }
     }
+}
+
+/// The compensation state as a [`State`] to apply to: built from the forward
+/// state after `track` steps if it is still only known as that.
+fn materialize<'s, 'w>(
+    cur: &'s mut Option<State<'w>>,
+    track: Option<usize>,
+    base: Base<'w>,
+    forward: &dyn Fn(usize) -> Overlay,
+) -> &'s mut State<'w> {
+    if let Some(k) = track {
+        *cur = Some(State::with_changes(base, forward(k)));
+    }
+    cur.get_or_insert_with(|| State::on(base))
 }
 
 /// Computes the preview of a plan against the world as it is.
@@ -201,6 +258,8 @@ pub fn preview_on(input: PreviewInput<'_>, base: Base<'_>) -> Preview {
         policy,
         previous,
     } = input;
+    let memo = Memo::default();
+    let base = base.with_memo(&memo);
     let run = Run::simulate(base, intent);
 
     let diff: Vec<Change> = run
@@ -210,11 +269,14 @@ pub fn preview_on(input: PreviewInput<'_>, base: Base<'_>) -> Preview {
             path: path.clone(),
             before: base.get(path).cloned(),
             after: after.clone(),
-            step: run
-                .last_writer
-                .get(path)
-                .cloned()
-                .unwrap_or_else(|| intent.steps[0].id.clone()),
+            // The last step that changed the path.
+            step: intent
+                .steps
+                .iter()
+                .zip(&run.step_changes)
+                .rev()
+                .find(|(_, ch)| ch.iter().any(|c| &c.path == path))
+                .map_or_else(|| intent.steps[0].id.clone(), |(s, _)| s.id.clone()),
         })
         .collect();
     let actions: Vec<Action> = intent
@@ -239,8 +301,9 @@ pub fn preview_on(input: PreviewInput<'_>, base: Base<'_>) -> Preview {
         })
         .collect();
 
-    let mut touched_all: BTreeSet<ResourcePath> = run.touched.clone();
-    touched_all.extend(actions.iter().map(|a| a.path.clone()));
+    let mut touched_all: Vec<&ResourcePath> = run.touched.iter().chain(actions.iter().map(|a| &a.path)).collect();
+    touched_all.sort_unstable();
+    touched_all.dedup();
     let blast_radius = blast_radius(world, &touched_all);
 
     let plan_diff = previous.map(|p| plan_diff(p, intent));
@@ -251,21 +314,19 @@ pub fn preview_on(input: PreviewInput<'_>, base: Base<'_>) -> Preview {
     invariants.push(assumption_rule);
     invariants.extend(policy.budgets.iter().map(|b| b.evaluate(&run)));
     if !policy.cel.is_empty() {
-        // Built only when some rule reads the plan.
-        let plan_val = if policy.cel.iter().any(|r| r.vars.plan) {
-            plan_value(intent)
-        } else {
-            CelValue::Null
-        };
-        let agent_val = celx::record(vec![
-            ("id", CelValue::String(Arc::new(agent.to_string()))),
-            (
-                "autonomy",
-                CelValue::String(Arc::new(policy.agent(agent).autonomy.name().to_string())),
-            ),
-        ]);
+        // Built once, and only when some rule reads them; rules borrow them.
+        let reads_plan = policy.cel.iter().any(|r| r.vars.plan);
+        let args: Vec<Option<Value>> = if reads_plan { step_args(intent) } else { Vec::new() };
+        let plan_val = reads_plan.then(|| plan_val(intent, &args));
+        let autonomy = policy.agent(agent).autonomy.name();
+        let agent_val = policy.cel.iter().any(|r| r.vars.agent).then(|| {
+            celx::record_val(vec![
+                ("id", celx::str_val(agent)),
+                ("autonomy", celx::str_val(autonomy)),
+            ])
+        });
         for rule in &policy.cel {
-            invariants.push(eval_cel(rule, policy, &run, &plan_val, &agent_val));
+            invariants.push(eval_cel(rule, policy, &run, plan_val.as_ref(), agent_val.as_ref()));
         }
     }
 
@@ -307,7 +368,7 @@ pub fn preview_on(input: PreviewInput<'_>, base: Base<'_>) -> Preview {
             agent: agent.to_string(),
             lineage: intent.lineage.clone(),
             version: intent.version,
-            hash: intent.content_hash(),
+            hash: plan_hash(intent),
             goal: intent.goal.to_string(),
         },
         verdict,
@@ -315,7 +376,7 @@ pub fn preview_on(input: PreviewInput<'_>, base: Base<'_>) -> Preview {
         diff,
         actions,
         blast_radius,
-        compensation: run.compensation.clone(),
+        compensation: run.compensation,
         invariants,
         assumptions,
         unknowns: intent.unknowns.iter().map(|u| u.to_string()).collect(),
@@ -329,28 +390,40 @@ pub fn preview_on(input: PreviewInput<'_>, base: Base<'_>) -> Preview {
 /// declared dependency on it, and those sharing a dependency with an owner
 /// (a bigger pool on `svc/api` is more load on the `db/primary` that
 /// `svc/worker` also needs). Declared, never guessed.
-fn blast_radius(world: &World, touched: &BTreeSet<ResourcePath>) -> Vec<Affected> {
-    let mut out: Vec<Affected> = Vec::new();
+fn blast_radius(world: &World, touched: &[&ResourcePath]) -> Vec<Affected> {
+    // The touched path a service's subtree overlaps, if any: found once per
+    // service, for both the owners and the services themselves.
+    let owns: Vec<Option<&ResourcePath>> = world
+        .services
+        .values()
+        .map(|svc| touched.iter().copied().find(|p| overlaps(&svc.path, p)))
+        .collect();
     let owners: Vec<(&ResourcePath, &crate::world::Service)> = world
         .services
         .values()
-        .filter_map(|svc| touched.iter().find(|p| svc.path.overlaps(p)).map(|p| (p, svc)))
+        .zip(&owns)
+        .filter_map(|(svc, p)| p.map(|p| (p, svc)))
         .collect();
-    for (name, svc) in &world.services {
-        let owns = touched.iter().find(|p| svc.path.overlaps(p));
-        let dep = touched.iter().find(|p| svc.depends_on.iter().any(|d| d.overlaps(p)));
-        let shared = owners.iter().find_map(|(p, owner)| {
+    let mut out: Vec<Affected> = Vec::new();
+    for ((name, svc), owns) in world.services.iter().zip(owns) {
+        let (via, relation, through) = if let Some(p) = owns {
+            (p, "owns", None)
+        } else if let Some(p) = touched
+            .iter()
+            .copied()
+            .find(|p| svc.depends_on.iter().any(|d| overlaps(d, p)))
+        {
+            (p, "depends_on", None)
+        } else if let Some((p, d)) = owners.iter().find_map(|(p, owner)| {
             owner
                 .depends_on
                 .iter()
-                .find(|od| svc.depends_on.iter().any(|d| d.overlaps(od)))
+                .find(|od| svc.depends_on.iter().any(|d| overlaps(d, od)))
                 .map(|od| (*p, od))
-        });
-        let (via, relation, through) = match (owns, dep, shared) {
-            (Some(p), _, _) => (p, "owns", None),
-            (None, Some(p), _) => (p, "depends_on", None),
-            (None, None, Some((p, d))) => (p, "shares_dependency", Some(d.clone())),
-            (None, None, None) => continue,
+        }) {
+            (p, "shares_dependency", Some(d.clone()))
+        } else {
+            continue;
         };
         out.push(Affected {
             service: name.clone(),
@@ -360,6 +433,31 @@ fn blast_radius(world: &World, touched: &BTreeSet<ResourcePath>) -> Vec<Affected
         });
     }
     out
+}
+
+/// [`ResourcePath::overlaps`] with one comparison: the shorter path must be
+/// the longer one or its ancestor.
+fn overlaps(a: &ResourcePath, b: &ResourcePath) -> bool {
+    let (short, long) = if a.as_str().len() <= b.as_str().len() {
+        (a.as_str(), b.as_str())
+    } else {
+        (b.as_str(), a.as_str())
+    };
+    long.starts_with(short) && (long.len() == short.len() || long.as_bytes()[short.len()] == b'/')
+}
+
+/// The plan's content hash, [`Intent::content_hash`]: without an idempotency
+/// key the intent is its own content, so its bytes go straight to the hasher
+/// instead of through a copy of the intent and a buffer.
+pub(crate) fn plan_hash(intent: &Intent) -> String {
+    if intent.idempotency_key.is_some() {
+        return intent.content_hash();
+    }
+    let mut hasher = blake3::Hasher::new();
+    match serde_json::to_writer(&mut hasher, intent) {
+        Ok(()) => hasher.finalize().to_hex().to_string(),
+        Err(_) => intent.content_hash(),
+    }
 }
 
 /// Risk from what the plan does, how far it reaches, how sure the agent is,
@@ -422,30 +520,45 @@ fn risk(intent: &Intent, blast: &[Affected], reasons: &[Reason]) -> Risk {
     }
 }
 
-fn plan_value(intent: &Intent) -> CelValue {
-    let steps = intent
+/// Each step's arguments as a concord value (`None` when they have no such
+/// form), as `plan.steps[i].args` shows them.
+fn step_args(intent: &Intent) -> Vec<Option<Value>> {
+    intent
         .steps
         .iter()
         .map(|s| {
-            let args = serde_json::to_value(&s.op)
+            serde_json::to_value(&s.op)
                 .ok()
                 .and_then(|v| serde_json::from_value::<Value>(v).ok())
-                .map(|v| celx::to_cel(&v))
-                .unwrap_or(CelValue::Null);
-            celx::record(vec![
-                ("id", CelValue::String(Arc::new(s.id.to_string()))),
-                ("kind", CelValue::String(Arc::new(s.kind().name().to_string()))),
-                ("path", CelValue::String(Arc::new(s.path.to_string()))),
-                ("confidence", CelValue::Float(s.confidence)),
-                ("args", args),
+        })
+        .collect()
+}
+
+/// `plan`: lineage, version, goal and steps (id, kind, path, confidence, args).
+fn plan_val<'v>(intent: &'v Intent, args: &'v [Option<Value>]) -> celx::Val<'v> {
+    let steps: Vec<celx::Val<'v>> = intent
+        .steps
+        .iter()
+        .zip(args)
+        .map(|(s, a)| {
+            celx::record_val(vec![
+                ("id", celx::str_val(s.id.as_str())),
+                ("kind", celx::str_val(s.kind().name())),
+                ("path", celx::str_val(s.path.as_str())),
+                ("confidence", Box::new(CelDouble::from(s.confidence))),
+                (
+                    "args",
+                    a.as_ref()
+                        .map_or_else(|| Box::new(CelNull) as celx::Val<'v>, celx::to_val),
+                ),
             ])
         })
-        .collect::<Vec<_>>();
-    celx::record(vec![
-        ("lineage", CelValue::String(Arc::new(intent.lineage.to_string()))),
-        ("version", CelValue::Int(intent.version.into())),
-        ("goal", CelValue::String(Arc::new(intent.goal.to_string()))),
-        ("steps", CelValue::List(Arc::new(steps))),
+        .collect();
+    celx::record_val(vec![
+        ("lineage", celx::str_val(intent.lineage.as_str())),
+        ("version", Box::new(CelInt::from(i64::from(intent.version)))),
+        ("goal", celx::str_val(intent.goal.as_str())),
+        ("steps", Box::new(CelList::from(steps))),
     ])
 }
 
@@ -455,7 +568,13 @@ enum Eval {
     Error(String),
 }
 
-fn eval_cel(rule: &CelRule, policy: &Policy, run: &Run<'_>, plan: &CelValue, agent: &CelValue) -> RuleResult {
+fn eval_cel<'r>(
+    rule: &CelRule,
+    policy: &Policy,
+    run: &'r Run<'_>,
+    plan: Option<&celx::Val<'_>>,
+    agent: Option<&celx::Val<'_>>,
+) -> RuleResult {
     let outcome = rule.config.outcome.verdict();
     let affected = run.touched.iter().any(|p| rule.reads.matches(p.as_str()));
     if !affected && !rule.reads_plan_or_agent {
@@ -469,37 +588,45 @@ fn eval_cel(rule: &CelRule, policy: &Policy, run: &Run<'_>, plan: &CelValue, age
             message: "reads no path this plan touches".into(),
         };
     }
-    let mut base: BTreeMap<ResourcePath, Value> = BTreeMap::new();
+    // The paths the rule reads, borrowed from the base, in path order.
+    let mut base: Vec<(&'r ResourcePath, &'r Value)> = Vec::new();
     let mut scanned = 0usize;
     for prefix in &rule.reads.prefixes {
-        for (p, v) in run.base.scan_prefix(prefix) {
+        let from = base.len();
+        run.base.visit_prefix(prefix, |p, v| {
             // The rule's evaluation budget: CEL has no step counter, so bound
             // what a rule may bind (and what concord scans to find it).
             scanned += 1;
-            if scanned > CEL_SCAN_PATHS_MAX {
-                return RuleResult {
-                    id: rule.config.id.clone(),
-                    status: RuleStatus::Error,
-                    outcome,
-                    at: None,
-                    pre_existing: false,
-                    figures: BTreeMap::new(),
-                    message: format!(
-                        "evaluation failed (fails closed): budget exhausted: the rule's `reads` ({}) reach more than \
-                         {CEL_SCAN_PATHS_MAX} paths; give them narrower literal prefixes",
-                        rule.reads.patterns.join(", ")
-                    ),
-                };
+            if scanned <= CEL_SCAN_PATHS_MAX && rule.reads.matches(p.as_str()) {
+                base.push((p, v));
             }
-            if rule.reads.matches(p.as_str()) {
-                base.insert(p, v);
-            }
+        });
+        if scanned > CEL_SCAN_PATHS_MAX {
+            return RuleResult {
+                id: rule.config.id.clone(),
+                status: RuleStatus::Error,
+                outcome,
+                at: None,
+                pre_existing: false,
+                figures: BTreeMap::new(),
+                message: format!(
+                    "evaluation failed (fails closed): budget exhausted: the rule's `reads` ({}) reach more than \
+                     {CEL_SCAN_PATHS_MAX} paths; give them narrower literal prefixes",
+                    rule.reads.patterns.join(", ")
+                ),
+            };
         }
+        // The world's run, then the overlay's: one stable sort merges them.
+        base[from..].sort_by(|a, b| a.0.cmp(b.0));
     }
-    let before = celx::nested(&base);
-    // The bindings that do not change between states are made once; each
-    // evaluation adds only `after`, in an inner scope. A variable the rule
-    // never references is never converted.
+    // `before` is built only if the rule reads it (or, on a failure, to
+    // tell whether it was failing already).
+    let before = rule.vars.before.then(|| celx::nested_val(base.iter().copied()));
+    let bindings = celx::Bindings {
+        before: before.as_ref(),
+        plan: plan.filter(|_| rule.vars.plan),
+        agent: agent.filter(|_| rule.vars.agent),
+    };
     let mut root = Context::with_env(policy.env.clone());
     if let Err(e) = celx::add_helpers(&mut root) {
         return RuleResult {
@@ -512,39 +639,25 @@ fn eval_cel(rule: &CelRule, policy: &Policy, run: &Run<'_>, plan: &CelValue, age
             message: format!("evaluation failed (fails closed): {e}"),
         };
     }
-    if rule.vars.before {
-        root.add_variable_from_value("before", before.clone());
-    }
-    if rule.vars.plan {
-        root.add_variable_from_value("plan", plan.clone());
-    }
-    if rule.vars.agent {
-        root.add_variable_from_value("agent", agent.clone());
-    }
-    let run_program = |program: &cel::Program, after: &CelValue| -> Result<CelValue, String> {
+    root.set_variable_resolver(&bindings);
+    let run_program = |program: &cel::Program, after: &dyn Fn() -> celx::Val<'r>| -> Result<CelValue, String> {
         let mut ctx = root.new_inner_scope();
         if rule.vars.after {
-            ctx.add_variable_from_value("after", after.clone());
+            ctx.add_variable_as_val("after", after());
         }
         program.execute(&ctx).map_err(|e| e.to_string())
     };
-    let project = |changes: &BTreeMap<ResourcePath, Option<Value>>| {
-        let mut m = base.clone();
-        for (p, v) in changes {
-            match v {
-                Some(v) => m.insert(p.clone(), v.clone()),
-                None => m.remove(p),
-            };
-        }
-        celx::nested(&m)
+    // The base with `changes` (to paths the rule reads) applied, in path order.
+    let project = |changes: &[(&'r ResourcePath, &'r Option<Value>)]| -> celx::Val<'r> {
+        celx::nested_val(merge(&base, changes))
     };
-    let eval = |after: &CelValue| match run_program(&rule.program, after) {
+    let eval = |after: &dyn Fn() -> celx::Val<'r>| match run_program(&rule.program, after) {
         Ok(CelValue::Bool(true)) => Eval::Pass,
         Ok(CelValue::Bool(false)) => Eval::Fail,
         Ok(other) => Eval::Error(format!("the rule must give a bool, it gave {other:?}")),
         Err(e) => Eval::Error(e),
     };
-    let figures = |after: &CelValue| -> BTreeMap<String, Value> {
+    let figures = |after: &dyn Fn() -> celx::Val<'r>| -> BTreeMap<String, Value> {
         rule.figures
             .iter()
             .map(|(name, p)| {
@@ -557,9 +670,9 @@ fn eval_cel(rule: &CelRule, policy: &Policy, run: &Run<'_>, plan: &CelValue, age
             .collect()
     };
     // Evaluate each distinct projection once.
-    let mut seen: Vec<BTreeMap<&ResourcePath, &Option<Value>>> = Vec::new();
+    let mut seen: Vec<Vec<(&'r ResourcePath, &'r Option<Value>)>> = Vec::new();
     for state in &run.states {
-        let restricted: BTreeMap<&ResourcePath, &Option<Value>> = state
+        let restricted: Vec<(&'r ResourcePath, &'r Option<Value>)> = state
             .changes
             .iter()
             .filter(|(p, _)| rule.reads.matches(p.as_str()))
@@ -567,10 +680,7 @@ fn eval_cel(rule: &CelRule, policy: &Policy, run: &Run<'_>, plan: &CelValue, age
         if seen.contains(&restricted) {
             continue;
         }
-        let owned: BTreeMap<ResourcePath, Option<Value>> =
-            restricted.iter().map(|(p, v)| ((*p).clone(), (*v).clone())).collect();
-        seen.push(restricted);
-        let after = project(&owned);
+        let after = || project(&restricted);
         match eval(&after) {
             Eval::Pass => {}
             Eval::Fail => {
@@ -584,8 +694,8 @@ fn eval_cel(rule: &CelRule, policy: &Policy, run: &Run<'_>, plan: &CelValue, age
                 // A rule that reads the plan or the agent fails because of the
                 // plan itself; only a rule over the world alone can already be
                 // failing before the plan.
-                let pre_existing =
-                    !rule.reads_plan_or_agent && (owned.is_empty() || matches!(eval(&before), Eval::Fail));
+                let pre_existing = !rule.reads_plan_or_agent
+                    && (restricted.is_empty() || matches!(eval(&|| project(&[])), Eval::Fail));
                 return RuleResult {
                     id: rule.config.id.clone(),
                     status: RuleStatus::Fail,
@@ -595,7 +705,7 @@ fn eval_cel(rule: &CelRule, policy: &Policy, run: &Run<'_>, plan: &CelValue, age
                         outcome
                     },
                     // A rule over the plan alone is not about any one state.
-                    at: (!owned.is_empty() || !rule.reads_plan_or_agent).then(|| state.label.clone()),
+                    at: (!restricted.is_empty() || !rule.reads_plan_or_agent).then(|| state.label.clone()),
                     pre_existing,
                     figures: figs,
                     message: if pre_existing {
@@ -604,7 +714,7 @@ fn eval_cel(rule: &CelRule, policy: &Policy, run: &Run<'_>, plan: &CelValue, age
                             describe(rule)
                         )
                     } else {
-                        let at = if owned.is_empty() && rule.reads_plan_or_agent {
+                        let at = if restricted.is_empty() && rule.reads_plan_or_agent {
                             String::new()
                         } else {
                             format!(" {}", state.label)
@@ -625,6 +735,7 @@ fn eval_cel(rule: &CelRule, policy: &Policy, run: &Run<'_>, plan: &CelValue, age
                 };
             }
         }
+        seen.push(restricted);
     }
     RuleResult {
         id: rule.config.id.clone(),
@@ -636,16 +747,48 @@ fn eval_cel(rule: &CelRule, policy: &Policy, run: &Run<'_>, plan: &CelValue, age
         figures: if rule.figures.is_empty() {
             BTreeMap::new()
         } else {
-            let end: BTreeMap<ResourcePath, Option<Value>> = run
+            let end: Vec<(&'r ResourcePath, &'r Option<Value>)> = run
                 .final_changes
                 .iter()
                 .filter(|(p, _)| rule.reads.matches(p.as_str()))
-                .map(|(p, v)| (p.clone(), v.clone()))
                 .collect();
-            figures(&project(&end))
+            figures(&|| project(&end))
         },
         message: format!("holds in every state: {}", describe(rule)),
     }
+}
+
+/// `base` (path order) with `changes` (path order) applied: a changed path
+/// takes its new value or is gone.
+fn merge<'s, 'r>(
+    base: &'s [(&'r ResourcePath, &'r Value)],
+    changes: &'s [(&'r ResourcePath, &'r Option<Value>)],
+) -> impl Iterator<Item = (&'r ResourcePath, &'r Value)> + 's
+where
+    'r: 's,
+{
+    let mut b = base.iter().copied().peekable();
+    let mut c = changes.iter().copied().peekable();
+    std::iter::from_fn(move || {
+        loop {
+            let take_base = match (b.peek(), c.peek()) {
+                (None, None) => return None,
+                (Some(_), None) => true,
+                (None, Some(_)) => false,
+                (Some((bp, _)), Some((cp, _))) => bp < cp,
+            };
+            if take_base {
+                return b.next();
+            }
+            let (p, v) = c.next()?;
+            if b.peek().is_some_and(|(bp, _)| *bp == p) {
+                b.next();
+            }
+            if let Some(v) = v {
+                return Some((p, v));
+            }
+        }
+    })
 }
 
 fn describe(rule: &CelRule) -> String {

@@ -3,10 +3,10 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use concord_proto::preview::{AssumptionResult, PlanDiff, RuleResult, RuleStatus};
-use concord_proto::{Compensation, Intent, Op, StepSpec, Value, Verdict};
+use concord_proto::{Compensation, Intent, Op, Value, Verdict};
 
 use crate::policy::{Autonomy, Globs, Policy};
-use crate::preview::{Run, outcome_verdict, preflight_failed, spec};
+use crate::preview::{Run, outcome_verdict, preflight_failed};
 use crate::world::World;
 
 fn figure(s: impl Into<String>) -> Value {
@@ -36,9 +36,12 @@ fn plain(what: String) -> Violation {
 
 /// The label of the state right after the step a spec label names
 /// (`step s1` -> `after step s1`); compensation specs have no single state.
-fn spec_violation(label: &str, what: String) -> Violation {
+fn spec_violation(label: &SpecLabel<'_>, what: String) -> Violation {
     Violation {
-        at: label.strip_prefix("step ").map(|id| format!("after step {id}")),
+        at: match label {
+            SpecLabel::Step(id) => Some(format!("after step {id}")),
+            SpecLabel::Compensation(_) => None,
+        },
         what,
     }
 }
@@ -72,16 +75,55 @@ fn verdict_of(id: &str, outcome: Verdict, violations: Vec<Violation>, pass: &str
     }
 }
 
+/// Where a spec comes from: a step, or a step's `undo` compensation. Shown
+/// as `step s1` or `compensation of step s1`; written only when a rule
+/// reports it.
+#[derive(Clone, Copy)]
+enum SpecLabel<'a> {
+    Step(&'a concord_proto::Id),
+    Compensation(&'a concord_proto::Id),
+}
+
+impl std::fmt::Display for SpecLabel<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SpecLabel::Step(id) => write!(f, "step {id}"),
+            SpecLabel::Compensation(id) => write!(f, "compensation of step {id}"),
+        }
+    }
+}
+
+/// A spec the plan may run, borrowed from the intent.
+#[derive(Clone, Copy)]
+struct SpecRef<'a> {
+    path: &'a concord_proto::ResourcePath,
+    op: &'a Op,
+}
+
 /// Every spec the plan may run, labelled: its steps, then its `undo` compensations.
-fn all_specs(intent: &Intent) -> Vec<(String, StepSpec)> {
-    let mut out: Vec<(String, StepSpec)> = intent
+fn all_specs(intent: &Intent) -> Vec<(SpecLabel<'_>, SpecRef<'_>)> {
+    let mut out: Vec<(SpecLabel<'_>, SpecRef<'_>)> = intent
         .steps
         .iter()
-        .map(|s| (format!("step {}", s.id), spec(s)))
+        .map(|s| {
+            (
+                SpecLabel::Step(&s.id),
+                SpecRef {
+                    path: &s.path,
+                    op: &s.op,
+                },
+            )
+        })
         .collect();
     for s in &intent.steps {
         if let Compensation::Undo(u) = &s.compensation {
-            out.push((format!("compensation of step {}", s.id), u.clone()));
+            out.push((
+                SpecLabel::Compensation(&s.id),
+                SpecRef {
+                    path: &u.path,
+                    op: &u.op,
+                },
+            ));
         }
     }
     out
@@ -222,7 +264,7 @@ pub(crate) fn builtin(
     out.push(network_widen(run, &policy.network, outcome_verdict(r.network.outcome)));
     let preflight: Vec<Violation> = specs
         .iter()
-        .filter(|(_, sp)| preflight_failed(&sp.op))
+        .filter(|(_, sp)| preflight_failed(sp.op))
         .map(|(label, sp)| spec_violation(label, format!("{label}: the preflight check for `{}` failed", sp.path)))
         .collect();
     out.push(verdict_of(
@@ -236,7 +278,7 @@ pub(crate) fn builtin(
     let deletes: Vec<Violation> = specs
         .iter()
         .filter_map(|(label, sp)| match &sp.op {
-            Op::Delete(d) if d.confirm.path != sp.path || d.confirm.reason.as_str().trim().is_empty() => {
+            Op::Delete(d) if d.confirm.path != *sp.path || d.confirm.reason.as_str().trim().is_empty() => {
                 Some(spec_violation(
                     label,
                     format!(
@@ -266,7 +308,7 @@ pub(crate) fn builtin(
             })
             .collect();
         // A changed path no step names (a delete's children, a deploy's version) is reported on its own.
-        let acted: BTreeSet<&concord_proto::ResourcePath> = specs.iter().map(|(_, sp)| &sp.path).collect();
+        let acted: BTreeSet<&concord_proto::ResourcePath> = specs.iter().map(|(_, sp)| sp.path).collect();
         for p in run.touched.iter().filter(|p| !acted.contains(p)) {
             if let Some(g) = globs.first_match(p.as_str()) {
                 violations.push(plain(format!("`{p}` would change, protected by `{g}`")));

@@ -4,6 +4,7 @@
 //! Values live only at leaves: a path holds a value or has descendants, never
 //! both, so the tree has one meaning whichever way it is read.
 
+use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::ops::Bound;
 
@@ -95,7 +96,10 @@ impl World {
     }
 
     /// Every (path, value) whose path text starts with `prefix`, in order.
-    pub fn scan_prefix<'a>(&'a self, prefix: &str) -> impl Iterator<Item = (&'a ResourcePath, &'a Value)> + 'a {
+    pub fn scan_prefix<'a, 'p>(
+        &'a self,
+        prefix: &'p str,
+    ) -> impl Iterator<Item = (&'a ResourcePath, &'a Value)> + use<'a, 'p> {
         scan_prefix(&self.resources, prefix)
     }
 }
@@ -104,13 +108,12 @@ impl World {
 ///
 /// Paths sort as their text, so these entries form one run that starts at
 /// `prefix`: the scan costs O(log n + matches), whatever the map's size.
-pub(crate) fn scan_prefix<'a, V>(
+pub(crate) fn scan_prefix<'a, 'p, V>(
     map: &'a BTreeMap<ResourcePath, V>,
-    prefix: &str,
-) -> impl Iterator<Item = (&'a ResourcePath, &'a V)> + 'a {
-    let owned = prefix.to_string();
+    prefix: &'p str,
+) -> impl Iterator<Item = (&'a ResourcePath, &'a V)> + use<'a, 'p, V> {
     map.range::<str, _>((Bound::Included(prefix), Bound::Unbounded))
-        .take_while(move |(p, _)| p.as_str().starts_with(owned.as_str()))
+        .take_while(move |(p, _)| p.as_str().starts_with(prefix))
 }
 
 fn first_descendant<V>(map: &BTreeMap<ResourcePath, V>, path: &ResourcePath) -> Option<ResourcePath> {
@@ -128,12 +131,74 @@ pub type Overlay = BTreeMap<ResourcePath, Option<Value>>;
 pub struct Base<'w> {
     world: &'w World,
     overlay: Option<&'w Overlay>,
+    memo: Option<&'w Memo<'w>>,
+}
+
+/// Lookups in a base, remembered for the length of one preview. A plan's
+/// steps, its states and the rules read the same few paths again and again,
+/// and in a large world each lookup is a descent through a B-tree of text
+/// keys (some 1,500 instructions at 100k paths); a remembered one is a scan
+/// of a few hashes.
+#[derive(Debug, Default)]
+pub(crate) struct Memo<'w> {
+    entries: RefCell<Vec<MemoEntry<'w>>>,
+}
+
+#[derive(Debug)]
+struct MemoEntry<'w> {
+    hash: u64,
+    text: Box<str>,
+    kind: MemoKind<'w>,
+}
+
+#[derive(Clone, Copy, Debug)]
+enum MemoKind<'w> {
+    /// The base's value at a path.
+    Get(Option<&'w Value>),
+    /// Whether the world, and the overlay, hold anything under a prefix.
+    Under { world: bool, overlay: bool },
+}
+
+/// Most entries a memo keeps: beyond it lookups are simply not remembered,
+/// so a plan that reads many paths costs what it did without one.
+const MEMO_ENTRIES_MAX: usize = 64;
+
+/// FNV-1a: short keys, no allocation, the same in every process.
+fn text_hash(text: &str) -> u64 {
+    text.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+impl<'w> Memo<'w> {
+    fn find(&self, is: fn(&MemoKind<'w>) -> bool, hash: u64, text: &str) -> Option<MemoKind<'w>> {
+        self.entries
+            .borrow()
+            .iter()
+            .find(|e| e.hash == hash && is(&e.kind) && &*e.text == text)
+            .map(|e| e.kind)
+    }
+
+    fn remember(&self, hash: u64, text: &str, kind: MemoKind<'w>) {
+        let mut entries = self.entries.borrow_mut();
+        if entries.len() < MEMO_ENTRIES_MAX {
+            entries.push(MemoEntry {
+                hash,
+                text: text.into(),
+                kind,
+            });
+        }
+    }
 }
 
 impl<'w> Base<'w> {
     /// The world as it is.
     pub fn current(world: &'w World) -> Self {
-        Base { world, overlay: None }
+        Base {
+            world,
+            overlay: None,
+            memo: None,
+        }
     }
 
     /// The world with `overlay` applied.
@@ -141,6 +206,19 @@ impl<'w> Base<'w> {
         Base {
             world,
             overlay: Some(overlay),
+            memo: None,
+        }
+    }
+
+    /// The same base, remembering its lookups in `memo`.
+    pub(crate) fn with_memo<'m>(self, memo: &'m Memo<'m>) -> Base<'m>
+    where
+        'w: 'm,
+    {
+        Base {
+            world: self.world,
+            overlay: self.overlay,
+            memo: Some(memo),
         }
     }
 
@@ -151,18 +229,66 @@ impl<'w> Base<'w> {
 
     /// The value at `path`.
     pub fn get(&self, path: &ResourcePath) -> Option<&'w Value> {
+        self.get_str(path.as_str())
+    }
+
+    /// The value at the path whose text is `path` (no path is built to look it up).
+    pub fn get_str(&self, path: &str) -> Option<&'w Value> {
+        let Some(memo) = self.memo else {
+            return self.lookup(path);
+        };
+        let hash = text_hash(path);
+        if let Some(MemoKind::Get(v)) = memo.find(|k| matches!(k, MemoKind::Get(_)), hash, path) {
+            return v;
+        }
+        let v = self.lookup(path);
+        memo.remember(hash, path, MemoKind::Get(v));
+        v
+    }
+
+    fn lookup(&self, path: &str) -> Option<&'w Value> {
         match self.overlay.and_then(|o| o.get(path)) {
             Some(v) => v.as_ref(),
-            None => self.world.get(path),
+            None => self.world.resources.get(path),
         }
+    }
+
+    /// Whether the world, and the overlay, hold any path whose text starts
+    /// with `prefix` (removals in the overlay included).
+    pub(crate) fn holds_under(&self, prefix: &str) -> (bool, bool) {
+        let look = || {
+            (
+                scan_prefix(&self.world.resources, prefix).next().is_some(),
+                self.overlay.is_some_and(|o| scan_prefix(o, prefix).next().is_some()),
+            )
+        };
+        let Some(memo) = self.memo else {
+            return look();
+        };
+        let hash = text_hash(prefix);
+        if let Some(MemoKind::Under { world, overlay }) =
+            memo.find(|k| matches!(k, MemoKind::Under { .. }), hash, prefix)
+        {
+            return (world, overlay);
+        }
+        let (world, overlay) = look();
+        memo.remember(hash, prefix, MemoKind::Under { world, overlay });
+        (world, overlay)
     }
 
     /// Calls `f` for every existing (path, value) whose path text starts with
     /// `prefix`, without copying: world entries first (those the overlay does
     /// not change), then the overlay's values, each run in path order.
-    pub fn visit_prefix(&self, prefix: &str, mut f: impl FnMut(&ResourcePath, &Value)) {
+    pub fn visit_prefix(&self, prefix: &str, mut f: impl FnMut(&'w ResourcePath, &'w Value)) {
+        // Both runs are in path order: walk the overlay's alongside the
+        // world's instead of searching the overlay for every world path.
+        let mut changed = self.overlay.map(|o| scan_prefix(o, prefix).peekable());
         for (p, v) in self.world.scan_prefix(prefix) {
-            if self.overlay.is_none_or(|o| !o.contains_key(p)) {
+            let overridden = changed.as_mut().is_some_and(|o| {
+                while o.next_if(|(q, _)| q.as_str() < p.as_str()).is_some() {}
+                o.peek().is_some_and(|(q, _)| *q == p)
+            });
+            if !overridden {
                 f(p, v);
             }
         }
@@ -226,11 +352,22 @@ impl<'w> State<'w> {
         &self.changes
     }
 
+    /// `base` with `changes` already applied (changes equal to the base
+    /// must have been dropped, as [`State::put`] does).
+    pub(crate) fn with_changes(base: Base<'w>, changes: Overlay) -> Self {
+        State { base, changes }
+    }
+
     /// The value at `path` in this state.
     pub fn get(&self, path: &ResourcePath) -> Option<&Value> {
+        self.get_str(path.as_str())
+    }
+
+    /// The value at the path whose text is `path`.
+    pub fn get_str(&self, path: &str) -> Option<&Value> {
         match self.changes.get(path) {
             Some(v) => v.as_ref(),
-            None => self.base.get(path),
+            None => self.base.get_str(path),
         }
     }
 
@@ -262,12 +399,15 @@ impl<'w> State<'w> {
 
     /// The nearest ancestor of `path` that holds a value, if any.
     pub fn valued_ancestor(&self, path: &ResourcePath) -> Option<ResourcePath> {
-        let mut cur = path.parent();
-        while let Some(p) = cur {
-            if self.get(&p).is_some() {
-                return Some(p);
+        // Ancestors are prefixes of the path's text: look them up by slice
+        // and build a path only for the one found.
+        let text = path.as_str();
+        let mut end = text.len();
+        while let Some(i) = text[..end].rfind('/') {
+            end = i;
+            if self.get_str(&text[..end]).is_some() {
+                return ResourcePath::parse(&text[..end]).ok();
             }
-            cur = p.parent();
         }
         None
     }
@@ -281,8 +421,13 @@ impl<'w> State<'w> {
             matches!(self.changes.get(p), Some(None))
                 || (!self.changes.contains_key(p) && matches!(overlay.and_then(|o| o.get(p)), Some(None)))
         };
-        scan_prefix(&self.changes, &prefix).any(|(_, v)| v.is_some())
-            || overlay.is_some_and(|o| scan_prefix(o, &prefix).any(|(p, v)| v.is_some() && !removed(p)))
-            || scan_prefix(&self.base.world.resources, &prefix).any(|(p, _)| !removed(p))
+        if scan_prefix(&self.changes, &prefix).any(|(_, v)| v.is_some()) {
+            return true;
+        }
+        // Most written paths are leaves: the base holds nothing under them,
+        // which it answers (and remembers) without a scan.
+        let (in_world, in_overlay) = self.base.holds_under(&prefix);
+        (in_overlay && overlay.is_some_and(|o| scan_prefix(o, &prefix).any(|(p, v)| v.is_some() && !removed(p))))
+            || (in_world && scan_prefix(&self.base.world.resources, &prefix).any(|(p, _)| !removed(p)))
     }
 }
