@@ -30,10 +30,13 @@ setup:
 	$(CARGO) fetch --locked
 	$(CARGO) build --locked --workspace --all-targets
 
-## demo: the main job — preview every example plan and check each verdict.
+## demo: preview every example plan offline and check each verdict; then the
+## seven-days incident live through concord, and again uncoordinated (the cascade).
 demo:
-	$(CARGO) build --locked -q -p concord-cli
+	$(CARGO) build --locked -q -p concord-cli -p concord-demo
 	@scripts/demo.sh target/debug/concord
+	@target/debug/concord-demo
+	@target/debug/concord-demo --uncoordinated
 
 ## test: formatting, lints, docs, the core's dependency rules, and every test.
 test: fmt lint doc core-deps
