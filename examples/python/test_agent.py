@@ -18,6 +18,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import nats
@@ -126,8 +127,17 @@ async def run(url):
 def main():
     concord = sys.argv[1] if len(sys.argv) > 1 else str(ROOT / "target/debug/concord")
     env = dict(os.environ, RUST_LOG="warn")
+    # The shipped configuration, with a small log: JetStream reserves a
+    # stream's bound on disk and a test needs little.
+    tmp = tempfile.mkdtemp(prefix="concord-python-agent-")
+    config = pathlib.Path(tmp) / "concord.toml"
+    config.write_text(
+        f'policy = "{ROOT / "config/policy.toml"}"\n'
+        f'world = "{ROOT / "config/examples/world.toml"}"\n'
+        "[log]\nmax_bytes = 268435456\n"
+    )
     dev = subprocess.Popen(
-        [concord, "dev", "--config", str(ROOT / "config/concord.toml")],
+        [concord, "dev", "--config", str(config)],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
         start_new_session=True,
     )

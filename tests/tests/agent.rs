@@ -20,6 +20,12 @@ use serde_json::json;
 
 const WAIT: Duration = Duration::from_secs(20);
 
+/// A live coordinator whose log stream reserves little of the server's store
+/// (JetStream refuses a stream whose bound exceeds the free disk).
+async fn start() -> Live {
+    Live::start_with(|c| c.log.max_bytes = 256 * 1024 * 1024).await
+}
+
 /// A system of named values: `set` writes one, `deploy` writes `<path>/version`.
 /// Steps on a path listed in `failing` fail.
 #[derive(Default)]
@@ -131,7 +137,7 @@ async fn approve(live: &Live, lineage: &str, version: u32) -> bool {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_admitted_plan_runs_through_the_sdk_executor_and_the_agent_hears_it_end() {
-    let live = Live::start().await;
+    let live = start().await;
     let values = Values::new(&world(), &[]);
     let _exec = executor(&live, &values).await;
     let resource = agent(&live, "resource").await;
@@ -151,7 +157,7 @@ async fn an_admitted_plan_runs_through_the_sdk_executor_and_the_agent_hears_it_e
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_held_plan_is_awaited_without_polling_and_approved_or_rejected_then_replanned() {
-    let live = Live::start().await;
+    let live = start().await;
     let values = Values::new(&world(), &[]);
     let _exec = executor(&live, &values).await;
     let resource = agent(&live, "resource").await;
@@ -228,7 +234,7 @@ async fn a_held_plan_is_awaited_without_polling_and_approved_or_rejected_then_re
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_lease_guard_renews_and_its_loss_is_seen_at_once() {
-    let live = Live::start().await;
+    let live = start().await;
     let resource = agent(&live, "resource").await;
     let deploy = agent(&live, "deploy").await;
     let path = ResourcePath::parse("svc/api").unwrap();
@@ -312,7 +318,7 @@ async fn dispatch(live: &Live, d: &StepDispatch) -> StepOutcome {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_restarted_executor_still_refuses_stale_tokens_and_dedupes_keys() {
-    let live = Live::start().await;
+    let live = start().await;
     let values = Values::new(&world(), &[]);
     let exec = executor(&live, &values).await;
     let resource = agent(&live, "resource").await;
@@ -380,7 +386,7 @@ async fn a_restarted_executor_still_refuses_stale_tokens_and_dedupes_keys() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_failed_step_is_compensated_by_the_executor() {
-    let live = Live::start().await;
+    let live = start().await;
     let values = Values::new(&world(), &["svc/worker/pool_size"]);
     let _exec = executor(&live, &values).await;
     let resource = agent(&live, "resource").await;
@@ -407,7 +413,7 @@ async fn a_failed_step_is_compensated_by_the_executor() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_proposal_survives_a_server_restart_with_the_same_key() {
-    let mut live = Live::start().await;
+    let mut live = start().await;
     let resource = agent(&live, "resource").await;
     let p = pool_plan("pool-70", 70);
     let first = resource.propose(&p).await.unwrap();
@@ -440,7 +446,7 @@ async fn a_proposal_survives_a_server_restart_with_the_same_key() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_halt_is_a_typed_error() {
-    let live = Live::start().await;
+    let live = start().await;
     let ops = live.client("alice").await;
     let r = ops
         .control(
@@ -457,4 +463,74 @@ async fn a_halt_is_a_typed_error() {
     let resource = agent(&live, "resource").await;
     let e = resource.propose(&pool_plan("pool-55", 55)).await.unwrap_err();
     assert!(matches!(e, AgentError::Halted { .. }), "{e:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn under_generated_permissions_the_sdk_agent_and_executor_work_with_their_own_credentials() {
+    use concord_nats::permissions::{AgentsFile, generate};
+    let file: AgentsFile = toml::from_str(
+        "[[agents]]\nname = \"resource\"\n[[agents]]\nname = \"deploy\"\n[[operators]]\nname = \"alice\"\n[[executors]]\nname = \"default\"\n",
+    )
+    .unwrap();
+    let (users, conf) = generate(&file, false).unwrap();
+    let server = concord_testkit::NatsServer::with_config(&conf);
+    let dir = server.dir().to_path_buf();
+    let seed = |role: &str, name: &str| {
+        let u = users.iter().find(|u| u.role == role && u.name == name).unwrap();
+        let p = dir.join(format!("{role}-{name}.nk"));
+        std::fs::write(&p, &u.seed).unwrap();
+        p
+    };
+    let coordinator = seed("coordinator", "concord");
+    let live = Live::start_on(server, |c| {
+        c.credentials.nkey_seed_file = Some(coordinator);
+        // A small log: this server's store reserves what the stream asks for.
+        c.log.max_bytes = 256 * 1024 * 1024;
+    })
+    .await;
+    let url = live.server.url();
+
+    // The executor keeps its tokens in its own KV bucket, with its own user.
+    let values = Values::new(&world(), &[]);
+    let mut ecfg = ExecutorConfig::new(url.clone(), "default");
+    ecfg.nkey_seed_file = Some(seed("executor", "default"));
+    let _exec = Executor::new(ecfg)
+        .handle(StepKind::Set, values.clone())
+        .start()
+        .await
+        .expect("the executor starts under its permissions");
+
+    let mut cfg = AgentConfig::new(url.clone(), "resource");
+    cfg.nkey_seed_file = Some(seed("agent", "resource"));
+    let resource = Agent::connect(cfg).await.unwrap();
+    let p = pool_plan("perm-pool", 60);
+    let d = resource.propose(&p).await.unwrap();
+    assert_eq!(d.verdict, Verdict::Admit, "{:?}", d.reasons);
+    // The saga's end reaches the agent on its own notify subject.
+    assert_eq!(
+        resource.await_saga(&p.lineage, 1, WAIT).await.unwrap(),
+        SagaEnd::Completed
+    );
+    assert_eq!(values.get("svc/api/pool_size"), Some(Value::Int(60)));
+
+    // Another agent does not hear resource's notices: its user may not subscribe there.
+    let mut cfg = AgentConfig::new(url.clone(), "deploy");
+    cfg.nkey_seed_file = Some(seed("agent", "deploy"));
+    let deploy = Agent::connect(cfg).await.unwrap();
+    let mut snoop = deploy
+        .nats()
+        .subscribe("concord.v1.default.notify.resource")
+        .await
+        .unwrap();
+    let p2 = pool_plan("perm-pool-2", 70);
+    assert_eq!(resource.propose(&p2).await.unwrap().verdict, Verdict::Admit);
+    assert_eq!(
+        resource.await_saga(&p2.lineage, 1, WAIT).await.unwrap(),
+        SagaEnd::Completed
+    );
+    let got = tokio::time::timeout(Duration::from_millis(500), futures::StreamExt::next(&mut snoop)).await;
+    assert!(
+        !matches!(got, Ok(Some(_))),
+        "deploy must not read resource's notices: {got:?}"
+    );
 }

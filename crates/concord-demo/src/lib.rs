@@ -236,12 +236,14 @@ pub async fn run(opts: Options, print: Arc<dyn Fn(String) + Send + Sync>) -> Res
         url = server.url();
         print(format!("concord: NATS with JetStream at {url}"));
         keep.push(Box::new(server));
-        let cfg = RuntimeConfig {
+        let mut cfg = RuntimeConfig {
             nats: vec![url.clone()],
             policy: Some(opts.root.join("config/policy.toml")),
             world: Some(opts.root.join("config/examples/world.toml")),
             ..RuntimeConfig::default()
         };
+        // A demo's log is small; JetStream reserves a stream's bound on disk.
+        cfg.log.max_bytes = 256 * 1024 * 1024;
         let health = Arc::new(Health::default());
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         tokio::spawn(concord_nats::runtime::run(cfg.clone(), health.clone(), async {
