@@ -382,6 +382,34 @@ async fn a_restarted_executor_still_refuses_stale_tokens_and_dedupes_keys() {
             actual: vec![(d.path.clone(), Some(Value::Int(60)))]
         }
     );
+
+    // A freeze on the path: the executor reads the halt and applies nothing.
+    let ops = live.client("alice").await;
+    let r = ops
+        .control(
+            "alice",
+            &Control::Halt {
+                scope: concord_proto::coord::HaltScope::Path(ResourcePath::parse("svc/api").unwrap()),
+                grade: concord_proto::coord::HaltGrade::Freeze,
+                reason: Short::parse("incident").unwrap(),
+            },
+        )
+        .await
+        .unwrap();
+    assert!(r.ok);
+    d.expected_before = vec![];
+    let mut halted = None;
+    for i in 0..100 {
+        // The halt reaches the executors' bucket just after the log.
+        d.key.step = Id::parse(&format!("frozen{i}")).unwrap();
+        if let StepResult::Failed { reason } = dispatch(&live, &d).await.result {
+            halted = Some(reason.to_string());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let halted = halted.expect("the executor refuses under a freeze");
+    assert!(halted.contains("halted (freeze): incident"), "{halted}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

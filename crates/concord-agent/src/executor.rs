@@ -10,7 +10,11 @@
 //!    (`stale_token`), and records a higher one by compare-and-set;
 //! 3. checks `expected_before` against the handler's reading of the world
 //!    (compare-and-set): a difference is `drift`, with the actual values;
-//! 4. calls the handler for the step's kind — `apply` then `verify` for a
+//! 4. refuses a step (not a compensation) that a `freeze` halt covers, read
+//!    from the coordinator's `CONCORD_HALT` bucket (the coordinator does not
+//!    dispatch under a freeze; this closes the window of a halt that lands
+//!    while a dispatch is on its way);
+//! 5. calls the handler for the step's kind — `apply` then `verify` for a
 //!    step, `compensate` for a compensation — and reports the outcome.
 //!
 //! The highest token per path and the answered keys live in the KV bucket
@@ -25,7 +29,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, kv};
 use bytes::Bytes;
-use concord_proto::coord::{DispatchKey, Phase, StepDispatch, StepOutcome, StepResult};
+use concord_proto::coord::{DispatchKey, HaltGrade, HaltScope, Phase, StepDispatch, StepOutcome, StepResult};
 use concord_proto::{Op, ResourcePath, Short, StepKind, Value};
 use futures::StreamExt;
 use futures::future::BoxFuture;
@@ -205,10 +209,13 @@ impl Executor {
             .await
             .map_err(|e| ExecutorError::Nats(e.to_string()))?;
         nats.flush().await.map_err(|e| ExecutorError::Nats(e.to_string()))?;
+        // The halts, if the coordinator has published any (read-only for executors).
+        let halts = js.get_key_value(HALT_BUCKET).await.ok();
         let handlers = Arc::new(self.handlers);
         let client = nats.clone();
+        let domain = self.cfg.domain.clone();
         let task = tokio::spawn(async move {
-            let fencing = Fencing { kv };
+            let fencing = Fencing { kv, halts, domain };
             // One dispatch at a time per member: steps on one path must not
             // interleave, and the coordinator runs a saga's steps in order.
             // More members in the queue group serve more in parallel.
@@ -244,8 +251,22 @@ impl Executor {
     }
 }
 
+/// The coordinator's halt bucket.
+pub const HALT_BUCKET: &str = "CONCORD_HALT";
+
 struct Fencing {
     kv: kv::Store,
+    halts: Option<kv::Store>,
+    domain: String,
+}
+
+/// A halt as the coordinator publishes it (other fields ignored).
+#[derive(serde::Deserialize)]
+struct Halt {
+    scope: HaltScope,
+    grade: HaltGrade,
+    #[serde(default)]
+    reason: String,
 }
 
 /// A KV key: `[A-Za-z0-9_-/]` as they are, anything else as `=XX`.
@@ -276,6 +297,23 @@ fn failed(key: &DispatchKey, reason: String) -> StepOutcome {
 }
 
 impl Fencing {
+    /// The freeze that covers `path`, if any.
+    async fn frozen(&self, path: &ResourcePath) -> Option<String> {
+        let kv = self.halts.as_ref()?;
+        let bytes = kv.get(&self.domain).await.ok()??;
+        let halts: Vec<Halt> = serde_json::from_slice(&bytes).ok()?;
+        let p = path.as_str();
+        halts.into_iter().find_map(|h| {
+            let covers = match &h.scope {
+                HaltScope::All => true,
+                HaltScope::Path(s) => p == s.as_str() || p.starts_with(&format!("{}/", s.as_str())),
+                // The executor does not know the plan's agent; the coordinator checks those.
+                HaltScope::Agent(_) => false,
+            };
+            (covers && h.grade == HaltGrade::Freeze).then(|| format!("halted (freeze): {}", h.reason))
+        })
+    }
+
     /// Raises the path's token to `token` unless a higher one is recorded;
     /// returns the highest seen when `token` is stale.
     async fn admit_token(&self, path: &ResourcePath, token: u64) -> Result<Option<u64>, String> {
@@ -367,6 +405,11 @@ async fn decide(
             key: d.key.clone(),
             result: StepResult::StaleToken { seen },
         });
+    }
+    if d.key.phase == Phase::Do
+        && let Some(why) = fencing.frozen(&d.path).await
+    {
+        return Ok(failed(&d.key, why));
     }
     let Some(handler) = handlers.get(&d.kind) else {
         return Ok(failed(
