@@ -335,6 +335,7 @@ pub async fn run(opts: Options, print: Arc<dyn Fn(String) + Send + Sync>) -> Res
     ]
     .map(|p| ResourcePath::parse(p).expect("a path"));
     let mut settled_at = None;
+    let mut acted = 0;
     let mut reported = (String::new(), false);
     let mut interval = tokio::time::interval(opts.tick);
     for tick in 0..opts.ticks_max {
@@ -363,6 +364,17 @@ pub async fn run(opts: Options, print: Arc<dyn Fn(String) + Send + Sync>) -> Res
         if state_key != reported || tick % 20 == 0 {
             print(format!("sys  t={tick:<4} {line}"));
             reported = state_key;
+        }
+        // What the agents did, as it comes back.
+        {
+            let l = ledger.lock().expect("ledger lock");
+            for p in &l[acted..] {
+                print(format!(
+                    "act  {} {} ({}) -> {}: {}",
+                    p.agent, p.plan, p.goal, p.verdict, p.outcome
+                ));
+            }
+            acted = l.len();
         }
         if let Some(Route::Concord(m)) = &monitor {
             let _ = m.observe_liveness(&paths[0], s.liveness()).await;
