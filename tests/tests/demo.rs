@@ -11,7 +11,7 @@ use concord_tests::live::root;
 async fn play(coordinated: bool) -> (concord_demo::Report, Vec<String>) {
     let mut opts = Options::new(&root(), coordinated);
     opts.tick = Duration::from_millis(50);
-    opts.settle_ticks = 10;
+    opts.settle_ticks = 20;
     let lines = Arc::new(Mutex::new(Vec::new()));
     let l = lines.clone();
     let report = run(opts, Arc::new(move |s| l.lock().unwrap().push(s)))

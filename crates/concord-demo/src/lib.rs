@@ -338,6 +338,9 @@ pub async fn run(opts: Options, print: Arc<dyn Fn(String) + Send + Sync>) -> Res
     let mut acted = 0;
     let mut reported = (String::new(), false);
     let mut interval = tokio::time::interval(opts.tick);
+    // Under load, late ticks are not made up in a burst: the agents must see
+    // the system move at the pace they are written for.
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     for tick in 0..opts.ticks_max {
         interval.tick().await;
         let s = {
