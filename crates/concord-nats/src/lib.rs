@@ -24,6 +24,7 @@ pub mod client;
 pub mod config;
 pub mod http;
 pub mod log;
+pub mod notify;
 pub mod permissions;
 pub mod runtime;
 pub mod server;

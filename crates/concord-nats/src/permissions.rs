@@ -4,7 +4,7 @@
 //!
 //! - an agent publishes only on its own `intent`, `lease`, `observe`, `sync`
 //!   and `query` subjects and subscribes only to its own inbox prefix
-//!   (`_INBOX_<name>.>`) and replica subject: it cannot speak as another
+//!   (`_INBOX_<name>.>`), replica and `notify` subjects: it cannot speak as another
 //!   agent, cannot send operators' commands, and has no JetStream or KV API;
 //! - an operator sends commands and questions on its own `ctl` / `query`
 //!   subjects and may read the log (consumers on the log stream);
@@ -153,7 +153,7 @@ pub fn generate(file: &AgentsFile, sync_always: bool) -> Result<(Vec<User>, Stri
             "agent",
             n,
             vec![s.intent(n), s.lease(n), s.observe(n), s.sync(n), s.query(n)],
-            vec![format!("_INBOX_{n}.>"), s.world(n)],
+            vec![format!("_INBOX_{n}.>"), s.world(n), s.notify(n)],
             false,
         );
     }
@@ -230,6 +230,7 @@ mod tests {
         assert_eq!(users.len(), 4);
         assert!(conf.contains("\"concord.v1.default.intent.deploy\""));
         assert!(conf.contains("\"_INBOX_deploy.>\""));
+        assert!(conf.contains("\"concord.v1.default.notify.deploy\""));
         assert!(conf.contains("\"concord.v1.default.ctl.alice\""));
         assert!(conf.contains("sync_interval: always"));
         assert!(!conf.contains("intent.alice"));

@@ -26,7 +26,7 @@ use concord_core::coordinator::{
 };
 use concord_core::policy::Policy;
 use concord_core::world::World;
-use concord_proto::coord::{StepDispatch, StepOutcome, StepResult};
+use concord_proto::coord::{Notice, StepDispatch, StepOutcome, StepResult};
 use concord_proto::{Short, decode_intent, decode_observation};
 use futures::StreamExt;
 use tokio::sync::{mpsc, oneshot};
@@ -34,6 +34,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::config::RuntimeConfig;
 use crate::log::{GENESIS_PREV, Signer, Verifier, batch_subject};
+use crate::notify::Notifier;
 use crate::store::{Head, SnapshotMeta, Store, StoreError};
 use crate::subjects::{Addressed, Subjects};
 use crate::wire::{Answer, ErrorReply, Query, Status};
@@ -492,6 +493,8 @@ struct State {
     inflight: Option<Append>,
     records_since_snapshot: u64,
     batches: u64,
+    /// Which agent each live lineage belongs to, for its notices.
+    notifier: Notifier,
 }
 
 struct Waiter {
@@ -503,6 +506,8 @@ struct Waiter {
 struct OpenBatch {
     records: Vec<Record>,
     effects: Vec<Effect>,
+    /// Notices to agents, sent once the batch is in the log.
+    notices: Vec<(String, Notice)>,
     bytes: usize,
 }
 
@@ -513,6 +518,7 @@ struct Append {
     halts_changed: bool,
     snapshot: Option<Vec<u8>>,
     records: u64,
+    notices: Vec<(String, Notice)>,
 }
 
 struct Daemon {
@@ -648,7 +654,9 @@ impl Daemon {
             inflight: None,
             records_since_snapshot: 0,
             batches: 0,
+            notifier: Notifier::default(),
         };
+        state.notifier = Notifier::from_coordinator(&state.coord);
         let now = state.last_now;
         // This process writes the world document under its own actor, so it
         // never reuses an (actor, seq) pair a replica may hold from the last one.
@@ -826,6 +834,8 @@ impl Daemon {
                 other => state.open.effects.push(other),
             }
         }
+        let notices = state.notifier.notices(&events, &state.coord);
+        state.open.notices.extend(notices);
         let record = Record::Input {
             now_ms: now,
             input: Box::new(input),
@@ -881,6 +891,7 @@ impl Daemon {
             halts_changed,
             snapshot,
             records: n,
+            notices: open.notices,
         });
     }
 
@@ -956,6 +967,7 @@ impl Daemon {
         for e in append.effects {
             self.perform(state, e);
         }
+        self.notify(append.notices);
         Ok(())
     }
 
@@ -991,6 +1003,23 @@ impl Daemon {
             }
             Effect::Event(_) | Effect::ArmTimer { .. } => {}
         }
+    }
+
+    /// Publishes notices to their agents (their events are in the log).
+    fn notify(&self, notices: Vec<(String, Notice)>) {
+        if notices.is_empty() {
+            return;
+        }
+        let client = self.client.clone();
+        let subjects = self.subjects.clone();
+        tokio::spawn(async move {
+            for (agent, n) in notices {
+                let bytes = serde_json::to_vec(&n).expect("notices serialize");
+                if client.publish(subjects.notify(&agent), bytes.into()).await.is_err() {
+                    metrics::counter!("concord_notices_dropped_total").increment(1);
+                }
+            }
+        });
     }
 
     fn spawn_head(&self, seq: u64, hash: String) {

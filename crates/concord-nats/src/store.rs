@@ -242,7 +242,9 @@ impl Store {
         // gap, a reset or a reconnect, so no message is skipped.
         let consumer = s
             .create_consumer(consumer::pull::OrderedConfig {
-                deliver_policy: consumer::DeliverPolicy::ByStartSequence { start_sequence: from_seq },
+                deliver_policy: consumer::DeliverPolicy::ByStartSequence {
+                    start_sequence: from_seq,
+                },
                 ..Default::default()
             })
             .await

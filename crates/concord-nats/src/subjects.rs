@@ -76,6 +76,12 @@ impl Subjects {
         format!("{}.world.{agent}", self.prefix)
     }
 
+    /// Where the coordinator pushes `agent` notices about its plans and
+    /// leases (approved, rejected, expired, saga ended, lease lapsed).
+    pub fn notify(&self, agent: &str) -> String {
+        format!("{}.notify.{agent}", self.prefix)
+    }
+
     /// Where the coordinator dispatches steps to `executor`.
     pub fn exec(&self, executor: &str) -> String {
         format!("{}.exec.{executor}", self.prefix)

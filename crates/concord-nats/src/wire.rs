@@ -7,14 +7,14 @@ use serde::{Deserialize, Serialize};
 
 /// An error reply: `{"error": {...}}`. Every request that cannot be served
 /// gets one; nothing is dropped silently.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct ErrorReply {
     /// The error.
     pub error: BusError,
 }
 
 /// A typed error.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct BusError {
     /// For programs: `decode` (with `field` and `rule`), `busy`, `rate_limited`,
     /// `unavailable`, `unknown_subject`, `payload_too_large`, `not_found`.
@@ -30,6 +30,11 @@ pub struct BusError {
     /// When to try again, for `busy`, `rate_limited` and `unavailable`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry_after_ms: Option<u64>,
+}
+
+/// The JSON Schema of an error reply (what any request may get instead of its answer).
+pub fn error_reply_schema() -> schemars::Schema {
+    schemars::schema_for!(ErrorReply)
 }
 
 impl ErrorReply {

@@ -290,7 +290,7 @@ pub enum SagaAction {
 }
 
 /// The answer to an intent.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Decision {
     /// The verdict.
     pub verdict: Verdict,
@@ -337,4 +337,71 @@ pub struct Conflict {
     pub path: ResourcePath,
     /// `writes_overlap`, `assumption_broken` or `reserved`.
     pub kind: String,
+}
+
+/// What a notice reports about one of the agent's plans or leases.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum NoticeKind {
+    /// An operator approved a plan that waited for a human.
+    Approved,
+    /// An operator rejected it.
+    RejectedByOperator,
+    /// Nobody decided in time.
+    ApprovalExpired,
+    /// The approval bound a material preview that has changed: back to the human.
+    ApprovalStale,
+    /// A newer version of the lineage replaced this one while it waited.
+    Withdrawn,
+    /// The plan became a saga.
+    Admitted,
+    /// The saga started compensating.
+    Compensating,
+    /// The saga ended: every step succeeded.
+    Completed,
+    /// The saga ended: its completed steps were compensated.
+    Compensated,
+    /// A compensation failed; an operator decides.
+    CompensationFailed,
+    /// A lease lapsed: its holder no longer holds it.
+    LeaseExpired,
+}
+
+/// A push notice to the agent a plan or lease belongs to, published on
+/// `notify.<agent>` after the event behind it is in the log, so an agent
+/// awaits a human's decision or sees a lease lapse without polling.
+/// A notice is a hint that wakes the agent, not the record: the log is.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct Notice {
+    /// What happened.
+    pub event: NoticeKind,
+    /// The plan's lineage (plan events).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lineage: Option<Id>,
+    /// The plan's version (plan events).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<u32>,
+    /// The lease (lease events).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease: Option<u64>,
+    /// The operator who decided, for approvals and rejections.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub operator: Option<String>,
+    /// Why, where the event says.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+impl Notice {
+    /// A notice about plan `lineage` version `version`.
+    pub fn plan(event: NoticeKind, lineage: Id, version: u32) -> Notice {
+        Notice {
+            event,
+            lineage: Some(lineage),
+            version: Some(version),
+            lease: None,
+            operator: None,
+            reason: None,
+        }
+    }
 }

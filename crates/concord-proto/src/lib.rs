@@ -76,3 +76,13 @@ pub fn observation_schema() -> schemars::Schema {
 pub fn decode_error_schema() -> schemars::Schema {
     schemars::schema_for!(DecodeError)
 }
+
+/// The JSON Schema of a decision (the answer to an intent).
+pub fn decision_schema() -> schemars::Schema {
+    schemars::schema_for!(coord::Decision)
+}
+
+/// The JSON Schema of a notice (`notify.<agent>`: approvals, saga ends, lapsed leases).
+pub fn notice_schema() -> schemars::Schema {
+    schemars::schema_for!(coord::Notice)
+}

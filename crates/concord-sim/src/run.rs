@@ -985,6 +985,8 @@ impl Engine<'_> {
             }
             Event::LeaseReleased { lease } => self.note("lease", format!("lease {lease} released")),
             Event::LeaseRenewed { .. } => {}
+            // A world-document rotation changes no plan's fate.
+            Event::WorldRotated { .. } => {}
             Event::BreakerTripped { breaker } => {
                 // Counted once per (agent, kind, path): the core reports a trip
                 // again for each refused repeat while the window still holds it.

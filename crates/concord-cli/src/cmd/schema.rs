@@ -13,6 +13,12 @@ pub enum Which {
     DecodeError,
     /// What agents publish about the world.
     Observation,
+    /// The answer to an intent.
+    Decision,
+    /// What any request may get instead of its answer.
+    ErrorReply,
+    /// Push notices to an agent (`notify.<agent>`).
+    Notice,
 }
 
 /// Arguments.
@@ -30,6 +36,9 @@ pub fn run(a: Args) -> Result<u8> {
         Which::Preview => concord_proto::preview_schema(),
         Which::DecodeError => concord_proto::decode_error_schema(),
         Which::Observation => concord_proto::observation_schema(),
+        Which::Decision => concord_proto::decision_schema(),
+        Which::ErrorReply => concord_nats::wire::error_reply_schema(),
+        Which::Notice => concord_proto::notice_schema(),
     };
     super::out(&format!("{}\n", serde_json::to_string_pretty(&schema)?))?;
     Ok(0)

@@ -1,0 +1,519 @@
+//! The agent's side: connect as one identity, propose plans, await a human's
+//! decision by push notice, re-plan, publish observations.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use concord_proto::coord::{Decision, LeaseReply, LeaseRequest, Notice, NoticeKind};
+use concord_proto::{Id, Intent, Observation, ObservationKind, ResourcePath, Value, Verdict};
+use futures::StreamExt;
+use serde::Deserialize;
+use tokio::sync::{Notify, broadcast};
+use tracing::{Instrument, debug, info_span, warn};
+
+use crate::error::AgentError;
+
+/// How many plans' notices an agent keeps (oldest forgotten first).
+pub const NOTICE_PLANS_MAX: usize = 1024;
+/// How many lease notices a slow lease watcher may fall behind by.
+pub const LEASE_NOTICES_MAX: usize = 256;
+/// The most requests one call sends (the first and its retries).
+pub const ATTEMPTS_MAX: u32 = 16;
+
+/// How an agent connects.
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    /// NATS URLs, comma-separated.
+    pub url: String,
+    /// The agent's identity: one subject token; its subjects end with it.
+    pub name: String,
+    /// The domain (`default` unless the coordinator is configured otherwise).
+    pub domain: String,
+    /// The agent's nkey seed file (from `concord nats-config`), if the server asks for one.
+    pub nkey_seed_file: Option<PathBuf>,
+    /// How long one request waits for its answer.
+    pub request_timeout: Duration,
+    /// How many requests one call sends at most, all with the same idempotency key.
+    pub attempts: u32,
+}
+
+impl AgentConfig {
+    /// An agent called `name` on `url`, domain `default`, no credentials,
+    /// 5 s per request, 4 attempts.
+    pub fn new(url: impl Into<String>, name: impl Into<String>) -> AgentConfig {
+        AgentConfig {
+            url: url.into(),
+            name: name.into(),
+            domain: "default".into(),
+            nkey_seed_file: None,
+            request_timeout: Duration::from_secs(5),
+            attempts: 4,
+        }
+    }
+}
+
+/// What a human (or the clock) decided about a plan held for approval.
+#[derive(Clone, Debug, PartialEq)]
+pub enum HumanDecision {
+    /// Approved: the plan is admitted and runs.
+    Approved {
+        /// Who.
+        operator: String,
+        /// Why.
+        reason: String,
+    },
+    /// Rejected by an operator.
+    Rejected {
+        /// Who.
+        operator: String,
+        /// Why.
+        reason: String,
+    },
+    /// Nobody decided before the approval expired.
+    Expired,
+    /// A newer version of the lineage replaced it.
+    Withdrawn,
+}
+
+/// How an admitted plan's saga ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SagaEnd {
+    /// Every step succeeded.
+    Completed,
+    /// A step failed; the completed steps were compensated.
+    Compensated {
+        /// Why it compensated.
+        reason: String,
+    },
+    /// A compensation failed; an operator decides.
+    CompensationFailed {
+        /// Why.
+        reason: String,
+    },
+}
+
+/// The notices received, by plan: an awaiting call finds a notice that came
+/// before it started waiting.
+#[derive(Debug, Default)]
+struct Board {
+    plans: BTreeMap<(String, u32), Vec<Notice>>,
+    order: VecDeque<(String, u32)>,
+}
+
+impl Board {
+    fn push(&mut self, n: Notice) {
+        let (Some(l), Some(v)) = (&n.lineage, n.version) else {
+            return;
+        };
+        let k = (l.to_string(), v);
+        if !self.plans.contains_key(&k) {
+            self.order.push_back(k.clone());
+            while self.order.len() > NOTICE_PLANS_MAX {
+                if let Some(old) = self.order.pop_front() {
+                    self.plans.remove(&old);
+                }
+            }
+        }
+        self.plans.entry(k).or_default().push(n);
+    }
+}
+
+#[derive(Debug)]
+struct Shared {
+    board: Mutex<Board>,
+    changed: Notify,
+    leases: broadcast::Sender<Notice>,
+}
+
+#[derive(Deserialize)]
+struct ErrorReply {
+    error: BusError,
+}
+
+#[derive(Deserialize)]
+struct BusError {
+    code: String,
+    message: String,
+    #[serde(default)]
+    field: Option<String>,
+    #[serde(default)]
+    rule: Option<String>,
+    #[serde(default)]
+    retry_after_ms: Option<u64>,
+}
+
+/// One agent's connection to a coordinator's domain. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Agent {
+    nats: async_nats::Client,
+    cfg: Arc<AgentConfig>,
+    prefix: String,
+    shared: Arc<Shared>,
+}
+
+fn valid_token(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 128
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-'))
+}
+
+/// Connects to NATS as `name`: its credentials, its inbox prefix `_INBOX_<name>`.
+pub(crate) async fn connect_nats(url: &str, name: &str, seed: Option<&PathBuf>) -> Result<async_nats::Client, String> {
+    let mut opts = async_nats::ConnectOptions::new()
+        .name(format!("concord-agent-{name}"))
+        .custom_inbox_prefix(format!("_INBOX_{name}"))
+        .retry_on_initial_connect()
+        .connection_timeout(Duration::from_secs(5));
+    if let Some(p) = seed {
+        let seed = std::fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display()))?;
+        opts = opts.nkey(seed.trim().to_string());
+    }
+    // `retry_on_initial_connect` makes `connect` return at once; a server
+    // that is not there yet shows as `Disconnected` on the first request.
+    opts.connect(url).await.map_err(|e| e.to_string())
+}
+
+impl Agent {
+    /// Connects and subscribes to the agent's notices.
+    pub async fn connect(cfg: AgentConfig) -> Result<Agent, AgentError> {
+        if !valid_token(&cfg.name) {
+            return Err(AgentError::Config(format!(
+                "agent name `{}` is not one subject token ([A-Za-z0-9_-])",
+                cfg.name
+            )));
+        }
+        if !valid_token(&cfg.domain) {
+            return Err(AgentError::Config(format!(
+                "domain `{}` is not one subject token",
+                cfg.domain
+            )));
+        }
+        let nats = connect_nats(&cfg.url, &cfg.name, cfg.nkey_seed_file.as_ref())
+            .await
+            .map_err(AgentError::Disconnected)?;
+        let prefix = format!("concord.v1.{}", cfg.domain);
+        let (leases, _) = broadcast::channel(LEASE_NOTICES_MAX);
+        let shared = Arc::new(Shared {
+            board: Mutex::new(Board::default()),
+            changed: Notify::new(),
+            leases,
+        });
+        let mut sub = nats
+            .subscribe(format!("{prefix}.notify.{}", cfg.name))
+            .await
+            .map_err(|e| AgentError::Disconnected(e.to_string()))?;
+        let s = Arc::downgrade(&shared);
+        tokio::spawn(async move {
+            while let Some(m) = sub.next().await {
+                let Some(shared) = s.upgrade() else { return };
+                match serde_json::from_slice::<Notice>(&m.payload) {
+                    Ok(n) if n.event == NoticeKind::LeaseExpired => {
+                        let _ = shared.leases.send(n);
+                    }
+                    Ok(n) => {
+                        shared.board.lock().expect("board lock").push(n);
+                        shared.changed.notify_waiters();
+                    }
+                    Err(e) => warn!("a notice that does not decode: {e}"),
+                }
+            }
+        });
+        // The subscription must be in place before any plan is proposed.
+        nats.flush()
+            .await
+            .map_err(|e| AgentError::Disconnected(e.to_string()))?;
+        Ok(Agent {
+            nats,
+            cfg: Arc::new(cfg),
+            prefix,
+            shared,
+        })
+    }
+
+    /// The agent's identity.
+    pub fn name(&self) -> &str {
+        &self.cfg.name
+    }
+
+    /// The NATS connection (for anything the SDK does not cover).
+    pub fn nats(&self) -> &async_nats::Client {
+        &self.nats
+    }
+
+    fn subject(&self, domain: &str) -> String {
+        format!("{}.{domain}.{}", self.prefix, self.cfg.name)
+    }
+
+    /// Sends `payload` on `subject` and decodes the answer, retrying the
+    /// same bytes (so the same idempotency key) after a timeout, a lost
+    /// connection or an overloaded coordinator.
+    pub(crate) async fn request<T: serde::de::DeserializeOwned>(
+        &self,
+        subject: String,
+        payload: Vec<u8>,
+    ) -> Result<T, AgentError> {
+        let attempts = self.cfg.attempts.clamp(1, ATTEMPTS_MAX);
+        let mut last = AgentError::TimedOut {
+            subject: subject.clone(),
+            attempts: 0,
+        };
+        for attempt in 1..=attempts {
+            let req = async_nats::Request::new()
+                .payload(payload.clone().into())
+                .timeout(Some(self.cfg.request_timeout));
+            let mut wait = Duration::from_millis((100u64 << attempt.min(5)).min(2_000));
+            match self.nats.send_request(subject.clone(), req).await {
+                Ok(msg) => {
+                    if let Ok(err) = serde_json::from_slice::<ErrorReply>(&msg.payload) {
+                        let e = err.error;
+                        match e.code.as_str() {
+                            "busy" | "rate_limited" | "unavailable" => {
+                                let after = e.retry_after_ms.unwrap_or(100);
+                                wait = Duration::from_millis(after);
+                                last = AgentError::Busy {
+                                    code: e.code,
+                                    retry_after_ms: after,
+                                };
+                            }
+                            "decode" => {
+                                return Err(AgentError::Decode {
+                                    field: e.field.unwrap_or_default(),
+                                    rule: e.rule.unwrap_or_default(),
+                                    message: e.message,
+                                });
+                            }
+                            _ => {
+                                return Err(AgentError::Refused {
+                                    code: e.code,
+                                    message: e.message,
+                                });
+                            }
+                        }
+                    } else {
+                        return serde_json::from_slice(&msg.payload).map_err(|e| AgentError::BadAnswer(e.to_string()));
+                    }
+                }
+                Err(e) => {
+                    last = match e.kind() {
+                        async_nats::RequestErrorKind::TimedOut => AgentError::TimedOut {
+                            subject: subject.clone(),
+                            attempts: attempt,
+                        },
+                        async_nats::RequestErrorKind::NoResponders => AgentError::NoCoordinator(subject.clone()),
+                        _ => AgentError::Disconnected(e.to_string()),
+                    };
+                    if self.nats.connection_state() != async_nats::connection::State::Connected {
+                        last = AgentError::Disconnected(format!("{e} (the client is reconnecting)"));
+                    }
+                }
+            }
+            debug!(attempt, "{last}; sending the same request again");
+            if attempt < attempts {
+                tokio::time::sleep(wait).await;
+            }
+        }
+        Err(last)
+    }
+
+    /// Proposes `plan` and returns the coordinator's decision (with its
+    /// preview on the first answer). A plan without an idempotency key gets
+    /// `<lineage>@<version>`, so every retry, also after a reconnect or a
+    /// coordinator restart, gets the original decision. A rejection is a
+    /// decision; a halt in force is [`AgentError::Halted`].
+    pub async fn propose(&self, plan: &Intent) -> Result<Decision, AgentError> {
+        let mut plan = plan.clone();
+        if plan.idempotency_key.is_none() {
+            plan.idempotency_key = Some(idempotency_key(&plan.lineage, plan.version));
+        }
+        let span = info_span!("propose", agent = %self.cfg.name, lineage = %plan.lineage, version = plan.version);
+        let bytes = serde_json::to_vec(&plan).map_err(|e| AgentError::BadAnswer(e.to_string()))?;
+        self.propose_bytes(bytes).instrument(span).await
+    }
+
+    /// Proposes a plan given as JSON bytes, unchanged (no key is added).
+    pub async fn propose_bytes(&self, bytes: Vec<u8>) -> Result<Decision, AgentError> {
+        let d: Decision = self.request(self.subject("intent"), bytes).await?;
+        if d.verdict == Verdict::Reject
+            && let Some(r) = d.reasons.iter().find(|r| r.rule == "halt.active")
+        {
+            return Err(AgentError::Halted {
+                message: r.message.clone(),
+            });
+        }
+        Ok(d)
+    }
+
+    /// Waits for the human's decision on a plan held for approval, woken by
+    /// the coordinator's notices (no polling), at most `timeout`.
+    pub async fn await_decision(
+        &self,
+        lineage: &Id,
+        version: u32,
+        timeout: Duration,
+    ) -> Result<HumanDecision, AgentError> {
+        self.await_notice(lineage, version, timeout, |n| match n.event {
+            NoticeKind::Approved => Some(HumanDecision::Approved {
+                operator: n.operator.clone().unwrap_or_default(),
+                reason: n.reason.clone().unwrap_or_default(),
+            }),
+            NoticeKind::RejectedByOperator => Some(HumanDecision::Rejected {
+                operator: n.operator.clone().unwrap_or_default(),
+                reason: n.reason.clone().unwrap_or_default(),
+            }),
+            NoticeKind::ApprovalExpired => Some(HumanDecision::Expired),
+            NoticeKind::Withdrawn => Some(HumanDecision::Withdrawn),
+            _ => None,
+        })
+        .await
+    }
+
+    /// Waits for an admitted plan's saga to end, at most `timeout`.
+    pub async fn await_saga(&self, lineage: &Id, version: u32, timeout: Duration) -> Result<SagaEnd, AgentError> {
+        self.await_notice(lineage, version, timeout, |n| match n.event {
+            NoticeKind::Completed => Some(SagaEnd::Completed),
+            NoticeKind::Compensated => Some(SagaEnd::Compensated { reason: String::new() }),
+            NoticeKind::CompensationFailed => Some(SagaEnd::CompensationFailed {
+                reason: n.reason.clone().unwrap_or_default(),
+            }),
+            _ => None,
+        })
+        .await
+        .map(|end| match end {
+            // The reason is on the `compensating` notice that came first.
+            SagaEnd::Compensated { .. } => SagaEnd::Compensated {
+                reason: self
+                    .notices(lineage, version)
+                    .iter()
+                    .rev()
+                    .find_map(|n| (n.event == NoticeKind::Compensating).then(|| n.reason.clone().unwrap_or_default()))
+                    .unwrap_or_default(),
+            },
+            other => other,
+        })
+    }
+
+    /// The notices received so far about one plan.
+    pub fn notices(&self, lineage: &Id, version: u32) -> Vec<Notice> {
+        let board = self.shared.board.lock().expect("board lock");
+        board
+            .plans
+            .get(&(lineage.to_string(), version))
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    async fn await_notice<T>(
+        &self,
+        lineage: &Id,
+        version: u32,
+        timeout: Duration,
+        pick: impl Fn(&Notice) -> Option<T>,
+    ) -> Result<T, AgentError> {
+        let started = Instant::now();
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            // Register for the wake-up before looking, so a notice that
+            // arrives in between is not missed.
+            let changed = self.shared.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if let Some(t) = self.notices(lineage, version).iter().find_map(&pick) {
+                return Ok(t);
+            }
+            if tokio::time::timeout_at(deadline, changed).await.is_err() {
+                return Err(AgentError::NoDecision {
+                    lineage: lineage.to_string(),
+                    version,
+                    waited_ms: started.elapsed().as_millis() as u64,
+                });
+            }
+        }
+    }
+
+    /// Publishes an observation (fire and forget; the coordinator validates it).
+    pub async fn observe(&self, obs: &Observation) -> Result<(), AgentError> {
+        let bytes = serde_json::to_vec(obs).map_err(|e| AgentError::BadAnswer(e.to_string()))?;
+        self.nats
+            .publish(self.subject("observe"), bytes.into())
+            .await
+            .map_err(|e| AgentError::Disconnected(e.to_string()))
+    }
+
+    /// Reports liveness ("the process answers"): a health word.
+    pub async fn observe_liveness(&self, path: &ResourcePath, word: &str) -> Result<(), AgentError> {
+        self.observe(&observation(path, ObservationKind::Liveness, Value::Str(word.into())))
+            .await
+    }
+
+    /// Reports application-level health ("it does its job"): a health word.
+    pub async fn observe_app_health(&self, path: &ResourcePath, word: &str) -> Result<(), AgentError> {
+        self.observe(&observation(path, ObservationKind::AppHealth, Value::Str(word.into())))
+            .await
+    }
+
+    /// Reports a metric.
+    pub async fn observe_metric(&self, path: &ResourcePath, value: f64) -> Result<(), AgentError> {
+        let v = if value.fract() == 0.0 && value.abs() < 9.0e15 {
+            Value::Int(value as i64)
+        } else {
+            Value::Float(value)
+        };
+        self.observe(&observation(path, ObservationKind::Metric, v)).await
+    }
+
+    /// Asks the lease service (see [`crate::LeaseGuard`] for the managed form).
+    pub async fn lease(&self, req: &LeaseRequest) -> Result<LeaseReply, AgentError> {
+        let bytes = serde_json::to_vec(req).map_err(|e| AgentError::BadAnswer(e.to_string()))?;
+        self.request(self.subject("lease"), bytes).await
+    }
+
+    /// Lease notices (lapsed leases), for lease guards.
+    pub(crate) fn lease_notices(&self) -> broadcast::Receiver<Notice> {
+        self.shared.leases.subscribe()
+    }
+
+    /// Flushes what was published.
+    pub async fn flush(&self) -> Result<(), AgentError> {
+        self.nats
+            .flush()
+            .await
+            .map_err(|e| AgentError::Disconnected(e.to_string()))
+    }
+}
+
+fn observation(path: &ResourcePath, kind: ObservationKind, value: Value) -> Observation {
+    Observation {
+        protocol: 1,
+        path: path.clone(),
+        kind,
+        value,
+        observed_at_ms: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .ok()
+            .map(|d| d.as_millis() as u64),
+    }
+}
+
+/// The idempotency key the SDK gives a plan without one: `<lineage>@<version>`
+/// (a lineage's version is one plan: a retry is the same request).
+pub fn idempotency_key(lineage: &Id, version: u32) -> Id {
+    let suffix = format!("@{version}");
+    let mut base = lineage.to_string();
+    // Identifiers have a length limit; keep the version whatever happens.
+    base.truncate(concord_proto::limits::ID_BYTES_MAX.saturating_sub(suffix.len()));
+    Id::parse(&format!("{base}{suffix}")).expect("a lineage with `@<n>` is an identifier")
+}
+
+/// Version n+1 of `plan` (same lineage), without its idempotency key, for
+/// re-planning after a rejection or a failed saga.
+pub fn next_version(plan: &Intent) -> Intent {
+    Intent {
+        version: plan.version + 1,
+        idempotency_key: None,
+        ..plan.clone()
+    }
+}

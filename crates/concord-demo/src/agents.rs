@@ -1,0 +1,201 @@
+//! The three agents of the story. Each looks at the system's dashboard
+//! (read-only) and *submits* plans through a [`Route`]: through concord
+//! (coordinated), or straight onto the system (uncoordinated). The agents'
+//! code is the same either way; only the route differs.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use concord_agent::{Agent, AgentError, HumanDecision, SagaEnd};
+use concord_proto::{Intent, Verdict, decode_intent};
+use serde_json::json;
+use tokio::sync::watch;
+
+use crate::system::{LEAKY, Shared};
+
+/// Where plans go.
+#[derive(Clone, Debug)]
+pub enum Route {
+    /// Proposed to concord, which previews and decides.
+    Concord(Agent),
+    /// Applied to the system at once, as the agent wrote it.
+    Direct(Shared),
+}
+
+/// What happened to one submitted plan.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Proposal {
+    /// The agent.
+    pub agent: String,
+    /// Lineage and version.
+    pub plan: String,
+    /// Its goal.
+    pub goal: String,
+    /// `applied` (uncoordinated), or concord's verdict.
+    pub verdict: String,
+    /// The rules behind the verdict, with their messages.
+    pub reasons: Vec<(String, String)>,
+    /// What came of it: saga end, human decision, or the direct result.
+    pub outcome: String,
+}
+
+/// Every proposal, in order.
+pub type Ledger = Arc<Mutex<Vec<Proposal>>>;
+
+/// How long agents wait for things, scaled to the system's tick.
+#[derive(Clone, Copy, Debug)]
+pub struct Pace {
+    /// One tick.
+    pub tick: Duration,
+}
+
+impl Pace {
+    fn ticks(&self, n: u32) -> Duration {
+        self.tick * n
+    }
+}
+
+impl Route {
+    /// Submits `plan` and waits for what comes of it; the record goes to `ledger`.
+    pub async fn submit(&self, agent: &str, plan: &Intent, pace: Pace, ledger: &Ledger) -> Proposal {
+        let mut p = Proposal {
+            agent: agent.into(),
+            plan: format!("{} v{}", plan.lineage, plan.version),
+            goal: plan.goal.to_string(),
+            verdict: String::new(),
+            reasons: Vec::new(),
+            outcome: String::new(),
+        };
+        match self {
+            Route::Direct(system) => {
+                let mut s = system.lock().expect("system lock");
+                p.verdict = "applied".into();
+                p.outcome = "done".into();
+                for step in &plan.steps {
+                    if let Err(e) = s.apply(step.path.as_str(), &step.op) {
+                        p.outcome = format!("failed: {e}");
+                        break;
+                    }
+                }
+            }
+            Route::Concord(a) => match a.propose(plan).await {
+                Err(e) => {
+                    p.verdict = "error".into();
+                    p.outcome = e.to_string();
+                }
+                Ok(d) => {
+                    p.verdict = d.verdict.to_string();
+                    p.reasons = d.reasons.iter().map(|r| (r.rule.clone(), r.message.clone())).collect();
+                    let saga = pace.ticks(600);
+                    p.outcome = match d.verdict {
+                        Verdict::Reject => "not run".into(),
+                        Verdict::Admit => saga_end(a.await_saga(&plan.lineage, plan.version, saga).await),
+                        Verdict::NeedsApproval => {
+                            // The agent waits a while for a human, then re-plans.
+                            match a.await_decision(&plan.lineage, plan.version, pace.ticks(15)).await {
+                                Ok(HumanDecision::Approved { operator, .. }) => format!(
+                                    "approved by {operator}; {}",
+                                    saga_end(a.await_saga(&plan.lineage, plan.version, saga).await)
+                                ),
+                                Ok(other) => format!("{other:?}").to_lowercase(),
+                                Err(AgentError::NoDecision { .. }) => "no human decided while the agent waited".into(),
+                                Err(e) => e.to_string(),
+                            }
+                        }
+                    };
+                }
+            },
+        }
+        ledger.lock().expect("ledger lock").push(p.clone());
+        p
+    }
+}
+
+fn saga_end(r: Result<SagaEnd, AgentError>) -> String {
+    match r {
+        Ok(SagaEnd::Completed) => "completed".into(),
+        Ok(SagaEnd::Compensated { reason }) => format!("compensated: {reason}"),
+        Ok(SagaEnd::CompensationFailed { reason }) => format!("compensation failed: {reason}"),
+        Err(e) => e.to_string(),
+    }
+}
+
+fn plan(v: serde_json::Value) -> Intent {
+    decode_intent(v.to_string().as_bytes()).expect("the demo's plans are valid")
+}
+
+/// The deploy agent ships v1.5.0 (the leaky one) with an app-health
+/// verification, and after a failed rollout re-plans the lineage with the fix.
+pub async fn deploy(route: Route, pace: Pace, ledger: Ledger) {
+    let bake_ms = pace.ticks(20).as_millis() as u64;
+    let fresh_ms = pace.ticks(10).as_millis() as u64;
+    let ship = |version: u32, release: &str| {
+        plan(json!({
+            "protocol": 1, "lineage": "deploy-api-1.5", "version": version,
+            "goal": format!("ship api {release}"),
+            "rationale": "release train",
+            "steps": [{
+                "id": "deploy", "kind": "deploy", "path": "svc/api",
+                "args": { "version": release, "artifact": format!("registry/api:{release}") },
+                "confidence": 0.85, "compensation": { "mode": "restore" },
+                "verification": { "path": "svc/api/health/app", "op": "eq", "value": "ok",
+                                  "bake_ms": bake_ms, "fresh_ms": fresh_ms }
+            }]
+        }))
+    };
+    let first = route.submit("deploy", &ship(1, LEAKY), pace, &ledger).await;
+    if first.outcome.starts_with("compensated") {
+        // The rollout failed its health check and was rolled back: ship the fix.
+        tokio::time::sleep(pace.ticks(5)).await;
+        route.submit("deploy", &ship(2, "v1.5.1"), pace, &ledger).await;
+    }
+}
+
+/// The uptime agent restarts the API when it looks down — trusting
+/// heartbeats only, as in the story.
+pub async fn uptime(route: Route, system: Shared, pace: Pace, ledger: Ledger, mut stop: watch::Receiver<bool>) {
+    let mut version = 0;
+    loop {
+        let live = system.lock().expect("system lock").liveness();
+        if live != "ok" && version < 3 {
+            version += 1;
+            let p = plan(json!({
+                "protocol": 1, "lineage": "uptime-restart-api", "version": version,
+                "goal": "restart api: heartbeats fail",
+                "steps": [{ "id": "restart", "kind": "restart", "path": "svc/api", "args": {},
+                            "confidence": 0.8, "compensation": { "mode": "irreversible", "reason": "a restart cannot be undone" } }]
+            }));
+            route.submit("uptime", &p, pace, &ledger).await;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(pace.ticks(3)) => {}
+            _ = stop.changed() => return,
+        }
+    }
+}
+
+/// The resource agent raises the pool when the queue grows: 50 -> 100 -> 500 -> 1500.
+pub async fn resource(route: Route, system: Shared, pace: Pace, ledger: Ledger, mut stop: watch::Receiver<bool>) {
+    const LADDER: [u32; 3] = [100, 500, 1500];
+    let mut rung = 0;
+    while rung < LADDER.len() {
+        let queue = system.lock().expect("system lock").queue;
+        if queue > 400 {
+            let value = LADDER[rung];
+            rung += 1;
+            let p = plan(json!({
+                "protocol": 1, "lineage": "resource-drain-queue", "version": rung,
+                "goal": format!("drain the request queue: pool_size to {value}"),
+                "rationale": format!("queue depth {queue}; requests wait for a database connection"),
+                "steps": [{ "id": "raise-pool", "kind": "set", "path": "svc/api/pool_size",
+                            "args": { "value": value }, "confidence": 0.7,
+                            "compensation": { "mode": "restore" } }]
+            }));
+            route.submit("resource", &p, pace, &ledger).await;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(pace.ticks(3)) => {}
+            _ = stop.changed() => return,
+        }
+    }
+}

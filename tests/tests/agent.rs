@@ -1,0 +1,564 @@
+//! The agent SDK against a real NATS server and a live coordinator:
+//! propose, await a human's decision by notice, approve and reject, re-plan,
+//! lease loss, executors that refuse stale tokens across a restart and dedupe
+//! on keys, compensation on failure, retry with the same key across a server
+//! restart.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use concord_agent::executor::{Executor, ExecutorConfig, Step, StepError, StepHandler};
+use concord_agent::{Agent, AgentConfig, AgentError, HumanDecision, LeaseGuard, LeaseLost, SagaEnd, next_version};
+use concord_proto::coord::{
+    Control, DispatchKey, LeaseMode, LeaseReply, LeaseRequest, Phase, StepDispatch, StepOutcome, StepResult,
+};
+use concord_proto::{Id, Intent, Op, ResourcePath, Short, StepKind, Value, Verdict};
+use concord_tests::live::{Live, example};
+use futures::future::BoxFuture;
+use serde_json::json;
+
+const WAIT: Duration = Duration::from_secs(20);
+
+/// A live coordinator whose log stream reserves little of the server's store
+/// (JetStream refuses a stream whose bound exceeds the free disk).
+async fn start() -> Live {
+    Live::start_with(|c| c.log.max_bytes = 256 * 1024 * 1024).await
+}
+
+/// A system of named values: `set` writes one, `deploy` writes `<path>/version`.
+/// Steps on a path listed in `failing` fail.
+#[derive(Default)]
+struct Values {
+    values: Mutex<BTreeMap<String, Value>>,
+    applied: Mutex<Vec<String>>,
+    failing: Vec<String>,
+}
+
+impl Values {
+    fn new(init: &[(&str, Value)], failing: &[&str]) -> Arc<Values> {
+        Arc::new(Values {
+            values: Mutex::new(init.iter().map(|(k, v)| (k.to_string(), v.clone())).collect()),
+            applied: Mutex::new(Vec::new()),
+            failing: failing.iter().map(|s| s.to_string()).collect(),
+        })
+    }
+    fn get(&self, path: &str) -> Option<Value> {
+        self.values.lock().unwrap().get(path).cloned()
+    }
+}
+
+impl StepHandler for Values {
+    fn read<'a>(&'a self, path: &'a ResourcePath) -> BoxFuture<'a, Option<Value>> {
+        Box::pin(async move { self.get(path.as_str()) })
+    }
+    fn apply<'a>(&'a self, step: &'a Step) -> BoxFuture<'a, Result<(), StepError>> {
+        Box::pin(async move {
+            let path = step.path().to_string();
+            if self.failing.contains(&path) {
+                return Err(StepError::from(format!("{path} refused the change")));
+            }
+            self.applied.lock().unwrap().push(step.dispatch.key.text());
+            let mut v = self.values.lock().unwrap();
+            match &step.op {
+                Op::Set(a) => {
+                    v.insert(path, a.value.clone());
+                }
+                Op::Deploy(a) => {
+                    v.insert(format!("{path}/version"), Value::Str(a.version.to_string()));
+                }
+                other => return Err(format!("cannot apply {:?}", other.kind()).into()),
+            }
+            Ok(())
+        })
+    }
+}
+
+fn world() -> Vec<(&'static str, Value)> {
+    vec![
+        ("svc/api/pool_size", Value::Int(50)),
+        ("svc/worker/pool_size", Value::Int(20)),
+        ("svc/api/version", Value::Str("v1.4.0".into())),
+    ]
+}
+
+async fn executor(live: &Live, values: &Arc<Values>) -> concord_agent::executor::Running {
+    Executor::new(ExecutorConfig::new(live.server.url(), "default"))
+        .handle(StepKind::Set, values.clone())
+        .handle(StepKind::Deploy, values.clone())
+        .start()
+        .await
+        .expect("the executor starts")
+}
+
+async fn agent(live: &Live, name: &str) -> Agent {
+    Agent::connect(AgentConfig::new(live.server.url(), name))
+        .await
+        .expect("the agent connects")
+}
+
+fn plan(v: serde_json::Value) -> Intent {
+    concord_proto::decode_intent(v.to_string().as_bytes()).expect("a valid plan")
+}
+
+fn pool_plan(lineage: &str, value: i64) -> Intent {
+    plan(json!({
+        "protocol": 1, "lineage": lineage, "version": 1, "goal": "more headroom",
+        "steps": [{ "id": "s1", "kind": "set", "path": "svc/api/pool_size", "args": { "value": value },
+                    "confidence": 0.9, "compensation": { "mode": "restore" } }]
+    }))
+}
+
+async fn approve(live: &Live, lineage: &str, version: u32) -> bool {
+    let ops = live.client("alice").await;
+    let concord_nats::wire::Answer::Plans { plans, .. } =
+        ops.query("alice", &concord_nats::wire::Query::Pending).await.unwrap()
+    else {
+        panic!("a plans answer")
+    };
+    let p = plans
+        .iter()
+        .find(|p| p.lineage.as_str() == lineage && p.version == version)
+        .expect("the plan is pending");
+    ops.control(
+        "alice",
+        &Control::Approve {
+            lineage: p.lineage.clone(),
+            version,
+            plan_hash: p.plan_hash.clone(),
+            material_hash: p.material_hash.clone(),
+            reason: Short::parse("looked at the preview").unwrap(),
+        },
+    )
+    .await
+    .unwrap()
+    .ok
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_admitted_plan_runs_through_the_sdk_executor_and_the_agent_hears_it_end() {
+    let live = start().await;
+    let values = Values::new(&world(), &[]);
+    let _exec = executor(&live, &values).await;
+    let resource = agent(&live, "resource").await;
+    let p = concord_proto::decode_intent(&example("pool-60")).unwrap();
+    let d = resource.propose(&p).await.unwrap();
+    assert_eq!(d.verdict, Verdict::Admit, "{:?}", d.reasons);
+    assert!(d.preview.is_some());
+    let end = resource.await_saga(&p.lineage, p.version, WAIT).await.unwrap();
+    assert_eq!(end, SagaEnd::Completed);
+    assert_eq!(values.get("svc/api/pool_size"), Some(Value::Int(60)));
+    assert_eq!(values.applied.lock().unwrap().len(), 1);
+    // The same plan again is the same request: the original decision.
+    let again = resource.propose(&p).await.unwrap();
+    assert!(again.duplicate, "a retry with the same key gets the original decision");
+    assert_eq!(again.verdict, Verdict::Admit);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_held_plan_is_awaited_without_polling_and_approved_or_rejected_then_replanned() {
+    let live = start().await;
+    let values = Values::new(&world(), &[]);
+    let _exec = executor(&live, &values).await;
+    let resource = agent(&live, "resource").await;
+
+    // 50 -> 120 is 2.4x in one step: held for a human.
+    let p = pool_plan("pool-120", 120);
+    let d = resource.propose(&p).await.unwrap();
+    assert_eq!(d.verdict, Verdict::NeedsApproval, "{:?}", d.reasons);
+    // Nobody decides: the wait ends with a typed error, not a hang.
+    let early = resource
+        .await_decision(&p.lineage, p.version, Duration::from_millis(300))
+        .await;
+    assert!(matches!(early, Err(AgentError::NoDecision { .. })), "{early:?}");
+    let waiting = {
+        let r = resource.clone();
+        let l = p.lineage.clone();
+        tokio::spawn(async move { r.await_decision(&l, 1, WAIT).await })
+    };
+    assert!(approve(&live, "pool-120", 1).await);
+    let decided = waiting.await.unwrap().unwrap();
+    assert!(
+        matches!(&decided, HumanDecision::Approved { operator, .. } if operator == "alice"),
+        "{decided:?}"
+    );
+    assert_eq!(
+        resource.await_saga(&p.lineage, 1, WAIT).await.unwrap(),
+        SagaEnd::Completed
+    );
+    assert_eq!(values.get("svc/api/pool_size"), Some(Value::Int(120)));
+
+    // An agent the policy does not list waits for a human on everything.
+    // Rejected by an operator, it hears why and re-plans as v2, which is approved.
+    let newbie = agent(&live, "newbie").await;
+    let p = pool_plan("newbie-pool", 130);
+    let d = newbie.propose(&p).await.unwrap();
+    assert_eq!(d.verdict, Verdict::NeedsApproval, "{:?}", d.reasons);
+    let ops = live.client("bob").await;
+    let r = ops
+        .control(
+            "bob",
+            &Control::Reject {
+                lineage: p.lineage.clone(),
+                version: 1,
+                reason: Short::parse("too big a step").unwrap(),
+            },
+        )
+        .await
+        .unwrap();
+    assert!(r.ok, "{}", r.message);
+    let decided = newbie.await_decision(&p.lineage, 1, WAIT).await.unwrap();
+    assert_eq!(
+        decided,
+        HumanDecision::Rejected {
+            operator: "bob".into(),
+            reason: "too big a step".into()
+        }
+    );
+    let mut v2 = next_version(&p);
+    v2.steps[0].op = Op::Set(concord_proto::SetArgs { value: Value::Int(125) });
+    assert_eq!(v2.version, 2);
+    let d2 = newbie.propose(&v2).await.unwrap();
+    assert_eq!(d2.verdict, Verdict::NeedsApproval, "{:?}", d2.reasons);
+    assert!(approve(&live, "newbie-pool", 2).await);
+    assert!(matches!(
+        newbie.await_decision(&v2.lineage, 2, WAIT).await.unwrap(),
+        HumanDecision::Approved { .. }
+    ));
+    assert_eq!(
+        newbie.await_saga(&v2.lineage, 2, WAIT).await.unwrap(),
+        SagaEnd::Completed
+    );
+    assert_eq!(values.get("svc/api/pool_size"), Some(Value::Int(125)));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_lease_guard_renews_and_its_loss_is_seen_at_once() {
+    let live = start().await;
+    let resource = agent(&live, "resource").await;
+    let deploy = agent(&live, "deploy").await;
+    let path = ResourcePath::parse("svc/api").unwrap();
+    let ttl = Duration::from_millis(600);
+    let mut guard = LeaseGuard::acquire(&resource, &path, LeaseMode::Exclusive, ttl)
+        .await
+        .unwrap();
+    // Held past several ttls: the renewals keep it.
+    tokio::time::sleep(ttl * 3).await;
+    assert!(guard.is_held());
+    let other = deploy
+        .lease(&LeaseRequest::Acquire {
+            path: path.clone(),
+            mode: LeaseMode::Exclusive,
+            ttl_ms: 1000,
+            wait: false,
+        })
+        .await
+        .unwrap();
+    assert!(
+        matches!(&other, LeaseReply::Refused { holder: Some(h), .. } if h.contains("`resource`")),
+        "{other:?}"
+    );
+    // The lease is released behind the guard's back: the next renewal is
+    // refused and the guard says so.
+    resource
+        .lease(&LeaseRequest::Release { lease: guard.id() })
+        .await
+        .unwrap();
+    let lost = tokio::time::timeout(WAIT, guard.lost())
+        .await
+        .expect("the loss is seen");
+    assert!(matches!(lost, LeaseLost::Refused { .. }), "{lost:?}");
+    assert!(!guard.is_held());
+
+    // Without renewals the coordinator lets it lapse, and its notice says so.
+    let mut short = LeaseGuard::acquire_with(&resource, &path, LeaseMode::Exclusive, ttl, false)
+        .await
+        .unwrap();
+    let lost = tokio::time::timeout(WAIT, short.lost())
+        .await
+        .expect("the lapse is seen");
+    assert_eq!(lost, LeaseLost::Expired);
+
+    // Dropping a held guard releases it: another agent gets the path.
+    let guard = LeaseGuard::acquire(&resource, &path, LeaseMode::Exclusive, ttl)
+        .await
+        .unwrap();
+    drop(guard);
+    let mut granted = false;
+    for _ in 0..100 {
+        let r = deploy
+            .lease(&LeaseRequest::Acquire {
+                path: path.clone(),
+                mode: LeaseMode::Exclusive,
+                ttl_ms: 1000,
+                wait: false,
+            })
+            .await
+            .unwrap();
+        if matches!(r, LeaseReply::Granted { .. }) {
+            granted = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(granted, "the dropped guard released the lease");
+}
+
+async fn dispatch(live: &Live, d: &StepDispatch) -> StepOutcome {
+    let nats = live.nats().await;
+    let msg = nats
+        .request(
+            live.client("x").await.subjects.exec("default"),
+            serde_json::to_vec(d).unwrap().into(),
+        )
+        .await
+        .expect("the executor answers");
+    serde_json::from_slice(&msg.payload).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_restarted_executor_still_refuses_stale_tokens_and_dedupes_keys() {
+    let live = start().await;
+    let values = Values::new(&world(), &[]);
+    let exec = executor(&live, &values).await;
+    let resource = agent(&live, "resource").await;
+    let p = concord_proto::decode_intent(&example("pool-60")).unwrap();
+    assert_eq!(resource.propose(&p).await.unwrap().verdict, Verdict::Admit);
+    assert_eq!(
+        resource.await_saga(&p.lineage, 1, WAIT).await.unwrap(),
+        SagaEnd::Completed
+    );
+    let applied = values.applied.lock().unwrap().clone();
+    assert_eq!(applied, vec!["resource-pool-nudge/1/nudge-pool/do/1".to_string()]);
+
+    // The executor dies and a new one starts (fresh memory, same bucket).
+    exec.stop();
+    let fresh = Values::new(&[("svc/api/pool_size", Value::Int(60))], &[]);
+    let _exec = executor(&live, &fresh).await;
+
+    // The coordinator's dispatch again (same key): the recorded outcome, not applied again.
+    let key = DispatchKey {
+        lineage: Id::parse("resource-pool-nudge").unwrap(),
+        version: 1,
+        step: Id::parse("nudge-pool").unwrap(),
+        phase: Phase::Do,
+        attempt: 1,
+    };
+    let mut d = StepDispatch {
+        key: key.clone(),
+        path: ResourcePath::parse("svc/api/pool_size").unwrap(),
+        kind: StepKind::Set,
+        args: json!({ "value": 60 }),
+        fencing_token: 1,
+        expected_before: vec![],
+        timeout_ms: 5000,
+    };
+    let o = dispatch(&live, &d).await;
+    assert_eq!(o.result, StepResult::Succeeded);
+    assert!(
+        fresh.applied.lock().unwrap().is_empty(),
+        "a deduped key is not applied again"
+    );
+
+    // A new key with a token older than the one the first executor recorded: refused.
+    d.key.step = Id::parse("late-writer").unwrap();
+    d.fencing_token = 0;
+    let o = dispatch(&live, &d).await;
+    assert!(
+        matches!(o.result, StepResult::StaleToken { seen } if seen >= 1),
+        "{:?}",
+        o.result
+    );
+    assert_eq!(fresh.get("svc/api/pool_size"), Some(Value::Int(60)), "nothing applied");
+
+    // Compare-and-set: the executor finds another value than expected.
+    d.key.step = Id::parse("cas").unwrap();
+    d.fencing_token = 100;
+    d.expected_before = vec![(d.path.clone(), Some(Value::Int(50)))];
+    let o = dispatch(&live, &d).await;
+    assert_eq!(
+        o.result,
+        StepResult::Drift {
+            actual: vec![(d.path.clone(), Some(Value::Int(60)))]
+        }
+    );
+
+    // A freeze on the path: the executor reads the halt and applies nothing.
+    let ops = live.client("alice").await;
+    let r = ops
+        .control(
+            "alice",
+            &Control::Halt {
+                scope: concord_proto::coord::HaltScope::Path(ResourcePath::parse("svc/api").unwrap()),
+                grade: concord_proto::coord::HaltGrade::Freeze,
+                reason: Short::parse("incident").unwrap(),
+            },
+        )
+        .await
+        .unwrap();
+    assert!(r.ok);
+    d.expected_before = vec![];
+    let mut halted = None;
+    for i in 0..100 {
+        // The halt reaches the executors' bucket just after the log.
+        d.key.step = Id::parse(&format!("frozen{i}")).unwrap();
+        if let StepResult::Failed { reason } = dispatch(&live, &d).await.result {
+            halted = Some(reason.to_string());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let halted = halted.expect("the executor refuses under a freeze");
+    assert!(halted.contains("halted (freeze): incident"), "{halted}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failed_step_is_compensated_by_the_executor() {
+    let live = start().await;
+    let values = Values::new(&world(), &["svc/worker/pool_size"]);
+    let _exec = executor(&live, &values).await;
+    let resource = agent(&live, "resource").await;
+    let p = plan(json!({
+        "protocol": 1, "lineage": "two-pools", "version": 1, "goal": "a little more headroom",
+        "steps": [
+            { "id": "api", "kind": "set", "path": "svc/api/pool_size", "args": { "value": 55 },
+              "confidence": 0.9, "compensation": { "mode": "restore" } },
+            { "id": "worker", "kind": "set", "path": "svc/worker/pool_size", "args": { "value": 22 },
+              "confidence": 0.9, "compensation": { "mode": "restore" } }
+        ]
+    }));
+    let d = resource.propose(&p).await.unwrap();
+    assert_eq!(d.verdict, Verdict::Admit, "{:?}", d.reasons);
+    let end = resource.await_saga(&p.lineage, 1, WAIT).await.unwrap();
+    assert!(
+        matches!(&end, SagaEnd::Compensated { reason } if reason.contains("refused the change")),
+        "{end:?}"
+    );
+    let applied = values.applied.lock().unwrap().clone();
+    assert_eq!(applied, vec!["two-pools/1/api/do/1", "two-pools/1/api/undo/1"]);
+    assert_eq!(values.get("svc/api/pool_size"), Some(Value::Int(50)), "restored");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_proposal_survives_a_server_restart_with_the_same_key() {
+    let mut live = start().await;
+    let resource = agent(&live, "resource").await;
+    let p = pool_plan("pool-70", 70);
+    let first = resource.propose(&p).await.unwrap();
+    assert_eq!(first.verdict, Verdict::Admit, "{:?}", first.reasons);
+
+    // The server goes away; a proposal sent meanwhile is retried with the
+    // same key until the server and the coordinator are back.
+    live.server.kill();
+    let r = resource.clone();
+    let again = tokio::spawn(async move { r.propose(&pool_plan("pool-70", 70)).await });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    live.server.restart();
+    let again = again.await.unwrap().expect("answered after the restart");
+    assert!(again.duplicate, "the retry got the original decision");
+    assert_eq!(again.verdict, first.verdict);
+    assert_eq!(again.plan_hash, first.plan_hash);
+
+    // A malformed plan is a typed error naming the field and the rule.
+    let bad = json!({
+        "protocol": 1, "lineage": "bad", "version": 1, "goal": "g",
+        "steps": [{ "id": "s1", "kind": "set", "path": "svc/api/pool_size", "args": {},
+                    "confidence": 0.9, "compensation": { "mode": "restore" } }]
+    });
+    let e = resource.propose_bytes(bad.to_string().into_bytes()).await.unwrap_err();
+    assert!(
+        matches!(&e, AgentError::Decode { field, rule, .. } if field == "steps[0].args.value" && rule == "required"),
+        "{e:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_halt_is_a_typed_error() {
+    let live = start().await;
+    let ops = live.client("alice").await;
+    let r = ops
+        .control(
+            "alice",
+            &Control::Halt {
+                scope: concord_proto::coord::HaltScope::Agent("resource".into()),
+                grade: concord_proto::coord::HaltGrade::Freeze,
+                reason: Short::parse("incident").unwrap(),
+            },
+        )
+        .await
+        .unwrap();
+    assert!(r.ok);
+    let resource = agent(&live, "resource").await;
+    let e = resource.propose(&pool_plan("pool-55", 55)).await.unwrap_err();
+    assert!(matches!(e, AgentError::Halted { .. }), "{e:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn under_generated_permissions_the_sdk_agent_and_executor_work_with_their_own_credentials() {
+    use concord_nats::permissions::{AgentsFile, generate};
+    let file: AgentsFile = toml::from_str(
+        "[[agents]]\nname = \"resource\"\n[[agents]]\nname = \"deploy\"\n[[operators]]\nname = \"alice\"\n[[executors]]\nname = \"default\"\n",
+    )
+    .unwrap();
+    let (users, conf) = generate(&file, false).unwrap();
+    let server = concord_testkit::NatsServer::with_config(&conf);
+    let dir = server.dir().to_path_buf();
+    let seed = |role: &str, name: &str| {
+        let u = users.iter().find(|u| u.role == role && u.name == name).unwrap();
+        let p = dir.join(format!("{role}-{name}.nk"));
+        std::fs::write(&p, &u.seed).unwrap();
+        p
+    };
+    let coordinator = seed("coordinator", "concord");
+    let live = Live::start_on(server, |c| {
+        c.credentials.nkey_seed_file = Some(coordinator);
+        // A small log: this server's store reserves what the stream asks for.
+        c.log.max_bytes = 256 * 1024 * 1024;
+    })
+    .await;
+    let url = live.server.url();
+
+    // The executor keeps its tokens in its own KV bucket, with its own user.
+    let values = Values::new(&world(), &[]);
+    let mut ecfg = ExecutorConfig::new(url.clone(), "default");
+    ecfg.nkey_seed_file = Some(seed("executor", "default"));
+    let _exec = Executor::new(ecfg)
+        .handle(StepKind::Set, values.clone())
+        .start()
+        .await
+        .expect("the executor starts under its permissions");
+
+    let mut cfg = AgentConfig::new(url.clone(), "resource");
+    cfg.nkey_seed_file = Some(seed("agent", "resource"));
+    let resource = Agent::connect(cfg).await.unwrap();
+    let p = pool_plan("perm-pool", 60);
+    let d = resource.propose(&p).await.unwrap();
+    assert_eq!(d.verdict, Verdict::Admit, "{:?}", d.reasons);
+    // The saga's end reaches the agent on its own notify subject.
+    assert_eq!(
+        resource.await_saga(&p.lineage, 1, WAIT).await.unwrap(),
+        SagaEnd::Completed
+    );
+    assert_eq!(values.get("svc/api/pool_size"), Some(Value::Int(60)));
+
+    // Another agent does not hear resource's notices: its user may not subscribe there.
+    let mut cfg = AgentConfig::new(url.clone(), "deploy");
+    cfg.nkey_seed_file = Some(seed("agent", "deploy"));
+    let deploy = Agent::connect(cfg).await.unwrap();
+    let mut snoop = deploy
+        .nats()
+        .subscribe("concord.v1.default.notify.resource")
+        .await
+        .unwrap();
+    let p2 = pool_plan("perm-pool-2", 70);
+    assert_eq!(resource.propose(&p2).await.unwrap().verdict, Verdict::Admit);
+    assert_eq!(
+        resource.await_saga(&p2.lineage, 1, WAIT).await.unwrap(),
+        SagaEnd::Completed
+    );
+    let got = tokio::time::timeout(Duration::from_millis(500), futures::StreamExt::next(&mut snoop)).await;
+    assert!(
+        !matches!(got, Ok(Some(_))),
+        "deploy must not read resource's notices: {got:?}"
+    );
+}
