@@ -1029,9 +1029,6 @@ impl Engine<'_> {
                 "operator",
                 format!("{operator}: {action:?} saga {lineage}").to_lowercase(),
             ),
-            Event::WorldRotated { epoch, .. } => {
-                self.note("world", format!("the world document rotated to epoch {epoch}"))
-            }
         }
     }
 
