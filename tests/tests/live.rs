@@ -394,6 +394,142 @@ async fn log_verify_names_the_first_message_that_does_not_fit() {
     assert!(bad.error.unwrap().contains("previous hash"));
 }
 
+/// Someone with full JetStream rights rewrites the log in place: the stream
+/// denies deleting messages, so they delete the whole stream, create it
+/// again with the same configuration and republish every message, one of
+/// them changed (a rejection made an admission).
+async fn rewrite_log(
+    live: &Live,
+    rewrite: impl FnOnce(Vec<(String, Batch)>) -> (Vec<(String, Vec<u8>)>, Option<(u64, String)>),
+) {
+    let nats = live.nats().await;
+    let js = async_nats::jetstream::new(nats.clone());
+    let mut stream = js.get_stream(&live.cfg.log.stream).await.unwrap();
+    let info = stream.info().await.unwrap().clone();
+    let mut original = Vec::new();
+    for seq in 1..=info.state.last_sequence {
+        let m = stream.get_raw_message(seq).await.unwrap();
+        original.push((
+            m.subject.to_string(),
+            serde_json::from_slice::<Batch>(&m.payload).unwrap(),
+        ));
+    }
+    let (messages, head) = rewrite(original);
+    js.delete_stream(&live.cfg.log.stream).await.unwrap();
+    js.create_stream(info.config.clone()).await.unwrap();
+    for (subject, payload) in messages {
+        js.publish(subject, payload.into()).await.unwrap().await.unwrap();
+    }
+    if let Some((seq, hash)) = head {
+        let kv = js.get_key_value(concord_nats::store::CHAIN_BUCKET).await.unwrap();
+        let head = concord_nats::store::Head { seq, hash };
+        kv.put("default.head", serde_json::to_vec(&head).unwrap().into())
+            .await
+            .unwrap();
+    }
+}
+
+/// The index of the first message holding a rejection, and that message
+/// with the rejection turned into an admission.
+fn forge_admission(messages: &[(String, Batch)]) -> (usize, Vec<Record>) {
+    let i = messages
+        .iter()
+        .position(|(_, b)| {
+            serde_json::to_string(&b.records)
+                .unwrap()
+                .contains(r#""verdict":"reject""#)
+        })
+        .expect("the log holds a rejection");
+    let text = serde_json::to_string(&messages[i].1.records).unwrap().replacen(
+        r#""verdict":"reject""#,
+        r#""verdict":"admit""#,
+        1,
+    );
+    (i, serde_json::from_str(&text).unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn log_verify_names_an_event_rewritten_through_the_jetstream_api() {
+    let mut live = Live::start().await;
+    let agent = live.client("resource").await;
+    let d = agent
+        .propose("resource", &example("seven-days-pool-500"))
+        .await
+        .unwrap();
+    assert_eq!(d.verdict, Verdict::Reject);
+    agent.propose("resource", &example("deploy-unasked")).await.unwrap();
+    live.down().await;
+    let nats = live.nats().await;
+    let before = verify_log(&nats, &live.cfg.log.stream, "default", vec![])
+        .await
+        .unwrap();
+    assert_eq!(before.error, None, "{before:?}");
+    let mut signer = None;
+    read_log(&nats, &live.cfg.log.stream, 1, false, |_, p| {
+        signer = Some(serde_json::from_slice::<Batch>(p).unwrap().signer);
+        false
+    })
+    .await
+    .unwrap();
+    let signer = signer.unwrap();
+
+    // A plain rewrite: the changed records no longer match the message's hash.
+    let mut forged_seq = 0;
+    rewrite_log(&live, |messages| {
+        let (i, records) = forge_admission(&messages);
+        forged_seq = i as u64 + 1;
+        let out = messages
+            .into_iter()
+            .enumerate()
+            .map(|(j, (subject, mut batch))| {
+                if j == i {
+                    batch.records = records.clone();
+                }
+                (subject, serde_json::to_vec(&batch).unwrap())
+            })
+            .collect();
+        (out, None)
+    })
+    .await;
+    let report = verify_log(&nats, &live.cfg.log.stream, "default", vec![])
+        .await
+        .unwrap();
+    assert_eq!(report.error_seq, Some(forged_seq), "{report:?}");
+    assert!(report.error.unwrap().contains("rewritten"));
+
+    // A careful rewrite: the forger recomputes every hash from the changed
+    // message on, signs with a key of their own and moves the recorded head.
+    // The chain is whole again; only the coordinator's signature tells.
+    let forger = concord_nats::log::Signer::generate();
+    rewrite_log(&live, |messages| {
+        // Undo the plain rewrite's damage first: start from the records as
+        // they are (the forged one included) and re-chain them.
+        let mut prev = concord_nats::log::GENESIS_PREV.to_string();
+        let mut out = Vec::new();
+        for (j, (subject, batch)) in messages.into_iter().enumerate() {
+            let resealed = if (j as u64 + 1) < forged_seq {
+                batch
+            } else {
+                forger.seal(&batch.coordinator, batch.incarnation, &prev, batch.records)
+            };
+            prev = resealed.hash.clone();
+            out.push((subject, serde_json::to_vec(&resealed).unwrap()));
+        }
+        let n = out.len() as u64;
+        (out, Some((n, prev)))
+    })
+    .await;
+    let lax = verify_log(&nats, &live.cfg.log.stream, "default", vec![])
+        .await
+        .unwrap();
+    assert_eq!(lax.error, None, "without a pinned signer any key passes: {lax:?}");
+    let pinned = verify_log(&nats, &live.cfg.log.stream, "default", vec![signer])
+        .await
+        .unwrap();
+    assert_eq!(pinned.error_seq, Some(forged_seq), "{pinned:?}");
+    assert!(pinned.error.unwrap().contains("bad signature"));
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn health_endpoints_say_live_and_ready_and_serve_metrics() {
     let port = concord_nats::server::free_port().unwrap();
