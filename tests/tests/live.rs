@@ -560,3 +560,58 @@ async fn health_endpoints_say_live_and_ready_and_serve_metrics() {
     live.health.ready.store(false, std::sync::atomic::Ordering::SeqCst);
     assert!(get("/readyz").await.starts_with("HTTP/1.1 503"));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn messages_a_slow_subscription_drops_are_a_log_event() {
+    // A one-message subscription buffer cannot keep up with a burst.
+    let live = Live::start_with(|c| c.limits.subscription_capacity = 1).await;
+    let nats = live.nats().await;
+    let subject = live.client("x").await.subjects.observe("uptime");
+    for _ in 0..20_000 {
+        nats.publish(subject.clone(), "{}".into()).await.unwrap();
+    }
+    nats.flush().await.unwrap();
+    let mut notice = None;
+    wait_for(async || {
+        notice = records(&live).await.into_iter().find_map(|r| match r {
+            Record::Notice { kind, detail, .. } if kind == "slow_consumer" => Some(detail),
+            _ => None,
+        });
+        notice.is_some()
+    })
+    .await;
+    assert!(notice.unwrap().contains("subscription_capacity"));
+    // The coordinator still serves.
+    let d = live
+        .client("resource")
+        .await
+        .propose("resource", &example("seven-days-pool-500"))
+        .await
+        .unwrap();
+    assert_eq!(d.verdict, Verdict::Reject);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn durable_log_server_syncing_every_write_decides_and_recovers() {
+    // `sync_interval` came with nats-server 2.10.
+    if concord_testkit::skip_unless(2, 10, "durable_log_server_syncing_every_write_decides_and_recovers") {
+        return;
+    }
+    let server = concord_testkit::NatsServer::with_config("jetstream { sync_interval: always }\n");
+    let mut live = Live::start_on(server, |_| {}).await;
+    let agent = live.client("resource").await;
+    let first = agent
+        .propose("resource", &example("seven-days-pool-500"))
+        .await
+        .unwrap();
+    assert_eq!(first.verdict, Verdict::Reject);
+    live.down().await;
+    live.up().await;
+    let again = agent
+        .propose("resource", &example("seven-days-pool-500"))
+        .await
+        .unwrap();
+    assert!(again.duplicate, "{again:?}");
+    assert_eq!(again.plan_hash, first.plan_hash);
+    assert_eq!(again.verdict, first.verdict);
+}

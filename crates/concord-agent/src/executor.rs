@@ -193,15 +193,25 @@ impl Executor {
         };
         let kv = match js.get_key_value(&bucket).await {
             Ok(kv) => kv,
-            Err(_) => js
-                .create_key_value(kv::Config {
-                    bucket: bucket.clone(),
-                    history: 1,
+            Err(_) => {
+                // The bucket's stream by the key-value conventions, created
+                // directly: the client's bucket creation first reads the
+                // account info in a shape nats-server 2.9 does not send.
+                js.get_or_create_stream(jetstream::stream::Config {
+                    name: format!("KV_{bucket}"),
+                    subjects: vec![format!("$KV.{bucket}.>")],
+                    max_messages_per_subject: 1,
                     max_age: RECORD_MAX_AGE,
+                    discard: jetstream::stream::DiscardPolicy::New,
+                    allow_rollup: true,
+                    deny_delete: true,
+                    allow_direct: true,
                     ..Default::default()
                 })
                 .await
-                .map_err(|e| store_err(e.to_string()))?,
+                .map_err(|e| store_err(e.to_string()))?;
+                js.get_key_value(&bucket).await.map_err(|e| store_err(e.to_string()))?
+            }
         };
         let subject = format!("concord.v1.{}.exec.{name}", self.cfg.domain);
         let mut sub = nats

@@ -316,7 +316,7 @@ fn recovery_from_genesis_and_log_rebuilds_the_same_document() {
         match r {
             Record::Genesis(g) => rebuilt = Some(Coordinator::from_genesis(g).unwrap()),
             Record::Incarnation { incarnation, .. } => rebuilt.as_mut().unwrap().incarnate(*incarnation).unwrap(),
-            Record::Policy { .. } => {}
+            Record::Policy { .. } | Record::Notice { .. } => {}
             Record::Input { now_ms, input, events } => {
                 let c = rebuilt.as_mut().unwrap();
                 let fx = c.recover_input(*now_ms, (**input).clone(), events);

@@ -159,6 +159,12 @@ pub struct LogMessage {
 /// which resumes after reconnects and server restarts), calling `f` with
 /// each message's sequence and payload until it returns `false`, or until
 /// the end of the log unless `follow`.
+///
+/// A consumer can go silent after a server restart without an error (seen
+/// with nats-server 2.9): when nothing arrives for a while although the
+/// stream has moved past what was read, the reader makes a new consumer
+/// from the next sequence. Nothing is read twice or skipped: `f` sees each
+/// sequence once, in order.
 pub async fn read_log(
     nats: &async_nats::Client,
     stream: &str,
@@ -166,6 +172,7 @@ pub async fn read_log(
     follow: bool,
     mut f: impl FnMut(u64, &[u8]) -> bool,
 ) -> Result<(), ClientError> {
+    const SILENCE: Duration = Duration::from_secs(2);
     let js = jetstream::new(nats.clone());
     let mut s = js
         .get_stream(stream)
@@ -177,40 +184,68 @@ pub async fn read_log(
         .map_err(|e| ClientError::Nats(e.to_string()))?
         .state
         .last_sequence;
-    if !follow && last < from_seq.max(1) {
+    let mut next = from_seq.max(1);
+    if !follow && last < next {
         return Ok(());
     }
-    let consumer = s
-        .create_consumer(jetstream::consumer::pull::OrderedConfig {
-            deliver_policy: jetstream::consumer::DeliverPolicy::ByStartSequence {
-                start_sequence: from_seq.max(1),
-            },
-            ..Default::default()
-        })
-        .await
-        .map_err(|e| ClientError::Nats(format!("read {stream}: {e}")))?;
-    let mut messages = consumer
-        .messages()
-        .await
-        .map_err(|e| ClientError::Nats(format!("read {stream}: {e}")))?;
-    while let Some(m) = messages.next().await {
-        let m = match m {
-            Ok(m) => m,
-            // The ordered consumer recreates itself after a reset; keep going.
-            Err(e) => {
+    loop {
+        let consumer = s
+            .create_consumer(jetstream::consumer::pull::OrderedConfig {
+                deliver_policy: jetstream::consumer::DeliverPolicy::ByStartSequence { start_sequence: next },
+                ..Default::default()
+            })
+            .await;
+        let mut messages = match consumer {
+            Ok(c) => c
+                .messages()
+                .await
+                .map_err(|e| ClientError::Nats(format!("read {stream}: {e}")))?,
+            // The server is away: try again while following.
+            Err(e) if follow => {
                 tracing::debug!("log reader: {e}");
+                tokio::time::sleep(SILENCE / 4).await;
                 continue;
             }
+            Err(e) => return Err(ClientError::Nats(format!("read {stream}: {e}"))),
         };
-        let seq = m.info().map(|i| i.stream_sequence).unwrap_or(0);
-        if !f(seq, &m.payload) {
-            return Ok(());
-        }
-        if !follow && seq >= last {
-            return Ok(());
+        loop {
+            let m = match tokio::time::timeout(SILENCE, messages.next()).await {
+                Ok(Some(Ok(m))) => m,
+                // The ordered consumer recreates itself after a reset; keep going.
+                Ok(Some(Err(e))) => {
+                    tracing::debug!("log reader: {e}");
+                    continue;
+                }
+                Ok(None) => break,
+                Err(_) => {
+                    // Silence: fine if the stream has nothing new, else the
+                    // consumer is stuck and a new one takes over.
+                    match s.info().await {
+                        Ok(i) if i.state.last_sequence < next => continue,
+                        Ok(_) => {
+                            tracing::debug!(next, "log reader: the consumer went silent; making a new one");
+                            break;
+                        }
+                        Err(e) => {
+                            tracing::debug!("log reader: {e}");
+                            continue;
+                        }
+                    }
+                }
+            };
+            let seq = m.info().map(|i| i.stream_sequence).unwrap_or(0);
+            if seq < next {
+                continue;
+            }
+            next = seq + 1;
+            if !f(seq, &m.payload) {
+                return Ok(());
+            }
+            if !follow && seq >= last {
+                return Ok(());
+            }
         }
     }
-    Ok(())
 }
 
 /// The outcome of `concord log verify`.

@@ -269,6 +269,7 @@ pub fn record_kind(record: &Record) -> (&'static str, &str) {
         Record::Genesis(g) => ("genesis", g.coordinator.as_str()),
         Record::Incarnation { coordinator, .. } => ("incarnation", coordinator.as_str()),
         Record::Policy { .. } => ("policy", "_"),
+        Record::Notice { .. } => ("notice", "_"),
         Record::Input { input, .. } => match input.as_ref() {
             Input::Intent { agent, .. } => ("intent", agent.as_str()),
             Input::Lease { agent, .. } => ("lease", agent.as_str()),

@@ -129,19 +129,29 @@ impl CrashHook {
 
 /// Connects to NATS with the configured credentials.
 pub async fn connect(cfg: &RuntimeConfig, name: &str) -> Result<Client, RuntimeError> {
+    connect_counting(cfg, name, Arc::default()).await
+}
+
+/// Connects, counting the messages the client drops because a
+/// subscription's buffer was full (a slow consumer) in `dropped`.
+async fn connect_counting(cfg: &RuntimeConfig, name: &str, dropped: Arc<AtomicU64>) -> Result<Client, RuntimeError> {
     let mut opts = async_nats::ConnectOptions::new()
         .name(name)
         .subscription_capacity(cfg.limits.subscription_capacity)
         .retry_on_initial_connect()
-        .event_callback(|ev| async move {
-            match ev {
-                async_nats::Event::Disconnected => warn!("nats: disconnected"),
-                async_nats::Event::Connected => info!("nats: connected"),
-                async_nats::Event::SlowConsumer(sid) => {
-                    metrics::counter!("concord_slow_consumer_total").increment(1);
-                    error!(sid, "nats: slow consumer: messages were dropped");
+        .event_callback(move |ev| {
+            let dropped = dropped.clone();
+            async move {
+                match ev {
+                    async_nats::Event::Disconnected => warn!("nats: disconnected"),
+                    async_nats::Event::Connected => info!("nats: connected"),
+                    async_nats::Event::SlowConsumer(sid) => {
+                        dropped.fetch_add(1, Ordering::Relaxed);
+                        metrics::counter!("concord_slow_consumer_total").increment(1);
+                        error!(sid, "nats: slow consumer: messages were dropped");
+                    }
+                    other => debug!("nats: {other}"),
                 }
-                other => debug!("nats: {other}"),
             }
         });
     if let Some(seed) = &cfg.credentials.nkey_seed_file {
@@ -176,7 +186,13 @@ pub async fn run(
     health: Arc<Health>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), RuntimeError> {
-    let client = connect(&cfg, &format!("concord-coordinator-{}", cfg.coordinator)).await?;
+    let dropped = Arc::new(AtomicU64::new(0));
+    let client = connect_counting(
+        &cfg,
+        &format!("concord-coordinator-{}", cfg.coordinator),
+        dropped.clone(),
+    )
+    .await?;
     let store = Store::open(async_nats::jetstream::new(client.clone()), &cfg).await?;
     let signer = match &cfg.log.signing_seed_file {
         Some(p) => {
@@ -215,6 +231,8 @@ pub async fn run(
         in_rx,
         ctl_rx,
         out_rx,
+        dropped,
+        dropped_logged: 0,
     };
     // Fused: once it resolved it is never polled again (a failed drain
     // during shutdown must not wait on it a second time).
@@ -533,6 +551,10 @@ struct Daemon {
     in_rx: mpsc::Receiver<Inbound>,
     ctl_rx: mpsc::Receiver<Inbound>,
     out_rx: mpsc::UnboundedReceiver<Input>,
+    /// Messages the client dropped for a full subscription buffer.
+    dropped: Arc<AtomicU64>,
+    /// How many of them the log already tells.
+    dropped_logged: u64,
 }
 
 fn wall_ms() -> u64 {
@@ -594,6 +616,7 @@ impl Daemon {
                             let c = coord.as_mut().ok_or("a policy record before the genesis")?;
                             c.set_policy(Policy::compile(*policy).map_err(|e| format!("policy record: {e}"))?);
                         }
+                        Record::Notice { .. } => {}
                         Record::Input { now_ms, input, events } => {
                             let c = coord.as_mut().ok_or("an input before the genesis")?;
                             let fx = c.recover_input(now_ms, *input, &events);
@@ -767,6 +790,7 @@ impl Daemon {
                 Some(m) = self.in_rx.recv(), if room => self.accept(state, m),
                 _ = beat.tick() => {}
             }
+            self.log_drops(state);
             if state.inflight.is_none() && !state.open.records.is_empty() {
                 self.seal(state);
             }
@@ -774,6 +798,29 @@ impl Daemon {
             metrics::gauge!("concord_leases_held").set(state.coord.leases().held_count() as f64);
             metrics::gauge!("concord_halts").set(state.coord.halts().len() as f64);
         }
+    }
+
+    /// Puts messages a slow subscription dropped on the log: never silent.
+    fn log_drops(&mut self, state: &mut State) {
+        let dropped = self.dropped.load(Ordering::Relaxed);
+        if dropped <= self.dropped_logged {
+            return;
+        }
+        let n = dropped - self.dropped_logged;
+        self.dropped_logged = dropped;
+        let now = state.last_now.max(wall_ms());
+        state.last_now = now;
+        let record = Record::Notice {
+            now_ms: now,
+            kind: "slow_consumer".into(),
+            detail: format!(
+                "the NATS client dropped {n} message(s): a subscription's buffer of {} was full \
+                 (intents among them got no reply; raise limits.subscription_capacity)",
+                self.cfg.limits.subscription_capacity
+            ),
+        };
+        state.open.bytes += serde_json::to_vec(&record).map(|b| b.len()).unwrap_or(0);
+        state.open.records.push(record);
     }
 
     /// Appends what is open and waits for every append to be acknowledged.

@@ -333,17 +333,35 @@ impl Store {
     }
 }
 
+/// Opens KV bucket `bucket` (one value per key), creating it if missing.
 async fn open_kv(js: &jetstream::Context, bucket: &str, replicas: usize) -> Result<kv::Store, StoreError> {
-    match js.get_key_value(bucket).await {
-        Ok(s) => Ok(s),
-        Err(_) => js
-            .create_key_value(kv::Config {
-                bucket: bucket.to_string(),
-                history: 1,
-                num_replicas: replicas,
-                ..Default::default()
-            })
-            .await
-            .map_err(js_err("create a KV bucket")),
+    if let Ok(s) = js.get_key_value(bucket).await {
+        return Ok(s);
+    }
+    js.get_or_create_stream(kv_stream_config(bucket, 1, replicas, Duration::ZERO))
+        .await
+        .map_err(js_err("create a KV bucket"))?;
+    js.get_key_value(bucket).await.map_err(js_err("open a KV bucket"))
+}
+
+/// The stream behind KV bucket `bucket`, by the key-value conventions
+/// (`KV_<bucket>` on `$KV.<bucket>.>`, rollups allowed, deletes denied,
+/// direct gets, discard new). concord creates it itself rather than through
+/// the client's bucket creation, which first reads the account's JetStream
+/// info in a shape nats-server 2.9 does not send.
+pub fn kv_stream_config(bucket: &str, history: i64, replicas: usize, max_age: Duration) -> stream::Config {
+    stream::Config {
+        name: format!("KV_{bucket}"),
+        subjects: vec![format!("$KV.{bucket}.>")],
+        max_messages_per_subject: history.max(1),
+        max_age,
+        storage: stream::StorageType::File,
+        num_replicas: replicas.max(1),
+        discard: stream::DiscardPolicy::New,
+        allow_rollup: true,
+        deny_delete: true,
+        deny_purge: false,
+        allow_direct: true,
+        ..Default::default()
     }
 }

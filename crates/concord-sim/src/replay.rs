@@ -218,7 +218,7 @@ fn step(c: &mut Coordinator, line: usize, r: &Record) -> Result<Option<Vec<Event
             line,
             detail: "a second genesis record".into(),
         }),
-        Record::Incarnation { .. } => Ok(None),
+        Record::Incarnation { .. } | Record::Notice { .. } => Ok(None),
         Record::Policy {
             policy, policy_hash, ..
         } => {

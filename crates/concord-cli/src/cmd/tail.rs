@@ -48,6 +48,7 @@ fn describe(r: &Record) -> String {
             ..
         } => format!("coordinator {coordinator} started, incarnation {incarnation}, core {core_version}"),
         Record::Policy { policy_hash, .. } => format!("policy loaded ({})", &policy_hash[..12]),
+        Record::Notice { kind, detail, .. } => format!("notice {kind}: {detail}"),
         Record::Input { input, events, .. } => {
             let what = match input.as_ref() {
                 Input::Intent { agent, intent, .. } => {

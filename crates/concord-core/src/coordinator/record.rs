@@ -53,6 +53,17 @@ pub enum Record {
         /// The events it produced, in order.
         events: Vec<Event>,
     },
+    /// Something the runtime saw that is not an input and changes no state
+    /// (messages a slow subscription dropped, say): logged so that nothing
+    /// is lost silently. Recovery and replay pass over it.
+    Notice {
+        /// Coordinator receive time.
+        now_ms: u64,
+        /// What happened, as a stable name (`slow_consumer`).
+        kind: String,
+        /// Details for operators.
+        detail: String,
+    },
 }
 
 /// The state a log starts from.
@@ -79,9 +90,10 @@ impl Record {
     pub fn now_ms(&self) -> u64 {
         match self {
             Record::Genesis(g) => g.now_ms,
-            Record::Incarnation { now_ms, .. } | Record::Policy { now_ms, .. } | Record::Input { now_ms, .. } => {
-                *now_ms
-            }
+            Record::Incarnation { now_ms, .. }
+            | Record::Policy { now_ms, .. }
+            | Record::Input { now_ms, .. }
+            | Record::Notice { now_ms, .. } => *now_ms,
         }
     }
 }
