@@ -9,7 +9,7 @@ use std::time::Duration;
 use concord_nats::client::ConcordClient;
 use concord_nats::config::{Credentials, RuntimeConfig};
 use concord_nats::runtime::{Health, run};
-use concord_testkit::NatsServer;
+use concord_testkit::{NatsCluster, NatsServer};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
@@ -21,8 +21,10 @@ pub fn root() -> PathBuf {
 /// A NATS server and a coordinator on it.
 #[derive(Debug)]
 pub struct Live {
-    /// The server.
+    /// The server (in a cluster, the first node).
     pub server: NatsServer,
+    /// In a cluster, the other nodes.
+    pub peers: Vec<NatsServer>,
     /// The coordinator's configuration.
     pub cfg: RuntimeConfig,
     /// Its health flags.
@@ -44,6 +46,31 @@ impl Live {
 
     /// A coordinator on `server`, with the configuration adjusted by `f`.
     pub async fn start_on(server: NatsServer, f: impl FnOnce(&mut RuntimeConfig)) -> Live {
+        let mut live = Live::start_on_unstarted(server, f);
+        live.up().await;
+        live
+    }
+
+    /// A coordinator on a JetStream cluster, its log and buckets replicated
+    /// on every node, with the configuration adjusted by `f`.
+    pub async fn start_on_cluster(cluster: NatsCluster, f: impl FnOnce(&mut RuntimeConfig)) -> Live {
+        let urls = cluster.urls();
+        wait_jetstream(&urls).await;
+        let replicas = cluster.nodes.len();
+        let mut nodes = cluster.nodes.into_iter();
+        let server = nodes.next().expect("a cluster has nodes");
+        let peers: Vec<NatsServer> = nodes.collect();
+        let mut live = Live::start_on_unstarted(server, |cfg| {
+            cfg.nats = urls.split(',').map(str::to_string).collect();
+            cfg.log.replicas = replicas;
+            f(cfg);
+        });
+        live.peers = peers;
+        live.up().await;
+        live
+    }
+
+    fn start_on_unstarted(server: NatsServer, f: impl FnOnce(&mut RuntimeConfig)) -> Live {
         let mut cfg = RuntimeConfig {
             log: concord_nats::config::LogConfig {
                 max_bytes: 64 * 1024 * 1024,
@@ -55,15 +82,19 @@ impl Live {
             ..RuntimeConfig::default()
         };
         f(&mut cfg);
-        let mut live = Live {
+        Live {
             server,
+            peers: Vec::new(),
             cfg,
             health: Arc::new(Health::default()),
             stop: None,
             task: None,
-        };
-        live.up().await;
-        live
+        }
+    }
+
+    /// The URLs of every node, comma-separated.
+    pub fn urls(&self) -> String {
+        self.cfg.nats.join(",")
     }
 
     /// Starts the coordinator and waits until it is ready.
@@ -112,19 +143,37 @@ impl Live {
     /// A client speaking as `who` (replies to its own inbox prefix).
     pub async fn client(&self, who: &str) -> ConcordClient {
         let inbox = format!("_INBOX_{who}");
-        ConcordClient::connect(
-            &self.server.url(),
-            &Credentials::default(),
-            &self.cfg.domain,
-            Some(&inbox),
-        )
-        .await
-        .expect("connect")
+        ConcordClient::connect(&self.urls(), &Credentials::default(), &self.cfg.domain, Some(&inbox))
+            .await
+            .expect("connect")
     }
 
     /// A raw NATS connection.
     pub async fn nats(&self) -> async_nats::Client {
-        async_nats::connect(self.server.url()).await.expect("connect")
+        async_nats::connect(self.cfg.nats.clone()).await.expect("connect")
+    }
+}
+
+/// Waits until JetStream answers on `urls` (a cluster elects its meta leader first).
+pub async fn wait_jetstream(urls: &str) {
+    let nats = async_nats::ConnectOptions::new()
+        .retry_on_initial_connect()
+        .connect(concord_nats::config::url_list(&[urls]))
+        .await
+        .expect("connect");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        // The raw API (the client's account-info type wants fields 2.9 lacks).
+        if let Ok(Ok(m)) = tokio::time::timeout(Duration::from_secs(2), nats.request("$JS.API.INFO", "".into())).await
+            && serde_json::from_slice::<serde_json::Value>(&m.payload).is_ok_and(|v| v.get("error").is_none())
+        {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "JetStream did not become available on {urls}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 

@@ -77,7 +77,10 @@ impl ConcordClient {
         } else if let (Some(u), Some(p)) = (&credentials.user, &credentials.password) {
             opts = opts.user_and_password(u.clone(), p.clone());
         }
-        let nats = opts.connect(urls).await.map_err(|e| ClientError::Nats(e.to_string()))?;
+        let nats = opts
+            .connect(crate::config::url_list(&[urls]))
+            .await
+            .map_err(|e| ClientError::Nats(e.to_string()))?;
         Ok(ConcordClient {
             nats,
             subjects: Subjects::new(domain),
@@ -188,6 +191,7 @@ pub async fn read_log(
     if !follow && last < next {
         return Ok(());
     }
+    let mut tries = 0;
     loop {
         let consumer = s
             .create_consumer(jetstream::consumer::pull::OrderedConfig {
@@ -200,8 +204,10 @@ pub async fn read_log(
                 .messages()
                 .await
                 .map_err(|e| ClientError::Nats(format!("read {stream}: {e}")))?,
-            // The server is away: try again while following.
-            Err(e) if follow => {
+            // The server is away, or the stream is electing a leader: try
+            // again while following, or for a while.
+            Err(e) if follow || tries < 30 => {
+                tries += 1;
                 tracing::debug!("log reader: {e}");
                 tokio::time::sleep(SILENCE / 4).await;
                 continue;

@@ -297,3 +297,14 @@ impl RuntimeConfig {
             .unwrap_or("default")
     }
 }
+
+/// The server URLs in `urls` (comma-separated, blanks ignored): what the
+/// NATS client takes to fail over between a cluster's nodes.
+pub fn url_list<S: AsRef<str>>(urls: &[S]) -> Vec<String> {
+    urls.iter()
+        .flat_map(|u| u.as_ref().split(','))
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .map(str::to_string)
+        .collect()
+}

@@ -164,7 +164,7 @@ async fn connect_counting(cfg: &RuntimeConfig, name: &str, dropped: Arc<AtomicU6
         opts = opts.user_and_password(u.clone(), p.clone());
     }
     let urls = cfg.nats.join(",");
-    let connect = opts.connect(urls.as_str());
+    let connect = opts.connect(crate::config::url_list(&cfg.nats));
     let client = tokio::time::timeout(Duration::from_secs(30), connect)
         .await
         .map_err(|_| RuntimeError::Connect {

@@ -5,8 +5,10 @@
 //! store directory of its own, can restart it on the same port and store
 //! (fault tests) or kill it, and kills it and removes its files on `Drop`.
 //! [`NatsServer::with_config`] starts it from configuration text (users and
-//! permissions from `concord nats-config`). A test that cannot start a server
-//! fails with a one-line install hint.
+//! permissions from `concord nats-config`). [`NatsCluster::start`] runs a
+//! JetStream cluster of such servers, routed to each other, whose nodes can be
+//! killed and restarted one by one. A test that cannot start a server fails
+//! with a one-line install hint.
 //!
 //! # Finding the binary
 //! `NATS_SERVER_BIN` if set, then the project's `.tools/bin/nats-server`
@@ -117,6 +119,49 @@ impl NatsServer {
     /// Whether it runs.
     pub fn is_running(&mut self) -> bool {
         self.inner.is_running()
+    }
+}
+
+/// A JetStream cluster of `nats-server` processes on free ports, routed to
+/// each other on free cluster ports, each with its own store.
+#[derive(Debug)]
+pub struct NatsCluster {
+    /// The nodes, in start order.
+    pub nodes: Vec<NatsServer>,
+}
+
+impl NatsCluster {
+    /// Starts `n` nodes (named `n0`, `n1`, ...) of cluster `concord-test`.
+    /// JetStream needs a moment after this to elect its meta leader: clients
+    /// wait for it (the coordinator retries; `wait_jetstream` in tests).
+    pub fn start(n: usize) -> NatsCluster {
+        let free = || concord_nats::server::free_port().unwrap_or_else(|e| panic!("no free port: {e}"));
+        let routes: Vec<u16> = (0..n).map(|_| free()).collect();
+        let nodes = (0..n)
+            .map(|i| {
+                let others: Vec<String> = routes
+                    .iter()
+                    .enumerate()
+                    .filter(|(j, _)| *j != i)
+                    .map(|(_, p)| format!("\"nats-route://127.0.0.1:{p}\""))
+                    .collect();
+                let config = format!(
+                    "server_name: \"n{i}\"\ncluster {{\n  name: \"concord-test\"\n  listen: \"127.0.0.1:{}\"\n  routes: [{}]\n}}\n",
+                    routes[i],
+                    others.join(", ")
+                );
+                NatsServer::launch(ServerOptions {
+                    config: Some(config),
+                    ..ServerOptions::default()
+                })
+            })
+            .collect();
+        NatsCluster { nodes }
+    }
+
+    /// Every node's URL, comma-separated (what clients and `concord up --nats` take).
+    pub fn urls(&self) -> String {
+        self.nodes.iter().map(NatsServer::url).collect::<Vec<_>>().join(",")
     }
 }
 
