@@ -103,7 +103,102 @@ impl Replicas {
 
 #[cfg(test)]
 mod tests {
+    use concord_core::coordinator::{Config, Coordinator};
+    use concord_core::policy::Policy;
+    use concord_core::world::World;
+    use concord_core::worlddoc::{Frame, FrameKind, WorldReplica};
+    use proptest::prelude::*;
+
     use super::*;
+
+    fn coordinator() -> Coordinator {
+        let world =
+            World::from_toml_str("[resources]\n\"svc/api/pool_size\" = 50\n\"svc/api/replicas\" = 4\n").unwrap();
+        Coordinator::new(Config::default(), Policy::from_toml_str("").unwrap(), world)
+    }
+
+    /// A replica's first frames and the coordinator's answers, for mutating.
+    fn exchange() -> (Coordinator, Vec<u8>, Vec<u8>) {
+        let mut c = coordinator();
+        let mut r = WorldReplica::new("probe");
+        let hello = r.hello();
+        c.world_doc_mut().sync_receive("probe", &hello).unwrap();
+        let answer = c.world_doc_mut().sync_generate("probe").unwrap().unwrap();
+        r.receive(&answer).unwrap();
+        let reply = r.generate().unwrap_or_else(|| r.hello());
+        (c, reply, answer)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+        /// Whatever an agent sends on its sync subject, the coordinator's
+        /// side neither panics nor changes the document, and still answers
+        /// the agent's next honest frame.
+        #[test]
+        fn agent_frames_never_panic_nor_write(
+            junk in proptest::collection::vec(any::<u8>(), 0..512),
+            flips in proptest::collection::vec((any::<usize>(), any::<u8>()), 1..8),
+            kind in prop_oneof![Just(FrameKind::Sync), Just(FrameKind::Hello)],
+        ) {
+            let (mut c, honest, _) = exchange();
+            let heads = c.world_doc().heads_hex();
+            let mut mutated = honest.clone();
+            for (at, b) in &flips {
+                let i = at % mutated.len();
+                mutated[i] ^= b | 1;
+            }
+            let doc_id = c.world_doc().doc_id();
+            let framed = Frame::encode(kind, &doc_id, 0, &junk);
+            for bytes in [&junk, &mutated, &framed] {
+                let _ = c.world_doc_mut().sync_receive("probe", bytes);
+                let _ = c.world_doc_mut().sync_generate("probe");
+                prop_assert_eq!(c.world_doc().heads_hex(), heads.clone());
+            }
+            let mut r = WorldReplica::new("probe");
+            let hello = r.hello();
+            prop_assert!(c.world_doc_mut().sync_receive("probe", &hello).is_ok());
+            prop_assert!(c.world_doc_mut().sync_generate("probe").unwrap().is_some());
+        }
+
+        /// Whatever arrives on its world subject, a replica neither panics
+        /// nor believes garbage: it errs or starts over.
+        #[test]
+        fn coordinator_frames_never_panic_a_replica(
+            flips in proptest::collection::vec((any::<usize>(), any::<u8>()), 1..8),
+            junk in proptest::collection::vec(any::<u8>(), 0..512),
+        ) {
+            let (_, _, answer) = exchange();
+            let mut mutated = answer.clone();
+            for (at, b) in &flips {
+                let i = at % mutated.len();
+                mutated[i] ^= b | 1;
+            }
+            let mut r = WorldReplica::new("probe");
+            let _ = r.receive(&mutated);
+            let _ = r.receive(&junk);
+            let _ = r.generate();
+            let _ = r.resources();
+        }
+
+        /// Part headers and parts in any order never panic the reassembly.
+        #[test]
+        fn parts_in_any_order_never_panic(
+            headers in proptest::collection::vec(".{0,24}", 0..16),
+            order in proptest::collection::vec(any::<usize>(), 0..16),
+        ) {
+            let frame: Vec<u8> = (0..5_000u32).map(|i| i as u8).collect();
+            let ps = parts(&frame, 700, 3);
+            let mut r = Reassembly::default();
+            for h in &headers {
+                let _ = Part::decode(h).map(|p| r.push(Some(&p), b"x"));
+            }
+            for i in &order {
+                let (h, b) = &ps[i % ps.len()];
+                let _ = r.push(h.as_ref(), b);
+            }
+        }
+    }
 
     #[test]
     fn replicas_are_bounded_and_idle_ones_are_forgotten() {
