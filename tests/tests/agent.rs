@@ -771,6 +771,8 @@ async fn an_agents_own_change_is_refused_and_the_document_is_unchanged() {
         c.limits.sync_frame_bytes_max = 64 * 1024;
     })
     .await;
+    // The only recorder in this test process.
+    let metrics = concord_nats::http::install_metrics().expect("a Prometheus recorder");
     let ops = live.client("alice").await;
     let rogue = agent(&live, "rogue").await;
     let w = rogue.world().await.unwrap();
@@ -824,6 +826,15 @@ async fn an_agents_own_change_is_refused_and_the_document_is_unchanged() {
         (before.heads.clone(), before.changes)
     );
     assert_eq!(after.changes_refused, 1, "{after:?}");
+    let text = metrics.render();
+    assert!(
+        text.contains("concord_world_sync_changes_refused_total{agent=\"rogue\"} 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("concord_world_sync_dropped_total{reason=\"frame\"}"),
+        "{text}"
+    );
     let Answer::World { resources, .. } = ops
         .query(
             "alice",
