@@ -176,6 +176,9 @@ pub struct Limits {
     /// Frames waiting to be published to replicas; beyond it a frame is
     /// dropped and its replica's session starts over.
     pub sync_outbound_max: usize,
+    /// Replicas' frames waiting for the core (a lane of their own); beyond
+    /// it a frame is dropped (`busy`) and the replica's next `hello` resumes.
+    pub sync_inbound_max: usize,
 }
 
 impl Default for Limits {
@@ -194,6 +197,7 @@ impl Default for Limits {
             sync_idle_ms: 60_000,
             sync_push_interval_ms: 20,
             sync_outbound_max: 16_384,
+            sync_inbound_max: 4_096,
         }
     }
 }
@@ -302,10 +306,10 @@ impl RuntimeConfig {
         if self.limits.inbound_queue_max == 0 {
             return bad("limits.inbound_queue_max", "must be at least 1".into());
         }
-        if self.limits.sync_peers_max == 0 || self.limits.sync_outbound_max == 0 {
+        if self.limits.sync_peers_max == 0 || self.limits.sync_outbound_max == 0 || self.limits.sync_inbound_max == 0 {
             return bad(
                 "limits.sync_peers_max",
-                "sync_peers_max and sync_outbound_max must be at least 1".into(),
+                "sync_peers_max, sync_outbound_max and sync_inbound_max must be at least 1".into(),
             );
         }
         if self.limits.sync_frame_bytes_max > concord_core::worlddoc::PEER_FRAME_BYTES_MAX {

@@ -3,7 +3,8 @@
 //!
 //! The loop, in priority order: operators' commands (a lane of their own, so
 //! a halt overtakes queued intents), the log's acks, executors' outcomes,
-//! timers, then agents' requests. Each input is handled at once (the core is
+//! timers, then agents' requests and replicas' world sync frames (two lanes
+//! that take turns). Each input is handled at once (the core is
 //! fast) and its record joins the *open batch*; while one batch is being
 //! appended the next one fills (group commit: one append, one ack, one fsync
 //! carries many decisions). When an append is acknowledged its replies and
@@ -191,6 +192,7 @@ pub async fn run(
     let subjects = Subjects::new(&cfg.domain);
     let (in_tx, in_rx) = mpsc::channel::<Inbound>(cfg.limits.inbound_queue_max);
     let (ctl_tx, ctl_rx) = mpsc::channel::<Inbound>(1024);
+    let (sync_tx, sync_rx) = mpsc::channel::<Inbound>(cfg.limits.sync_inbound_max);
     let (out_tx, out_rx) = mpsc::unbounded_channel::<Input>();
     let intake = Arc::new(Intake::new(&cfg, client.clone(), subjects.clone()));
     let mut readers = Vec::new();
@@ -203,7 +205,12 @@ pub async fn run(
                 subject: subject.clone(),
                 detail: e.to_string(),
             })?;
-        readers.push(tokio::spawn(intake.clone().read(sub, in_tx.clone(), ctl_tx.clone())));
+        readers.push(tokio::spawn(intake.clone().read(
+            sub,
+            in_tx.clone(),
+            ctl_tx.clone(),
+            sync_tx.clone(),
+        )));
     }
     let (frames_tx, frames_rx) = mpsc::channel::<(String, Vec<u8>)>(cfg.limits.sync_outbound_max);
     let sender = tokio::spawn(publish_frames(client.clone(), subjects.clone(), frames_rx));
@@ -223,6 +230,8 @@ pub async fn run(
         out_tx,
         in_rx,
         ctl_rx,
+        sync_rx,
+        sync_first: false,
         out_rx,
     };
     // Fused: once it resolved it is never polled again (a failed drain
@@ -375,6 +384,7 @@ impl Intake {
         mut sub: async_nats::Subscriber,
         tx: mpsc::Sender<Inbound>,
         ctl: mpsc::Sender<Inbound>,
+        sync: mpsc::Sender<Inbound>,
     ) {
         let mut since_gc = 0u32;
         while let Some(msg) = sub.next().await {
@@ -545,7 +555,13 @@ impl Intake {
                     )
                 }
             };
-            let lane = if priority { &ctl } else { &tx };
+            let lane = if priority {
+                &ctl
+            } else if matches!(inbound, Inbound::Sync { .. }) {
+                &sync
+            } else {
+                &tx
+            };
             if let Err(mpsc::error::TrySendError::Full(inbound)) = lane.try_send(inbound) {
                 let reply = match inbound {
                     Inbound::Input { reply, .. } | Inbound::Query { reply, .. } | Inbound::Sync { reply, .. } => reply,
@@ -630,7 +646,39 @@ struct Daemon {
     out_tx: mpsc::UnboundedSender<Input>,
     in_rx: mpsc::Receiver<Inbound>,
     ctl_rx: mpsc::Receiver<Inbound>,
+    /// Replicas' sync frames: a lane of their own that takes turns with
+    /// agents' requests, so a replica's answer never waits behind a burst of
+    /// observations (while it waits, the document it must catch up with grows).
+    sync_rx: mpsc::Receiver<Inbound>,
+    /// Whose turn it is between the two lanes.
+    sync_first: bool,
     out_rx: mpsc::UnboundedReceiver<Input>,
+}
+
+/// The next input from agents: requests and replicas' sync frames take
+/// turns when both lanes hold some.
+async fn next_agent_input(
+    requests: &mut mpsc::Receiver<Inbound>,
+    sync: &mut mpsc::Receiver<Inbound>,
+    sync_first: &mut bool,
+) -> Option<Inbound> {
+    let m = if *sync_first {
+        tokio::select! {
+            biased;
+            Some(m) = sync.recv() => m,
+            Some(m) = requests.recv() => m,
+            else => return None,
+        }
+    } else {
+        tokio::select! {
+            biased;
+            Some(m) = requests.recv() => m,
+            Some(m) = sync.recv() => m,
+            else => return None,
+        }
+    };
+    *sync_first = !matches!(m, Inbound::Sync { .. });
+    Some(m)
 }
 
 fn wall_ms() -> u64 {
@@ -875,7 +923,9 @@ impl Daemon {
                     self.handle(state, Input::Tick, None, None);
                 }
                 _ = push => self.push_world(state),
-                Some(m) = self.in_rx.recv(), if room => self.accept(state, m),
+                Some(m) = next_agent_input(&mut self.in_rx, &mut self.sync_rx, &mut self.sync_first), if room => {
+                    self.accept(state, m)
+                }
                 _ = beat.tick() => self.sweep_replicas(state),
             }
             if state.inflight.is_none() && !state.open.records.is_empty() {
