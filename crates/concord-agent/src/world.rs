@@ -35,6 +35,10 @@ const TICK_MS_MAX: u64 = 250;
 /// After a frame that does not apply, the least time before another `hello`
 /// (a broken frame must not start a storm of sessions).
 const RETRY_HELLO_MS: u64 = 1_000;
+/// Most frames already received that are applied before one answer: a burst
+/// of pushes gets one answer, not one each (each answer costs the
+/// coordinator a reply, for a replica far behind the whole document).
+const COALESCE_FRAMES_MAX: usize = 256;
 
 /// Counters of one replica's traffic.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -43,6 +47,8 @@ pub struct ReplicaStats {
     pub frames_in: u64,
     /// Their bytes.
     pub bytes_in: u64,
+    /// The largest of them (a frame above the server's `max_payload` came in parts).
+    pub largest_frame_bytes: u64,
     /// Frames sent to the coordinator (`hello` included).
     pub frames_out: u64,
     /// Their bytes.
@@ -295,7 +301,20 @@ impl Task {
                     let Some(m) = m else { return };
                     let Some(inner) = self.inner.upgrade() else { return };
                     self.last_heard = Instant::now();
-                    self.message(&inner, m).await;
+                    let mut answer = self.message(&inner, m).await;
+                    for _ in 1..COALESCE_FRAMES_MAX {
+                        match futures::FutureExt::now_or_never(sub.next()) {
+                            Some(Some(m)) => answer |= self.message(&inner, m).await,
+                            Some(None) => return,
+                            None => break,
+                        }
+                    }
+                    if answer {
+                        let frame = inner.replica.lock().expect("replica lock").generate();
+                        if let Some(f) = frame {
+                            self.send(&inner, f).await;
+                        }
+                    }
                 }
                 _ = tick.tick() => {
                     let Some(inner) = self.inner.upgrade() else { return };
@@ -322,29 +341,31 @@ impl Task {
         }
     }
 
-    async fn message(&mut self, inner: &Inner, m: async_nats::Message) {
+    /// Applies one message; `true` when a whole frame applied (an answer may be due).
+    async fn message(&mut self, inner: &Inner, m: async_nats::Message) -> bool {
         let part = match m.headers.as_ref().and_then(|h| h.get(PART_HEADER)) {
             Some(v) => match Part::decode(v.as_str()) {
                 Some(p) => Some(p),
                 None => {
                     self.failed(inner, format!("malformed `{PART_HEADER}` header")).await;
-                    return;
+                    return false;
                 }
             },
             None => None,
         };
         let frame = match self.reassembly.push(part.as_ref(), &m.payload) {
             Ok(Some(f)) => f,
-            Ok(None) => return,
+            Ok(None) => return false,
             Err(e) => {
                 self.failed(inner, e.to_string()).await;
-                return;
+                return false;
             }
         };
         {
             let mut s = inner.stats.lock().expect("stats lock");
             s.frames_in += 1;
             s.bytes_in += frame.len() as u64;
+            s.largest_frame_bytes = s.largest_frame_bytes.max(frame.len() as u64);
         }
         // The coordinator's heads travel in its sync message: the replica is
         // in sync when it holds them.
@@ -356,18 +377,16 @@ impl Task {
             h.sort();
             self.coordinator_heads = Some(h);
         }
-        let (result, answer, heads_after, doc_id, epoch, resets, changed) = {
+        let (result, heads_after, doc_id, epoch, resets, changed) = {
             let mut r = inner.replica.lock().expect("replica lock");
             let before = r.heads();
             let result = r.receive(&frame);
-            let answer = if result.is_ok() { r.generate() } else { None };
             let after = r.heads();
             let changed = before != after || matches!(result, Ok(ReplicaEvent::Reset));
             let mut heads: Vec<String> = after.iter().map(|h| h.to_string()).collect();
             heads.sort();
             (
                 result,
-                answer,
                 heads,
                 r.doc_id().map(|d| hex(&d)),
                 r.epoch(),
@@ -390,11 +409,12 @@ impl Task {
                     *p = next;
                     modified
                 });
-                if let Some(a) = answer {
-                    self.send(inner, a).await;
-                }
+                true
             }
-            Err(e) => self.failed(inner, e.to_string()).await,
+            Err(e) => {
+                self.failed(inner, e.to_string()).await;
+                false
+            }
         }
     }
 
