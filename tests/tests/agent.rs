@@ -26,6 +26,9 @@ use futures::future::BoxFuture;
 use serde_json::json;
 
 const WAIT: Duration = Duration::from_secs(20);
+/// For the runs that feed the coordinator thousands of inputs (a debug build
+/// on a loaded machine takes its time).
+const SLOW_WAIT: Duration = Duration::from_secs(90);
 
 /// A live coordinator whose log stream reserves little of the server's store
 /// (JetStream refuses a stream whose bound exceeds the free disk).
@@ -909,4 +912,51 @@ async fn replicas_follow_a_rotation_and_a_coordinator_restart() {
     .await
     .unwrap();
     converged(&ops, &w).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_frame_larger_than_max_payload_travels_in_parts() {
+    // A server that takes messages of at most 8 KiB; the log's batches stay under it.
+    const MAX_PAYLOAD: u64 = 8 * 1024;
+    const SERIES: u64 = 500;
+    let server = concord_testkit::NatsServer::with_config(&format!("max_payload: {MAX_PAYLOAD}\n"));
+    let live = Live::start_on(server, |c| {
+        c.log.max_bytes = 256 * 1024 * 1024;
+        c.log.batch_bytes_max = 4 * 1024;
+        c.snapshots.every_records = 0;
+        c.policy = None;
+        c.world = None;
+    })
+    .await;
+    let ops = live.client("alice").await;
+    let resource = agent(&live, "resource").await;
+    let mine = resource.world().await.unwrap();
+    // Series with names that do not compress make a document larger than
+    // one message with a few hundred writes.
+    let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
+    let mut names = Vec::new();
+    for i in 0..SERIES {
+        seed = seed
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        let name = format!("fleet/n-{seed:016x}{:016x}/cpu", seed.rotate_left(29) ^ i);
+        resource.observe_metric(&path(&name), i as f64).await.unwrap();
+        names.push(name);
+    }
+    resource.flush().await.unwrap();
+    let last = names.last().unwrap().clone();
+    mine.wait_for(SLOW_WAIT, |r| r.observation(&last)).await.unwrap();
+    converged(&ops, &mine).await;
+
+    // A new replica's first sync carries the whole document: in parts.
+    let deploy = agent(&live, "deploy").await;
+    let w = deploy.world().await.unwrap();
+    converged(&ops, &w).await;
+    assert_eq!(w.observations().len(), SERIES as usize);
+    let stats = w.stats();
+    assert!(
+        stats.largest_frame_bytes > MAX_PAYLOAD,
+        "a frame above max_payload arrived whole: {stats:?}"
+    );
+    assert_eq!(stats.errors, 0, "{stats:?}");
 }
