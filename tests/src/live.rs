@@ -181,3 +181,72 @@ pub async fn wait_jetstream(urls: &str) {
 pub fn example(name: &str) -> Vec<u8> {
     std::fs::read(root().join("config/examples").join(format!("{name}.json"))).expect("example plan")
 }
+
+/// A TCP relay between one client and the server that a test can cut and
+/// heal: the client's connection drops (as in a network partition) while
+/// the server and everyone else stay up.
+#[derive(Debug)]
+pub struct Relay {
+    port: u16,
+    open: Arc<std::sync::atomic::AtomicBool>,
+    links: Arc<std::sync::Mutex<Vec<JoinHandle<()>>>>,
+    accept: JoinHandle<()>,
+}
+
+impl Relay {
+    /// Relays to the server on `server_port`.
+    pub async fn to(server_port: u16) -> Relay {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind a free port");
+        let port = listener.local_addr().expect("local address").port();
+        let open = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let links = Arc::new(std::sync::Mutex::new(Vec::<JoinHandle<()>>::new()));
+        let (o, l) = (open.clone(), links.clone());
+        let accept = tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                if !o.load(Ordering::SeqCst) {
+                    // Cut: the connection is dropped at once.
+                    continue;
+                }
+                let link = tokio::spawn(async move {
+                    if let Ok(mut server) = tokio::net::TcpStream::connect(("127.0.0.1", server_port)).await {
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                    }
+                });
+                l.lock().expect("links lock").push(link);
+            }
+        });
+        Relay {
+            port,
+            open,
+            links,
+            accept,
+        }
+    }
+
+    /// The URL a client connects to.
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// Drops every relayed connection and refuses new ones until [`Relay::heal`].
+    pub fn cut(&self) {
+        self.open.store(false, Ordering::SeqCst);
+        for link in self.links.lock().expect("links lock").drain(..) {
+            link.abort();
+        }
+    }
+
+    /// Relays again.
+    pub fn heal(&self) {
+        self.open.store(true, Ordering::SeqCst);
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.cut();
+        self.accept.abort();
+    }
+}

@@ -2,23 +2,33 @@
 //! propose, await a human's decision by notice, approve and reject, re-plan,
 //! lease loss, executors that refuse stale tokens across a restart and dedupe
 //! on keys, compensation on failure, retry with the same key across a server
-//! restart.
+//! restart; the world replica: it converges after plans run, catches up
+//! after a partition with only what it missed, follows a rotation and a
+//! coordinator restart, and cannot write.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use concord_agent::executor::{Executor, ExecutorConfig, Step, StepError, StepHandler};
-use concord_agent::{Agent, AgentConfig, AgentError, HumanDecision, LeaseGuard, LeaseLost, SagaEnd, next_version};
+use concord_agent::{
+    Agent, AgentConfig, AgentError, HumanDecision, LeaseGuard, LeaseLost, SagaEnd, WorldReplica, next_version,
+};
+use concord_core::worlddoc::{Frame, FrameKind};
+use concord_nats::client::ConcordClient;
+use concord_nats::wire::{Answer, ErrorReply, Query, WorldStatus};
 use concord_proto::coord::{
     Control, DispatchKey, LeaseMode, LeaseReply, LeaseRequest, Phase, StepDispatch, StepOutcome, StepResult,
 };
 use concord_proto::{Id, Intent, Op, ResourcePath, Short, StepKind, Value, Verdict};
-use concord_tests::live::{Live, example};
+use concord_tests::live::{Live, Relay, example, root};
 use futures::future::BoxFuture;
 use serde_json::json;
 
 const WAIT: Duration = Duration::from_secs(20);
+/// For the runs that feed the coordinator thousands of inputs (a debug build
+/// on a loaded machine takes its time).
+const SLOW_WAIT: Duration = Duration::from_secs(90);
 
 /// A live coordinator whose log stream reserves little of the server's store
 /// (JetStream refuses a stream whose bound exceeds the free disk).
@@ -561,4 +571,392 @@ async fn under_generated_permissions_the_sdk_agent_and_executor_work_with_their_
         !matches!(got, Ok(Some(_))),
         "deploy must not read resource's notices: {got:?}"
     );
+
+    // Each agent's world replica syncs on its own subjects; deploy cannot
+    // read resource's frames.
+    let mut snoop = deploy
+        .nats()
+        .subscribe("concord.v1.default.world.resource")
+        .await
+        .unwrap();
+    let w = resource.world().await.unwrap();
+    w.wait_for(WAIT, |r| {
+        r.resource("svc/api/pool_size").filter(|v| *v == Value::Int(70))
+    })
+    .await
+    .unwrap();
+    let d = deploy.world().await.unwrap();
+    d.await_in_sync(WAIT).await.unwrap();
+    assert_eq!(d.resources(), w.resources());
+    let got = tokio::time::timeout(Duration::from_millis(500), futures::StreamExt::next(&mut snoop)).await;
+    assert!(
+        !matches!(got, Ok(Some(_))),
+        "deploy must not read resource's world frames: {got:?}"
+    );
+}
+
+// ---- the world replica ------------------------------------------------------------
+
+async fn world_status(ops: &ConcordClient) -> WorldStatus {
+    match ops.query("alice", &Query::Status).await.unwrap() {
+        Answer::Status(s) => s.world.expect("the status names the world document"),
+        other => panic!("a status answer: {other:?}"),
+    }
+}
+
+/// Waits until the replica holds exactly the coordinator's document (same
+/// id, same heads), woken by the replica's changes.
+async fn converged(ops: &ConcordClient, w: &WorldReplica) -> WorldStatus {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let s = world_status(ops).await;
+        let mut heads = s.heads.clone();
+        heads.sort();
+        if w.heads() == heads && w.progress().doc_id.as_deref() == Some(s.doc_id.as_str()) {
+            return s;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the replica did not converge: {:?} vs {s:?} ({:?})",
+            w.progress(),
+            w.stats()
+        );
+        let _ = tokio::time::timeout(Duration::from_millis(200), w.changed()).await;
+    }
+}
+
+fn path(p: &str) -> ResourcePath {
+    ResourcePath::parse(p).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_world_replica_converges_to_the_coordinators_world_after_plans_run() {
+    let live = start().await;
+    let ops = live.client("alice").await;
+    let values = Values::new(&world(), &[]);
+    let _exec = executor(&live, &values).await;
+    let resource = agent(&live, "resource").await;
+    let w = resource.world().await.unwrap();
+    w.await_in_sync(WAIT).await.unwrap();
+    assert_eq!(w.resource("svc/api/pool_size"), Some(Value::Int(50)));
+    assert_eq!(w.world().services.len(), 3);
+
+    // A plan runs: its write and provenance reach the replica.
+    let p = pool_plan("pool-60", 60);
+    assert_eq!(resource.propose(&p).await.unwrap().verdict, Verdict::Admit);
+    assert_eq!(
+        resource.await_saga(&p.lineage, 1, WAIT).await.unwrap(),
+        SagaEnd::Completed
+    );
+    w.wait_for(WAIT, |r| {
+        r.resource("svc/api/pool_size").filter(|v| *v == Value::Int(60))
+    })
+    .await
+    .unwrap();
+    assert_eq!(w.provenance("svc/api/pool_size").unwrap().lineage, "pool-60");
+
+    // So do observations the coordinator wrote.
+    resource
+        .observe_app_health(&path("svc/api/health/app"), "failing")
+        .await
+        .unwrap();
+    let obs = w.wait_for(WAIT, |r| r.observation("svc/api/health/app")).await.unwrap();
+    assert_eq!(
+        (obs.value, obs.agent.as_str()),
+        (Value::Str("failing".into()), "resource")
+    );
+
+    // It holds exactly the coordinator's document and world.
+    let s = converged(&ops, &w).await;
+    let Answer::World { resources, .. } = ops.query("alice", &Query::World { path: None }).await.unwrap() else {
+        panic!("a world answer")
+    };
+    assert_eq!(w.resources().into_iter().collect::<Vec<_>>(), resources);
+    assert!(s.replicas >= 1 && s.changes_refused == 0, "{s:?}");
+
+    // A second agent's replica starts empty and gets the same.
+    let uptime = agent(&live, "uptime").await;
+    let w2 = uptime.world().await.unwrap();
+    converged(&ops, &w2).await;
+    assert_eq!(w2.resources(), w.resources());
+    assert_eq!(w2.observations(), w.observations());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_replica_cut_off_catches_up_with_only_what_it_missed() {
+    // A world of a few thousand paths, so the whole document is far larger
+    // than what the agent misses.
+    let server = concord_testkit::NatsServer::start();
+    let world_file = server.dir().join("big-world.toml");
+    let extra: String = (0..3000)
+        .map(|i| format!("\"fleet/node-{i:05}/cpu\" = {i}\n"))
+        .collect();
+    let text = std::fs::read_to_string(root().join("config/examples/world.toml"))
+        .unwrap()
+        .replacen("[resources]\n", &format!("[resources]\n{extra}"), 1);
+    std::fs::write(&world_file, text).unwrap();
+    let live = Live::start_on(server, |c| {
+        c.log.max_bytes = 256 * 1024 * 1024;
+        c.world = Some(world_file);
+    })
+    .await;
+    let ops = live.client("alice").await;
+    let values = Values::new(&world(), &[]);
+    let _exec = executor(&live, &values).await;
+
+    // The uptime agent reaches the server through a relay the test can cut.
+    let relay = Relay::to(live.server.port()).await;
+    let away = agent_at(&relay.url(), "uptime").await;
+    let w = away.world().await.unwrap();
+    converged(&ops, &w).await;
+    let full = w.stats();
+    assert!(full.bytes_in > 10_000, "the first sync carries the document: {full:?}");
+
+    relay.cut();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while away.nats().connection_state() == async_nats::connection::State::Connected {
+        assert!(tokio::time::Instant::now() < deadline, "the agent never saw the cut");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Meanwhile a plan runs and observations arrive.
+    let resource = agent(&live, "resource").await;
+    let p = pool_plan("pool-60", 60);
+    assert_eq!(resource.propose(&p).await.unwrap().verdict, Verdict::Admit);
+    assert_eq!(
+        resource.await_saga(&p.lineage, 1, WAIT).await.unwrap(),
+        SagaEnd::Completed
+    );
+    resource.observe_metric(&path("svc/api/queue"), 42.0).await.unwrap();
+    resource.flush().await.unwrap();
+    let missed = converged(&ops, &resource.world().await.unwrap()).await;
+    assert!(
+        w.resource("svc/api/pool_size") == Some(Value::Int(50)),
+        "the cut-off replica heard nothing"
+    );
+    let before = w.stats();
+
+    // The link comes back: the replica says hello and gets what it missed.
+    relay.heal();
+    let s = converged(&ops, &w).await;
+    assert_eq!(s.heads, missed.heads);
+    assert_eq!(w.resource("svc/api/pool_size"), Some(Value::Int(60)));
+    assert_eq!(w.observation("svc/api/queue").unwrap().value, Value::Int(42));
+    let after = w.stats();
+    assert!(
+        after.hellos > before.hellos,
+        "the reconnect started a session: {after:?}"
+    );
+    let caught_up = after.bytes_in - before.bytes_in;
+    eprintln!(
+        "first sync {} bytes in {} frames; catching up {caught_up} bytes in {} frames",
+        full.bytes_in,
+        full.frames_in,
+        after.frames_in - before.frames_in
+    );
+    assert!(
+        caught_up * 10 < full.bytes_in,
+        "catching up took {caught_up} bytes; the whole document is {}",
+        full.bytes_in
+    );
+    assert_eq!(w.progress().resets, 0, "it kept its copy");
+}
+
+async fn agent_at(url: &str, name: &str) -> Agent {
+    Agent::connect(AgentConfig::new(url, name))
+        .await
+        .expect("the agent connects")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_agents_own_change_is_refused_and_the_document_is_unchanged() {
+    let live = Live::start_with(|c| {
+        c.log.max_bytes = 256 * 1024 * 1024;
+        c.limits.sync_frame_bytes_max = 64 * 1024;
+    })
+    .await;
+    // The only recorder in this test process.
+    let metrics = concord_nats::http::install_metrics().expect("a Prometheus recorder");
+    let ops = live.client("alice").await;
+    let rogue = agent(&live, "rogue").await;
+    let w = rogue.world().await.unwrap();
+    let before = converged(&ops, &w).await;
+
+    // The agent writes into a copy of its replica and sends the change as
+    // a sync message on its own subject.
+    let frame = w.read(|r| {
+        use automerge::ReadDoc;
+        use automerge::transaction::Transactable;
+        let mut copy = r.automerge().clone();
+        let Some((_, resources)) = copy.get(automerge::ROOT, "resources").unwrap() else {
+            panic!("the replica holds resources")
+        };
+        let mut tx = copy.transaction();
+        tx.put(&resources, "svc/api/pool_size", 5000_i64).unwrap();
+        tx.commit();
+        let change = copy.get_last_local_change().unwrap().clone();
+        let msg = automerge::sync::Message {
+            heads: copy.get_heads(),
+            need: vec![],
+            have: vec![],
+            changes: change.raw_bytes().to_vec().into(),
+            flags: None,
+            version: automerge::sync::MessageVersion::V1,
+        };
+        Frame::encode(FrameKind::Sync, &r.doc_id().unwrap(), r.epoch(), &msg.encode())
+    });
+    let nats = live.nats().await;
+    let subject = "concord.v1.default.sync.rogue";
+    let code = |bytes: Vec<u8>| {
+        let nats = nats.clone();
+        async move {
+            let answer = nats.request(subject, bytes.into()).await.unwrap();
+            serde_json::from_slice::<ErrorReply>(&answer.payload)
+                .unwrap()
+                .error
+                .code
+        }
+    };
+    assert_eq!(code(frame).await, "changes_refused");
+    // Bad frames get typed errors, and nothing stalls.
+    assert_eq!(code(b"not a frame".to_vec()).await, "decode");
+    assert_eq!(code(vec![0u8; 70_000]).await, "payload_too_large");
+    let reset = Frame::encode(FrameKind::Reset, &[0u8; 16], 0, &[]);
+    assert_eq!(code(reset).await, "decode");
+
+    let after = world_status(&ops).await;
+    assert_eq!(
+        (after.heads.clone(), after.changes),
+        (before.heads.clone(), before.changes)
+    );
+    assert_eq!(after.changes_refused, 1, "{after:?}");
+    let text = metrics.render();
+    assert!(
+        text.contains("concord_world_sync_changes_refused_total{agent=\"rogue\"} 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("concord_world_sync_dropped_total{reason=\"frame\"}"),
+        "{text}"
+    );
+    let Answer::World { resources, .. } = ops
+        .query(
+            "alice",
+            &Query::World {
+                path: Some(path("svc/api/pool_size")),
+            },
+        )
+        .await
+        .unwrap()
+    else {
+        panic!("a world answer")
+    };
+    assert_eq!(resources, vec![(path("svc/api/pool_size"), Value::Int(50))]);
+    assert_eq!(w.resource("svc/api/pool_size"), Some(Value::Int(50)));
+
+    // The replica is still served.
+    rogue
+        .observe_app_health(&path("svc/api/health/app"), "degraded")
+        .await
+        .unwrap();
+    w.wait_for(WAIT, |r| {
+        r.observation("svc/api/health/app")
+            .filter(|o| o.value == Value::Str("degraded".into()))
+    })
+    .await
+    .unwrap();
+    converged(&ops, &w).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn replicas_follow_a_rotation_and_a_coordinator_restart() {
+    let mut live = Live::start_with(|c| {
+        c.log.max_bytes = 256 * 1024 * 1024;
+        c.core.world_doc.rotate_changes_max = 6;
+    })
+    .await;
+    let ops = live.client("alice").await;
+    let mut cfg = AgentConfig::new(live.server.url(), "uptime");
+    cfg.world_keepalive = Duration::from_millis(500);
+    let uptime = Agent::connect(cfg).await.unwrap();
+    let w = uptime.world().await.unwrap();
+    let first = converged(&ops, &w).await;
+
+    // Health words that change are written each time: the document rotates.
+    let health = path("svc/api/health/app");
+    for i in 0..8 {
+        let word = if i % 2 == 0 { "failing" } else { "ok" };
+        uptime.observe_app_health(&health, word).await.unwrap();
+    }
+    uptime.flush().await.unwrap();
+    let s = loop {
+        let s = converged(&ops, &w).await;
+        if s.epoch > first.epoch
+            && w.observation("svc/api/health/app").map(|o| o.value) == Some(Value::Str("ok".into()))
+        {
+            break s;
+        }
+        let _ = tokio::time::timeout(Duration::from_millis(200), w.changed()).await;
+    };
+    assert_ne!(s.doc_id, first.doc_id);
+    let p = w.progress();
+    assert!(p.resets >= 1 && p.epoch == s.epoch, "{p:?}");
+
+    // The coordinator restarts: the replica's keepalive finds the new process.
+    live.down().await;
+    live.up().await;
+    uptime.observe_app_health(&health, "failing").await.unwrap();
+    w.wait_for(WAIT, |r| {
+        r.observation("svc/api/health/app")
+            .filter(|o| o.value == Value::Str("failing".into()))
+    })
+    .await
+    .unwrap();
+    converged(&ops, &w).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_frame_larger_than_max_payload_travels_in_parts() {
+    // A server that takes messages of at most 8 KiB; the log's batches stay under it.
+    const MAX_PAYLOAD: u64 = 8 * 1024;
+    const SERIES: u64 = 500;
+    let server = concord_testkit::NatsServer::with_config(&format!("max_payload: {MAX_PAYLOAD}\n"));
+    let live = Live::start_on(server, |c| {
+        c.log.max_bytes = 256 * 1024 * 1024;
+        c.log.batch_bytes_max = 4 * 1024;
+        c.snapshots.every_records = 0;
+        c.policy = None;
+        c.world = None;
+    })
+    .await;
+    let ops = live.client("alice").await;
+    let resource = agent(&live, "resource").await;
+    let mine = resource.world().await.unwrap();
+    // Series with names that do not compress make a document larger than
+    // one message with a few hundred writes.
+    let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
+    let mut names = Vec::new();
+    for i in 0..SERIES {
+        seed = seed
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        let name = format!("fleet/n-{seed:016x}{:016x}/cpu", seed.rotate_left(29) ^ i);
+        resource.observe_metric(&path(&name), i as f64).await.unwrap();
+        names.push(name);
+    }
+    resource.flush().await.unwrap();
+    let last = names.last().unwrap().clone();
+    mine.wait_for(SLOW_WAIT, |r| r.observation(&last)).await.unwrap();
+    converged(&ops, &mine).await;
+
+    // A new replica's first sync carries the whole document: in parts.
+    let deploy = agent(&live, "deploy").await;
+    let w = deploy.world().await.unwrap();
+    converged(&ops, &w).await;
+    assert_eq!(w.observations().len(), SERIES as usize);
+    let stats = w.stats();
+    assert!(
+        stats.largest_frame_bytes > MAX_PAYLOAD,
+        "a frame above max_payload arrived whole: {stats:?}"
+    );
+    assert_eq!(stats.errors, 0, "{stats:?}");
 }

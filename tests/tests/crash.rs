@@ -2,7 +2,8 @@
 //! cleanup, as a kill would) after an append and before its reply, after a
 //! dispatch and before its outcome, and while a snapshot is stored. A
 //! restarted coordinator loses no admitted intent, runs no step twice for
-//! different keys, and its saga finishes exactly once.
+//! different keys, and its saga finishes exactly once. A world replica never
+//! sees a write before the log holds it.
 
 use std::collections::BTreeMap;
 use std::process::{Child, Command, Stdio};
@@ -281,4 +282,47 @@ async fn killed_after_the_second_dispatch_before_its_outcome() {
 #[tokio::test(flavor = "multi_thread")]
 async fn killed_while_a_snapshot_is_stored() {
     crash_and_recover("during_snapshot:1").await;
+}
+
+/// The process dies right after the append that holds the first step's
+/// world write and before any of its effects — the frames to replicas among
+/// them: the replica still holds the old value, and catches up once a new
+/// coordinator runs.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_replica_sees_no_write_before_the_log_has_it() {
+    use concord_proto::Value;
+    let server = NatsServer::start();
+    let _exec = executor(&server).await;
+    // Append 1 holds the decision and the first dispatch, append 2 the first step's write.
+    let mut first = Coordinator::start(&server, Some("after_append:2"));
+    let mut cfg = concord_agent::AgentConfig::new(server.url(), "uptime");
+    cfg.world_keepalive = Duration::from_millis(300);
+    let uptime = concord_agent::Agent::connect(cfg).await.unwrap();
+    let w = uptime.world().await.unwrap();
+    w.await_in_sync(Duration::from_secs(30)).await.unwrap();
+    assert_eq!(w.resource("svc/api/pool_size"), Some(Value::Int(50)));
+
+    let d = propose(&server).await;
+    assert_eq!(d.verdict, Verdict::Admit, "{:?}", d.reasons);
+    assert!(first.wait_exit(Duration::from_secs(30)), "the hook did not fire");
+    let log = records(&server).await;
+    assert_eq!(
+        count(&log, |e| matches!(e, Event::StepSucceeded { .. })),
+        1,
+        "the first step's write is in the log"
+    );
+    // Anything the dead process had published would have arrived by now.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        w.resource("svc/api/pool_size"),
+        Some(Value::Int(50)),
+        "no frame with the write left before the append's effects"
+    );
+
+    let _second = Coordinator::start(&server, None);
+    w.wait_for(Duration::from_secs(60), |r| {
+        r.resource("svc/api/pool_size").filter(|v| *v == Value::Int(58))
+    })
+    .await
+    .unwrap();
 }

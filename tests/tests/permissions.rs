@@ -86,6 +86,35 @@ async fn each_identity_is_confined_to_its_own_subjects() {
         raw.subscribe("_INBOX_uptime.>").await.is_ok(),
         "subscribing is sent; the server refuses it"
     );
+    // Nor another agent's world replica: its sync frames can be neither
+    // read nor sent.
+    assert!(raw.subscribe("concord.v1.default.world.uptime").await.is_ok());
+    let hello = concord_core::worlddoc::WorldReplica::new("uptime").hello();
+    raw.publish("concord.v1.default.sync.uptime", hello.clone().into())
+        .await
+        .unwrap();
+    raw.flush().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let errs = errors.lock().unwrap().clone();
+    for subject in ["concord.v1.default.world.uptime", "concord.v1.default.sync.uptime"] {
+        assert!(
+            errs.iter()
+                .any(|e| e.to_lowercase().contains("permissions violation") && e.contains(subject)),
+            "{subject}: {errs:?}"
+        );
+    }
+    // Its own replica's subjects are open to it: a hello is answered on world.deploy.
+    let mut own = raw.subscribe("concord.v1.default.world.deploy").await.unwrap();
+    raw.flush().await.unwrap();
+    let hello = concord_core::worlddoc::WorldReplica::new("deploy").hello();
+    raw.publish("concord.v1.default.sync.deploy", hello.into())
+        .await
+        .unwrap();
+    let frame = tokio::time::timeout(Duration::from_secs(5), futures::StreamExt::next(&mut own))
+        .await
+        .expect("the coordinator answers the replica")
+        .unwrap();
+    assert!(frame.payload.starts_with(b"CWS"));
     let js = async_nats::jetstream::new(raw.clone());
     assert!(
         tokio::time::timeout(Duration::from_secs(3), js.get_stream("CONCORD_LOG"))

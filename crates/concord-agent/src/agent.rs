@@ -1,5 +1,6 @@
 //! The agent's side: connect as one identity, propose plans, await a human's
-//! decision by push notice, re-plan, publish observations.
+//! decision by push notice, re-plan, publish observations, read the world
+//! from its replica.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::path::PathBuf;
@@ -14,6 +15,7 @@ use tokio::sync::{Notify, broadcast};
 use tracing::{Instrument, debug, info_span, warn};
 
 use crate::error::AgentError;
+use crate::world::WorldReplica;
 
 /// How many plans' notices an agent keeps (oldest forgotten first).
 pub const NOTICE_PLANS_MAX: usize = 1024;
@@ -37,11 +39,15 @@ pub struct AgentConfig {
     pub request_timeout: Duration,
     /// How many requests one call sends at most, all with the same idempotency key.
     pub attempts: u32,
+    /// The world replica says `hello` after this long without a frame from
+    /// the coordinator (a lost frame or a restarted coordinator otherwise
+    /// stalls it); keep it well under the coordinator's `limits.sync_idle_ms`.
+    pub world_keepalive: Duration,
 }
 
 impl AgentConfig {
     /// An agent called `name` on `url`, domain `default`, no credentials,
-    /// 5 s per request, 4 attempts.
+    /// 5 s per request, 4 attempts, a world keepalive of 15 s.
     pub fn new(url: impl Into<String>, name: impl Into<String>) -> AgentConfig {
         AgentConfig {
             url: url.into(),
@@ -50,6 +56,7 @@ impl AgentConfig {
             nkey_seed_file: None,
             request_timeout: Duration::from_secs(5),
             attempts: 4,
+            world_keepalive: Duration::from_secs(15),
         }
     }
 }
@@ -125,6 +132,8 @@ struct Shared {
     board: Mutex<Board>,
     changed: Notify,
     leases: broadcast::Sender<Notice>,
+    /// The world replica, once asked for (one per agent).
+    world: tokio::sync::Mutex<Option<WorldReplica>>,
 }
 
 #[derive(Deserialize)]
@@ -201,6 +210,7 @@ impl Agent {
             board: Mutex::new(Board::default()),
             changed: Notify::new(),
             leases,
+            world: tokio::sync::Mutex::new(None),
         });
         let mut sub = nats
             .subscribe(format!("{prefix}.notify.{}", cfg.name))
@@ -474,6 +484,26 @@ impl Agent {
     /// Lease notices (lapsed leases), for lease guards.
     pub(crate) fn lease_notices(&self) -> broadcast::Receiver<Notice> {
         self.shared.leases.subscribe()
+    }
+
+    /// The agent's read-only replica of the world model: started on the
+    /// first call (it subscribes to `world.<agent>` and says `hello` on
+    /// `sync.<agent>`), then synced in the background for as long as the
+    /// agent lives; later calls return the same replica.
+    pub async fn world(&self) -> Result<WorldReplica, AgentError> {
+        let mut slot = self.shared.world.lock().await;
+        if let Some(w) = slot.as_ref() {
+            return Ok(w.clone());
+        }
+        let w = WorldReplica::start(
+            self.nats.clone(),
+            &self.cfg.name,
+            &self.prefix,
+            self.cfg.world_keepalive,
+        )
+        .await?;
+        *slot = Some(w.clone());
+        Ok(w)
     }
 
     /// Flushes what was published.

@@ -65,6 +65,12 @@ pub enum AgentError {
         /// How long the agent waited.
         waited_ms: u64,
     },
+    /// The world replica did not reach what was awaited in time.
+    #[error("the world replica did not get there within {waited_ms} ms")]
+    WorldTimedOut {
+        /// How long the agent waited.
+        waited_ms: u64,
+    },
     /// Invalid configuration (a name that is not one subject token, an unreadable seed).
     #[error("configuration: {0}")]
     Config(String),

@@ -6,6 +6,7 @@
 //! rejects it with reasons. Executors apply the admitted steps.
 //!
 //! Layout: [`agent`] (connect, propose, await a human, re-plan, observe),
+//! [`world`] (the read-only world replica, synced over the bus),
 //! [`lease`] (a lease held while a guard lives), [`executor`] (serve a kind
 //! of step with dedupe, fencing and compare-and-set), [`error`].
 //!
@@ -19,10 +20,13 @@
 //! - an executor keeps the highest fencing token per path and the answered
 //!   idempotency keys in the KV bucket `CONCORD_FENCING_<name>`, so a
 //!   restarted member, or another member of the queue group, still refuses a
-//!   stale token and never applies a key twice.
+//!   stale token and never applies a key twice;
+//! - `agent.world()` is a read-only replica of the coordinator's world
+//!   document, kept in step over `sync.<agent>` / `world.<agent>` in the
+//!   background: it catches up after a reconnect with what it missed, starts
+//!   over when the document is rotated, and never writes.
 //!
-//! Not here yet: the agent's read-only world-model replica (the coordinator
-//! side of the sync is built in the core), and trace context in NATS headers.
+//! Not here yet: trace context in NATS headers.
 //!
 //! ```no_run
 //! use std::time::Duration;
@@ -38,6 +42,10 @@
 //!               "args": { "value": 120 }, "confidence": 0.8,
 //!               "compensation": { "mode": "restore" } }]
 //! }"#)?;
+//! // The world as the coordinator wrote it, from the agent's replica.
+//! let world = agent.world().await?;
+//! world.await_in_sync(Duration::from_secs(10)).await?;
+//! println!("pool size now: {:?}", world.resource("svc/api/pool_size"));
 //! let decision = agent.propose(&plan).await?;
 //! match decision.verdict {
 //!     Verdict::Admit => println!("admitted: the saga runs"),
@@ -100,8 +108,10 @@ pub mod agent;
 pub mod error;
 pub mod executor;
 pub mod lease;
+pub mod world;
 
 pub use agent::{Agent, AgentConfig, HumanDecision, SagaEnd, idempotency_key, next_version};
 pub use error::{AgentError, ExecutorError};
 pub use executor::{Executor, ExecutorConfig, Step, StepError, StepHandler};
 pub use lease::{LeaseError, LeaseGuard, LeaseLost};
+pub use world::{Progress, ReplicaStats, WorldReplica};

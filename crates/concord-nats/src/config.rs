@@ -157,8 +157,28 @@ pub struct Limits {
     pub retry_after_ms: u64,
     /// How long a dispatch request waits for one answer before it is sent again (same key).
     pub dispatch_retry_ms: u64,
-    /// Most payload bytes accepted on any subject.
+    /// Most payload bytes accepted on any subject (but `sync`).
     pub payload_bytes_max: usize,
+    /// Most bytes of one world sync frame from an agent's replica (`sync.<agent>`).
+    pub sync_frame_bytes_max: usize,
+    /// World sync frames per second per agent (a token bucket, burst the
+    /// same); beyond it the frame is dropped and counted, and the replica's
+    /// next `hello` resumes.
+    pub sync_frames_per_agent_per_s: u32,
+    /// Most replicas the coordinator syncs at once.
+    pub sync_peers_max: usize,
+    /// A replica that sent nothing for this long is forgotten (its session
+    /// state dropped); the SDK says `hello` well within it.
+    pub sync_idle_ms: u64,
+    /// Pushes to replicas after the document changed are at least this far
+    /// apart (changes in between travel together).
+    pub sync_push_interval_ms: u64,
+    /// Frames waiting to be published to replicas; beyond it a frame is
+    /// dropped and its replica's session starts over.
+    pub sync_outbound_max: usize,
+    /// Replicas' frames waiting for the core (a lane of their own); beyond
+    /// it a frame is dropped (`busy`) and the replica's next `hello` resumes.
+    pub sync_inbound_max: usize,
 }
 
 impl Default for Limits {
@@ -171,6 +191,13 @@ impl Default for Limits {
             retry_after_ms: 50,
             dispatch_retry_ms: 5_000,
             payload_bytes_max: concord_proto::limits::INTENT_BYTES_MAX,
+            sync_frame_bytes_max: concord_core::worlddoc::PEER_FRAME_BYTES_MAX,
+            sync_frames_per_agent_per_s: 1_000,
+            sync_peers_max: 4_096,
+            sync_idle_ms: 60_000,
+            sync_push_interval_ms: 20,
+            sync_outbound_max: 16_384,
+            sync_inbound_max: 4_096,
         }
     }
 }
@@ -278,6 +305,21 @@ impl RuntimeConfig {
         }
         if self.limits.inbound_queue_max == 0 {
             return bad("limits.inbound_queue_max", "must be at least 1".into());
+        }
+        if self.limits.sync_peers_max == 0 || self.limits.sync_outbound_max == 0 || self.limits.sync_inbound_max == 0 {
+            return bad(
+                "limits.sync_peers_max",
+                "sync_peers_max, sync_outbound_max and sync_inbound_max must be at least 1".into(),
+            );
+        }
+        if self.limits.sync_frame_bytes_max > concord_core::worlddoc::PEER_FRAME_BYTES_MAX {
+            return bad(
+                "limits.sync_frame_bytes_max",
+                format!(
+                    "at most {} (the core refuses larger frames)",
+                    concord_core::worlddoc::PEER_FRAME_BYTES_MAX
+                ),
+            );
         }
         Ok(())
     }

@@ -6,7 +6,7 @@
 //! signed log messages), [`store`] (the log stream, KV keys, snapshots),
 //! [`runtime`] (the coordinator daemon), [`client`] (what agents, operators
 //! and the CLI call), [`server`] (a local `nats-server` child for `concord dev`
-//! and the tests).
+//! and the tests), [`worldsync`] (agents' world replicas over the bus).
 //!
 //! The runtime is thin: it decodes, calls the core, performs the effects the
 //! core returns once the log holds them, and records everything. No policy
@@ -31,3 +31,4 @@ pub mod server;
 pub mod store;
 pub mod subjects;
 pub mod wire;
+pub mod worldsync;

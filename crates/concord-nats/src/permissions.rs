@@ -231,6 +231,11 @@ mod tests {
         assert!(conf.contains("\"concord.v1.default.intent.deploy\""));
         assert!(conf.contains("\"_INBOX_deploy.>\""));
         assert!(conf.contains("\"concord.v1.default.notify.deploy\""));
+        // The agent's world replica: it sends sync state on its own `sync`
+        // and reads only its own `world`.
+        assert!(conf.contains("\"concord.v1.default.sync.deploy\""));
+        assert!(conf.contains("\"concord.v1.default.world.deploy\""));
+        assert!(!conf.contains("world.*") && !conf.contains("world.>") && !conf.contains("sync.*"));
         assert!(conf.contains("\"concord.v1.default.ctl.alice\""));
         assert!(conf.contains("sync_interval: always"));
         assert!(!conf.contains("intent.alice"));

@@ -3,7 +3,8 @@
 //!
 //! The loop, in priority order: operators' commands (a lane of their own, so
 //! a halt overtakes queued intents), the log's acks, executors' outcomes,
-//! timers, then agents' requests. Each input is handled at once (the core is
+//! timers, then agents' requests and replicas' world sync frames (two lanes
+//! that take turns). Each input is handled at once (the core is
 //! fast) and its record joins the *open batch*; while one batch is being
 //! appended the next one fills (group commit: one append, one ack, one fsync
 //! carries many decisions). When an append is acknowledged its replies and
@@ -26,6 +27,7 @@ use concord_core::coordinator::{
 };
 use concord_core::policy::Policy;
 use concord_core::world::World;
+use concord_core::worlddoc::{Frame, SyncError};
 use concord_proto::coord::{Notice, StepDispatch, StepOutcome, StepResult};
 use concord_proto::{Short, decode_intent, decode_observation};
 use futures::StreamExt;
@@ -37,7 +39,8 @@ use crate::log::{GENESIS_PREV, Signer, Verifier, batch_subject};
 use crate::notify::Notifier;
 use crate::store::{Head, SnapshotMeta, Store, StoreError};
 use crate::subjects::{Addressed, Subjects};
-use crate::wire::{Answer, ErrorReply, Query, Status};
+use crate::wire::{Answer, ErrorReply, Query, Status, WorldStatus};
+use crate::worldsync::{PART_HEADER, Replicas, parts};
 
 /// Why the daemon stopped.
 #[derive(Debug, thiserror::Error)]
@@ -205,10 +208,11 @@ pub async fn run(
     let subjects = Subjects::new(&cfg.domain);
     let (in_tx, in_rx) = mpsc::channel::<Inbound>(cfg.limits.inbound_queue_max);
     let (ctl_tx, ctl_rx) = mpsc::channel::<Inbound>(1024);
+    let (sync_tx, sync_rx) = mpsc::channel::<Inbound>(cfg.limits.sync_inbound_max);
     let (out_tx, out_rx) = mpsc::unbounded_channel::<Input>();
     let intake = Arc::new(Intake::new(&cfg, client.clone(), subjects.clone()));
     let mut readers = Vec::new();
-    for domain in ["intent", "lease", "observe", "ctl", "query"] {
+    for domain in ["intent", "lease", "observe", "ctl", "query", "sync"] {
         let subject = subjects.all(domain);
         let sub = client
             .subscribe(subject.clone())
@@ -217,10 +221,22 @@ pub async fn run(
                 subject: subject.clone(),
                 detail: e.to_string(),
             })?;
-        readers.push(tokio::spawn(intake.clone().read(sub, in_tx.clone(), ctl_tx.clone())));
+        readers.push(tokio::spawn(intake.clone().read(
+            sub,
+            in_tx.clone(),
+            ctl_tx.clone(),
+            sync_tx.clone(),
+        )));
     }
+    let (frames_tx, frames_rx) = mpsc::channel::<(String, Vec<u8>)>(cfg.limits.sync_outbound_max);
+    let sender = tokio::spawn(publish_frames(client.clone(), subjects.clone(), frames_rx));
     let mut daemon = Daemon {
         crash: CrashHook::from_env(),
+        replicas: Replicas::new(
+            cfg.limits.sync_peers_max,
+            Duration::from_millis(cfg.limits.sync_idle_ms),
+        ),
+        frames_tx,
         cfg,
         client,
         store,
@@ -230,6 +246,8 @@ pub async fn run(
         out_tx,
         in_rx,
         ctl_rx,
+        sync_rx,
+        sync_first: false,
         out_rx,
         dropped,
         dropped_logged: 0,
@@ -281,6 +299,8 @@ pub async fn run(
     for r in readers {
         r.abort();
     }
+    drop(daemon.frames_tx);
+    let _ = tokio::time::timeout(Duration::from_secs(2), sender).await;
     let _ = daemon.client.flush().await;
     result
 }
@@ -296,6 +316,47 @@ enum Inbound {
     },
     /// A read-only question.
     Query { query: Query, reply: Option<Subject> },
+    /// A world sync frame from `agent`'s replica (its header already checked).
+    Sync {
+        agent: String,
+        payload: Bytes,
+        reply: Option<Subject>,
+    },
+}
+
+/// Publishes frames to replicas, in the order the loop released them (one
+/// task, so a replica's frames never overtake each other). A frame larger
+/// than the server's `max_payload` goes in parts (see [`crate::worldsync`]).
+async fn publish_frames(client: Client, subjects: Subjects, mut rx: mpsc::Receiver<(String, Vec<u8>)>) {
+    let mut frame_id = 0u64;
+    while let Some((agent, frame)) = rx.recv().await {
+        frame_id += 1;
+        let part_max = client
+            .server_info()
+            .max_payload
+            .saturating_sub(crate::worldsync::PART_OVERHEAD_BYTES)
+            .max(1024);
+        let subject = subjects.world(&agent);
+        metrics::counter!("concord_world_sync_frames_out_total").increment(1);
+        metrics::counter!("concord_world_sync_bytes_out_total").increment(frame.len() as u64);
+        for (part, bytes) in parts(&frame, part_max, frame_id) {
+            let sent = match part {
+                None => client.publish(subject.clone(), bytes.into()).await,
+                Some(p) => {
+                    let mut headers = async_nats::HeaderMap::new();
+                    headers.insert(PART_HEADER, p.encode().as_str());
+                    client
+                        .publish_with_headers(subject.clone(), headers, bytes.into())
+                        .await
+                }
+            };
+            if let Err(e) = sent {
+                metrics::counter!("concord_world_sync_dropped_total", "reason" => "publish").increment(1);
+                debug!(agent, "a world sync frame was not published: {e}");
+                break;
+            }
+        }
+    }
 }
 
 /// Decodes bus messages into inputs, off the core task, and answers bad
@@ -304,20 +365,25 @@ struct Intake {
     subjects: Subjects,
     client: Client,
     payload_bytes_max: usize,
+    sync_frame_bytes_max: usize,
     retry_after_ms: u64,
     limiter: governor::DefaultKeyedRateLimiter<String>,
+    sync_limiter: governor::DefaultKeyedRateLimiter<String>,
 }
 
 impl Intake {
     fn new(cfg: &RuntimeConfig, client: Client, subjects: Subjects) -> Intake {
         let per_s = NonZeroU32::new(cfg.limits.intents_per_agent_per_s.max(1)).expect("nonzero");
         let burst = NonZeroU32::new(cfg.limits.intents_burst.max(1)).expect("nonzero");
+        let sync_per_s = NonZeroU32::new(cfg.limits.sync_frames_per_agent_per_s.max(1)).expect("nonzero");
         Intake {
             subjects,
             client,
             payload_bytes_max: cfg.limits.payload_bytes_max,
+            sync_frame_bytes_max: cfg.limits.sync_frame_bytes_max,
             retry_after_ms: cfg.limits.retry_after_ms,
             limiter: governor::RateLimiter::keyed(governor::Quota::per_second(per_s).allow_burst(burst)),
+            sync_limiter: governor::RateLimiter::keyed(governor::Quota::per_second(sync_per_s)),
         }
     }
 
@@ -336,6 +402,7 @@ impl Intake {
         mut sub: async_nats::Subscriber,
         tx: mpsc::Sender<Inbound>,
         ctl: mpsc::Sender<Inbound>,
+        sync: mpsc::Sender<Inbound>,
     ) {
         let mut since_gc = 0u32;
         while let Some(msg) = sub.next().await {
@@ -343,6 +410,7 @@ impl Intake {
             if since_gc >= 10_000 {
                 since_gc = 0;
                 self.limiter.retain_recent();
+                self.sync_limiter.retain_recent();
             }
             let received = Instant::now();
             let reply = msg.reply.clone();
@@ -354,22 +422,24 @@ impl Intake {
                 .await;
                 continue;
             };
-            if msg.payload.len() > self.payload_bytes_max {
+            let bytes_max = if matches!(addressed, Addressed::Sync(_)) {
+                self.sync_frame_bytes_max
+            } else {
+                self.payload_bytes_max
+            };
+            if msg.payload.len() > bytes_max {
                 self.reject(
                     &reply,
                     ErrorReply::new(
                         "payload_too_large",
-                        format!(
-                            "payload is {} bytes; at most {} allowed",
-                            msg.payload.len(),
-                            self.payload_bytes_max
-                        ),
+                        format!("payload is {} bytes; at most {bytes_max} allowed", msg.payload.len()),
                     ),
                 )
                 .await;
                 continue;
             }
-            let needs_reply = !matches!(addressed, Addressed::Observe(_));
+            // Observations and replicas' sync frames are published, not requests.
+            let needs_reply = !matches!(addressed, Addressed::Observe(_) | Addressed::Sync(_));
             if needs_reply && reply.is_none() {
                 self.reject(
                     &None,
@@ -471,19 +541,48 @@ impl Intake {
                         continue;
                     }
                 },
-                Addressed::Sync(_) => {
-                    self.reject(
-                        &reply,
-                        ErrorReply::new("unknown_subject", "world sync is not served yet"),
+                Addressed::Sync(agent) => {
+                    if self.sync_limiter.check_key(&agent).is_err() {
+                        metrics::counter!("concord_world_sync_dropped_total", "reason" => "rate_limited").increment(1);
+                        self.reject(
+                            &reply,
+                            ErrorReply::retry(
+                                "rate_limited",
+                                format!("agent `{agent}` sends world sync frames faster than its limit"),
+                                self.retry_after_ms,
+                            ),
+                        )
+                        .await;
+                        continue;
+                    }
+                    // The header is checked here, off the core task; the
+                    // message inside is the core's to read.
+                    if let Err(e) = Frame::decode(&msg.payload) {
+                        metrics::counter!("concord_world_sync_dropped_total", "reason" => "frame").increment(1);
+                        self.reject(&reply, ErrorReply::new("decode", format!("agent `{agent}`: {e}")))
+                            .await;
+                        continue;
+                    }
+                    (
+                        Inbound::Sync {
+                            agent,
+                            payload: msg.payload,
+                            reply,
+                        },
+                        false,
                     )
-                    .await;
-                    continue;
                 }
             };
-            let lane = if priority { &ctl } else { &tx };
+            let lane = if priority {
+                &ctl
+            } else if matches!(inbound, Inbound::Sync { .. }) {
+                &sync
+            } else {
+                &tx
+            };
             if let Err(mpsc::error::TrySendError::Full(inbound)) = lane.try_send(inbound) {
                 let reply = match inbound {
-                    Inbound::Input { reply, .. } | Inbound::Query { reply, .. } => reply,
+                    Inbound::Input { reply, .. } | Inbound::Query { reply, .. } | Inbound::Sync { reply, .. } => reply,
                 };
                 metrics::counter!("concord_busy_total").increment(1);
                 self.reject(
@@ -513,6 +612,12 @@ struct State {
     batches: u64,
     /// Which agent each live lineage belongs to, for its notices.
     notifier: Notifier,
+    /// The world document (id, heads) replicas were last pushed; `None`
+    /// after a restore, so every connected replica hears from this state.
+    pushed: Option<([u8; 16], Vec<String>)>,
+    /// When the last push went out, and when a held-back one is due.
+    last_push: Option<Instant>,
+    push_due: Option<Instant>,
 }
 
 struct Waiter {
@@ -526,6 +631,9 @@ struct OpenBatch {
     effects: Vec<Effect>,
     /// Notices to agents, sent once the batch is in the log.
     notices: Vec<(String, Notice)>,
+    /// World sync frames to replicas (agent, frame), made from a document
+    /// that holds this batch's writes: sent once the batch is in the log.
+    frames: Vec<(String, Vec<u8>)>,
     bytes: usize,
 }
 
@@ -537,10 +645,16 @@ struct Append {
     snapshot: Option<Vec<u8>>,
     records: u64,
     notices: Vec<(String, Notice)>,
+    frames: Vec<(String, Vec<u8>)>,
 }
 
 struct Daemon {
     crash: Option<Arc<CrashHook>>,
+    /// Connected world replicas; kept across restores, so they hear from
+    /// the restored state at once.
+    replicas: Replicas,
+    /// Frames released to the publishing task.
+    frames_tx: mpsc::Sender<(String, Vec<u8>)>,
     cfg: RuntimeConfig,
     client: Client,
     store: Store,
@@ -550,11 +664,43 @@ struct Daemon {
     out_tx: mpsc::UnboundedSender<Input>,
     in_rx: mpsc::Receiver<Inbound>,
     ctl_rx: mpsc::Receiver<Inbound>,
+    /// Replicas' sync frames: a lane of their own that takes turns with
+    /// agents' requests, so a replica's answer never waits behind a burst of
+    /// observations (while it waits, the document it must catch up with grows).
+    sync_rx: mpsc::Receiver<Inbound>,
+    /// Whose turn it is between the two lanes.
+    sync_first: bool,
     out_rx: mpsc::UnboundedReceiver<Input>,
     /// Messages the client dropped for a full subscription buffer.
     dropped: Arc<AtomicU64>,
     /// How many of them the log already tells.
     dropped_logged: u64,
+}
+
+/// The next input from agents: requests and replicas' sync frames take
+/// turns when both lanes hold some.
+async fn next_agent_input(
+    requests: &mut mpsc::Receiver<Inbound>,
+    sync: &mut mpsc::Receiver<Inbound>,
+    sync_first: &mut bool,
+) -> Option<Inbound> {
+    let m = if *sync_first {
+        tokio::select! {
+            biased;
+            Some(m) = sync.recv() => m,
+            Some(m) = requests.recv() => m,
+            else => return None,
+        }
+    } else {
+        tokio::select! {
+            biased;
+            Some(m) = requests.recv() => m,
+            Some(m) = sync.recv() => m,
+            else => return None,
+        }
+    };
+    *sync_first = !matches!(m, Inbound::Sync { .. });
+    Some(m)
 }
 
 fn wall_ms() -> u64 {
@@ -678,6 +824,9 @@ impl Daemon {
             records_since_snapshot: 0,
             batches: 0,
             notifier: Notifier::default(),
+            pushed: None,
+            last_push: None,
+            push_due: None,
         };
         state.notifier = Notifier::from_coordinator(&state.coord);
         let now = state.last_now;
@@ -747,6 +896,8 @@ impl Daemon {
         shutdown: &mut std::pin::Pin<&mut futures::future::Fuse<impl Future<Output = ()>>>,
     ) -> Result<(), RuntimeError> {
         let mut beat = tokio::time::interval(Duration::from_millis(500));
+        // Replicas kept across a restore hear from the restored state at once.
+        self.push_world(state);
         loop {
             self.health.beat_ms.store(wall_ms(), Ordering::Relaxed);
             let timer_at = state.coord.next_timer();
@@ -762,6 +913,13 @@ impl Daemon {
             let appended = async {
                 match state.inflight.as_mut() {
                     Some(a) => (&mut a.done).await,
+                    None => std::future::pending().await,
+                }
+            };
+            let push_due = state.push_due;
+            let push = async {
+                match push_due {
+                    Some(at) => tokio::time::sleep_until(at.into()).await,
                     None => std::future::pending().await,
                 }
             };
@@ -787,11 +945,15 @@ impl Daemon {
                     state.last_now = state.last_now.max(now);
                     self.handle(state, Input::Tick, None, None);
                 }
-                Some(m) = self.in_rx.recv(), if room => self.accept(state, m),
-                _ = beat.tick() => {}
+                _ = push => self.push_world(state),
+                Some(m) = next_agent_input(&mut self.in_rx, &mut self.sync_rx, &mut self.sync_first), if room => {
+                    self.accept(state, m)
+                }
+                _ = beat.tick() => self.sweep_replicas(state),
             }
             self.log_drops(state);
             if state.inflight.is_none() && !state.open.records.is_empty() {
+                self.push_world(state);
                 self.seal(state);
             }
             metrics::gauge!("concord_plans_live").set(state.coord.plan_count() as f64);
@@ -854,7 +1016,153 @@ impl Daemon {
                     });
                 }
             }
+            Inbound::Sync { agent, payload, reply } => self.sync_in(state, agent, &payload, reply),
         }
+    }
+
+    /// A frame from `agent`'s replica. The core takes it into the agent's
+    /// session; a frame carrying changes is refused and counted and changes
+    /// nothing. The answer, if any, is queued like any other frame.
+    fn sync_in(&mut self, state: &mut State, agent: String, payload: &[u8], reply: Option<Subject>) {
+        metrics::counter!("concord_world_sync_frames_in_total").increment(1);
+        match self.replicas.seen(&agent, Instant::now()) {
+            Ok(gone) => {
+                for a in gone {
+                    state.coord.world_doc_mut().sync_forget(&a);
+                }
+            }
+            Err(full) => {
+                self.sync_refused(
+                    &reply,
+                    "peers_full",
+                    &agent,
+                    ErrorReply::retry("busy", full.to_string(), 1_000),
+                );
+                return;
+            }
+        }
+        match state.coord.world_doc_mut().sync_receive(&agent, payload) {
+            Ok(_) => {}
+            Err(e @ SyncError::ChangesRefused { .. }) => {
+                metrics::counter!("concord_world_sync_changes_refused_total", "agent" => agent.clone()).increment(1);
+                self.sync_refused(
+                    &reply,
+                    "changes",
+                    &agent,
+                    ErrorReply::new("changes_refused", e.to_string()),
+                );
+                return;
+            }
+            Err(e @ SyncError::Diverged { .. }) => {
+                // Its replica holds changes this document never had: the
+                // next frame (generated below) tells it to start over.
+                metrics::counter!("concord_world_sync_dropped_total", "reason" => "diverged").increment(1);
+                warn!(agent, "{e}");
+            }
+            Err(e @ SyncError::PeersFull { .. }) => {
+                self.replicas.forget(&agent);
+                self.sync_refused(
+                    &reply,
+                    "peers_full",
+                    &agent,
+                    ErrorReply::retry("busy", e.to_string(), 1_000),
+                );
+                return;
+            }
+            Err(e) => {
+                self.sync_refused(&reply, "frame", &agent, ErrorReply::new("decode", e.to_string()));
+                return;
+            }
+        }
+        self.sync_out(state, &agent);
+    }
+
+    /// Drops a replica's frame: counted, logged, and answered when it came
+    /// with a reply subject (replicas publish; a reply is for tools).
+    fn sync_refused(&self, reply: &Option<Subject>, reason: &'static str, agent: &str, err: ErrorReply) {
+        metrics::counter!("concord_world_sync_dropped_total", "reason" => reason).increment(1);
+        warn!(agent, reason, "world sync frame refused: {}", err.error.message);
+        if let Some(r) = reply {
+            let client = self.client.clone();
+            let r = r.clone();
+            tokio::spawn(async move {
+                let _ = client.publish(r, err.to_bytes().into()).await;
+            });
+        }
+    }
+
+    /// The next frame of `agent`'s session, if it needs one.
+    fn sync_out(&mut self, state: &mut State, agent: &str) {
+        match state.coord.world_doc_mut().sync_generate(agent) {
+            Ok(Some(frame)) => self.queue_frame(state, agent.to_string(), frame),
+            Ok(None) => {}
+            Err(e) => {
+                metrics::counter!("concord_world_sync_dropped_total", "reason" => "peers_full").increment(1);
+                warn!(agent, "{e}");
+                self.replicas.forget(agent);
+            }
+        }
+    }
+
+    /// Queues a frame behind every record handled before it was made (the
+    /// document it came from holds their writes): it leaves once they are in
+    /// the log. With nothing waiting for the log, it leaves now.
+    fn queue_frame(&mut self, state: &mut State, agent: String, frame: Vec<u8>) {
+        if !state.open.records.is_empty() {
+            state.open.frames.push((agent, frame));
+        } else if let Some(a) = state.inflight.as_mut() {
+            a.frames.push((agent, frame));
+        } else {
+            self.release_frame(state, agent, frame);
+        }
+    }
+
+    /// Hands a frame to the publishing task; if it is backed up, the frame
+    /// is dropped and the replica's session starts over with the next push
+    /// (or its next `hello`).
+    fn release_frame(&mut self, state: &mut State, agent: String, frame: Vec<u8>) {
+        if let Err(e) = self.frames_tx.try_send((agent, frame)) {
+            let (agent, _) = e.into_inner();
+            metrics::counter!("concord_world_sync_dropped_total", "reason" => "outbound_full").increment(1);
+            state.coord.world_doc_mut().sync_forget(&agent);
+        }
+    }
+
+    /// Sends every connected replica what the document gained since the
+    /// last push (a rotation included: the new document's first frame tells
+    /// a replica to start over). Pushes are at least
+    /// `limits.sync_push_interval_ms` apart; one held back is due later.
+    fn push_world(&mut self, state: &mut State) {
+        let doc = state.coord.world_doc();
+        let current = (doc.doc_id(), doc.heads_hex());
+        if state.pushed.as_ref() == Some(&current) {
+            state.push_due = None;
+            return;
+        }
+        let now = Instant::now();
+        let interval = Duration::from_millis(self.cfg.limits.sync_push_interval_ms);
+        if let Some(last) = state.last_push
+            && now < last + interval
+        {
+            state.push_due = Some(last + interval);
+            return;
+        }
+        state.push_due = None;
+        state.last_push = Some(now);
+        state.pushed = Some(current);
+        let agents: Vec<String> = self.replicas.agents().map(str::to_string).collect();
+        for agent in agents {
+            self.sync_out(state, &agent);
+        }
+    }
+
+    /// Forgets replicas that fell silent (their sessions too).
+    fn sweep_replicas(&mut self, state: &mut State) {
+        for agent in self.replicas.sweep(Instant::now()) {
+            debug!(agent, "world replica idle; its sync session is dropped");
+            state.coord.world_doc_mut().sync_forget(&agent);
+        }
+        metrics::gauge!("concord_world_replicas").set(self.replicas.len() as f64);
     }
 
     /// Hands one input to the core; its record joins the open batch.
@@ -879,6 +1187,15 @@ impl Daemon {
                 Effect::Event(ev) => events.push(ev),
                 Effect::ArmTimer { .. } => {}
                 other => state.open.effects.push(other),
+            }
+        }
+        for ev in &events {
+            if let Event::WorldRotated { epoch, doc_id, .. } = ev {
+                metrics::counter!("concord_world_rotations_total").increment(1);
+                info!(
+                    epoch,
+                    doc_id, "world document rotated; replicas start over from the new one"
+                );
             }
         }
         let notices = state.notifier.notices(&events, &state.coord);
@@ -939,6 +1256,7 @@ impl Daemon {
             snapshot,
             records: n,
             notices: open.notices,
+            frames: open.frames,
         });
     }
 
@@ -1015,6 +1333,9 @@ impl Daemon {
             self.perform(state, e);
         }
         self.notify(append.notices);
+        for (agent, frame) in append.frames {
+            self.release_frame(state, agent, frame);
+        }
         Ok(())
     }
 
@@ -1193,6 +1514,7 @@ impl Daemon {
                 halts: c.halts().to_vec(),
                 ready: self.health.ready.load(Ordering::Relaxed),
                 policy_hash: c.policy().hash.clone(),
+                world: Some(world_status(c, self.replicas.len())),
             })),
             Query::Show { lineage } => match c.plan_intent(&lineage) {
                 Some((agent, intent, previous)) => {
@@ -1211,6 +1533,23 @@ impl Daemon {
             },
         };
         serde_json::to_vec(&answer).expect("answers serialize")
+    }
+}
+
+/// The world document's identity, heads and sync counters.
+fn world_status(c: &Coordinator, replicas: usize) -> WorldStatus {
+    let d = c.world_doc();
+    let stats = d.sync_stats();
+    WorldStatus {
+        doc_id: d.doc_id().iter().map(|b| format!("{b:02x}")).collect(),
+        epoch: d.epoch(),
+        heads: d.heads_hex(),
+        changes: d.change_count(),
+        replicas,
+        frames_in: stats.frames_in,
+        frames_out: stats.frames_out,
+        changes_refused: stats.changes_refused,
+        diverged: stats.diverged,
     }
 }
 

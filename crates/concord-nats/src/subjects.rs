@@ -1,9 +1,10 @@
 //! The bus: every subject concord uses, under `concord.v1.<domain>.`.
 //!
-//! For `intent`, `lease`, `observe`, `ctl` and `query` the last token is the
-//! caller's identity (NATS permissions confine each user to its own); for
-//! `exec` it is the executor being called; for `world` the agent whose
-//! read-only replica it feeds. The log stream captures `log.>`.
+//! For `intent`, `lease`, `observe`, `sync`, `ctl` and `query` the last token
+//! is the caller's identity (NATS permissions confine each user to its own);
+//! for `exec` it is the executor being called; for `world` and `notify` the
+//! agent whose read-only replica or notices it carries. The log stream
+//! captures `log.>`.
 
 /// Subjects of one domain.
 #[derive(Clone, Debug)]
@@ -24,7 +25,7 @@ pub enum Addressed {
     Control(String),
     /// `query.<caller>`.
     Query(String),
-    /// `sync.<agent>`.
+    /// `sync.<agent>`: the agent's world replica sends sync state (never changes).
     Sync(String),
 }
 
@@ -147,6 +148,12 @@ mod tests {
             s.parse("concord.v1.default.ctl.alice"),
             Some(Addressed::Control("alice".into()))
         );
+        assert_eq!(
+            s.parse("concord.v1.default.sync.deploy"),
+            Some(Addressed::Sync("deploy".into()))
+        );
+        // What the coordinator sends is nobody's request.
+        assert_eq!(s.parse(&s.world("deploy")), None);
         assert_eq!(s.parse("concord.v1.other.intent.deploy"), None);
         assert_eq!(s.parse("concord.v1.default.intent.a.b"), None);
         assert_eq!(s.parse("concord.v1.default.nope.a"), None);

@@ -124,6 +124,32 @@ pub struct Status {
     pub ready: bool,
     /// The policy's hash.
     pub policy_hash: String,
+    /// The world document and its replicas' sync (absent from older coordinators).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub world: Option<WorldStatus>,
+}
+
+/// The world document as the coordinator holds it, and its sync counters.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct WorldStatus {
+    /// The document's id (hex); a rotation gives a new one.
+    pub doc_id: String,
+    /// Its epoch (rotations so far).
+    pub epoch: u64,
+    /// Its heads (hex): a replica that caught up holds the same.
+    pub heads: Vec<String>,
+    /// Changes in it.
+    pub changes: u64,
+    /// Replicas connected (frames within the idle time).
+    pub replicas: usize,
+    /// Frames received from replicas (this process's document).
+    pub frames_in: u64,
+    /// Frames made for replicas.
+    pub frames_out: u64,
+    /// Replicas' frames refused because they carried changes.
+    pub changes_refused: u64,
+    /// Replicas found holding changes the document never had (told to start over).
+    pub diverged: u64,
 }
 
 /// Answers to queries.

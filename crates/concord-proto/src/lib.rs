@@ -8,7 +8,8 @@
 //!
 //! Layout: [`intent`] (plans and steps), [`value`] (values at resource
 //! paths), [`path`] (paths and identifiers), [`preview`] (what the
-//! coordinator answers), [`error`] (decode errors), [`limits`].
+//! coordinator answers), [`error`] (decode errors), [`limits`], [`parts`]
+//! (large messages in parts).
 //!
 //! ```
 //! use concord_proto::{decode_intent, Rule, StepKind};
@@ -42,6 +43,7 @@ pub mod error;
 pub mod intent;
 pub mod limits;
 pub mod observe;
+pub mod parts;
 pub mod path;
 pub mod preview;
 pub mod value;

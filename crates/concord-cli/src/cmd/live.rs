@@ -340,6 +340,16 @@ pub fn query(asked: Asked, a: QueryArgs) -> Result<u8> {
                 s.leases,
                 &s.policy_hash[..12.min(s.policy_hash.len())],
             ))?;
+            if let Some(w) = &s.world {
+                out(&format!(
+                    "world document {} epoch {}  {} changes  {} replicas  {} refused changes\n",
+                    &w.doc_id[..12.min(w.doc_id.len())],
+                    w.epoch,
+                    w.changes,
+                    w.replicas,
+                    w.changes_refused,
+                ))?;
+            }
             for h in s.halts {
                 out(&format!(
                     "halt {:?} {:?} by {}: {}\n",
