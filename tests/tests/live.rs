@@ -615,3 +615,104 @@ async fn durable_log_server_syncing_every_write_decides_and_recovers() {
     assert_eq!(again.plan_hash, first.plan_hash);
     assert_eq!(again.verdict, first.verdict);
 }
+
+/// A stand-in OTLP/HTTP collector: keeps the body of every POST.
+async fn collector() -> (String, Arc<Mutex<Vec<Vec<u8>>>>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let bodies = Arc::new(Mutex::new(Vec::new()));
+    let kept = bodies.clone();
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            let kept = kept.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 8192];
+                loop {
+                    // One request: headers, then Content-Length bytes of body.
+                    let head_end = loop {
+                        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            break i + 4;
+                        }
+                        match conn.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    };
+                    let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
+                    let len: usize = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length:"))
+                        .and_then(|v| v.trim().parse().ok())
+                        .unwrap_or(0);
+                    while buf.len() < head_end + len {
+                        match conn.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                    kept.lock().unwrap().push(buf[head_end..head_end + len].to_vec());
+                    buf.drain(..head_end + len);
+                    let ok = b"HTTP/1.1 200 OK\r\ncontent-type: application/x-protobuf\r\ncontent-length: 0\r\n\r\n";
+                    if conn.write_all(ok).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (url, bodies)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_agents_trace_continues_through_the_decision_and_is_exported() {
+    let (endpoint, bodies) = collector().await;
+    let mut live = Live::start_with(|c| c.telemetry.otlp_endpoint = Some(endpoint)).await;
+    let nats = live.nats().await;
+    let subjects = live.client("x").await.subjects;
+    // The agent's own span, as its tracer would send it.
+    let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let agent_span = "00f067aa0ba902b7";
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("traceparent", format!("00-{trace_id}-{agent_span}-01").as_str());
+    let reply = nats
+        .request_with_headers(
+            subjects.intent("resource"),
+            headers,
+            example("seven-days-pool-500").into(),
+        )
+        .await
+        .unwrap();
+    let d: concord_proto::coord::Decision = serde_json::from_slice(&reply.payload).unwrap();
+    assert_eq!(d.verdict, Verdict::Reject);
+    // The reply names the coordinator's span in the agent's trace.
+    let parent = reply
+        .headers
+        .as_ref()
+        .and_then(|h| h.get("traceparent"))
+        .map(|v| v.as_str().to_string())
+        .expect("the reply carries a traceparent");
+    let parts: Vec<&str> = parent.split('-').collect();
+    assert_eq!(parts[1], trace_id, "{parent}");
+    assert_ne!(parts[2], agent_span, "{parent}");
+    assert_eq!(
+        concord_nats::telemetry::trace_id(reply.headers.as_ref()).as_deref(),
+        Some(trace_id)
+    );
+    // Stopping flushes the exporter: the span reached the collector, in the
+    // agent's trace, with the plan's id and the verdict.
+    live.down().await;
+    let raw_trace: Vec<u8> = (0..16)
+        .map(|i| u8::from_str_radix(&trace_id[2 * i..2 * i + 2], 16).unwrap())
+        .collect();
+    wait_for(async || {
+        bodies.lock().unwrap().iter().any(|b| {
+            b.windows(16).any(|w| w == raw_trace.as_slice())
+                && b.windows(14).any(|w| w == b"concord.intent")
+                && b.windows(12).any(|w| w == b"concord.plan")
+                && b.windows(6).any(|w| w == b"reject")
+        })
+    })
+    .await;
+}

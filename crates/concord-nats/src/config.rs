@@ -71,6 +71,21 @@ pub struct RuntimeConfig {
     /// The core's bounds and times (defaults if unset).
     #[serde(default)]
     pub core: concord_core::coordinator::Config,
+    /// Trace export.
+    #[serde(default)]
+    pub telemetry: TelemetryConfig,
+}
+
+/// Where traces go. Spans are made and their context travels in NATS
+/// headers either way; export is off unless an endpoint is set.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TelemetryConfig {
+    /// An OTLP/HTTP collector, e.g. `http://127.0.0.1:4318` (protobuf to
+    /// `<endpoint>/v1/traces`); off if unset.
+    pub otlp_endpoint: Option<String>,
+    /// The service name on exported spans (`concord` if unset).
+    pub service_name: Option<String>,
 }
 
 /// How to authenticate.
@@ -243,6 +258,7 @@ impl Default for RuntimeConfig {
             executors: Vec::new(),
             metrics_listen: None,
             core: concord_core::coordinator::Config::default(),
+            telemetry: TelemetryConfig::default(),
         }
     }
 }

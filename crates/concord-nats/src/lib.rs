@@ -30,5 +30,6 @@ pub mod runtime;
 pub mod server;
 pub mod store;
 pub mod subjects;
+pub mod telemetry;
 pub mod wire;
 pub mod worldsync;

@@ -17,6 +17,8 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::num::NonZeroU32;
 use std::sync::Arc;
+
+use opentelemetry::KeyValue;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -39,6 +41,7 @@ use crate::log::{GENESIS_PREV, Signer, Verifier, batch_subject};
 use crate::notify::Notifier;
 use crate::store::{Head, SnapshotMeta, Store, StoreError};
 use crate::subjects::{Addressed, Subjects};
+use crate::telemetry::{self, Telemetry, TraceContext};
 use crate::wire::{Answer, ErrorReply, Query, Status, WorldStatus};
 use crate::worldsync::{PART_HEADER, Replicas, parts};
 
@@ -59,6 +62,9 @@ pub enum RuntimeError {
     /// The log does not verify or cannot be applied.
     #[error("recovery failed: {0}")]
     Recovery(String),
+    /// The configuration cannot be used.
+    #[error("configuration: {0}")]
+    Config(String),
     /// A subscription failed.
     #[error("cannot subscribe to {subject}: {detail}")]
     Subscribe {
@@ -210,7 +216,8 @@ pub async fn run(
     let (ctl_tx, ctl_rx) = mpsc::channel::<Inbound>(1024);
     let (sync_tx, sync_rx) = mpsc::channel::<Inbound>(cfg.limits.sync_inbound_max);
     let (out_tx, out_rx) = mpsc::unbounded_channel::<Input>();
-    let intake = Arc::new(Intake::new(&cfg, client.clone(), subjects.clone()));
+    let telemetry = Arc::new(Telemetry::new(&cfg.telemetry).map_err(|e| RuntimeError::Config(e.to_string()))?);
+    let intake = Arc::new(Intake::new(&cfg, client.clone(), subjects.clone(), telemetry.clone()));
     let mut readers = Vec::new();
     for domain in ["intent", "lease", "observe", "ctl", "query", "sync"] {
         let subject = subjects.all(domain);
@@ -302,6 +309,8 @@ pub async fn run(
     drop(daemon.frames_tx);
     let _ = tokio::time::timeout(Duration::from_secs(2), sender).await;
     let _ = daemon.client.flush().await;
+    // The exporter's thread blocks while it flushes what it holds.
+    let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
     result
 }
 
@@ -313,6 +322,8 @@ enum Inbound {
         input: Input,
         reply: Option<Subject>,
         received: Instant,
+        /// The request's span, continuing the caller's trace.
+        trace: Option<TraceContext>,
     },
     /// A read-only question.
     Query { query: Query, reply: Option<Subject> },
@@ -369,14 +380,16 @@ struct Intake {
     retry_after_ms: u64,
     limiter: governor::DefaultKeyedRateLimiter<String>,
     sync_limiter: governor::DefaultKeyedRateLimiter<String>,
+    telemetry: Arc<Telemetry>,
 }
 
 impl Intake {
-    fn new(cfg: &RuntimeConfig, client: Client, subjects: Subjects) -> Intake {
+    fn new(cfg: &RuntimeConfig, client: Client, subjects: Subjects, telemetry: Arc<Telemetry>) -> Intake {
         let per_s = NonZeroU32::new(cfg.limits.intents_per_agent_per_s.max(1)).expect("nonzero");
         let burst = NonZeroU32::new(cfg.limits.intents_burst.max(1)).expect("nonzero");
         let sync_per_s = NonZeroU32::new(cfg.limits.sync_frames_per_agent_per_s.max(1)).expect("nonzero");
         Intake {
+            telemetry,
             subjects,
             client,
             payload_bytes_max: cfg.limits.payload_bytes_max,
@@ -405,7 +418,7 @@ impl Intake {
         sync: mpsc::Sender<Inbound>,
     ) {
         let mut since_gc = 0u32;
-        while let Some(msg) = sub.next().await {
+        while let Some(mut msg) = sub.next().await {
             since_gc += 1;
             if since_gc >= 10_000 {
                 since_gc = 0;
@@ -414,6 +427,7 @@ impl Intake {
             }
             let received = Instant::now();
             let reply = msg.reply.clone();
+            let headers = msg.headers.take();
             let Some(addressed) = self.subjects.parse(&msg.subject) else {
                 self.reject(
                     &reply,
@@ -475,6 +489,7 @@ impl Intake {
                                 },
                                 reply,
                                 received,
+                                trace: None,
                             },
                             false,
                         ),
@@ -494,6 +509,7 @@ impl Intake {
                             },
                             reply,
                             received,
+                            trace: None,
                         },
                         false,
                     ),
@@ -508,6 +524,7 @@ impl Intake {
                             input: Input::Observe { agent, observation },
                             reply,
                             received,
+                            trace: None,
                         },
                         false,
                     ),
@@ -526,6 +543,7 @@ impl Intake {
                             },
                             reply,
                             received,
+                            trace: None,
                         },
                         true,
                     ),
@@ -573,6 +591,30 @@ impl Intake {
                     )
                 }
             };
+            let mut inbound = inbound;
+            if let Inbound::Input { input, trace, .. } = &mut inbound {
+                let named = match input {
+                    Input::Intent { agent, intent, .. } => Some((
+                        "concord.intent",
+                        vec![
+                            KeyValue::new("concord.caller", agent.clone()),
+                            KeyValue::new("concord.plan", intent.lineage.to_string()),
+                            KeyValue::new("concord.plan_version", i64::from(intent.version)),
+                        ],
+                    )),
+                    Input::Lease { agent, .. } => {
+                        Some(("concord.lease", vec![KeyValue::new("concord.caller", agent.clone())]))
+                    }
+                    Input::Control { operator, .. } => Some((
+                        "concord.control",
+                        vec![KeyValue::new("concord.caller", operator.clone())],
+                    )),
+                    _ => None,
+                };
+                if let Some((name, attrs)) = named {
+                    *trace = Some(self.telemetry.request_span(name, headers.as_ref(), attrs));
+                }
+            }
             let lane = if priority {
                 &ctl
             } else if matches!(inbound, Inbound::Sync { .. }) {
@@ -623,6 +665,7 @@ struct State {
 struct Waiter {
     reply: Subject,
     received: Option<Instant>,
+    trace: Option<TraceContext>,
 }
 
 #[derive(Default)]
@@ -938,12 +981,12 @@ impl Daemon {
                     self.acked(state, result)?;
                 }
                 Some(input) = self.out_rx.recv(), if room => {
-                    self.handle(state, input, None, None);
+                    self.handle(state, input, None, None, None);
                 }
                 _ = sleep, if room => {
                     let now = timer_at.unwrap_or(0).max(wall_ms());
                     state.last_now = state.last_now.max(now);
-                    self.handle(state, Input::Tick, None, None);
+                    self.handle(state, Input::Tick, None, None, None);
                 }
                 _ = push => self.push_world(state),
                 Some(m) = next_agent_input(&mut self.in_rx, &mut self.sync_rx, &mut self.sync_first), if room => {
@@ -1006,7 +1049,12 @@ impl Daemon {
 
     fn accept(&mut self, state: &mut State, m: Inbound) {
         match m {
-            Inbound::Input { input, reply, received } => self.handle(state, input, reply, Some(received)),
+            Inbound::Input {
+                input,
+                reply,
+                received,
+                trace,
+            } => self.handle(state, input, reply, Some(received), trace),
             Inbound::Query { query, reply } => {
                 let bytes = self.answer(state, query);
                 if let Some(r) = reply {
@@ -1166,7 +1214,14 @@ impl Daemon {
     }
 
     /// Hands one input to the core; its record joins the open batch.
-    fn handle(&mut self, state: &mut State, mut input: Input, reply: Option<Subject>, received: Option<Instant>) {
+    fn handle(
+        &mut self,
+        state: &mut State,
+        mut input: Input,
+        reply: Option<Subject>,
+        received: Option<Instant>,
+        trace: Option<TraceContext>,
+    ) {
         let now = state.last_now.max(wall_ms());
         state.last_now = now;
         if let Some(reply) = reply {
@@ -1175,7 +1230,7 @@ impl Daemon {
             match &mut input {
                 Input::Intent { request, .. } | Input::Lease { request, .. } | Input::Control { request, .. } => {
                     *request = id;
-                    state.waiting.insert(id, Waiter { reply, received });
+                    state.waiting.insert(id, Waiter { reply, received, trace });
                 }
                 _ => {}
             }
@@ -1283,9 +1338,16 @@ impl Daemon {
                             "the coordination log did not take the decision; retry with the same idempotency key",
                             self.cfg.limits.retry_after_ms,
                         );
+                        let headers = w
+                            .trace
+                            .as_ref()
+                            .map(|cx| telemetry::finish(cx, vec![KeyValue::new("concord.error", "unavailable")]));
                         let client = self.client.clone();
                         tokio::spawn(async move {
-                            let _ = client.publish(w.reply, err.to_bytes().into()).await;
+                            let _ = match headers {
+                                Some(h) => client.publish_with_headers(w.reply, h, err.to_bytes().into()).await,
+                                None => client.publish(w.reply, err.to_bytes().into()).await,
+                            };
                         });
                     }
                 }
@@ -1359,9 +1421,24 @@ impl Daemon {
                 if let (Some(t), Reply::Decision(_)) = (w.received, &reply) {
                     metrics::histogram!("concord_decision_seconds").record(t.elapsed().as_secs_f64());
                 }
+                let headers = w.trace.as_ref().map(|cx| {
+                    let attrs = match &reply {
+                        Reply::Decision(d) => vec![
+                            KeyValue::new("concord.verdict", d.verdict.to_string()),
+                            KeyValue::new("concord.plan_hash", d.plan_hash.to_string()),
+                            KeyValue::new("concord.duplicate", d.duplicate),
+                        ],
+                        Reply::Lease(_) => Vec::new(),
+                        Reply::Control { ok, .. } => vec![KeyValue::new("concord.ok", *ok)],
+                    };
+                    telemetry::finish(cx, attrs)
+                });
                 let client = self.client.clone();
                 tokio::spawn(async move {
-                    let _ = client.publish(w.reply, bytes.into()).await;
+                    let _ = match headers {
+                        Some(h) => client.publish_with_headers(w.reply, h, bytes.into()).await,
+                        None => client.publish(w.reply, bytes.into()).await,
+                    };
                 });
             }
             Effect::Dispatch(d) => self.spawn_dispatch(*d),
