@@ -960,3 +960,25 @@ async fn a_frame_larger_than_max_payload_travels_in_parts() {
     );
     assert_eq!(stats.errors, 0, "{stats:?}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_proposal_continues_the_agents_trace_into_the_coordinators_decision() {
+    let live = start().await;
+    let resource = agent(&live, "resource").await;
+    let p = concord_proto::decode_intent(&example("seven-days-pool-500")).unwrap();
+    // The caller's span: the coordinator's span joins its trace.
+    let mine = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+    let t = resource.propose_traced(&p, Some(mine)).await.unwrap();
+    assert_eq!(t.decision.verdict, Verdict::Reject);
+    let theirs = t.traceparent.expect("the coordinator names its span");
+    let parts: Vec<&str> = theirs.split('-').collect();
+    assert_eq!(parts.len(), 4, "{theirs}");
+    assert_eq!(parts[1], "0af7651916cd43dd8448eb211c80319c");
+    assert_ne!(parts[2], "b7ad6b7169203331");
+    // Without one, the SDK starts a trace of its own.
+    let p2 = concord_proto::decode_intent(&example("pool-60")).unwrap();
+    let t2 = resource.propose_traced(&p2, None).await.unwrap();
+    let theirs = t2.traceparent.expect("a new trace");
+    assert_eq!(theirs.split('-').nth(1).map(str::len), Some(32));
+    assert_ne!(theirs.split('-').nth(1), Some("00000000000000000000000000000000"));
+}

@@ -170,6 +170,23 @@ fn valid_token(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-'))
 }
 
+/// A decision and the coordinator's span that made it.
+#[derive(Clone, Debug)]
+pub struct Traced {
+    /// The decision.
+    pub decision: Decision,
+    /// The coordinator's span, W3C `traceparent` form, in the request's
+    /// trace (`None` from a coordinator that does not trace).
+    pub traceparent: Option<String>,
+}
+
+/// A new W3C `traceparent`: a fresh trace, sampled.
+fn new_traceparent() -> String {
+    use opentelemetry_sdk::trace::{IdGenerator, RandomIdGenerator};
+    let ids = RandomIdGenerator::default();
+    format!("00-{}-{}-01", ids.new_trace_id(), ids.new_span_id())
+}
+
 /// Connects to NATS as `name`: its credentials, its inbox prefix `_INBOX_<name>`.
 pub(crate) async fn connect_nats(url: &str, name: &str, seed: Option<&PathBuf>) -> Result<async_nats::Client, String> {
     let mut opts = async_nats::ConnectOptions::new()
@@ -266,15 +283,29 @@ impl Agent {
         subject: String,
         payload: Vec<u8>,
     ) -> Result<T, AgentError> {
+        self.request_with(subject, payload, None).await.map(|(t, _)| t)
+    }
+
+    /// As [`Agent::request`], sending `headers` with every attempt and
+    /// returning the answer's headers too.
+    async fn request_with<T: serde::de::DeserializeOwned>(
+        &self,
+        subject: String,
+        payload: Vec<u8>,
+        headers: Option<async_nats::HeaderMap>,
+    ) -> Result<(T, Option<async_nats::HeaderMap>), AgentError> {
         let attempts = self.cfg.attempts.clamp(1, ATTEMPTS_MAX);
         let mut last = AgentError::TimedOut {
             subject: subject.clone(),
             attempts: 0,
         };
         for attempt in 1..=attempts {
-            let req = async_nats::Request::new()
+            let mut req = async_nats::Request::new()
                 .payload(payload.clone().into())
                 .timeout(Some(self.cfg.request_timeout));
+            if let Some(h) = &headers {
+                req = req.headers(h.clone());
+            }
             let mut wait = Duration::from_millis((100u64 << attempt.min(5)).min(2_000));
             match self.nats.send_request(subject.clone(), req).await {
                 Ok(msg) => {
@@ -304,7 +335,9 @@ impl Agent {
                             }
                         }
                     } else {
-                        return serde_json::from_slice(&msg.payload).map_err(|e| AgentError::BadAnswer(e.to_string()));
+                        return serde_json::from_slice(&msg.payload)
+                            .map(|t| (t, msg.headers))
+                            .map_err(|e| AgentError::BadAnswer(e.to_string()));
                     }
                 }
                 Err(e) => {
@@ -335,18 +368,35 @@ impl Agent {
     /// coordinator restart, gets the original decision. A rejection is a
     /// decision; a halt in force is [`AgentError::Halted`].
     pub async fn propose(&self, plan: &Intent) -> Result<Decision, AgentError> {
+        self.propose_traced(plan, None).await.map(|t| t.decision)
+    }
+
+    /// As [`Agent::propose`], in a trace: the request carries `traceparent`
+    /// (W3C, `00-<trace id>-<span id>-<flags>`: the caller's current span),
+    /// or a new trace if `None`, and the answer names the coordinator's
+    /// span in that trace, so the agent's span and the decision join one
+    /// trace in whatever tracing backend both export to.
+    pub async fn propose_traced(&self, plan: &Intent, traceparent: Option<&str>) -> Result<Traced, AgentError> {
         let mut plan = plan.clone();
         if plan.idempotency_key.is_none() {
             plan.idempotency_key = Some(idempotency_key(&plan.lineage, plan.version));
         }
-        let span = info_span!("propose", agent = %self.cfg.name, lineage = %plan.lineage, version = plan.version);
+        let traceparent = traceparent.map(str::to_string).unwrap_or_else(new_traceparent);
+        let trace_id = traceparent.split('-').nth(1).unwrap_or_default().to_string();
+        let span = info_span!("propose", agent = %self.cfg.name, lineage = %plan.lineage, version = plan.version, trace_id = %trace_id);
         let bytes = serde_json::to_vec(&plan).map_err(|e| AgentError::BadAnswer(e.to_string()))?;
-        self.propose_bytes(bytes).instrument(span).await
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("traceparent", traceparent.as_str());
+        self.propose_with(bytes, Some(headers)).instrument(span).await
     }
 
     /// Proposes a plan given as JSON bytes, unchanged (no key is added).
     pub async fn propose_bytes(&self, bytes: Vec<u8>) -> Result<Decision, AgentError> {
-        let d: Decision = self.request(self.subject("intent"), bytes).await?;
+        self.propose_with(bytes, None).await.map(|t| t.decision)
+    }
+
+    async fn propose_with(&self, bytes: Vec<u8>, headers: Option<async_nats::HeaderMap>) -> Result<Traced, AgentError> {
+        let (d, answer): (Decision, _) = self.request_with(self.subject("intent"), bytes, headers).await?;
         if d.verdict == Verdict::Reject
             && let Some(r) = d.reasons.iter().find(|r| r.rule == "halt.active")
         {
@@ -354,7 +404,14 @@ impl Agent {
                 message: r.message.clone(),
             });
         }
-        Ok(d)
+        let traceparent = answer
+            .as_ref()
+            .and_then(|h| h.get("traceparent"))
+            .map(|v| v.as_str().to_string());
+        Ok(Traced {
+            decision: d,
+            traceparent,
+        })
     }
 
     /// Waits for the human's decision on a plan held for approval, woken by

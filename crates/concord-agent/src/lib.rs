@@ -110,7 +110,7 @@ pub mod executor;
 pub mod lease;
 pub mod world;
 
-pub use agent::{Agent, AgentConfig, HumanDecision, SagaEnd, idempotency_key, next_version};
+pub use agent::{Agent, AgentConfig, HumanDecision, SagaEnd, Traced, idempotency_key, next_version};
 pub use error::{AgentError, ExecutorError};
 pub use executor::{Executor, ExecutorConfig, Step, StepError, StepHandler};
 pub use lease::{LeaseError, LeaseGuard, LeaseLost};
