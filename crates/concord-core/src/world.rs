@@ -139,9 +139,17 @@ pub struct Base<'w> {
 /// and in a large world each lookup is a descent through a B-tree of text
 /// keys (some 1,500 instructions at 100k paths); a remembered one is a scan
 /// of a few hashes.
+///
+/// It also records what the preview read (every lookup, and the prefixes it
+/// scanned), so that the coordinator can tell whether the effects of the
+/// plans in flight could have changed anything the preview saw.
 #[derive(Debug, Default)]
 pub(crate) struct Memo<'w> {
     entries: RefCell<Vec<MemoEntry<'w>>>,
+    /// Prefixes scanned in full (visits and scans), at most [`MEMO_SCANS_MAX`].
+    scans: RefCell<Vec<Box<str>>>,
+    /// Some read was not recorded (a table was full): what was read is unknown.
+    overflowed: std::cell::Cell<bool>,
 }
 
 #[derive(Debug)]
@@ -162,6 +170,10 @@ enum MemoKind<'w> {
 /// Most entries a memo keeps: beyond it lookups are simply not remembered,
 /// so a plan that reads many paths costs what it did without one.
 const MEMO_ENTRIES_MAX: usize = 64;
+
+/// Most scanned prefixes a memo records; beyond it, it only notes that it
+/// lost count.
+const MEMO_SCANS_MAX: usize = 32;
 
 /// FNV-1a: short keys, no allocation, the same in every process.
 fn text_hash(text: &str) -> u64 {
@@ -187,7 +199,36 @@ impl<'w> Memo<'w> {
                 text: text.into(),
                 kind,
             });
+        } else {
+            self.overflowed.set(true);
         }
+    }
+
+    fn scanned(&self, prefix: &str) {
+        let mut scans = self.scans.borrow_mut();
+        if scans.iter().any(|p| &**p == prefix) {
+            return;
+        }
+        if scans.len() < MEMO_SCANS_MAX {
+            scans.push(prefix.into());
+        } else {
+            self.overflowed.set(true);
+        }
+    }
+
+    /// Whether `overlay` holds a path any read through this memo could have
+    /// seen (a path looked up, or one under a prefix scanned or tested), or
+    /// whether what was read is not known. When it is false, the same reads
+    /// against a base with or without `overlay` gave the same answers.
+    pub(crate) fn read_any(&self, overlay: &Overlay) -> bool {
+        if self.overflowed.get() {
+            return true;
+        }
+        let under = |prefix: &str| scan_prefix(overlay, prefix).next().is_some();
+        self.entries.borrow().iter().any(|e| match e.kind {
+            MemoKind::Get(_) => overlay.contains_key(&*e.text),
+            MemoKind::Under { .. } => under(&e.text),
+        }) || self.scans.borrow().iter().any(|p| under(p))
     }
 }
 
@@ -280,6 +321,9 @@ impl<'w> Base<'w> {
     /// `prefix`, without copying: world entries first (those the overlay does
     /// not change), then the overlay's values, each run in path order.
     pub fn visit_prefix(&self, prefix: &str, mut f: impl FnMut(&'w ResourcePath, &'w Value)) {
+        if let Some(memo) = self.memo {
+            memo.scanned(prefix);
+        }
         // Both runs are in path order: walk the overlay's alongside the
         // world's instead of searching the overlay for every world path.
         let mut changed = self.overlay.map(|o| scan_prefix(o, prefix).peekable());
@@ -303,6 +347,9 @@ impl<'w> Base<'w> {
 
     /// Every existing (path, value) whose path text starts with `prefix`, in order.
     pub fn scan_prefix(&self, prefix: &str) -> Vec<(ResourcePath, Value)> {
+        if let Some(memo) = self.memo {
+            memo.scanned(prefix);
+        }
         let base = self.world.scan_prefix(prefix).map(|(p, v)| (p.clone(), v.clone()));
         let Some(overlay) = self.overlay else {
             return base.collect();
