@@ -478,3 +478,59 @@ impl<'w> State<'w> {
             || (in_world && scan_prefix(&self.base.world.resources, &prefix).any(|(p, _)| !removed(p)))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn path(s: &str) -> ResourcePath {
+        ResourcePath::parse(s).unwrap_or_else(|(_, e)| panic!("`{s}`: {e}"))
+    }
+
+    fn overlay(paths: &[&str]) -> Overlay {
+        paths.iter().map(|p| (path(p), Some(Value::Int(1)))).collect()
+    }
+
+    /// What a memo says was read decides whether the coordinator previews a
+    /// plan a second time on the world as it is: every path looked up, every
+    /// prefix tested or scanned counts, and nothing else does.
+    #[test]
+    fn a_memo_knows_which_overlays_could_change_what_was_read() {
+        let world = World {
+            resources: [("svc/api/pool_size", 10), ("svc/web/pool_size", 20), ("db/max", 100)]
+                .into_iter()
+                .map(|(p, v)| (path(p), Value::Int(v)))
+                .collect(),
+            services: BTreeMap::new(),
+        };
+        let inflight = overlay(&["fleet/node-1/cpu"]);
+        let memo = Memo::default();
+        let base = Base::projected(&world, &inflight).with_memo(&memo);
+        assert_eq!(base.get_str("db/max"), Some(&Value::Int(100)));
+        assert!(base.holds_under("svc/api/pool_size/") == (false, false));
+        let mut seen = 0;
+        base.visit_prefix("svc/", |_, _| seen += 1);
+        assert_eq!(seen, 2);
+        // Looked up, tested, scanned: each is read.
+        assert!(memo.read_any(&overlay(&["db/max"])));
+        assert!(memo.read_any(&overlay(&["svc/api/pool_size/x"])));
+        assert!(memo.read_any(&overlay(&["svc/new/replicas"])));
+        // Beside them, an ancestor of a looked-up path, or elsewhere: not read.
+        assert!(!memo.read_any(&overlay(&["db/max2"])));
+        assert!(!memo.read_any(&overlay(&["db/other"])));
+        assert!(!memo.read_any(&overlay(&["fleet/node-2/cpu", "volumes/v/size"])));
+        assert!(!memo.read_any(&Overlay::new()));
+    }
+
+    /// A memo that could not record every read says so: anything may have been read.
+    #[test]
+    fn a_full_memo_assumes_everything_was_read() {
+        let world = World::default();
+        let memo = Memo::default();
+        let base = Base::current(&world).with_memo(&memo);
+        for i in 0..=MEMO_ENTRIES_MAX {
+            assert_eq!(base.get_str(&format!("a/p{i}")), None);
+        }
+        assert!(memo.read_any(&overlay(&["z/elsewhere"])));
+    }
+}
