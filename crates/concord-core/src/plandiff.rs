@@ -125,7 +125,7 @@ pub fn plan_diff(old: &Intent, new: &Intent) -> PlanDiff {
     PlanDiff {
         previous_lineage: old.lineage.clone(),
         previous_version: old.version,
-        previous_hash: old.content_hash(),
+        previous_hash: crate::preview::plan_hash(old),
         added,
         removed,
         changed,
@@ -134,6 +134,10 @@ pub fn plan_diff(old: &Intent, new: &Intent) -> PlanDiff {
 }
 
 fn differing_fields(a: &Step, b: &Step) -> Vec<String> {
+    // Most steps of a re-plan are unchanged: no need to compare their fields.
+    if a == b {
+        return Vec::new();
+    }
     let (Ok(serde_json::Value::Object(a)), Ok(serde_json::Value::Object(b))) =
         (serde_json::to_value(a), serde_json::to_value(b))
     else {

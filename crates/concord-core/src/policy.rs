@@ -393,6 +393,10 @@ pub struct PolicyConfig {
 #[derive(Clone, Debug)]
 pub struct Globs {
     set: GlobSet,
+    /// Per glob: the literal text a match must start with and end with (a
+    /// necessary condition, checked before the glob set: most paths a rule
+    /// is asked about fail it on their first or last bytes).
+    bounds: Vec<(String, String)>,
     /// Literal text each glob starts with, deduplicated (`""` means the whole world).
     pub prefixes: Vec<String>,
     /// The globs as written.
@@ -404,8 +408,10 @@ impl Globs {
     pub fn new(rule: &str, patterns: &[String]) -> Result<Globs, PolicyError> {
         let mut b = GlobSetBuilder::new();
         let mut prefixes: Vec<String> = Vec::new();
+        let mut bounds: Vec<(String, String)> = Vec::new();
         for p in patterns {
             b.add(glob(rule, p)?);
+            bounds.push(literal_bounds(p));
             let lit: String = p
                 .chars()
                 .take_while(|c| !matches!(c, '*' | '?' | '[' | '{' | '\\'))
@@ -427,6 +433,7 @@ impl Globs {
         })?;
         Ok(Globs {
             set,
+            bounds,
             prefixes: kept,
             patterns: patterns.to_vec(),
         })
@@ -434,12 +441,39 @@ impl Globs {
 
     /// Whether `text` matches any glob.
     pub fn matches(&self, text: &str) -> bool {
-        self.set.is_match(text)
+        self.may_match(text) && self.set.is_match(text)
     }
 
     /// The first glob `text` matches, as written.
     pub fn first_match(&self, text: &str) -> Option<&str> {
+        if !self.may_match(text) {
+            return None;
+        }
         self.set.matches(text).first().map(|&i| self.patterns[i].as_str())
+    }
+
+    /// Whether some glob's literal head and tail fit `text`: false means no
+    /// glob matches it.
+    fn may_match(&self, text: &str) -> bool {
+        self.bounds
+            .iter()
+            .any(|(head, tail)| text.starts_with(head.as_str()) && text.ends_with(tail.as_str()))
+    }
+}
+
+/// The literal text before a glob's first special character and after its
+/// last, without a `/` next to the special part (`svc/**` also matches
+/// `svc`, `**/grants` also matches `grants`). Every match starts with the
+/// first and ends with the second.
+fn literal_bounds(pattern: &str) -> (String, String) {
+    let special = |c: char| matches!(c, '*' | '?' | '[' | ']' | '{' | '}' | '\\');
+    match (pattern.find(special), pattern.rfind(special)) {
+        (Some(first), Some(last)) => (
+            pattern[..first].trim_end_matches('/').to_string(),
+            pattern[last + 1..].trim_start_matches('/').to_string(),
+        ),
+        // No special character: the glob is its own text.
+        _ => (pattern.to_string(), pattern.to_string()),
     }
 }
 

@@ -251,6 +251,15 @@ pub fn preview(input: PreviewInput<'_>) -> Preview {
 /// the current world plus in-flight plans' effects). Assumptions are still
 /// checked against `input.world`, the world as it is.
 pub fn preview_on(input: PreviewInput<'_>, base: Base<'_>) -> Preview {
+    let memo = Memo::default();
+    let mut run = Run::simulate(base.with_memo(&memo), input.intent);
+    preview_of_run(input, &mut run, None)
+}
+
+/// The preview of a plan whose run is already simulated (the coordinator
+/// simulates it once for the preview, conflicts and compounding), with its
+/// content hash if already known. Takes the run's compensation entries.
+pub(crate) fn preview_of_run(input: PreviewInput<'_>, run: &mut Run<'_>, hash: Option<String>) -> Preview {
     let PreviewInput {
         world,
         intent,
@@ -258,9 +267,7 @@ pub fn preview_on(input: PreviewInput<'_>, base: Base<'_>) -> Preview {
         policy,
         previous,
     } = input;
-    let memo = Memo::default();
-    let base = base.with_memo(&memo);
-    let run = Run::simulate(base, intent);
+    let base = run.base;
 
     let diff: Vec<Change> = run
         .final_changes
@@ -307,12 +314,12 @@ pub fn preview_on(input: PreviewInput<'_>, base: Base<'_>) -> Preview {
     let blast_radius = blast_radius(world, &touched_all);
 
     let plan_diff = previous.map(|p| plan_diff(p, intent));
-    let mut invariants = rules::builtin(&run, intent, agent, policy, plan_diff.as_ref());
-    invariants.extend(rules::ceilings(&run, policy));
-    invariants.extend(rules::rates(&run, intent, policy));
+    let mut invariants = rules::builtin(run, intent, agent, policy, plan_diff.as_ref());
+    invariants.extend(rules::ceilings(run, policy));
+    invariants.extend(rules::rates(run, intent, policy));
     let (assumptions, assumption_rule) = rules::assumptions(world, intent, policy);
     invariants.push(assumption_rule);
-    invariants.extend(policy.budgets.iter().map(|b| b.evaluate(&run)));
+    invariants.extend(policy.budgets.iter().map(|b| b.evaluate(run)));
     if !policy.cel.is_empty() {
         // Built once, and only when some rule reads them; rules borrow them.
         let reads_plan = policy.cel.iter().any(|r| r.vars.plan);
@@ -326,7 +333,7 @@ pub fn preview_on(input: PreviewInput<'_>, base: Base<'_>) -> Preview {
             ])
         });
         for rule in &policy.cel {
-            invariants.push(eval_cel(rule, policy, &run, plan_val.as_ref(), agent_val.as_ref()));
+            invariants.push(eval_cel(rule, policy, run, plan_val.as_ref(), agent_val.as_ref()));
         }
     }
 
@@ -359,6 +366,7 @@ pub fn preview_on(input: PreviewInput<'_>, base: Base<'_>) -> Preview {
         })
         .collect::<Vec<_>>();
     let risk = risk(intent, &blast_radius, &reasons);
+    let compensation = std::mem::take(&mut run.compensation);
 
     Preview {
         preview_version: PREVIEW_VERSION,
@@ -368,7 +376,7 @@ pub fn preview_on(input: PreviewInput<'_>, base: Base<'_>) -> Preview {
             agent: agent.to_string(),
             lineage: intent.lineage.clone(),
             version: intent.version,
-            hash: plan_hash(intent),
+            hash: hash.unwrap_or_else(|| plan_hash(intent)),
             goal: intent.goal.to_string(),
         },
         verdict,
@@ -376,7 +384,7 @@ pub fn preview_on(input: PreviewInput<'_>, base: Base<'_>) -> Preview {
         diff,
         actions,
         blast_radius,
-        compensation: run.compensation,
+        compensation,
         invariants,
         assumptions,
         unknowns: intent.unknowns.iter().map(|u| u.to_string()).collect(),
@@ -447,18 +455,24 @@ fn overlaps(a: &ResourcePath, b: &ResourcePath) -> bool {
 }
 
 /// The plan's content hash, [`Intent::content_hash`]: without an idempotency
-/// key the intent is its own content, so its bytes go straight to the hasher
-/// instead of through a copy of the intent and a buffer.
+/// key the intent is its own content, so it is serialized without a copy.
+/// The bytes go to a buffer and then to the hasher in one piece: fed to the
+/// hasher as serde writes them (a few bytes at a time), hashing cost more
+/// than serializing.
 pub(crate) fn plan_hash(intent: &Intent) -> String {
     if intent.idempotency_key.is_some() {
         return intent.content_hash();
     }
-    let mut hasher = blake3::Hasher::new();
-    match serde_json::to_writer(&mut hasher, intent) {
-        Ok(()) => hasher.finalize().to_hex().to_string(),
+    let mut bytes = Vec::with_capacity(PLAN_JSON_BYTES_HINT);
+    match serde_json::to_writer(&mut bytes, intent) {
+        Ok(()) => blake3::hash(&bytes).to_hex().to_string(),
         Err(_) => intent.content_hash(),
     }
 }
+
+/// A plan's usual size as JSON: the buffer it is serialized into starts
+/// this large (it grows past it if it must).
+const PLAN_JSON_BYTES_HINT: usize = 2048;
 
 /// Risk from what the plan does, how far it reaches, how sure the agent is,
 /// and which rules it breaks.

@@ -139,9 +139,17 @@ pub struct Base<'w> {
 /// and in a large world each lookup is a descent through a B-tree of text
 /// keys (some 1,500 instructions at 100k paths); a remembered one is a scan
 /// of a few hashes.
+///
+/// It also records what the preview read (every lookup, and the prefixes it
+/// scanned), so that the coordinator can tell whether the effects of the
+/// plans in flight could have changed anything the preview saw.
 #[derive(Debug, Default)]
 pub(crate) struct Memo<'w> {
     entries: RefCell<Vec<MemoEntry<'w>>>,
+    /// Prefixes scanned in full (visits and scans), at most [`MEMO_SCANS_MAX`].
+    scans: RefCell<Vec<Box<str>>>,
+    /// Some read was not recorded (a table was full): what was read is unknown.
+    overflowed: std::cell::Cell<bool>,
 }
 
 #[derive(Debug)]
@@ -162,6 +170,10 @@ enum MemoKind<'w> {
 /// Most entries a memo keeps: beyond it lookups are simply not remembered,
 /// so a plan that reads many paths costs what it did without one.
 const MEMO_ENTRIES_MAX: usize = 64;
+
+/// Most scanned prefixes a memo records; beyond it, it only notes that it
+/// lost count.
+const MEMO_SCANS_MAX: usize = 32;
 
 /// FNV-1a: short keys, no allocation, the same in every process.
 fn text_hash(text: &str) -> u64 {
@@ -187,7 +199,36 @@ impl<'w> Memo<'w> {
                 text: text.into(),
                 kind,
             });
+        } else {
+            self.overflowed.set(true);
         }
+    }
+
+    fn scanned(&self, prefix: &str) {
+        let mut scans = self.scans.borrow_mut();
+        if scans.iter().any(|p| &**p == prefix) {
+            return;
+        }
+        if scans.len() < MEMO_SCANS_MAX {
+            scans.push(prefix.into());
+        } else {
+            self.overflowed.set(true);
+        }
+    }
+
+    /// Whether `overlay` holds a path any read through this memo could have
+    /// seen (a path looked up, or one under a prefix scanned or tested), or
+    /// whether what was read is not known. When it is false, the same reads
+    /// against a base with or without `overlay` gave the same answers.
+    pub(crate) fn read_any(&self, overlay: &Overlay) -> bool {
+        if self.overflowed.get() {
+            return true;
+        }
+        let under = |prefix: &str| scan_prefix(overlay, prefix).next().is_some();
+        self.entries.borrow().iter().any(|e| match e.kind {
+            MemoKind::Get(_) => overlay.contains_key(&*e.text),
+            MemoKind::Under { .. } => under(&e.text),
+        }) || self.scans.borrow().iter().any(|p| under(p))
     }
 }
 
@@ -280,6 +321,9 @@ impl<'w> Base<'w> {
     /// `prefix`, without copying: world entries first (those the overlay does
     /// not change), then the overlay's values, each run in path order.
     pub fn visit_prefix(&self, prefix: &str, mut f: impl FnMut(&'w ResourcePath, &'w Value)) {
+        if let Some(memo) = self.memo {
+            memo.scanned(prefix);
+        }
         // Both runs are in path order: walk the overlay's alongside the
         // world's instead of searching the overlay for every world path.
         let mut changed = self.overlay.map(|o| scan_prefix(o, prefix).peekable());
@@ -303,6 +347,9 @@ impl<'w> Base<'w> {
 
     /// Every existing (path, value) whose path text starts with `prefix`, in order.
     pub fn scan_prefix(&self, prefix: &str) -> Vec<(ResourcePath, Value)> {
+        if let Some(memo) = self.memo {
+            memo.scanned(prefix);
+        }
         let base = self.world.scan_prefix(prefix).map(|(p, v)| (p.clone(), v.clone()));
         let Some(overlay) = self.overlay else {
             return base.collect();
@@ -429,5 +476,61 @@ impl<'w> State<'w> {
         let (in_world, in_overlay) = self.base.holds_under(&prefix);
         (in_overlay && overlay.is_some_and(|o| scan_prefix(o, &prefix).any(|(p, v)| v.is_some() && !removed(p))))
             || (in_world && scan_prefix(&self.base.world.resources, &prefix).any(|(p, _)| !removed(p)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn path(s: &str) -> ResourcePath {
+        ResourcePath::parse(s).unwrap_or_else(|(_, e)| panic!("`{s}`: {e}"))
+    }
+
+    fn overlay(paths: &[&str]) -> Overlay {
+        paths.iter().map(|p| (path(p), Some(Value::Int(1)))).collect()
+    }
+
+    /// What a memo says was read decides whether the coordinator previews a
+    /// plan a second time on the world as it is: every path looked up, every
+    /// prefix tested or scanned counts, and nothing else does.
+    #[test]
+    fn a_memo_knows_which_overlays_could_change_what_was_read() {
+        let world = World {
+            resources: [("svc/api/pool_size", 10), ("svc/web/pool_size", 20), ("db/max", 100)]
+                .into_iter()
+                .map(|(p, v)| (path(p), Value::Int(v)))
+                .collect(),
+            services: BTreeMap::new(),
+        };
+        let inflight = overlay(&["fleet/node-1/cpu"]);
+        let memo = Memo::default();
+        let base = Base::projected(&world, &inflight).with_memo(&memo);
+        assert_eq!(base.get_str("db/max"), Some(&Value::Int(100)));
+        assert!(base.holds_under("svc/api/pool_size/") == (false, false));
+        let mut seen = 0;
+        base.visit_prefix("svc/", |_, _| seen += 1);
+        assert_eq!(seen, 2);
+        // Looked up, tested, scanned: each is read.
+        assert!(memo.read_any(&overlay(&["db/max"])));
+        assert!(memo.read_any(&overlay(&["svc/api/pool_size/x"])));
+        assert!(memo.read_any(&overlay(&["svc/new/replicas"])));
+        // Beside them, an ancestor of a looked-up path, or elsewhere: not read.
+        assert!(!memo.read_any(&overlay(&["db/max2"])));
+        assert!(!memo.read_any(&overlay(&["db/other"])));
+        assert!(!memo.read_any(&overlay(&["fleet/node-2/cpu", "volumes/v/size"])));
+        assert!(!memo.read_any(&Overlay::new()));
+    }
+
+    /// A memo that could not record every read says so: anything may have been read.
+    #[test]
+    fn a_full_memo_assumes_everything_was_read() {
+        let world = World::default();
+        let memo = Memo::default();
+        let base = Base::current(&world).with_memo(&memo);
+        for i in 0..=MEMO_ENTRIES_MAX {
+            assert_eq!(base.get_str(&format!("a/p{i}")), None);
+        }
+        assert!(memo.read_any(&overlay(&["z/elsewhere"])));
     }
 }

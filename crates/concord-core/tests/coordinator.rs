@@ -1089,6 +1089,22 @@ fn a_remediation_loop_trips_a_breaker_until_an_operator_resumes() {
     assert!(fx.iter().any(|e| matches!(e, Effect::Alert { .. })));
     assert!(events(&fx).iter().any(|e| matches!(e, Event::BreakerTripped { .. })));
     assert_eq!(h.c.breakers().len(), 1);
+    // A repeat while the breaker is open is refused with its reasons, and
+    // trips nothing new: the log and the alerts name the loop once.
+    h.now += 60_000;
+    let fx = h.propose("uptime", plan("r3b", 1, json!([restart("r", "svc/web")])));
+    let d = decision(&fx);
+    assert_eq!(d.verdict, Verdict::Reject);
+    assert!(d.reasons.iter().any(|r| r.rule == "breaker.open"), "{:#?}", d.reasons);
+    let looped = d
+        .reasons
+        .iter()
+        .find(|r| r.rule == "compounding.loop")
+        .expect("loop reason");
+    assert!(looped.message.contains("its breaker is open"), "{}", looped.message);
+    assert!(!fx.iter().any(|e| matches!(e, Effect::Alert { .. })), "{fx:#?}");
+    assert!(!events(&fx).iter().any(|e| matches!(e, Event::BreakerTripped { .. })));
+    assert_eq!(h.c.breakers().len(), 1);
     // Hours later the breaker still holds: only an operator lifts it.
     h.now += 7_200_000;
     let fx = h.propose("uptime", plan("r4", 1, json!([restart("r", "svc/web")])));

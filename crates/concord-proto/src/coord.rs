@@ -317,9 +317,17 @@ pub struct Decision {
 impl Decision {
     /// The decision without its preview: what the idempotency table keeps.
     pub fn compact(&self) -> Decision {
+        // Field by field: cloning the whole decision would copy the preview
+        // only to drop it.
         Decision {
+            verdict: self.verdict,
+            reasons: self.reasons.clone(),
+            conflicts: self.conflicts.clone(),
+            plan_hash: self.plan_hash.clone(),
+            material_hash: self.material_hash.clone(),
+            queued: self.queued,
+            duplicate: self.duplicate,
             preview: None,
-            ..self.clone()
         }
     }
 }

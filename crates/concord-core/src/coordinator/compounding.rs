@@ -254,6 +254,13 @@ impl Coordinator {
                     .collect();
                 let count = earlier.len() as u32 + 1;
                 if count > cfg.max_repeats {
+                    // A breaker trips once: while one is open on the path, the
+                    // repeat is refused (`breaker.open`) but trips nothing new,
+                    // so the log and the alerts name the loop once.
+                    let open = self
+                        .breakers
+                        .iter()
+                        .any(|b| b.agent == agent && b.path.overlaps(&step.path));
                     let plans: BTreeSet<String> = earlier.iter().map(|h| h.plan.clone()).collect();
                     let mut f = BTreeMap::new();
                     f.insert("path".into(), Value::Str(step.path.to_string()));
@@ -263,20 +270,23 @@ impl Coordinator {
                     f.insert("earlier_plans".into(), plans_value(&plans));
                     fail = Some((
                         format!(
-                            "agent `{agent}` would `{}` `{}` for the {count}th time in {} ms (at most {}): breaker tripped; an operator must resume",
+                            "agent `{agent}` would `{}` `{}` for the {count}th time in {} ms (at most {}): {}; an operator must resume",
                             step.kind(),
                             step.path,
                             cfg.window_ms,
-                            cfg.max_repeats
+                            cfg.max_repeats,
+                            if open { "its breaker is open" } else { "breaker tripped" }
                         ),
                         f,
                     ));
-                    tripped = Some(Breaker {
-                        agent: agent.to_string(),
-                        path: step.path.clone(),
-                        kind: step.kind(),
-                        at_ms: now,
-                    });
+                    if !open {
+                        tripped = Some(Breaker {
+                            agent: agent.to_string(),
+                            path: step.path.clone(),
+                            kind: step.kind(),
+                            at_ms: now,
+                        });
+                    }
                 }
             }
             out.push(result(

@@ -40,8 +40,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::apply::{PathChange, apply};
 use crate::policy::Policy;
-use crate::preview::{PreviewInput, preview_on};
-use crate::world::{Base, Overlay, State, World};
+use crate::preview::{PreviewInput, preview_of_run};
+use crate::world::{Base, Memo, Overlay, State, World};
 pub use crate::worlddoc::ObservationRecord;
 use crate::worlddoc::{Identity, Provenance, WorldDoc, WorldDocConfig, WorldDocError, needs_write};
 pub use compounding::{Breaker, HISTORY_MAX, HistoryEntry};
@@ -577,7 +577,9 @@ pub struct Coordinator {
     /// Projected effects of running plans.
     projected: Overlay,
     /// Running plans by every path they touch: the coordinator-owned leases.
-    inflight: BTreeMap<ResourcePath, BTreeSet<Id>>,
+    /// The lineages per path are kept sorted in a vector: nearly always one,
+    /// and a set would cost a whole tree node per path.
+    inflight: BTreeMap<ResourcePath, Vec<Id>>,
     /// Highest fencing token handed out per path.
     fencing: BTreeMap<ResourcePath, u64>,
     leases: LeaseTable,
@@ -1115,7 +1117,8 @@ impl Coordinator {
     // ---- intents ---------------------------------------------------------
 
     fn on_intent(&mut self, now: u64, request: RequestId, agent: &str, intent: Intent, fx: &mut Vec<Effect>) {
-        let hash = intent.content_hash();
+        // The same value as `Intent::content_hash`, without copying the intent.
+        let hash = crate::preview::plan_hash(&intent);
         if let Some(d) = self.decisions.get(&(agent.to_string(), dedupe_key(&intent, &hash))) {
             // A retry after a timeout or reconnect gets the original decision.
             let mut d = d.clone();
@@ -1133,7 +1136,7 @@ impl Coordinator {
             .or_else(|| self.ended.get(&intent.lineage).cloned())
             .or_else(|| self.recognised_replan(now, agent, &intent));
         self.remember_recent(now, agent, &intent);
-        let decision = self.decide(now, agent, intent, Some(request), previous, fx);
+        let decision = self.decide(now, agent, intent, Some(hash), Some(request), previous, fx);
         if let Some(d) = decision {
             fx.push(Effect::Reply {
                 request,
@@ -1149,11 +1152,13 @@ impl Coordinator {
     /// policy decides) and the *commitment* (state changes that follow from
     /// the verdict). While recovering, the evaluation is taken from the
     /// recorded `decided` event instead: recovery never re-decides.
+    #[allow(clippy::too_many_arguments)]
     fn decide(
         &mut self,
         now: u64,
         agent: &str,
         intent: Intent,
+        hash: Option<String>,
         request: Option<RequestId>,
         previous: Option<Intent>,
         fx: &mut Vec<Effect>,
@@ -1167,12 +1172,20 @@ impl Coordinator {
             _ => None,
         });
         let recorded = self.take_recorded_decision(&lineage, intent.version);
-        let run = crate::preview::Run::simulate(Base::projected(&self.world, &self.projected), &intent);
+        // One simulated run serves the preview on the projected world, the
+        // conflicts and the compounding checks; its memo records what it read.
+        let memo = Memo::default();
+        let mut run =
+            crate::preview::Run::simulate(Base::projected(&self.world, &self.projected).with_memo(&memo), &intent);
         let mut touched: BTreeSet<ResourcePath> = run.touched.clone();
         touched.extend(intent.steps.iter().map(|s| s.path.clone()));
         let eval = match recorded {
             Some(e) => e,
-            None => self.evaluate(now, agent, &intent, previous.as_ref(), &run, &touched),
+            None => {
+                let hash = hash.unwrap_or_else(|| crate::preview::plan_hash(&intent));
+                let previous = previous.as_ref();
+                self.evaluate(now, agent, &intent, previous, hash, &mut run, &memo, &touched)
+            }
         };
         if let Some(b) = &eval.trip {
             fx.push(Effect::Event(Event::BreakerTripped { breaker: b.clone() }));
@@ -1268,13 +1281,16 @@ impl Coordinator {
     /// What policy decides about a plan: previews on the projected world
     /// (and on the world as it is, with plans in flight), bounds, halts,
     /// breakers, compounding findings and conflicts. Changes no state.
+    #[allow(clippy::too_many_arguments)]
     fn evaluate(
         &self,
         now: u64,
         agent: &str,
         intent: &Intent,
         previous: Option<&Intent>,
-        run: &crate::preview::Run<'_>,
+        hash: String,
+        run: &mut crate::preview::Run<'_>,
+        memo: &Memo<'_>,
         touched: &BTreeSet<ResourcePath>,
     ) -> Evaluation {
         let lineage = &intent.lineage;
@@ -1331,9 +1347,17 @@ impl Coordinator {
             policy: &self.policy,
             previous,
         };
-        let mut preview = preview_on(input, Base::projected(&self.world, &self.projected));
-        if !self.projected.is_empty() {
-            let current = preview_on(input, Base::current(&self.world));
+        let mut preview = preview_of_run(input, run, Some(hash.clone()));
+        // The world as it is differs from the projected one only at the paths
+        // the in-flight plans change: if the projected preview read none of
+        // them (nor anything under a prefix it scanned), the preview on the
+        // world as it is would read the same values and reach the same
+        // results, so it adds no reason and is not computed.
+        if !self.projected.is_empty() && memo.read_any(&self.projected) {
+            let current_memo = Memo::default();
+            let mut current_run =
+                crate::preview::Run::simulate(Base::current(&self.world).with_memo(&current_memo), intent);
+            let current = preview_of_run(input, &mut current_run, Some(hash));
             for r in current.reasons {
                 if !preview.reasons.iter().any(|p| p.rule == r.rule) {
                     extra.push(Reason {
@@ -1536,8 +1560,8 @@ impl Coordinator {
     }
 
     /// In-flight index entries for `path`, its ancestors and its descendants.
-    fn inflight_overlapping(&self, path: &ResourcePath) -> Vec<(&ResourcePath, &BTreeSet<Id>)> {
-        let mut out: Vec<(&ResourcePath, &BTreeSet<Id>)> = Vec::new();
+    fn inflight_overlapping(&self, path: &ResourcePath) -> Vec<(&ResourcePath, &Vec<Id>)> {
+        let mut out: Vec<(&ResourcePath, &Vec<Id>)> = Vec::new();
         if let Some((p, o)) = self.inflight.get_key_value(path) {
             out.push((p, o));
         }
@@ -1569,7 +1593,10 @@ impl Coordinator {
             return;
         };
         for p in &plan.touched {
-            self.inflight.entry(p.clone()).or_default().insert(lineage.clone());
+            let owners = self.inflight.entry(p.clone()).or_default();
+            if let Err(i) = owners.binary_search(lineage) {
+                owners.insert(i, lineage.clone());
+            }
         }
         for (p, v) in &plan.effects {
             self.projected.insert(p.clone(), v.clone());
@@ -1924,7 +1951,7 @@ impl Coordinator {
         self.remember_ended(&plan.intent);
         for p in &plan.touched {
             if let Some(set) = self.inflight.get_mut(p) {
-                set.remove(lineage);
+                set.retain(|l| l != lineage);
                 if set.is_empty() {
                     self.inflight.remove(p);
                 }
@@ -1942,7 +1969,7 @@ impl Coordinator {
         for l in queued {
             let Some(p) = self.remove_plan(&l) else { continue };
             let request = p.queued_request;
-            if let Some(d) = self.decide(now, &p.agent, p.intent, request, p.previous, fx)
+            if let Some(d) = self.decide(now, &p.agent, p.intent, None, request, p.previous, fx)
                 && let Some(request) = request
             {
                 fx.push(Effect::Reply {
@@ -2463,7 +2490,7 @@ impl Coordinator {
         self.remove_plan(lineage);
         // The re-decision is logged like any other: its `decided` event
         // shows what the approval was checked against.
-        let Some(d) = self.decide(now, &agent, intent.clone(), None, previous, fx) else {
+        let Some(d) = self.decide(now, &agent, intent.clone(), None, None, previous, fx) else {
             return (
                 false,
                 "the plan now conflicts with an in-flight plan and was queued".into(),
