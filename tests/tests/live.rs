@@ -523,6 +523,8 @@ async fn log_verify_names_an_event_rewritten_through_the_jetstream_api() {
         .await
         .unwrap();
     assert_eq!(lax.error, None, "without a pinned signer any key passes: {lax:?}");
+    // ... but the report names both keys: the coordinator's and the forger's.
+    assert_eq!(lax.signers, vec![signer.clone(), forger.public_key()], "{lax:?}");
     let pinned = verify_log(&nats, &live.cfg.log.stream, "default", vec![signer])
         .await
         .unwrap();

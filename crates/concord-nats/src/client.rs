@@ -269,6 +269,12 @@ pub struct VerifyReport {
     pub error: Option<String>,
     /// Its sequence.
     pub error_seq: Option<u64>,
+    /// Every key that signed a checked message, in order of first use (a
+    /// coordinator signs with one key per process unless configured with a
+    /// seed: more keys than restarts, or a key not the coordinator's, is a
+    /// forgery's mark even when the chain holds).
+    #[serde(default)]
+    pub signers: Vec<String>,
 }
 
 /// Checks the whole chain and the recorded head.
@@ -280,10 +286,14 @@ pub async fn verify_log(
 ) -> Result<VerifyReport, ClientError> {
     let mut v = Verifier::new(signers);
     let mut records = 0u64;
+    let mut seen: Vec<String> = Vec::new();
     let mut failure: Option<ChainError> = None;
     read_log(nats, stream, 1, false, |seq, payload| match v.check(seq, payload) {
         Ok(b) => {
             records += b.records.len() as u64;
+            if !seen.contains(&b.signer) {
+                seen.push(b.signer);
+            }
             true
         }
         Err(e) => {
@@ -334,5 +344,6 @@ pub async fn verify_log(
         head_hash,
         error: failure.map(|e| e.to_string()),
         error_seq,
+        signers: seen,
     })
 }

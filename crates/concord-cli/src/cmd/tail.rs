@@ -202,6 +202,7 @@ enum LogCmd {
 /// Verifies the log; exit 0 if it holds, 4 if not.
 pub fn log(a: LogArgs) -> Result<u8> {
     let LogCmd::Verify { signer, stream, json } = a.what;
+    let pinned = !signer.is_empty();
     let report = runtime()?.block_on(async {
         let c = a.bus.connect().await?;
         verify_log(&c.nats, &stream, &a.bus.domain, signer)
@@ -217,9 +218,17 @@ pub fn log(a: LogArgs) -> Result<u8> {
         ))?;
     } else {
         out(&format!(
-            "log verifies: {} messages, {} records, head {} ({})\n",
-            report.messages, report.records, report.head_seq, report.head_hash
+            "log verifies: {} messages, {} records, head {} ({})\nsigned by: {}\n",
+            report.messages,
+            report.records,
+            report.head_seq,
+            report.head_hash,
+            report.signers.join(", ")
         ))?;
+        if !pinned {
+            out("no signer pinned: any key's signature passes; pass --signer <the coordinator's public key> \
+                 (from its signing seed) to refuse a re-signed log\n")?;
+        }
     }
     Ok(if report.error.is_some() { 4 } else { 0 })
 }
