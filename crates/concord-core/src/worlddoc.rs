@@ -23,6 +23,10 @@
 //! document bytes in every process. A new incarnation (a restart) writes
 //! under a new actor, so it never reuses an (actor, seq) pair that a replica
 //! may already hold from a run whose last inputs were not logged.
+//! Writes are accepted at once and applied to Automerge, in order and one
+//! change each, when the document is next read (see [`WorldDoc`]): a replay
+//! or a simulation that never syncs does not pay Automerge's cost per
+//! operation for a history nobody reads.
 //!
 //! Rotation: Automerge keeps every change forever. Every
 //! [`WorldDocConfig::rotate_changes_max`] changes (and, if set, once the
