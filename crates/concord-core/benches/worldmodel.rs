@@ -6,8 +6,11 @@
 //! Groups (criterion):
 //! - `worldmodel/observe`: one `Coordinator::handle(Observe)` per iteration,
 //!   100 metric series in turn. `written`: every value moves beyond the
-//!   deadband (one Automerge change of two ops); `suppressed`: every value
-//!   stays within it (series state only). On a 1k-path and a 100k-path
+//!   deadband (one Automerge change of two ops, accepted; it is applied to
+//!   Automerge when the document is next read); `written-applied`: the same,
+//!   with the document read after each input (the write applied at once, as
+//!   a sync step after every input does); `suppressed`: every value stays
+//!   within the deadband (series state only). On a 1k-path and a 100k-path
 //!   world; document rotation on its default schedule (every 50,000 changes)
 //!   is amortized in.
 //! - `worldmodel/preview/100k`: the 5-step admit plan of the preview bench
@@ -370,7 +373,11 @@ fn bench(c: &mut Criterion) {
     let mut group = c.benchmark_group("worldmodel/observe");
     configure(&mut group);
     for (size, label) in [(1_000usize, "1k-paths"), (100_000, "100k-paths")] {
-        for (case, low, high) in [("written", 100.0, 200.0), ("suppressed", 100.0, 101.0)] {
+        for (case, low, high, applied) in [
+            ("written", 100.0, 200.0, false),
+            ("written-applied", 100.0, 200.0, true),
+            ("suppressed", 100.0, 101.0, false),
+        ] {
             let mut coord = coordinator(world(size), Config::default());
             let mut i = 0usize;
             let mut now = 1_000u64;
@@ -380,7 +387,13 @@ fn bench(c: &mut Criterion) {
                     now += 10;
                     // 100 series in turn; each alternates between two values.
                     let v = if (i / 100).is_multiple_of(2) { low } else { high };
-                    black_box(coord.handle(now, metric(i % 100, v)))
+                    let fx = coord.handle(now, metric(i % 100, v));
+                    if applied {
+                        // Reading the heads applies the write to Automerge, as
+                        // a sync step after every input would.
+                        black_box(coord.world_doc().heads());
+                    }
+                    black_box(fx)
                 })
             });
             let d = coord.world_doc();

@@ -23,6 +23,10 @@
 //! document bytes in every process. A new incarnation (a restart) writes
 //! under a new actor, so it never reuses an (actor, seq) pair that a replica
 //! may already hold from a run whose last inputs were not logged.
+//! Writes are accepted at once and applied to Automerge, in order and one
+//! change each, when the document is next read (see [`WorldDoc`]): a replay
+//! or a simulation that never syncs does not pay Automerge's cost per
+//! operation for a history nobody reads.
 //!
 //! Rotation: Automerge keeps every change forever. Every
 //! [`WorldDocConfig::rotate_changes_max`] changes (and, if set, once the
@@ -42,6 +46,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use automerge::sync::{self, SyncDoc};
 use automerge::transaction::{CommitOptions, Transactable};
@@ -771,15 +776,111 @@ pub enum SyncReceipt {
     OtherDocument,
 }
 
-/// The coordinator's world document: the only writer.
-pub struct WorldDoc {
+/// Most accepted writes held before they are applied to the Automerge
+/// document even though nothing read it (each holds a copy of what it
+/// writes; rotation, every 50,000 changes by default, drops them sooner).
+pub const PENDING_WRITES_MAX: usize = 1 << 16;
+
+/// A write the coordinator accepted and has not yet applied to the
+/// Automerge document. Applying it later, in order, makes exactly the
+/// change an immediate write would have made (same ops, time and actor).
+#[derive(Debug)]
+enum Pending {
+    /// A step's (or compensation's) changes with their provenance (JSON).
+    Step {
+        now_ms: u64,
+        changes: Vec<(ResourcePath, Option<Value>)>,
+        by: String,
+    },
+    /// The latest value of a series, and the record the document held.
+    Observation {
+        path: ResourcePath,
+        obs: ObservationRecord,
+        written: Option<ObservationRecord>,
+    },
+    /// A new incarnation writes from here on.
+    Actor(ActorId),
+}
+
+/// The Automerge document and the writes not yet applied to it.
+#[derive(Debug)]
+struct Lazy {
     doc: Automerge,
+    pending: Vec<Pending>,
+}
+
+impl Lazy {
+    /// Applies every pending write, in order, one change each.
+    fn materialize(&mut self, roots: &Roots) {
+        for p in std::mem::take(&mut self.pending) {
+            // Each write goes to a root map this document made, with keys and
+            // values Automerge accepts: it cannot fail. Should it, its
+            // transaction is dropped (rolled back), as an immediate write's was.
+            let _ = apply_pending(&mut self.doc, roots, p);
+        }
+    }
+}
+
+fn apply_pending(doc: &mut Automerge, roots: &Roots, p: Pending) -> Result<(), WorldDocError> {
+    match p {
+        Pending::Actor(actor) => {
+            doc.set_actor(actor);
+        }
+        Pending::Step { now_ms, changes, by } => {
+            let mut tx = doc.transaction();
+            for (path, after) in &changes {
+                match after {
+                    Some(v) => put_value(&mut tx, &roots.resources, path.as_str(), v)?,
+                    None => tx.delete(&roots.resources, path.as_str()).map_err(am)?,
+                }
+                tx.put(&roots.provenance, path.as_str(), by.as_str()).map_err(am)?;
+            }
+            tx.commit_with(commit_options(now_ms));
+        }
+        Pending::Observation { path, obs, written } => {
+            let mut tx = doc.transaction();
+            let existing = match &written {
+                Some(w) => match tx.get(&roots.observations, path.as_str()).map_err(am)? {
+                    Some((automerge::Value::Object(ObjType::Map), id)) => Some((id, w)),
+                    _ => None,
+                },
+                None => None,
+            };
+            write_observation(&mut tx, &roots.observations, path.as_str(), &obs, existing)?;
+            tx.commit_with(commit_options(obs.at_ms));
+        }
+    }
+    Ok(())
+}
+
+/// The coordinator's world document: the only writer.
+///
+/// Writes are accepted at once (the deadband, the change count that drives
+/// rotation, the latest observations and provenance are kept beside the
+/// document) and applied to Automerge when something reads the document:
+/// a sync step, a save, a read, or [`PENDING_WRITES_MAX`]. Each write is
+/// still its own change, applied in order with its own time and actor, so
+/// every reader sees the bytes and heads an immediate write would have made.
+/// What is saved is the Automerge work for a history nobody reads: a replay
+/// or a simulation that never syncs, and an epoch retired by rotation before
+/// anyone asked for it (the fresh document is built from the kept state).
+pub struct WorldDoc {
+    lazy: Mutex<Lazy>,
     identity: Identity,
     config: WorldDocConfig,
     header: Header,
     roots: Roots,
     peers: BTreeMap<String, Peer>,
     stats: SyncStats,
+    /// Changes in this epoch's document, applied or pending.
+    changes: u64,
+    /// The latest record per series, as the document holds it.
+    observations_view: BTreeMap<ResourcePath, ObservationRecord>,
+    /// The provenance per path, as the document holds it.
+    provenance_view: BTreeMap<ResourcePath, Provenance>,
+    /// A running BLAKE3 over the document's creation and every write since:
+    /// names the whole history (ops, times, actors) without building it.
+    history: [u8; 32],
 }
 
 impl fmt::Debug for WorldDoc {
@@ -788,11 +889,47 @@ impl fmt::Debug for WorldDoc {
             .field("identity", &self.identity)
             .field("epoch", &self.header.epoch)
             .field("doc_id", &hex(&self.header.doc_id))
-            .field("changes", &self.doc.stats().num_changes)
-            .field("heads", &self.heads_hex())
+            .field("changes", &self.changes)
+            .field("history", &self.history_digest())
             .field("peers", &self.peers.len())
             .finish()
     }
+}
+
+/// The Automerge document of a [`WorldDoc`], every accepted write applied.
+pub struct DocRef<'a>(MutexGuard<'a, Lazy>);
+
+impl std::ops::Deref for DocRef<'_> {
+    type Target = Automerge;
+    fn deref(&self) -> &Automerge {
+        &self.0.doc
+    }
+}
+
+impl fmt::Debug for DocRef<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DocRef").finish_non_exhaustive()
+    }
+}
+
+fn chain(history: &[u8; 32], parts: &[&[u8]]) -> [u8; 32] {
+    let mut h = blake3::Hasher::new();
+    h.update(history);
+    for p in parts {
+        h.update(&(p.len() as u64).to_le_bytes());
+        h.update(p);
+    }
+    *h.finalize().as_bytes()
+}
+
+fn heads_digest(doc: &Automerge) -> [u8; 32] {
+    let heads: Vec<u8> = doc.get_heads().iter().flat_map(|h| h.0).collect();
+    chain(&[0u8; 32], &[b"concord world history v1", &heads])
+}
+
+fn value_bytes(v: &Value) -> Vec<u8> {
+    // Values are plain data: serialization cannot fail.
+    serde_json::to_vec(v).unwrap_or_default()
 }
 
 /// What rotating the document did.
@@ -887,13 +1024,20 @@ impl WorldDoc {
             provenance,
         };
         Ok(WorldDoc {
-            doc,
+            changes: doc.stats().num_changes,
+            history: heads_digest(&doc),
+            lazy: Mutex::new(Lazy {
+                doc,
+                pending: Vec::new(),
+            }),
             identity,
             config,
             header,
             roots,
             peers: BTreeMap::new(),
             stats: SyncStats::default(),
+            observations_view: state.observations.clone(),
+            provenance_view: state.provenance.clone(),
         })
     }
 
@@ -913,7 +1057,14 @@ impl WorldDoc {
             header.epoch,
         ));
         Ok(WorldDoc {
-            doc,
+            changes: doc.stats().num_changes,
+            history: heads_digest(&doc),
+            observations_view: observations_of(&doc, &roots),
+            provenance_view: provenances_of(&doc, &roots),
+            lazy: Mutex::new(Lazy {
+                doc,
+                pending: Vec::new(),
+            }),
             identity,
             config,
             header,
@@ -923,19 +1074,52 @@ impl WorldDoc {
         })
     }
 
+    /// The document with every accepted write applied.
+    fn doc(&self) -> MutexGuard<'_, Lazy> {
+        // A panic while applying leaves at worst some writes unapplied: the
+        // document is still a valid prefix of the history, so go on.
+        let mut lazy = self.lazy.lock().unwrap_or_else(PoisonError::into_inner);
+        lazy.materialize(&self.roots);
+        lazy
+    }
+
+    /// The document with every accepted write applied, to write or sync.
+    fn doc_mut(&mut self) -> &mut Automerge {
+        let lazy = self.lazy.get_mut().unwrap_or_else(PoisonError::into_inner);
+        lazy.materialize(&self.roots);
+        &mut lazy.doc
+    }
+
+    /// Holds a write until the document is read.
+    fn defer(&mut self, write: Pending) {
+        let lazy = self.lazy.get_mut().unwrap_or_else(PoisonError::into_inner);
+        lazy.pending.push(write);
+        if lazy.pending.len() >= PENDING_WRITES_MAX {
+            lazy.materialize(&self.roots);
+        }
+    }
+
     /// The document's bytes (for snapshots): the same inputs give the same bytes.
     pub fn save(&self) -> Vec<u8> {
-        self.doc.save()
+        self.doc().doc.save()
     }
 
     /// The document's heads.
     pub fn heads(&self) -> Vec<ChangeHash> {
-        self.doc.get_heads()
+        self.doc().doc.get_heads()
     }
 
     /// The heads as hex, in order.
     pub fn heads_hex(&self) -> Vec<String> {
-        self.doc.get_heads().iter().map(|h| h.to_string()).collect()
+        self.doc().doc.get_heads().iter().map(|h| h.to_string()).collect()
+    }
+
+    /// A digest of the document's whole history in this process line: its
+    /// creation (or the heads it was loaded with) and every write since, with
+    /// its time and actor. Equal histories give equal digests without building
+    /// the document (the state digest uses it).
+    pub fn history_digest(&self) -> String {
+        hex(&self.history)
     }
 
     /// The epoch (0 for the first document, one more per rotation).
@@ -955,12 +1139,12 @@ impl WorldDoc {
 
     /// Changes in this epoch's document.
     pub fn change_count(&self) -> u64 {
-        self.doc.stats().num_changes
+        self.changes
     }
 
     /// Operations in this epoch's document.
     pub fn op_count(&self) -> u64 {
-        self.doc.stats().num_ops
+        self.doc().doc.stats().num_ops
     }
 
     /// The writer's identity.
@@ -975,8 +1159,8 @@ impl WorldDoc {
 
     /// The Automerge document, for reads (benchmarks, tools). Reads only:
     /// the coordinator is the one writer, through its inputs.
-    pub fn automerge(&self) -> &Automerge {
-        &self.doc
+    pub fn automerge(&self) -> DocRef<'_> {
+        DocRef(self.doc())
     }
 
     /// A new process incarnation writes from now on.
@@ -988,11 +1172,9 @@ impl WorldDoc {
             });
         }
         self.identity.incarnation = incarnation;
-        self.doc.set_actor(coordinator_actor(
-            &self.identity.coordinator,
-            incarnation,
-            self.header.epoch,
-        ));
+        let actor = coordinator_actor(&self.identity.coordinator, incarnation, self.header.epoch);
+        self.history = chain(&self.history, &[b"actor", actor.to_bytes()]);
+        self.defer(Pending::Actor(actor));
         Ok(())
     }
 
@@ -1000,22 +1182,22 @@ impl WorldDoc {
 
     /// The value at `path`.
     pub fn resource(&self, path: &str) -> Option<Value> {
-        read_value(&self.doc, &self.roots.resources, path)
+        read_value(&self.doc().doc, &self.roots.resources, path)
     }
 
     /// Every resource.
     pub fn resources(&self) -> BTreeMap<ResourcePath, Value> {
-        resources_of(&self.doc, &self.roots)
+        resources_of(&self.doc().doc, &self.roots)
     }
 
     /// Resources whose path text starts with `prefix`, in order.
     pub fn scan_prefix(&self, prefix: &str) -> Vec<(ResourcePath, Value)> {
-        scan_of(&self.doc, &self.roots, prefix)
+        scan_of(&self.doc().doc, &self.roots, prefix)
     }
 
     /// The services.
     pub fn services(&self) -> BTreeMap<String, Service> {
-        services_of(&self.doc, &self.roots)
+        services_of(&self.doc().doc, &self.roots)
     }
 
     /// The world the document holds (resources and services).
@@ -1028,22 +1210,22 @@ impl WorldDoc {
 
     /// The latest written observation of a series.
     pub fn observation(&self, path: &str) -> Option<ObservationRecord> {
-        observation_of(&self.doc, &self.roots, path)
+        observation_of(&self.doc().doc, &self.roots, path)
     }
 
     /// Every series' latest written observation.
     pub fn observations(&self) -> BTreeMap<ResourcePath, ObservationRecord> {
-        observations_of(&self.doc, &self.roots)
+        observations_of(&self.doc().doc, &self.roots)
     }
 
     /// Which step last changed `path`.
     pub fn provenance(&self, path: &str) -> Option<Provenance> {
-        provenance_of(&self.doc, &self.roots, path)
+        provenance_of(&self.doc().doc, &self.roots, path)
     }
 
     /// Provenance of every path that has one.
     pub fn provenances(&self) -> BTreeMap<ResourcePath, Provenance> {
-        provenances_of(&self.doc, &self.roots)
+        provenances_of(&self.doc().doc, &self.roots)
     }
 
     /// Checks that the document's resources equal `world`'s (cold path: after
@@ -1084,17 +1266,22 @@ impl WorldDoc {
         if changes.is_empty() {
             return Ok(());
         }
-        let roots = self.roots.clone();
-        let mut tx = self.doc.transaction();
+        let json = provenance_json(by);
+        let mut history = chain(&self.history, &[b"step", &now_ms.to_le_bytes(), json.as_bytes()]);
         for (path, after) in changes {
-            match after {
-                Some(v) => put_value(&mut tx, &roots.resources, path.as_str(), v)?,
-                None => tx.delete(&roots.resources, path.as_str()).map_err(am)?,
-            }
-            tx.put(&roots.provenance, path.as_str(), provenance_json(by))
-                .map_err(am)?;
+            let after = after.as_ref().map(value_bytes).unwrap_or_default();
+            history = chain(&history, &[path.as_str().as_bytes(), &after]);
+            self.provenance_view.insert(path.clone(), by.clone());
         }
-        tx.commit_with(commit_options(now_ms));
+        self.history = history;
+        // Every step change writes a provenance record naming its time: a new
+        // one, so the change is never empty.
+        self.changes += 1;
+        self.defer(Pending::Step {
+            now_ms,
+            changes: changes.to_vec(),
+            by: json,
+        });
         Ok(())
     }
 
@@ -1106,17 +1293,41 @@ impl WorldDoc {
         obs: &ObservationRecord,
         written: Option<&ObservationRecord>,
     ) -> Result<(), WorldDocError> {
-        let roots = self.roots.clone();
-        let mut tx = self.doc.transaction();
-        let existing = match written {
-            Some(w) => match tx.get(&roots.observations, path.as_str()).map_err(am)? {
-                Some((automerge::Value::Object(ObjType::Map), id)) => Some((id, w)),
-                _ => None,
-            },
-            None => None,
+        // Whether the write makes any operation: Automerge skips a put of
+        // the value a key already holds, and a change with no operation is
+        // not made (what the document holds is `observations_view`).
+        let held = self.observations_view.get(path);
+        let writes = match (written, held) {
+            (Some(w), Some(h)) => {
+                (w.kind != obs.kind && h.kind != obs.kind)
+                    || (w.value != obs.value && (h.value != obs.value || scalar(&obs.value).is_none()))
+                    || (w.agent != obs.agent && h.agent != obs.agent)
+                    || h.at_ms != obs.at_ms
+            }
+            _ => true,
         };
-        write_observation(&mut tx, &roots.observations, path.as_str(), obs, existing)?;
-        tx.commit_with(commit_options(obs.at_ms));
+        self.observations_view.insert(path.clone(), obs.clone());
+        if !writes {
+            return Ok(());
+        }
+        self.history = chain(
+            &self.history,
+            &[
+                b"observation",
+                path.as_str().as_bytes(),
+                kind_word(obs.kind).as_bytes(),
+                &value_bytes(&obs.value),
+                obs.agent.as_bytes(),
+                &obs.at_ms.to_le_bytes(),
+                &[u8::from(written.is_some())],
+            ],
+        );
+        self.changes += 1;
+        self.defer(Pending::Observation {
+            path: path.clone(),
+            obs: obs.clone(),
+            written: written.cloned(),
+        });
         Ok(())
     }
 
@@ -1133,16 +1344,19 @@ impl WorldDoc {
     /// provenance of paths that still hold a value. Every peer's session
     /// starts over.
     pub(crate) fn rotate(&mut self, now_ms: u64, world: &World) -> Result<Rotation, WorldDocError> {
+        // From the kept state, equal to the retired document's: its pending
+        // writes are dropped unapplied with it.
         let resources = world.resources.clone();
         let provenance = self
-            .provenances()
-            .into_iter()
-            .filter(|(p, _)| resources.contains_key(p))
+            .provenance_view
+            .iter()
+            .filter(|(p, _)| resources.contains_key(*p))
+            .map(|(p, by)| (p.clone(), by.clone()))
             .collect();
         let state = Snapshot {
             resources,
             services: world.services.clone(),
-            observations: self.observations(),
+            observations: self.observations_view.clone(),
             provenance,
         };
         let retired_changes = self.change_count();
@@ -1153,9 +1367,13 @@ impl WorldDoc {
             &state,
             now_ms,
         )?;
-        self.doc = next.doc;
+        self.history = chain(&self.history, &[b"rotate", &next.history]);
+        self.lazy = next.lazy;
         self.header = next.header;
         self.roots = next.roots;
+        self.changes = next.changes;
+        self.observations_view = next.observations_view;
+        self.provenance_view = next.provenance_view;
         for peer in self.peers.values_mut() {
             peer.state = sync::State::new_read_only();
             peer.reset = false;
@@ -1183,7 +1401,9 @@ impl WorldDoc {
     /// wrote the document, and after every frame received from the peer.
     pub fn sync_generate(&mut self, peer: &str) -> Result<Option<Vec<u8>>, SyncError> {
         let (doc_id, epoch) = (self.header.doc_id, self.header.epoch);
-        let doc = &self.doc;
+        self.doc_mut();
+        let lazy = self.lazy.get_mut().unwrap_or_else(PoisonError::into_inner);
+        let doc = &lazy.doc;
         let p = {
             if !self.peers.contains_key(peer) && self.peers.len() >= self.config.sync_peers_max {
                 return Err(SyncError::PeersFull {
@@ -1248,7 +1468,7 @@ impl WorldDoc {
         let unknown = msg
             .heads
             .iter()
-            .filter(|h| self.doc.get_change_meta_by_hash(h).is_none())
+            .filter(|h| self.doc_mut().get_change_meta_by_hash(h).is_none())
             .count();
         if unknown > 0 {
             self.stats.diverged += 1;
@@ -1259,7 +1479,7 @@ impl WorldDoc {
                 unknown,
             });
         }
-        let doc = &mut self.doc;
+        let doc = &mut self.lazy.get_mut().unwrap_or_else(PoisonError::into_inner).doc;
         let p = self.peers.get_mut(peer).ok_or(SyncError::PeersFull {
             max: self.config.sync_peers_max,
         })?;
@@ -1368,14 +1588,19 @@ pub mod serde_doc {
         identity: Identity,
         config: WorldDocConfig,
         bytes: String,
+        /// The history digest (absent in older snapshots: then it starts
+        /// from the saved heads).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        history: Option<String>,
     }
 
-    /// Writes the document as its identity, bounds and bytes.
+    /// Writes the document as its identity, bounds, bytes and history digest.
     pub fn serialize<S: Serializer>(d: &WorldDoc, s: S) -> Result<S::Ok, S::Error> {
         Saved {
             identity: d.identity.clone(),
             config: d.config.clone(),
             bytes: hex(&d.save()),
+            history: Some(d.history_digest()),
         }
         .serialize(s)
     }
@@ -1384,7 +1609,14 @@ pub mod serde_doc {
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<WorldDoc, D::Error> {
         let saved = Saved::deserialize(d)?;
         let bytes = unhex(&saved.bytes).ok_or_else(|| serde::de::Error::custom("world document bytes: not hex"))?;
-        WorldDoc::load(&bytes, saved.identity, saved.config).map_err(serde::de::Error::custom)
+        let mut doc = WorldDoc::load(&bytes, saved.identity, saved.config).map_err(serde::de::Error::custom)?;
+        if let Some(h) = saved.history {
+            let h: [u8; 32] = unhex(&h)
+                .and_then(|b| b.try_into().ok())
+                .ok_or_else(|| serde::de::Error::custom("world document history: not a 32-byte hex digest"))?;
+            doc.history = h;
+        }
+        Ok(doc)
     }
 }
 

@@ -240,6 +240,96 @@ fn the_same_inputs_give_the_same_document_bytes() {
     assert_eq!(da, db);
 }
 
+/// Writes are applied to Automerge when the document is read. A coordinator
+/// whose document is read after every input and one read only at the end
+/// hold the same bytes, count the same changes, and rotate at the same input
+/// into a fresh document holding what the retired one held.
+#[test]
+fn writes_applied_when_read_make_the_document_immediate_writes_make() {
+    let config = Config {
+        world_doc: WorldDocConfig {
+            rotate_changes_max: 9,
+            ..WorldDocConfig::default()
+        },
+        ..Config::default()
+    };
+    let mut eager = coordinator_with(World::from_toml_str(WORLD).unwrap(), config.clone());
+    let mut lazy = coordinator_with(World::from_toml_str(WORLD).unwrap(), config);
+    let health = |w: &str| observe("svc/api/health/app", ObservationKind::AppHealth, Value::Str(w.into()));
+    let mut rotations = 0;
+    for i in 0..40u64 {
+        let now = 10_000 + i * 1_000;
+        let before = (eager.world_doc().observations(), eager.world_doc().provenances());
+        let epoch = eager.world_doc().epoch();
+        match i % 8 {
+            0 => {
+                run_set(
+                    &mut eager,
+                    now,
+                    &format!("pool-{i}"),
+                    "svc/api/pool_size",
+                    50 + i as i64,
+                );
+                run_set(&mut lazy, now, &format!("pool-{i}"), "svc/api/pool_size", 50 + i as i64);
+            }
+            1 | 5 => {
+                let w = if i % 16 < 8 { "degraded" } else { "ok" };
+                eager.handle(now, health(w));
+                lazy.handle(now, health(w));
+            }
+            // Two values of one series at the same instant: the second write
+            // changes the value and leaves `at_ms` as it is.
+            2 => {
+                for v in [1.0, 100.0] {
+                    eager.handle(now, metric("svc/api/queue", v * i as f64));
+                    lazy.handle(now, metric("svc/api/queue", v * i as f64));
+                }
+            }
+            3 if i == 19 => {
+                eager.incarnate(2).unwrap();
+                lazy.incarnate(2).unwrap();
+            }
+            _ => {
+                eager.handle(now, metric("svc/api/latency", (i * i) as f64));
+                lazy.handle(now, metric("svc/api/latency", (i * i) as f64));
+            }
+        }
+        // Reading applies every write: the eager document is always built.
+        let changes = eager.world_doc().automerge().get_changes(&[]).len() as u64;
+        assert_eq!(eager.world_doc().change_count(), changes, "input {i}");
+        assert_eq!(lazy.world_doc().change_count(), changes, "input {i}");
+        if eager.world_doc().epoch() != epoch {
+            rotations += 1;
+            let d = eager.world_doc();
+            // What the retired document held, but for what this input wrote.
+            let obs = d.observations();
+            for (p, o) in &obs {
+                assert!(before.0.get(p) == Some(o) || o.at_ms >= now, "input {i}: {p}");
+            }
+            for p in before.0.keys() {
+                assert!(obs.contains_key(p), "input {i}: {p}");
+            }
+            // Provenance as before, but for what this input's step wrote.
+            let world = d.world();
+            let after = d.provenances();
+            for (p, by) in &before.1 {
+                if world.resources.contains_key(p) {
+                    assert!(
+                        after.get(p).is_some_and(|a| a == by || a.at_ms >= now),
+                        "input {i}: {p}"
+                    );
+                }
+            }
+            for (p, by) in &after {
+                assert!(before.1.get(p) == Some(by) || by.at_ms >= now, "input {i}: {p}");
+            }
+        }
+    }
+    assert!(rotations >= 2, "{rotations} rotations");
+    assert_eq!(lazy.world_doc().save(), eager.world_doc().save());
+    assert_eq!(lazy.state_digest(), eager.state_digest());
+}
+
 #[test]
 fn an_incarnation_writes_under_a_new_actor_and_never_an_older_one() {
     let mut c = coordinator();
@@ -249,7 +339,8 @@ fn an_incarnation_writes_under_a_new_actor_and_never_an_older_one() {
     c.incarnate(2).unwrap();
     assert!(c.incarnate(1).is_err());
     c.handle(3_000, metric("svc/api/queue", 10.0));
-    let last = c.world_doc().automerge().get_last_local_change().unwrap();
+    let doc = c.world_doc().automerge();
+    let last = doc.get_last_local_change().unwrap();
     assert_eq!(last.actor_id(), &coordinator_actor("c1", 2, 0));
 }
 

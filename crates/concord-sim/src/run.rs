@@ -219,6 +219,18 @@ enum Ev {
     },
 }
 
+impl Ev {
+    /// A second copy of a bus message (the duplicate fault): built only
+    /// when the fault fires, not for every message sent.
+    fn duplicate(&self) -> Option<Ev> {
+        match self {
+            Ev::ToCoord(input) => Some(Ev::ToCoord(input.clone())),
+            Ev::Exec(d) => Some(Ev::Exec(d.clone())),
+            _ => None,
+        }
+    }
+}
+
 struct Executor {
     /// Dispatch keys applied (idempotency).
     applied: std::collections::BTreeSet<String>,
@@ -442,7 +454,7 @@ impl Engine<'_> {
     }
 
     /// Sends a message over the bus, through the delay and duplicate faults.
-    fn send(&mut self, kind: MessageKind, lineage: Option<&str>, base_ms: u64, ev: Ev, copy: impl Fn() -> Option<Ev>) {
+    fn send(&mut self, kind: MessageKind, lineage: Option<&str>, base_ms: u64, ev: Ev) {
         let hits = |f: &FaultSpec, want: &str| -> bool {
             let (m, l) = match f {
                 FaultSpec::Delay { message, lineage, .. } if want == "delay" => (message, lineage),
@@ -459,7 +471,7 @@ impl Engine<'_> {
             self.note("fault", format!("{kind:?} message delayed by {by}").to_lowercase());
         }
         if self.fault(|f| hits(f, "dup")).is_some()
-            && let Some(c) = copy()
+            && let Some(c) = ev.duplicate()
         {
             let again = at + self.latency();
             self.note("fault", format!("{kind:?} message duplicated").to_lowercase());
@@ -573,10 +585,7 @@ impl Engine<'_> {
                     observed_at_ms: Some(self.now),
                 },
             };
-            let copy = input.clone();
-            self.send(MessageKind::Observe, None, 0, Ev::ToCoord(Box::new(input)), || {
-                Some(Ev::ToCoord(Box::new(copy.clone())))
-            });
+            self.send(MessageKind::Observe, None, 0, Ev::ToCoord(Box::new(input)));
         }
         self.readings = readings;
     }
@@ -636,14 +645,7 @@ impl Engine<'_> {
                             agent: name,
                             intent: *intent,
                         };
-                        let copy = input.clone();
-                        self.send(
-                            MessageKind::Intent,
-                            Some(&lineage),
-                            0,
-                            Ev::ToCoord(Box::new(input)),
-                            || Some(Ev::ToCoord(Box::new(copy.clone()))),
-                        );
+                        self.send(MessageKind::Intent, Some(&lineage), 0, Ev::ToCoord(Box::new(input)));
                     }
                     Mode::Uncoordinated => {
                         if let Some(p) = self.plans.get_mut(&lv(intent.lineage.as_str(), intent.version)) {
@@ -827,10 +829,7 @@ impl Engine<'_> {
                 Effect::Dispatch(d) => {
                     let lineage = d.key.lineage.to_string();
                     let base = self.exec_latency();
-                    let copy = d.clone();
-                    self.send(MessageKind::Dispatch, Some(&lineage), base, Ev::Exec(d), || {
-                        Some(Ev::Exec(copy.clone()))
-                    });
+                    self.send(MessageKind::Dispatch, Some(&lineage), base, Ev::Exec(d));
                 }
                 Effect::Alert { message } => self.note("alert", message),
                 Effect::Event(_) | Effect::ArmTimer { .. } => {}
@@ -1179,14 +1178,7 @@ impl Engine<'_> {
             executor: "executor".into(),
             outcome: StepOutcome { key: d.key, result },
         };
-        let copy = input.clone();
-        self.send(
-            MessageKind::Outcome,
-            Some(&lineage),
-            0,
-            Ev::ToCoord(Box::new(input)),
-            || Some(Ev::ToCoord(Box::new(copy.clone()))),
-        );
+        self.send(MessageKind::Outcome, Some(&lineage), 0, Ev::ToCoord(Box::new(input)));
     }
 
     /// Uncoordinated: the agent applies step `step` of its plan itself.

@@ -960,8 +960,9 @@ impl Coordinator {
                 (&self.decisions, &self.decision_order, &self.observations),
                 (&self.ended, &self.ended_order, &self.history, &self.breakers),
                 (&self.per_agent, &self.queued, &self.recent),
-                // The document's heads name its whole history (actor, times, ops).
-                (self.doc.identity(), self.doc.epoch(), self.doc.heads_hex()),
+                // The document's history digest names its whole history
+                // (actor, times, ops) without applying pending writes.
+                (self.doc.identity(), self.doc.epoch(), self.doc.history_digest()),
             )
         );
         blake3::hash(text.as_bytes()).to_hex().to_string()
