@@ -226,8 +226,10 @@ pub fn log(a: LogArgs) -> Result<u8> {
             report.signers.join(", ")
         ))?;
         if !pinned {
-            out("no signer pinned: any key's signature passes; pass --signer <the coordinator's public key> \
-                 (from its signing seed) to refuse a re-signed log\n")?;
+            out(
+                "no signer pinned: any key's signature passes; pass --signer <the coordinator's public key> \
+                 (from its signing seed) to refuse a re-signed log\n",
+            )?;
         }
     }
     Ok(if report.error.is_some() { 4 } else { 0 })
