@@ -718,3 +718,98 @@ async fn an_agents_trace_continues_through_the_decision_and_is_exported() {
     })
     .await;
 }
+
+/// One `set` intent on its own path, under its own key.
+fn node_intent(i: usize) -> Vec<u8> {
+    json!({
+        "protocol": 1, "lineage": format!("f-{i}"), "version": 1, "idempotency_key": format!("fk-{i}"),
+        "goal": "tune a node",
+        "steps": [{ "id": "s1", "kind": "set", "path": format!("fleet/node-{i}/weight"), "args": { "value": i },
+                    "confidence": 0.9, "compensation": { "mode": "restore" } }]
+    })
+    .to_string()
+    .into_bytes()
+}
+
+/// Sends `n` intents from `agent` at once; returns the decisions and the error codes.
+async fn burst(live: &Live, agent: &str, n: usize, from: usize) -> (usize, Vec<(String, Option<u64>)>) {
+    let c = Arc::new(live.client(agent).await);
+    let mut tasks = Vec::new();
+    for i in from..from + n {
+        let c = c.clone();
+        let agent = agent.to_string();
+        tasks.push(tokio::spawn(async move { c.propose(&agent, &node_intent(i)).await }));
+    }
+    let mut decided = 0;
+    let mut errors = Vec::new();
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(_) => decided += 1,
+            Err(ClientError::Bus(e)) => errors.push((e.code, e.retry_after_ms)),
+            Err(e) => panic!("{e}"),
+        }
+    }
+    (decided, errors)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_flooding_agent_is_rate_limited_without_starving_the_others() {
+    let live = Live::start_with(|c| {
+        c.limits.intents_per_agent_per_s = 5;
+        c.limits.intents_burst = 5;
+    })
+    .await;
+    let (decided, errors) = burst(&live, "flood", 60, 0).await;
+    assert!(decided >= 5, "the burst allowance is served: {decided}");
+    assert!(!errors.is_empty(), "a flood beyond the limit is refused");
+    assert!(
+        errors
+            .iter()
+            .all(|(code, after)| code == "rate_limited" && after.is_some_and(|ms| ms > 0)),
+        "{errors:?}"
+    );
+    // Another agent is not held back by the flooder's limit.
+    let (calm, errors) = burst(&live, "calm", 3, 1000).await;
+    assert_eq!((calm, errors.len()), (3, 0), "{errors:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_full_inbound_queue_answers_busy_with_a_retry_hint() {
+    let live = Live::start_with(|c| c.limits.inbound_queue_max = 1).await;
+    let (decided, errors) = burst(&live, "many", 300, 0).await;
+    assert!(decided > 0);
+    assert!(
+        errors
+            .iter()
+            .any(|(code, after)| code == "busy" && after.is_some_and(|ms| ms > 0)),
+        "300 intents at once into a queue of 1: {errors:?}"
+    );
+    assert!(errors.iter().all(|(code, _)| code == "busy"), "{errors:?}");
+    // Every busy intent retried under its key is decided once.
+    let c = live.client("many").await;
+    for i in 0..300 {
+        let mut tries = 0;
+        loop {
+            match c.propose("many", &node_intent(i)).await {
+                Ok(_) => break,
+                Err(ClientError::Bus(e)) if e.code == "busy" && tries < 50 => {
+                    tries += 1;
+                    tokio::time::sleep(Duration::from_millis(e.retry_after_ms.unwrap_or(10))).await;
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+    }
+    let decided_per_plan = events(&records(&live).await)
+        .into_iter()
+        .filter_map(|e| match e {
+            Event::Decided { lineage, .. } => Some(lineage.to_string()),
+            _ => None,
+        })
+        .fold(std::collections::BTreeMap::<String, usize>::new(), |mut m, l| {
+            *m.entry(l).or_default() += 1;
+            m
+        });
+    assert_eq!(decided_per_plan.len(), 300);
+    assert!(decided_per_plan.values().all(|n| *n == 1), "{decided_per_plan:?}");
+}

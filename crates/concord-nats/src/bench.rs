@@ -218,13 +218,18 @@ async fn start_coordinator(
             eprintln!("bench coordinator: {e}");
         }
     });
-    for _ in 0..800 {
+    // Long enough to measure a recovery that misses its target.
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while Instant::now() < deadline {
         if health.ready.load(Ordering::SeqCst) {
             return Ok((health, tx, task));
         }
-        tokio::time::sleep(Duration::from_millis(25)).await;
+        if task.is_finished() {
+            return Err("the coordinator stopped while starting".into());
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    Err("the coordinator did not become ready".into())
+    Err("the coordinator did not become ready in 600 s".into())
 }
 
 /// The floor responder: one JetStream publish per request; `ack_first`
