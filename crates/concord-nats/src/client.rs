@@ -196,6 +196,7 @@ pub async fn read_log(
         let consumer = s
             .create_consumer(jetstream::consumer::pull::OrderedConfig {
                 deliver_policy: jetstream::consumer::DeliverPolicy::ByStartSequence { start_sequence: next },
+                max_batch: crate::store::LOG_READ_BATCH,
                 ..Default::default()
             })
             .await;

@@ -79,6 +79,13 @@ impl std::fmt::Debug for Store {
     }
 }
 
+/// Log messages one pull asks for. A group-committed message can be near the
+/// server's 1 MiB payload limit; the client's default of 500 per pull asks the
+/// server to push hundreds of megabytes at once, past a connection's pending
+/// limit (64 MiB by default), and the server then drops the reader as a slow
+/// consumer and the read stalls. 16 keeps a pull under 16 MiB.
+pub const LOG_READ_BATCH: i64 = 16;
+
 /// The chain head as kept in the KV store.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Head {
@@ -245,6 +252,7 @@ impl Store {
                 deliver_policy: consumer::DeliverPolicy::ByStartSequence {
                     start_sequence: from_seq,
                 },
+                max_batch: LOG_READ_BATCH,
                 ..Default::default()
             })
             .await
