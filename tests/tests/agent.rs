@@ -982,3 +982,35 @@ async fn a_proposal_continues_the_agents_trace_into_the_coordinators_decision() 
     assert_eq!(theirs.split('-').nth(1).map(str::len), Some(32));
     assert_ne!(theirs.split('-').nth(1), Some("00000000000000000000000000000000"));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_approval_published_while_the_agent_was_away_is_caught_up_on_reconnect() {
+    let live = start().await;
+    let values = Values::new(&world(), &[]);
+    let _exec = executor(&live, &values).await;
+    let relay = Relay::to(live.server.port()).await;
+    let away = agent_at(&relay.url(), "resource").await;
+    // 50 -> 120 in one step: held for a human.
+    let p = pool_plan("held-away", 120);
+    let d = away.propose(&p).await.unwrap();
+    assert_eq!(d.verdict, Verdict::NeedsApproval, "{:?}", d.reasons);
+
+    relay.cut();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while away.nats().connection_state() == async_nats::connection::State::Connected {
+        assert!(tokio::time::Instant::now() < deadline, "the agent never saw the cut");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The approval's notice goes out while the agent cannot hear it.
+    assert!(approve(&live, "held-away", 1).await);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        away.notices(&p.lineage, 1)
+            .iter()
+            .all(|n| n.event != concord_proto::coord::NoticeKind::Approved)
+    );
+
+    relay.heal();
+    let decision = away.await_decision(&p.lineage, 1, WAIT).await.unwrap();
+    assert!(matches!(decision, HumanDecision::Approved { .. }), "{decision:?}");
+}

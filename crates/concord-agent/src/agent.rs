@@ -123,7 +123,11 @@ impl Board {
                 }
             }
         }
-        self.plans.entry(k).or_default().push(n);
+        let kept = self.plans.entry(k).or_default();
+        // A notice fetched again after a reconnect is kept once.
+        if !kept.contains(&n) {
+            kept.push(n);
+        }
     }
 }
 
@@ -168,6 +172,37 @@ fn valid_token(name: &str) -> bool {
         && name
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-'))
+}
+
+/// Fetches the agent's latest notices from the coordinator and merges them.
+async fn catch_up_notices(client: &async_nats::Client, query: &str, shared: &std::sync::Weak<Shared>) {
+    #[derive(Deserialize)]
+    struct Answer {
+        notices: Vec<Notice>,
+    }
+    let answer = match client.request(query.to_string(), r#"{"op":"notices"}"#.into()).await {
+        Ok(m) => serde_json::from_slice::<Answer>(&m.payload),
+        Err(e) => {
+            debug!("catching up on notices: {e}");
+            return;
+        }
+    };
+    let Some(shared) = shared.upgrade() else { return };
+    match answer {
+        Ok(a) => {
+            let n = a.notices.len();
+            for notice in a.notices {
+                if notice.event == NoticeKind::LeaseExpired {
+                    let _ = shared.leases.send(notice);
+                } else {
+                    shared.board.lock().expect("board lock").push(notice);
+                }
+            }
+            debug!(n, "caught up on notices after a reconnect");
+            shared.changed.notify_waiters();
+        }
+        Err(e) => warn!("catching up on notices: an answer that does not decode: {e}"),
+    }
 }
 
 /// A decision and the coordinator's span that made it.
@@ -247,6 +282,27 @@ impl Agent {
                     }
                     Err(e) => warn!("a notice that does not decode: {e}"),
                 }
+            }
+        });
+        // Notices published while the connection was down are lost on the
+        // subscription: after every reconnect, ask the coordinator for the
+        // latest ones (`query.<agent>`, `{"op": "notices"}`) and merge them.
+        let s = Arc::downgrade(&shared);
+        let client = nats.clone();
+        let query = format!("{prefix}.query.{}", cfg.name);
+        tokio::spawn(async move {
+            let mut was_connected = true;
+            let mut tick = tokio::time::interval(Duration::from_millis(100));
+            loop {
+                tick.tick().await;
+                if s.strong_count() == 0 {
+                    return;
+                }
+                let connected = client.connection_state() == async_nats::connection::State::Connected;
+                if connected && !was_connected {
+                    catch_up_notices(&client, &query, &s).await;
+                }
+                was_connected = connected;
             }
         });
         // The subscription must be in place before any plan is proposed.

@@ -258,6 +258,7 @@ pub async fn run(
         out_rx,
         dropped,
         dropped_logged: 0,
+        recent_notices: HashMap::new(),
     };
     // Fused: once it resolved it is never polled again (a failed drain
     // during shutdown must not wait on it a second time).
@@ -314,6 +315,11 @@ pub async fn run(
     result
 }
 
+/// Notices kept per agent for catching up after a disconnection.
+const NOTICES_KEPT_PER_AGENT: usize = 256;
+/// Agents whose notices are kept.
+const NOTICE_AGENTS_MAX: usize = 10_000;
+
 /// A request or message waiting for the core.
 #[derive(Debug)]
 enum Inbound {
@@ -325,8 +331,12 @@ enum Inbound {
         /// The request's span, continuing the caller's trace.
         trace: Option<TraceContext>,
     },
-    /// A read-only question.
-    Query { query: Query, reply: Option<Subject> },
+    /// A read-only question from `caller`.
+    Query {
+        caller: String,
+        query: Query,
+        reply: Option<Subject>,
+    },
     /// A world sync frame from `agent`'s replica (its header already checked).
     Sync {
         agent: String,
@@ -552,8 +562,8 @@ impl Intake {
                         continue;
                     }
                 },
-                Addressed::Query(_) => match concord_proto::error::decode_json(&msg.payload) {
-                    Ok(query) => (Inbound::Query { query, reply }, false),
+                Addressed::Query(caller) => match concord_proto::error::decode_json(&msg.payload) {
+                    Ok(query) => (Inbound::Query { caller, query, reply }, false),
                     Err(e) => {
                         self.reject(&reply, ErrorReply::decode(&e)).await;
                         continue;
@@ -718,6 +728,8 @@ struct Daemon {
     dropped: Arc<AtomicU64>,
     /// How many of them the log already tells.
     dropped_logged: u64,
+    /// Each agent's latest notices (this process's), for catching up.
+    recent_notices: HashMap<String, std::collections::VecDeque<Notice>>,
 }
 
 /// The next input from agents: requests and replicas' sync frames take
@@ -1055,8 +1067,8 @@ impl Daemon {
                 received,
                 trace,
             } => self.handle(state, input, reply, Some(received), trace),
-            Inbound::Query { query, reply } => {
-                let bytes = self.answer(state, query);
+            Inbound::Query { caller, query, reply } => {
+                let bytes = self.answer(state, &caller, query);
                 if let Some(r) = reply {
                     let client = self.client.clone();
                     tokio::spawn(async move {
@@ -1394,6 +1406,7 @@ impl Daemon {
         for e in append.effects {
             self.perform(state, e);
         }
+        self.remember(&append.notices);
         self.notify(append.notices);
         for (agent, frame) in append.frames {
             self.release_frame(state, agent, frame);
@@ -1451,6 +1464,22 @@ impl Daemon {
     }
 
     /// Publishes notices to their agents (their events are in the log).
+    /// Keeps each agent's latest notices, so an agent that was away when
+    /// they were published can ask for them (`{"op": "notices"}`).
+    fn remember(&mut self, notices: &[(String, Notice)]) {
+        for (agent, n) in notices {
+            if !self.recent_notices.contains_key(agent) && self.recent_notices.len() >= NOTICE_AGENTS_MAX {
+                metrics::counter!("concord_notices_unkept_total").increment(1);
+                continue;
+            }
+            let kept = self.recent_notices.entry(agent.clone()).or_default();
+            if kept.len() >= NOTICES_KEPT_PER_AGENT {
+                kept.pop_front();
+            }
+            kept.push_back(n.clone());
+        }
+    }
+
     fn notify(&self, notices: Vec<(String, Notice)>) {
         if notices.is_empty() {
             return;
@@ -1544,9 +1573,16 @@ impl Daemon {
     }
 
     /// Answers a read-only question from the current state.
-    fn answer(&self, state: &State, query: Query) -> Vec<u8> {
+    fn answer(&self, state: &State, caller: &str, query: Query) -> Vec<u8> {
         let c = &state.coord;
         let answer = match query {
+            Query::Notices => Answer::Notices {
+                notices: self
+                    .recent_notices
+                    .get(caller)
+                    .map(|k| k.iter().cloned().collect())
+                    .unwrap_or_default(),
+            },
             Query::Pending => Answer::Plans {
                 now_ms: state.last_now,
                 plans: c

@@ -101,6 +101,10 @@ pub enum Query {
         /// Its lineage.
         lineage: Id,
     },
+    /// The caller's latest notices (up to 256, oldest first), as published
+    /// on `notify.<caller>` by this coordinator process: what an agent
+    /// that was disconnected missed.
+    Notices,
 }
 
 /// The coordinator's status.
@@ -179,4 +183,9 @@ pub enum Answer {
     Status(Box<Status>),
     /// A preview.
     Preview(Box<concord_proto::Preview>),
+    /// The caller's latest notices.
+    Notices {
+        /// Oldest first.
+        notices: Vec<concord_proto::coord::Notice>,
+    },
 }
