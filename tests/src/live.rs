@@ -250,3 +250,78 @@ impl Drop for Relay {
         self.accept.abort();
     }
 }
+
+/// One `set` intent on its own path `fleet/node-<i>/weight`, lineage
+/// `<tag>-<i>` and idempotency key `<tag>k-<i>`.
+pub fn node_intent(tag: &str, i: usize) -> Vec<u8> {
+    serde_json::json!({
+        "protocol": 1, "lineage": format!("{tag}-{i}"), "version": 1, "idempotency_key": format!("{tag}k-{i}"),
+        "goal": "tune a node",
+        "steps": [{ "id": "s1", "kind": "set", "path": format!("fleet/node-{i}/weight"), "args": { "value": i },
+                    "confidence": 0.9, "compensation": { "mode": "restore" } }]
+    })
+    .to_string()
+    .into_bytes()
+}
+
+/// Verdicts by intent number, filled in as answers come.
+pub type Answers = Arc<std::sync::Mutex<std::collections::BTreeMap<usize, concord_proto::Verdict>>>;
+
+/// Proposes `node_intent(tag, 0..n)` in turn as agent `newbie` over `urls`,
+/// each retried under its key until answered (at most `patience` each).
+pub fn spawn_proposer(
+    urls: String,
+    tag: &'static str,
+    n: usize,
+    patience: Duration,
+    answers: Answers,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut c = ConcordClient::connect(&urls, &Credentials::default(), "default", Some("_INBOX_newbie"))
+            .await
+            .unwrap();
+        c.timeout = Duration::from_millis(1500);
+        for i in 0..n {
+            let deadline = std::time::Instant::now() + patience;
+            loop {
+                match c.propose("newbie", &node_intent(tag, i)).await {
+                    Ok(d) => {
+                        answers.lock().unwrap().insert(i, d.verdict);
+                        break;
+                    }
+                    Err(e) => {
+                        assert!(std::time::Instant::now() < deadline, "intent {i} never answered: {e}");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+}
+
+/// How many `decided` events each lineage has in the log, and its last sequence.
+pub async fn decisions_per_plan(
+    nats: &async_nats::Client,
+    stream: &str,
+) -> (std::collections::BTreeMap<String, usize>, u64) {
+    use concord_core::coordinator::{Event, Record};
+    let mut decided = std::collections::BTreeMap::<String, usize>::new();
+    let mut last = 0;
+    concord_nats::client::read_log(nats, stream, 1, false, |seq, p| {
+        last = seq;
+        for r in serde_json::from_slice::<concord_nats::log::Batch>(p).unwrap().records {
+            if let Record::Input { events, .. } = r {
+                for e in events {
+                    if let Event::Decided { lineage, .. } = e {
+                        *decided.entry(lineage.to_string()).or_default() += 1;
+                    }
+                }
+            }
+        }
+        true
+    })
+    .await
+    .unwrap();
+    (decided, last)
+}

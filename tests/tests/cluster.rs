@@ -8,27 +8,12 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use concord_core::coordinator::{Event, Record};
-use concord_nats::client::{ConcordClient, read_log, verify_log};
-use concord_nats::config::Credentials;
-use concord_nats::log::Batch;
+use concord_nats::client::verify_log;
 use concord_proto::Verdict;
 use concord_testkit::NatsCluster;
-use concord_tests::live::Live;
-use serde_json::json;
+use concord_tests::live::{Answers, Live, decisions_per_plan, spawn_proposer};
 
 const INTENTS: usize = 45;
-
-fn intent(i: usize) -> Vec<u8> {
-    json!({
-        "protocol": 1, "lineage": format!("c-{i}"), "version": 1, "idempotency_key": format!("ck-{i}"),
-        "goal": "tune a node",
-        "steps": [{ "id": "s1", "kind": "set", "path": format!("fleet/node-{i}/weight"), "args": { "value": i },
-                    "confidence": 0.9, "compensation": { "mode": "restore" } }]
-    })
-    .to_string()
-    .into_bytes()
-}
 
 async fn wait_answers(answers: &Mutex<BTreeMap<usize, Verdict>>, n: usize) {
     let deadline = Instant::now() + Duration::from_secs(120);
@@ -57,31 +42,8 @@ async fn nodes_lost_one_at_a_time_under_a_stream_of_intents_lose_no_decision() {
         info.cluster
     );
 
-    let answers = Arc::new(Mutex::new(BTreeMap::<usize, Verdict>::new()));
-    let a2 = answers.clone();
-    let urls = live.urls();
-    let proposer = tokio::spawn(async move {
-        let mut c = ConcordClient::connect(&urls, &Credentials::default(), "default", Some("_INBOX_newbie"))
-            .await
-            .unwrap();
-        c.timeout = Duration::from_millis(1500);
-        for i in 0..INTENTS {
-            let deadline = Instant::now() + Duration::from_secs(90);
-            loop {
-                match c.propose("newbie", &intent(i)).await {
-                    Ok(d) => {
-                        a2.lock().unwrap().insert(i, d.verdict);
-                        break;
-                    }
-                    Err(e) => {
-                        assert!(Instant::now() < deadline, "intent {i} never answered: {e}");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                    }
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    });
+    let answers: Answers = Arc::default();
+    let proposer = spawn_proposer(live.urls(), "c", INTENTS, Duration::from_secs(90), answers.clone());
     // The first node (the coordinator's first URL) dies, then comes back;
     // then a second node dies while the first catches up.
     wait_answers(&answers, INTENTS / 3).await;
@@ -98,21 +60,7 @@ async fn nodes_lost_one_at_a_time_under_a_stream_of_intents_lose_no_decision() {
     assert!(verdicts.values().all(|v| *v == verdicts[&0]), "{verdicts:?}");
 
     // Exactly one decision per intent, in a chain that verifies.
-    let mut decided = BTreeMap::<String, usize>::new();
-    read_log(&nats, "CONCORD_LOG", 1, false, |_, p| {
-        for r in serde_json::from_slice::<Batch>(p).unwrap().records {
-            if let Record::Input { events, .. } = r {
-                for e in events {
-                    if let Event::Decided { lineage, .. } = e {
-                        *decided.entry(lineage.to_string()).or_default() += 1;
-                    }
-                }
-            }
-        }
-        true
-    })
-    .await
-    .unwrap();
+    let (decided, _) = decisions_per_plan(&nats, "CONCORD_LOG").await;
     assert_eq!(decided.len(), INTENTS, "{decided:?}");
     assert!(decided.values().all(|n| *n == 1), "{decided:?}");
     let report = verify_log(&nats, "CONCORD_LOG", "default", vec![]).await.unwrap();

@@ -12,7 +12,7 @@ use concord_nats::wire::{Answer, Query};
 use concord_proto::Verdict;
 use concord_proto::coord::{Control, HaltGrade, HaltScope, StepDispatch, StepOutcome, StepResult};
 use concord_proto::{Short, Value};
-use concord_tests::live::{Live, example};
+use concord_tests::live::{Live, decisions_per_plan, example, node_intent};
 use futures::StreamExt;
 use serde_json::json;
 
@@ -719,18 +719,6 @@ async fn an_agents_trace_continues_through_the_decision_and_is_exported() {
     .await;
 }
 
-/// One `set` intent on its own path, under its own key.
-fn node_intent(i: usize) -> Vec<u8> {
-    json!({
-        "protocol": 1, "lineage": format!("f-{i}"), "version": 1, "idempotency_key": format!("fk-{i}"),
-        "goal": "tune a node",
-        "steps": [{ "id": "s1", "kind": "set", "path": format!("fleet/node-{i}/weight"), "args": { "value": i },
-                    "confidence": 0.9, "compensation": { "mode": "restore" } }]
-    })
-    .to_string()
-    .into_bytes()
-}
-
 /// Sends `n` intents from `agent` at once; returns the decisions and the error codes.
 async fn burst(live: &Live, agent: &str, n: usize, from: usize) -> (usize, Vec<(String, Option<u64>)>) {
     let c = Arc::new(live.client(agent).await);
@@ -738,7 +726,9 @@ async fn burst(live: &Live, agent: &str, n: usize, from: usize) -> (usize, Vec<(
     for i in from..from + n {
         let c = c.clone();
         let agent = agent.to_string();
-        tasks.push(tokio::spawn(async move { c.propose(&agent, &node_intent(i)).await }));
+        tasks.push(tokio::spawn(
+            async move { c.propose(&agent, &node_intent("f", i)).await },
+        ));
     }
     let mut decided = 0;
     let mut errors = Vec::new();
@@ -790,7 +780,7 @@ async fn a_full_inbound_queue_answers_busy_with_a_retry_hint() {
     for i in 0..300 {
         let mut tries = 0;
         loop {
-            match c.propose("many", &node_intent(i)).await {
+            match c.propose("many", &node_intent("f", i)).await {
                 Ok(_) => break,
                 Err(ClientError::Bus(e)) if e.code == "busy" && tries < 50 => {
                     tries += 1;
@@ -800,16 +790,7 @@ async fn a_full_inbound_queue_answers_busy_with_a_retry_hint() {
             }
         }
     }
-    let decided_per_plan = events(&records(&live).await)
-        .into_iter()
-        .filter_map(|e| match e {
-            Event::Decided { lineage, .. } => Some(lineage.to_string()),
-            _ => None,
-        })
-        .fold(std::collections::BTreeMap::<String, usize>::new(), |mut m, l| {
-            *m.entry(l).or_default() += 1;
-            m
-        });
+    let (decided_per_plan, _) = decisions_per_plan(&live.nats().await, &live.cfg.log.stream).await;
     assert_eq!(decided_per_plan.len(), 300);
     assert!(decided_per_plan.values().all(|n| *n == 1), "{decided_per_plan:?}");
 }
