@@ -5,8 +5,7 @@
 use std::time::Duration;
 
 use async_nats::HeaderMap;
-use async_nats::jetstream::{self, consumer, kv, object_store, stream};
-use futures::StreamExt;
+use async_nats::jetstream::{self, kv, object_store, stream};
 use serde::{Deserialize, Serialize};
 use tokio::io::AsyncReadExt;
 
@@ -240,33 +239,25 @@ impl Store {
         if from_seq > to_seq {
             return Ok(());
         }
-        let s = self
-            .js
-            .get_stream(&self.stream)
-            .await
-            .map_err(js_err("open the log stream"))?;
-        // An ordered consumer: it tracks sequences, and recreates itself on a
-        // gap, a reset or a reconnect, so no message is skipped.
-        let consumer = s
-            .create_consumer(consumer::pull::OrderedConfig {
-                deliver_policy: consumer::DeliverPolicy::ByStartSequence {
-                    start_sequence: from_seq,
-                },
-                max_batch: LOG_READ_BATCH,
-                ..Default::default()
-            })
-            .await
-            .map_err(js_err("create a log reader"))?;
-        let mut messages = consumer.messages().await.map_err(js_err("read the log"))?;
-        while let Some(m) = messages.next().await {
-            let m = m.map_err(js_err("read the log"))?;
-            let seq = m.info().map_err(js_err("read a log message's info"))?.stream_sequence;
-            f(seq, &m.payload).map_err(StoreError::Apply)?;
-            if seq >= to_seq {
-                break;
+        // The one log reader (ordered consumer, bounded pulls, a silent
+        // consumer replaced) that `concord tail` and `log verify` use too.
+        let mut failed = None;
+        crate::client::read_log(&self.js.client(), &self.stream, from_seq, false, |seq, payload| {
+            if let Err(e) = f(seq, payload) {
+                failed = Some(e);
+                return false;
             }
+            seq < to_seq
+        })
+        .await
+        .map_err(|e| StoreError::JetStream {
+            what: "read the log",
+            detail: e.to_string(),
+        })?;
+        match failed {
+            Some(e) => Err(StoreError::Apply(e)),
+            None => Ok(()),
         }
-        Ok(())
     }
 
     /// Records the chain head.
