@@ -983,15 +983,16 @@ async fn a_proposal_continues_the_agents_trace_into_the_coordinators_decision() 
     assert_ne!(theirs.split('-').nth(1), Some("00000000000000000000000000000000"));
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn an_approval_published_while_the_agent_was_away_is_caught_up_on_reconnect() {
-    let live = start().await;
+/// Proposes a plan that is held for a human through a relay, cuts the relay,
+/// approves the plan while the agent cannot hear it, runs `meanwhile`, heals
+/// the relay, and returns the decision the agent then learns.
+async fn approved_while_away(live: &mut Live, lineage: &str, meanwhile: impl AsyncFnOnce(&mut Live)) -> HumanDecision {
     let values = Values::new(&world(), &[]);
-    let _exec = executor(&live, &values).await;
+    let _exec = executor(live, &values).await;
     let relay = Relay::to(live.server.port()).await;
     let away = agent_at(&relay.url(), "resource").await;
     // 50 -> 120 in one step: held for a human.
-    let p = pool_plan("held-away", 120);
+    let p = pool_plan(lineage, 120);
     let d = away.propose(&p).await.unwrap();
     assert_eq!(d.verdict, Verdict::NeedsApproval, "{:?}", d.reasons);
 
@@ -1002,15 +1003,83 @@ async fn an_approval_published_while_the_agent_was_away_is_caught_up_on_reconnec
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     // The approval's notice goes out while the agent cannot hear it.
-    assert!(approve(&live, "held-away", 1).await);
+    assert!(approve(live, lineage, 1).await);
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(
         away.notices(&p.lineage, 1)
             .iter()
             .all(|n| n.event != concord_proto::coord::NoticeKind::Approved)
     );
+    meanwhile(live).await;
 
     relay.heal();
-    let decision = away.await_decision(&p.lineage, 1, WAIT).await.unwrap();
+    away.await_decision(&p.lineage, 1, WAIT).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_approval_published_while_the_agent_was_away_is_caught_up_on_reconnect() {
+    let mut live = start().await;
+    let decision = approved_while_away(&mut live, "held-away", async |_| {}).await;
+    assert!(matches!(decision, HumanDecision::Approved { .. }), "{decision:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn notices_missed_while_away_survive_a_coordinator_restart_rebuilt_from_the_log() {
+    let mut live = Live::start_with(|c| {
+        c.log.max_bytes = 256 * 1024 * 1024;
+        c.snapshots.every_records = 0;
+    })
+    .await;
+    let decision = approved_while_away(&mut live, "held-restart", async |live| {
+        live.down().await;
+        live.up().await;
+    })
+    .await;
+    assert!(matches!(decision, HumanDecision::Approved { .. }), "{decision:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn notices_missed_while_away_survive_a_coordinator_restart_from_a_snapshot() {
+    let mut live = Live::start_with(|c| {
+        c.log.max_bytes = 256 * 1024 * 1024;
+        c.snapshots.every_records = 1;
+    })
+    .await;
+    let decision = approved_while_away(&mut live, "held-snapshot", async |live| {
+        // Wait for a snapshot that holds the approval: recovery then starts
+        // after it, so the notice can only come from the snapshot's backlog.
+        let js = async_nats::jetstream::new(live.nats().await);
+        let last = js
+            .get_stream(&live.cfg.log.stream)
+            .await
+            .unwrap()
+            .info()
+            .await
+            .unwrap()
+            .state
+            .last_sequence;
+        let snapshots = js.get_object_store(&live.cfg.snapshots.bucket).await.unwrap();
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let meta = match snapshots.get("latest").await {
+                Ok(o) => o
+                    .info()
+                    .description
+                    .as_deref()
+                    .and_then(|d| serde_json::from_str::<concord_nats::store::SnapshotMeta>(d).ok()),
+                Err(_) => None,
+            };
+            if let Some(m) = meta.filter(|m| m.seq >= last) {
+                assert!(m.notices_bytes > 0, "{m:?}");
+                break;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "no snapshot after the approval");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // A crash, not a clean stop: the clean stop would log more records.
+        live.crash();
+        live.up().await;
+    })
+    .await;
     assert!(matches!(decision, HumanDecision::Approved { .. }), "{decision:?}");
 }

@@ -35,7 +35,7 @@ use crate::config::{Credentials, RuntimeConfig};
 use crate::log::{GENESIS_PREV, Signer};
 use crate::runtime::{Health, run};
 use crate::server::{ServerOptions, ServerProcess};
-use crate::store::{SnapshotMeta, Store};
+use crate::store::{Snapshot, SnapshotMeta, Store};
 
 /// The bench's policy: 11 rules, 20% of the workload's values above the ceiling.
 pub const BENCH_POLICY: &str = r#"
@@ -577,8 +577,12 @@ async fn recovery(bin: &std::path::Path, opts: &BenchOptions, report: &mut Repor
                 seq: last,
                 hash: recovered_prev,
                 incarnation: 1,
+                notices_bytes: 0,
             },
-            core.snapshot()?,
+            Snapshot {
+                coordinator: core.snapshot()?,
+                notices: Vec::new(),
+            },
         )
         .await?;
     let t = Instant::now();

@@ -125,3 +125,43 @@ impl Notifier {
         out
     }
 }
+
+/// Each agent's latest notices, so an agent that was away when they were
+/// published can ask for them (`{"op": "notices"}`). Rebuilt on recovery
+/// from the snapshot (which carries it) and the log records after it.
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
+pub struct NoticeBacklog {
+    agents: HashMap<String, VecDeque<Notice>>,
+}
+
+impl NoticeBacklog {
+    /// Notices kept per agent (oldest forgotten first).
+    pub const PER_AGENT: usize = 256;
+    /// Agents whose notices are kept; notices to further agents are not.
+    pub const AGENTS_MAX: usize = 10_000;
+
+    /// Keeps `notices`; returns how many were not kept (too many agents).
+    pub fn remember(&mut self, notices: &[(String, Notice)]) -> u64 {
+        let mut unkept = 0;
+        for (agent, n) in notices {
+            if !self.agents.contains_key(agent) && self.agents.len() >= Self::AGENTS_MAX {
+                unkept += 1;
+                continue;
+            }
+            let kept = self.agents.entry(agent.clone()).or_default();
+            if kept.len() >= Self::PER_AGENT {
+                kept.pop_front();
+            }
+            kept.push_back(n.clone());
+        }
+        unkept
+    }
+
+    /// `agent`'s latest notices, oldest first.
+    pub fn of(&self, agent: &str) -> Vec<Notice> {
+        self.agents
+            .get(agent)
+            .map(|k| k.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+}

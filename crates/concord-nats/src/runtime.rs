@@ -38,8 +38,8 @@ use tracing::{debug, error, info, warn};
 
 use crate::config::RuntimeConfig;
 use crate::log::{GENESIS_PREV, Signer, Verifier, batch_subject};
-use crate::notify::Notifier;
-use crate::store::{Head, SnapshotMeta, Store, StoreError};
+use crate::notify::{NoticeBacklog, Notifier};
+use crate::store::{Head, Snapshot, SnapshotMeta, Store, StoreError};
 use crate::subjects::{Addressed, Subjects};
 use crate::telemetry::{self, Telemetry, TraceContext};
 use crate::wire::{Answer, ErrorReply, Query, Status, WorldStatus};
@@ -258,7 +258,7 @@ pub async fn run(
         out_rx,
         dropped,
         dropped_logged: 0,
-        recent_notices: HashMap::new(),
+        recent_notices: NoticeBacklog::default(),
     };
     // Fused: once it resolved it is never polled again (a failed drain
     // during shutdown must not wait on it a second time).
@@ -314,11 +314,6 @@ pub async fn run(
     let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
     result
 }
-
-/// Notices kept per agent for catching up after a disconnection.
-const NOTICES_KEPT_PER_AGENT: usize = 256;
-/// Agents whose notices are kept.
-const NOTICE_AGENTS_MAX: usize = 10_000;
 
 /// A request or message waiting for the core.
 #[derive(Debug)]
@@ -695,7 +690,7 @@ struct Append {
     hash: String,
     effects: Vec<Effect>,
     halts_changed: bool,
-    snapshot: Option<Vec<u8>>,
+    snapshot: Option<Snapshot>,
     records: u64,
     notices: Vec<(String, Notice)>,
     frames: Vec<(String, Vec<u8>)>,
@@ -728,8 +723,8 @@ struct Daemon {
     dropped: Arc<AtomicU64>,
     /// How many of them the log already tells.
     dropped_logged: u64,
-    /// Each agent's latest notices (this process's), for catching up.
-    recent_notices: HashMap<String, std::collections::VecDeque<Notice>>,
+    /// Each agent's latest notices, for catching up (rebuilt on recovery).
+    recent_notices: NoticeBacklog,
 }
 
 /// The next input from agents: requests and replicas' sync frames take
@@ -779,12 +774,23 @@ impl Daemon {
         let mut last_now = 0u64;
         // A snapshot that cannot be read (e.g. cut short by a crash while it
         // was stored) is skipped: the log alone rebuilds the state, slower.
+        // The notice backlog is rebuilt from what is durable: the snapshot's
+        // copy, then the notices of every input after it.
+        let mut backlog = NoticeBacklog::default();
         match self.store.snapshot().await {
-            Ok(Some((meta, bytes))) if meta.seq <= last => match Coordinator::restore(&bytes) {
+            Ok(Some((meta, snap))) if meta.seq <= last => match Coordinator::restore(&snap.coordinator) {
                 Ok(c) => {
                     coord = Some(c);
                     verifier = Verifier::resume(meta.seq, meta.hash, Vec::new());
                     incarnation = meta.incarnation;
+                    if !snap.notices.is_empty() {
+                        match serde_json::from_slice(&snap.notices) {
+                            Ok(b) => backlog = b,
+                            Err(e) => warn!(
+                                "the snapshot's notice backlog does not load ({e}); agents catch up on later notices only"
+                            ),
+                        }
+                    }
                     info!(seq = meta.seq, "restored the snapshot");
                 }
                 Err(e) => warn!("the snapshot does not load ({e}); rebuilding from the whole log"),
@@ -793,6 +799,7 @@ impl Daemon {
             Err(e) => warn!("the snapshot cannot be read ({e}); rebuilding from the whole log"),
         }
         let from = verifier.head().0 + 1;
+        let mut notifier = coord.as_ref().map(Notifier::from_coordinator).unwrap_or_default();
         let mut divergences = 0u64;
         let mut applied = 0u64;
         self.store
@@ -821,6 +828,7 @@ impl Daemon {
                         Record::Input { now_ms, input, events } => {
                             let c = coord.as_mut().ok_or("an input before the genesis")?;
                             let fx = c.recover_input(now_ms, *input, &events);
+                            backlog.remember(&notifier.notices(&events, c));
                             if let Some(d) = first_divergence(&events, &fx) {
                                 divergences += 1;
                                 if divergences == 1 {
@@ -884,6 +892,7 @@ impl Daemon {
             push_due: None,
         };
         state.notifier = Notifier::from_coordinator(&state.coord);
+        self.recent_notices = backlog;
         let now = state.last_now;
         // This process writes the world document under its own actor, so it
         // never reuses an (actor, seq) pair a replica may hold from the last one.
@@ -1299,7 +1308,12 @@ impl Daemon {
             && state.records_since_snapshot >= self.cfg.snapshots.every_records)
             .then(|| {
                 state.records_since_snapshot = 0;
-                state.coord.snapshot().ok()
+                let coordinator = state.coord.snapshot().ok()?;
+                // The backlog as it will be once this batch's notices are kept.
+                let mut backlog = self.recent_notices.clone();
+                backlog.remember(&open.notices);
+                let notices = serde_json::to_vec(&backlog).ok()?;
+                Some(Snapshot { coordinator, notices })
             })
             .flatten();
         state.batches += 1;
@@ -1381,16 +1395,17 @@ impl Daemon {
                 }
             });
         }
-        if let Some(bytes) = append.snapshot {
+        if let Some(snapshot) = append.snapshot {
             let store = self.store.clone();
             let meta = SnapshotMeta {
                 seq,
                 hash: append.hash.clone(),
                 incarnation: state.incarnation,
+                notices_bytes: 0,
             };
             let crash = self.crash.clone();
             tokio::spawn(async move {
-                let store_it = store.put_snapshot(&meta, bytes);
+                let store_it = store.put_snapshot(&meta, snapshot);
                 tokio::pin!(store_it);
                 // The hook fires while the upload is under way.
                 if crash.as_ref().is_some_and(|c| c.point == CrashPoint::DuringSnapshot) {
@@ -1467,17 +1482,8 @@ impl Daemon {
     /// Keeps each agent's latest notices, so an agent that was away when
     /// they were published can ask for them (`{"op": "notices"}`).
     fn remember(&mut self, notices: &[(String, Notice)]) {
-        for (agent, n) in notices {
-            if !self.recent_notices.contains_key(agent) && self.recent_notices.len() >= NOTICE_AGENTS_MAX {
-                metrics::counter!("concord_notices_unkept_total").increment(1);
-                continue;
-            }
-            let kept = self.recent_notices.entry(agent.clone()).or_default();
-            if kept.len() >= NOTICES_KEPT_PER_AGENT {
-                kept.pop_front();
-            }
-            kept.push_back(n.clone());
-        }
+        let unkept = self.recent_notices.remember(notices);
+        metrics::counter!("concord_notices_unkept_total").increment(unkept);
     }
 
     fn notify(&self, notices: Vec<(String, Notice)>) {
@@ -1577,11 +1583,7 @@ impl Daemon {
         let c = &state.coord;
         let answer = match query {
             Query::Notices => Answer::Notices {
-                notices: self
-                    .recent_notices
-                    .get(caller)
-                    .map(|k| k.iter().cloned().collect())
-                    .unwrap_or_default(),
+                notices: self.recent_notices.of(caller),
             },
             Query::Pending => Answer::Plans {
                 now_ms: state.last_now,

@@ -103,6 +103,24 @@ pub struct SnapshotMeta {
     pub hash: String,
     /// The incarnation that wrote it.
     pub incarnation: u64,
+    /// Bytes at the end of the object that hold the runtime's notice backlog
+    /// (see [`Snapshot::notices`]); 0 in snapshots that carry none.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub notices_bytes: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+/// A stored snapshot: the coordinator's state and, beside it, what the
+/// runtime keeps outside the core that must outlive a restart.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    /// [`concord_core::coordinator::Coordinator::snapshot`] bytes.
+    pub coordinator: Vec<u8>,
+    /// The agents' latest notices (JSON), for catch-up after a restart.
+    pub notices: Vec<u8>,
 }
 
 impl Store {
@@ -280,13 +298,21 @@ impl Store {
         Ok(v.and_then(|b| serde_json::from_slice(&b).ok()))
     }
 
-    /// Stores a snapshot (the object `latest`, with its metadata in the description).
-    pub async fn put_snapshot(&self, meta: &SnapshotMeta, bytes: Vec<u8>) -> Result<(), StoreError> {
+    /// Stores a snapshot (the object `latest`, with its metadata in the
+    /// description): the coordinator's bytes, then the notices'. One object,
+    /// so a crash while storing it never pairs one part with another's.
+    pub async fn put_snapshot(&self, meta: &SnapshotMeta, snapshot: Snapshot) -> Result<(), StoreError> {
+        let meta = SnapshotMeta {
+            notices_bytes: snapshot.notices.len() as u64,
+            ..meta.clone()
+        };
         let m = object_store::ObjectMetadata {
             name: "latest".into(),
-            description: Some(serde_json::to_string(meta).expect("meta serializes")),
+            description: Some(serde_json::to_string(&meta).expect("meta serializes")),
             ..Default::default()
         };
+        let mut bytes = snapshot.coordinator;
+        bytes.extend_from_slice(&snapshot.notices);
         let mut reader = std::io::Cursor::new(bytes);
         self.snapshots
             .put(m, &mut reader)
@@ -296,7 +322,7 @@ impl Store {
     }
 
     /// The latest snapshot, if any.
-    pub async fn snapshot(&self) -> Result<Option<(SnapshotMeta, Vec<u8>)>, StoreError> {
+    pub async fn snapshot(&self) -> Result<Option<(SnapshotMeta, Snapshot)>, StoreError> {
         let mut obj = match self.snapshots.get("latest").await {
             Ok(o) => o,
             Err(e) if e.kind() == object_store::GetErrorKind::NotFound => return Ok(None),
@@ -318,7 +344,25 @@ impl Store {
             })?;
         let mut bytes = Vec::new();
         obj.read_to_end(&mut bytes).await.map_err(js_err("read the snapshot"))?;
-        Ok(Some((meta, bytes)))
+        let split = usize::try_from(meta.notices_bytes)
+            .ok()
+            .and_then(|n| bytes.len().checked_sub(n))
+            .ok_or_else(|| StoreError::JetStream {
+                what: "read the snapshot",
+                detail: format!(
+                    "its metadata names {} bytes of notices in a {}-byte object",
+                    meta.notices_bytes,
+                    bytes.len()
+                ),
+            })?;
+        let notices = bytes.split_off(split);
+        Ok(Some((
+            meta,
+            Snapshot {
+                coordinator: bytes,
+                notices,
+            },
+        )))
     }
 
     /// Publishes the halts in force for executors.
