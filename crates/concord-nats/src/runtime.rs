@@ -25,7 +25,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use async_nats::{Client, Subject};
 use bytes::Bytes;
 use concord_core::coordinator::{
-    Coordinator, Effect, Event, Genesis, Input, RECORD_VERSION, Record, Reply, first_divergence,
+    Coordinator, Effect, Event, Genesis, Input, PendingSnapshot, RECORD_VERSION, Record, Reply, first_divergence,
 };
 use concord_core::policy::Policy;
 use concord_core::world::World;
@@ -259,6 +259,7 @@ pub async fn run(
         dropped,
         dropped_logged: 0,
         recent_notices: NoticeBacklog::default(),
+        snapshotting: Arc::new(AtomicBool::new(false)),
     };
     // Fused: once it resolved it is never polled again (a failed drain
     // during shutdown must not wait on it a second time).
@@ -685,12 +686,31 @@ struct OpenBatch {
     bytes: usize,
 }
 
+/// The one snapshot under way: the flag is cleared when this is dropped
+/// (stored, failed, or its batch never reached the log).
+struct SnapshotTurn(Arc<AtomicBool>);
+
+impl SnapshotTurn {
+    fn take(flag: &Arc<AtomicBool>) -> SnapshotTurn {
+        flag.store(true, Ordering::Release);
+        SnapshotTurn(flag.clone())
+    }
+}
+
+impl Drop for SnapshotTurn {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
+}
+
 struct Append {
     done: oneshot::Receiver<Result<u64, StoreError>>,
     hash: String,
     effects: Vec<Effect>,
     halts_changed: bool,
-    snapshot: Option<Snapshot>,
+    /// A snapshot of the state after this batch, to finish and store once
+    /// the batch is in the log; with the notice backlog as of then.
+    snapshot: Option<(PendingSnapshot, NoticeBacklog, SnapshotTurn)>,
     records: u64,
     notices: Vec<(String, Notice)>,
     frames: Vec<(String, Vec<u8>)>,
@@ -725,6 +745,9 @@ struct Daemon {
     dropped_logged: u64,
     /// Each agent's latest notices, for catching up (rebuilt on recovery).
     recent_notices: NoticeBacklog,
+    /// A snapshot is being saved or stored: the next waits for it, so they
+    /// land in order and at most one copy of the state is held.
+    snapshotting: Arc<AtomicBool>,
 }
 
 /// The next input from agents: requests and replicas' sync frames take
@@ -1202,18 +1225,26 @@ impl Daemon {
     /// a replica to start over). Pushes are at least
     /// `limits.sync_push_interval_ms` apart; one held back is due later.
     fn push_world(&mut self, state: &mut State) {
-        let doc = state.coord.world_doc();
-        let current = (doc.doc_id(), doc.heads_hex());
-        if state.pushed.as_ref() == Some(&current) {
+        // Nobody to push to: the document's held writes stay held (reading
+        // its heads would apply them). A replica that connects asks first.
+        if self.replicas.is_empty() {
             state.push_due = None;
             return;
         }
+        // Within the push interval the heads are not even read: the push
+        // is due at the interval's end, and looks then whether they moved.
         let now = Instant::now();
         let interval = Duration::from_millis(self.cfg.limits.sync_push_interval_ms);
         if let Some(last) = state.last_push
             && now < last + interval
         {
             state.push_due = Some(last + interval);
+            return;
+        }
+        let doc = state.coord.world_doc();
+        let current = (doc.doc_id(), doc.heads_hex());
+        if state.pushed.as_ref() == Some(&current) {
+            state.push_due = None;
             return;
         }
         state.push_due = None;
@@ -1305,17 +1336,20 @@ impl Daemon {
         let payload: Bytes = serde_json::to_vec(&batch).expect("batches serialize").into();
         state.records_since_snapshot += n;
         let snapshot = (self.cfg.snapshots.every_records > 0
-            && state.records_since_snapshot >= self.cfg.snapshots.every_records)
-            .then(|| {
-                state.records_since_snapshot = 0;
-                let coordinator = state.coord.snapshot().ok()?;
-                // The backlog as it will be once this batch's notices are kept.
-                let mut backlog = self.recent_notices.clone();
-                backlog.remember(&open.notices);
-                let notices = serde_json::to_vec(&backlog).ok()?;
-                Some(Snapshot { coordinator, notices })
-            })
-            .flatten();
+            && state.records_since_snapshot >= self.cfg.snapshots.every_records
+            && !self.snapshotting.load(Ordering::Acquire))
+        .then(|| {
+            state.records_since_snapshot = 0;
+            let turn = SnapshotTurn::take(&self.snapshotting);
+            // The state is copied here; the costly part (saving the
+            // world document) runs off the loop, once the batch is in.
+            let coordinator = state.coord.snapshot_later().ok()?;
+            // The backlog as it will be once this batch's notices are kept.
+            let mut backlog = self.recent_notices.clone();
+            backlog.remember(&open.notices);
+            Some((coordinator, backlog, turn))
+        })
+        .flatten();
         state.batches += 1;
         let msg_id = format!("{}-{}-{}", self.cfg.coordinator, state.incarnation, state.batches);
         let (tx, rx) = oneshot::channel();
@@ -1395,7 +1429,7 @@ impl Daemon {
                 }
             });
         }
-        if let Some(snapshot) = append.snapshot {
+        if let Some((pending, backlog, turn)) = append.snapshot {
             let store = self.store.clone();
             let meta = SnapshotMeta {
                 seq,
@@ -1405,6 +1439,15 @@ impl Daemon {
             };
             let crash = self.crash.clone();
             tokio::spawn(async move {
+                let made = tokio::task::spawn_blocking(move || Snapshot {
+                    coordinator: pending.finish(),
+                    notices: serde_json::to_vec(&backlog).expect("notices serialize"),
+                })
+                .await;
+                let Ok(snapshot) = made else {
+                    warn!("snapshot not stored: saving it failed");
+                    return;
+                };
                 let store_it = store.put_snapshot(&meta, snapshot);
                 tokio::pin!(store_it);
                 // The hook fires while the upload is under way.
@@ -1416,6 +1459,7 @@ impl Daemon {
                     Ok(()) => info!(seq = meta.seq, "snapshot stored"),
                     Err(e) => warn!("snapshot not stored: {e}"),
                 }
+                drop(turn);
             });
         }
         for e in append.effects {
