@@ -2,7 +2,8 @@
 //! propose, await a human's decision by notice, approve and reject, re-plan,
 //! lease loss, executors that refuse stale tokens across a restart and dedupe
 //! on keys, compensation on failure, retry with the same key across a server
-//! restart; the world replica: it converges after plans run, catches up
+//! restart; the typed errors of a coordinator nobody hears (none listening,
+//! one partitioned away unnoticed, the agent itself cut off); the world replica: it converges after plans run, catches up
 //! after a partition with only what it missed, follows a rotation and a
 //! coordinator restart, and cannot write.
 
@@ -501,6 +502,108 @@ async fn a_halt_is_a_typed_error() {
     let resource = agent(&live, "resource").await;
     let e = resource.propose(&pool_plan("pool-55", 55)).await.unwrap_err();
     assert!(matches!(e, AgentError::Halted { .. }), "{e:?}");
+}
+
+/// An agent at `url` that gives up quickly: two attempts of 300 ms each.
+async fn impatient(url: &str, name: &str) -> Agent {
+    let mut cfg = AgentConfig::new(url, name);
+    cfg.request_timeout = Duration::from_millis(300);
+    cfg.attempts = 2;
+    Agent::connect(cfg).await.expect("the agent connects")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn no_coordinator_listening_is_a_typed_error_and_a_retry_after_it_is_back_gets_the_decision() {
+    let mut live = start().await;
+    let resource = impatient(&live.server.url(), "resource").await;
+    let p = pool_plan("pool-65", 65);
+    let first = resource.propose(&p).await.unwrap();
+    assert_eq!(first.verdict, Verdict::Admit, "{:?}", first.reasons);
+
+    // The coordinator stops: nobody listens on the intent subject, and the
+    // server says so at once (no waiting out a timeout).
+    live.down().await;
+    let p2 = pool_plan("pool-66", 66);
+    let e = resource.propose(&p2).await.unwrap_err();
+    assert_eq!(
+        e,
+        AgentError::NoCoordinator("concord.v1.default.intent.resource".into())
+    );
+
+    // Back up: the same plan again is decided, once.
+    live.up().await;
+    let d = resource.propose(&p2).await.unwrap();
+    assert!(!d.duplicate, "nothing was decided while nobody listened");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_coordinator_partitioned_away_unnoticed_is_a_timeout_and_the_same_key_gets_one_decision() {
+    // The coordinator reaches the server through a relay that the test
+    // stalls: its connection stays open, so the server still routes intents
+    // to it, and nothing comes back.
+    let server = concord_testkit::NatsServer::start();
+    let relay = Relay::to(server.port()).await;
+    let url = relay.url();
+    let live = Live::start_on(server, |c| {
+        c.log.max_bytes = 256 * 1024 * 1024;
+        c.nats = vec![url];
+    })
+    .await;
+    let resource = impatient(&live.server.url(), "resource").await;
+    let first = resource.propose(&pool_plan("pool-65", 65)).await.unwrap();
+    assert_eq!(first.verdict, Verdict::Admit, "{:?}", first.reasons);
+
+    relay.stall();
+    let p = pool_plan("pool-66", 66);
+    let e = resource.propose(&p).await.unwrap_err();
+    assert_eq!(
+        e,
+        AgentError::TimedOut {
+            subject: "concord.v1.default.intent.resource".into(),
+            attempts: 2
+        }
+    );
+
+    // The partition heals: the held requests reach the coordinator, and a
+    // retry with the same key gets the decision they produced.
+    relay.heal();
+    let mut cfg = AgentConfig::new(live.server.url(), "resource");
+    cfg.request_timeout = Duration::from_secs(5);
+    let patient = Agent::connect(cfg).await.unwrap();
+    let d = patient.propose(&p).await.unwrap();
+    assert!(d.duplicate, "the held attempts were decided first");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_agent_cut_off_from_the_server_is_disconnected_then_retries_with_the_same_key() {
+    let live = start().await;
+    let relay = Relay::to(live.server.port()).await;
+    let away = impatient(&relay.url(), "resource").await;
+    assert_eq!(
+        away.propose(&pool_plan("pool-65", 65)).await.unwrap().verdict,
+        Verdict::Admit
+    );
+
+    relay.cut();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while away.nats().connection_state() == async_nats::connection::State::Connected {
+        assert!(tokio::time::Instant::now() < deadline, "the agent never saw the cut");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let p = pool_plan("pool-66", 66);
+    let e = away.propose(&p).await.unwrap_err();
+    assert!(matches!(e, AgentError::Disconnected(_)), "{e:?}");
+
+    // Reconnected, the same plan is decided once.
+    relay.heal();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let d = loop {
+        match away.propose(&p).await {
+            Ok(d) => break d,
+            Err(e) => assert!(tokio::time::Instant::now() < deadline, "never answered: {e:?}"),
+        }
+    };
+    assert!(!d.plan_hash.is_empty(), "{d:?}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
