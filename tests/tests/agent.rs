@@ -1,11 +1,12 @@
 //! The agent SDK against a real NATS server and a live coordinator:
 //! propose, await a human's decision by notice, approve and reject, re-plan,
-//! lease loss, executors that refuse stale tokens across a restart and dedupe
-//! on keys, compensation on failure, retry with the same key across a server
-//! restart; the typed errors of a coordinator nobody hears (none listening,
-//! one partitioned away unnoticed, the agent itself cut off); the world replica: it converges after plans run, catches up
-//! after a partition with only what it missed, follows a rotation and a
-//! coordinator restart, and cannot write.
+//! lease loss (refused, lapsed, and cut off from the coordinator), executors
+//! that refuse stale tokens across a restart and dedupe on keys, compensation
+//! on failure, retry with the same key across a server restart; the typed
+//! errors of a coordinator nobody hears (none listening, one partitioned away
+//! unnoticed, the agent itself cut off); the world replica: it converges
+//! after plans run, catches up after a partition with only what it missed,
+//! follows a rotation and a coordinator restart, and cannot write.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -281,14 +282,15 @@ async fn a_lease_guard_renews_and_its_loss_is_seen_at_once() {
     assert!(matches!(lost, LeaseLost::Refused { .. }), "{lost:?}");
     assert!(!guard.is_held());
 
-    // Without renewals the coordinator lets it lapse, and its notice says so.
+    // Without renewals the lease lapses at its ttl, and the guard says so by then.
     let mut short = LeaseGuard::acquire_with(&resource, &path, LeaseMode::Exclusive, ttl, false)
         .await
         .unwrap();
     let lost = tokio::time::timeout(WAIT, short.lost())
         .await
         .expect("the lapse is seen");
-    assert_eq!(lost, LeaseLost::Expired);
+    assert_eq!(lost, LeaseLost::Unconfirmed { last_error: None });
+    drop(short);
 
     // Dropping a held guard releases it: another agent gets the path.
     let guard = LeaseGuard::acquire(&resource, &path, LeaseMode::Exclusive, ttl)
@@ -313,6 +315,57 @@ async fn a_lease_guard_renews_and_its_loss_is_seen_at_once() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert!(granted, "the dropped guard released the lease");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_lease_guard_cut_off_from_the_coordinator_reports_the_loss_within_the_ttl() {
+    let live = start().await;
+    let relay = Relay::to(live.server.port()).await;
+    // Default request timeouts and retries: a renewal outlasts the lease.
+    let away = agent_at(&relay.url(), "resource").await;
+    let path = ResourcePath::parse("svc/api").unwrap();
+    let ttl = Duration::from_millis(900);
+    let mut guard = LeaseGuard::acquire(&away, &path, LeaseMode::Exclusive, ttl)
+        .await
+        .unwrap();
+    tokio::time::sleep(ttl * 2).await;
+    assert!(guard.is_held());
+
+    // Cut off: no renewal is confirmed any more, and no notice can arrive.
+    relay.cut();
+    let cut = tokio::time::Instant::now();
+    let lost = tokio::time::timeout(WAIT, guard.lost())
+        .await
+        .expect("the loss is seen while cut off");
+    let after = cut.elapsed();
+    assert!(matches!(lost, LeaseLost::Unconfirmed { .. }), "{lost:?}");
+    assert!(!guard.is_held());
+    // The last confirmed renewal was sent before the cut: its ttl ends at
+    // most one ttl after it (with a little room for a loaded scheduler).
+    assert!(
+        after < ttl + Duration::from_millis(500),
+        "reported {after:?} after the cut"
+    );
+
+    // The coordinator lets it lapse too: another agent gets the path.
+    let deploy = agent(&live, "deploy").await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let r = deploy
+            .lease(&LeaseRequest::Acquire {
+                path: path.clone(),
+                mode: LeaseMode::Exclusive,
+                ttl_ms: 1000,
+                wait: false,
+            })
+            .await
+            .unwrap();
+        if matches!(r, LeaseReply::Granted { .. }) {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the lease never lapsed: {r:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 async fn dispatch(live: &Live, d: &StepDispatch) -> StepOutcome {
