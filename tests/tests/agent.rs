@@ -39,11 +39,13 @@ async fn start() -> Live {
 }
 
 /// A system of named values: `set` writes one, `deploy` writes `<path>/version`.
-/// Steps on a path listed in `failing` fail.
+/// Steps on a path listed in `failing` fail. Each applied step's trace
+/// context is kept in `traces`.
 #[derive(Default)]
 struct Values {
     values: Mutex<BTreeMap<String, Value>>,
     applied: Mutex<Vec<String>>,
+    traces: Mutex<Vec<Option<String>>>,
     failing: Vec<String>,
 }
 
@@ -52,6 +54,7 @@ impl Values {
         Arc::new(Values {
             values: Mutex::new(init.iter().map(|(k, v)| (k.to_string(), v.clone())).collect()),
             applied: Mutex::new(Vec::new()),
+            traces: Mutex::new(Vec::new()),
             failing: failing.iter().map(|s| s.to_string()).collect(),
         })
     }
@@ -71,6 +74,7 @@ impl StepHandler for Values {
                 return Err(StepError::from(format!("{path} refused the change")));
             }
             self.applied.lock().unwrap().push(step.dispatch.key.text());
+            self.traces.lock().unwrap().push(step.traceparent.clone());
             let mut v = self.values.lock().unwrap();
             match &step.op {
                 Op::Set(a) => {
@@ -1137,6 +1141,146 @@ async fn a_proposal_continues_the_agents_trace_into_the_coordinators_decision() 
     let theirs = t2.traceparent.expect("a new trace");
     assert_eq!(theirs.split('-').nth(1).map(str::len), Some(32));
     assert_ne!(theirs.split('-').nth(1), Some("00000000000000000000000000000000"));
+}
+
+/// The trace id and span id of a W3C `traceparent`.
+fn trace_parts(traceparent: &str) -> (String, String) {
+    let parts: Vec<&str> = traceparent.split('-').collect();
+    assert_eq!(parts.len(), 4, "{traceparent}");
+    (parts[1].to_string(), parts[2].to_string())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_plans_trace_runs_from_the_agent_through_the_decision_to_its_executor() {
+    let live = start().await;
+    let values = Values::new(&world(), &[]);
+    let _exec = executor(&live, &values).await;
+    let resource = agent(&live, "resource").await;
+    // What the agent sends, as the server relays it.
+    let nats = live.nats().await;
+    let mut sent = nats.subscribe("concord.v1.default.intent.resource").await.unwrap();
+    nats.flush().await.unwrap();
+    let mut proposal_span = async || {
+        let m = tokio::time::timeout(WAIT, futures::StreamExt::next(&mut sent))
+            .await
+            .unwrap()
+            .unwrap();
+        let h = m.headers.expect("the proposal carries headers");
+        h.get("traceparent").expect("a traceparent").as_str().to_string()
+    };
+
+    let caller = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let p = pool_plan("traced-pool", 60);
+    let t = resource.propose_traced(&p, Some(caller)).await.unwrap();
+    assert_eq!(t.decision.verdict, Verdict::Admit, "{:?}", t.decision.reasons);
+    // The proposal is a span of its own in the caller's trace ...
+    let (trace, proposal) = trace_parts(&proposal_span().await);
+    assert_eq!(trace, "4bf92f3577b34da6a3ce929d0e0e4736");
+    assert_ne!(proposal, "00f067aa0ba902b7");
+    // ... the decision another ...
+    let (trace, decision) = trace_parts(&t.traceparent.expect("the coordinator names its span"));
+    assert_eq!(trace, "4bf92f3577b34da6a3ce929d0e0e4736");
+    assert!(![proposal.as_str(), "00f067aa0ba902b7"].contains(&decision.as_str()));
+    // ... and the executor's step, from the dispatch's headers, a third.
+    assert_eq!(
+        resource.await_saga(&p.lineage, 1, WAIT).await.unwrap(),
+        SagaEnd::Completed
+    );
+    let seen = values.traces.lock().unwrap().clone();
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    let (trace, step) = trace_parts(seen[0].as_deref().expect("the handler sees its span"));
+    assert_eq!(
+        trace, "4bf92f3577b34da6a3ce929d0e0e4736",
+        "the step runs in the plan's trace"
+    );
+    assert!(![proposal.as_str(), decision.as_str(), "00f067aa0ba902b7"].contains(&step.as_str()));
+
+    // A plan held for a human runs in its proposal's trace, not the approval's.
+    let held = pool_plan("traced-held", 150);
+    let t = resource
+        .propose_traced(&held, Some("00-5bf92f3577b34da6a3ce929d0e0e4737-00f067aa0ba902b8-01"))
+        .await
+        .unwrap();
+    assert_eq!(t.decision.verdict, Verdict::NeedsApproval, "{:?}", t.decision.reasons);
+    assert!(approve(&live, "traced-held", 1).await);
+    assert_eq!(
+        resource.await_saga(&held.lineage, 1, WAIT).await.unwrap(),
+        SagaEnd::Completed
+    );
+    let seen = values.traces.lock().unwrap().clone();
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    let (trace, _) = trace_parts(seen[1].as_deref().expect("the handler sees its span"));
+    assert_eq!(trace, "5bf92f3577b34da6a3ce929d0e0e4737");
+}
+
+/// Keeps every span the application's tracer provider ends.
+#[derive(Clone, Debug, Default)]
+struct Collected(Arc<Mutex<Vec<opentelemetry_sdk::trace::SpanData>>>);
+
+impl opentelemetry_sdk::trace::SpanProcessor for Collected {
+    fn on_start(&self, _: &mut opentelemetry_sdk::trace::Span, _: &opentelemetry::Context) {}
+    fn on_end(&self, span: opentelemetry_sdk::trace::SpanData) {
+        self.0.lock().unwrap().push(span);
+    }
+    fn force_flush(&self) -> opentelemetry_sdk::error::OTelSdkResult {
+        Ok(())
+    }
+    fn shutdown_with_timeout(&self, _: Duration) -> opentelemetry_sdk::error::OTelSdkResult {
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_sdks_spans_go_to_the_applications_tracer_provider_in_the_plans_trace() {
+    // The application's provider (process-wide: other tests' spans land
+    // here too, in traces of their own).
+    let collected = Collected::default();
+    opentelemetry::global::set_tracer_provider(
+        opentelemetry_sdk::trace::SdkTracerProvider::builder()
+            .with_span_processor(collected.clone())
+            .build(),
+    );
+    let live = start().await;
+    let values = Values::new(&world(), &[]);
+    let _exec = executor(&live, &values).await;
+    let resource = agent(&live, "resource").await;
+    let caller = "00-6bf92f3577b34da6a3ce929d0e0e4738-00f067aa0ba902b9-01";
+    let p = pool_plan("exported-pool", 60);
+    let t = resource.propose_traced(&p, Some(caller)).await.unwrap();
+    assert_eq!(t.decision.verdict, Verdict::Admit, "{:?}", t.decision.reasons);
+    assert_eq!(
+        resource.await_saga(&p.lineage, 1, WAIT).await.unwrap(),
+        SagaEnd::Completed
+    );
+    let spans: Vec<_> = collected
+        .0
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|s| s.span_context.trace_id().to_string() == "6bf92f3577b34da6a3ce929d0e0e4738")
+        .map(|s| (s.name.to_string(), s.span_context.span_id(), s.parent_span_id))
+        .collect();
+    let find = |name: &str| {
+        spans
+            .iter()
+            .find(|s| s.0 == name)
+            .unwrap_or_else(|| panic!("no span {name} in {spans:?}"))
+            .clone()
+    };
+    let propose = find("concord.propose");
+    assert_eq!(
+        propose.2.to_string(),
+        "00f067aa0ba902b9",
+        "the caller's span is its parent"
+    );
+    let wait = find("concord.await_saga");
+    assert_eq!(wait.2, propose.1, "waiting on the plan is a child of its proposal");
+    // The executor's span: a child of the coordinator's dispatch span (a
+    // child of the decision; the coordinator exports its own spans).
+    let exec = find("concord.exec");
+    let (_, decision) = trace_parts(&t.traceparent.expect("the coordinator names its span"));
+    assert!(![propose.1, wait.1].contains(&exec.2), "{spans:?}");
+    assert_ne!(exec.2.to_string(), decision, "a dispatch span lies between");
 }
 
 /// Proposes a plan that is held for a human through a relay, cuts the relay,

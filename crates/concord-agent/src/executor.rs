@@ -17,6 +17,11 @@
 //! 5. calls the handler for the step's kind — `apply` then `verify` for a
 //!    step, `compensate` for a compensation — and reports the outcome.
 //!
+//! Each dispatch is served in a span continuing the trace in its
+//! `traceparent` header (the plan's, from the coordinator); the handler
+//! finds the span's own context in [`Step::traceparent`], and the answer
+//! carries it back.
+//!
 //! The highest token per path and the answered keys live in the KV bucket
 //! `CONCORD_FENCING_<name>` (which `concord nats-config` lets the executor
 //! use), so a restarted executor or another member still refuses a stale
@@ -33,9 +38,12 @@ use concord_proto::coord::{DispatchKey, HaltGrade, HaltScope, Phase, StepDispatc
 use concord_proto::{Op, ResourcePath, Short, StepKind, Value};
 use futures::StreamExt;
 use futures::future::BoxFuture;
-use tracing::{debug, info_span, warn};
+use opentelemetry::KeyValue;
+use opentelemetry::trace::SpanKind;
+use tracing::{Instrument, debug, info_span, warn};
 
 use crate::error::ExecutorError;
+use crate::trace;
 
 /// How long answered keys and tokens stay in the bucket without a write:
 /// far longer than any dispatch is retried (a step's deadline is at most a
@@ -51,6 +59,11 @@ pub struct Step {
     pub dispatch: StepDispatch,
     /// Its kind and arguments.
     pub op: Op,
+    /// The executor's span serving it, W3C `traceparent` form: a child of
+    /// the coordinator's dispatch, in the plan's trace (a new trace if the
+    /// dispatch carried none). A handler that calls other services passes
+    /// it on, so their spans join the plan's trace too.
+    pub traceparent: Option<String>,
 }
 
 impl Step {
@@ -241,20 +254,45 @@ impl Executor {
                         continue;
                     }
                 };
-                let span = info_span!("exec", key = %d.key.text(), path = %d.path);
-                let _g = span.enter();
-                match serve_one(&fencing, &handlers, d).await {
-                    Ok(Some(o)) => {
-                        let bytes = serde_json::to_vec(&o).expect("outcomes serialize");
-                        if let Err(e) = client.publish(reply, bytes.into()).await {
-                            warn!("cannot answer: {e}");
+                let cx = trace::start(
+                    "concord.exec",
+                    SpanKind::Server,
+                    &trace::extract(m.headers.as_ref()),
+                    vec![
+                        KeyValue::new("concord.key", d.key.text()),
+                        KeyValue::new("concord.path", d.path.to_string()),
+                        KeyValue::new("concord.kind", d.kind.to_string()),
+                    ],
+                );
+                let (trace_id, span_id) = trace::ids(&cx);
+                let span =
+                    info_span!("exec", key = %d.key.text(), path = %d.path, trace_id = %trace_id, span_id = %span_id);
+                let served = async {
+                    match serve_one(&fencing, &handlers, d, trace::traceparent(&cx)).await {
+                        Ok(Some(o)) => {
+                            let bytes = serde_json::to_vec(&o).expect("outcomes serialize");
+                            if let Err(e) = client
+                                .publish_with_headers(reply, trace::inject(&cx), bytes.into())
+                                .await
+                            {
+                                warn!("cannot answer: {e}");
+                            }
+                            KeyValue::new("concord.outcome", format!("{:?}", o.result))
+                        }
+                        Ok(None) => {
+                            debug!("another member is applying this key; no answer");
+                            KeyValue::new("concord.outcome", "unanswered")
+                        }
+                        // The store is away: answer nothing, the coordinator
+                        // sends the dispatch again with the same key.
+                        Err(e) => {
+                            warn!("{e}");
+                            KeyValue::new("concord.error", e)
                         }
                     }
-                    Ok(None) => debug!("another member is applying this key; no answer"),
-                    // The store is away: answer nothing, the coordinator
-                    // sends the dispatch again with the same key.
-                    Err(e) => warn!("{e}"),
-                }
+                };
+                let outcome = served.instrument(span).await;
+                trace::end(&cx, vec![outcome]);
             }
         });
         Ok(Running { task, nats })
@@ -370,6 +408,7 @@ async fn serve_one(
     fencing: &Fencing,
     handlers: &HashMap<StepKind, Arc<dyn StepHandler>>,
     d: StepDispatch,
+    traceparent: Option<String>,
 ) -> Result<Option<StepOutcome>, String> {
     let done_key = kv_key("done", &d.key.text());
     // 1. Dedupe: claim the key by create (compare-and-set on "absent").
@@ -386,7 +425,7 @@ async fn serve_one(
             _ => None,
         });
     }
-    let outcome = decide(fencing, handlers, &d).await;
+    let outcome = decide(fencing, handlers, &d, traceparent).await;
     let outcome = match outcome {
         Ok(o) => o,
         Err(e) => {
@@ -408,6 +447,7 @@ async fn decide(
     fencing: &Fencing,
     handlers: &HashMap<StepKind, Arc<dyn StepHandler>>,
     d: &StepDispatch,
+    traceparent: Option<String>,
 ) -> Result<StepOutcome, String> {
     // 2. Fencing.
     if let Some(seen) = fencing.admit_token(&d.path, d.fencing_token).await? {
@@ -450,6 +490,7 @@ async fn decide(
     let step = Step {
         dispatch: d.clone(),
         op,
+        traceparent,
     };
     // 4. Apply (and verify) or compensate.
     let r = match d.key.phase {
