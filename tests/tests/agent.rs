@@ -1,8 +1,9 @@
 //! The agent SDK against a real NATS server and a live coordinator:
 //! propose, await a human's decision by notice, approve and reject, re-plan,
 //! lease loss (refused, lapsed, and cut off from the coordinator), executors
-//! that refuse stale tokens across a restart and dedupe on keys, compensation
-//! on failure, retry with the same key across a server restart; the typed
+//! that refuse stale tokens across a restart and dedupe on keys, a key left
+//! claimed by a member that died mid-apply taken over, compensation on
+//! failure, retry with the same key across a server restart; the typed
 //! errors of a coordinator nobody hears (none listening, one partitioned away
 //! unnoticed, the agent itself cut off); the world replica: it converges
 //! after plans run, catches up after a partition with only what it missed,
@@ -478,6 +479,122 @@ async fn a_restarted_executor_still_refuses_stale_tokens_and_dedupes_keys() {
     }
     let halted = halted.expect("the executor refuses under a freeze");
     assert!(halted.contains("halted (freeze): incident"), "{halted}");
+}
+
+/// A handler over a shared system whose first `apply` stalls for good (after
+/// applying, if `after_apply`), as a member that dies mid-apply; its `verify`
+/// checks that a `set` took effect.
+struct Stalling {
+    system: Arc<Values>,
+    after_apply: bool,
+    stall: std::sync::atomic::AtomicBool,
+    stalled: tokio::sync::Notify,
+}
+
+impl Stalling {
+    fn new(system: &Arc<Values>, after_apply: bool) -> Arc<Stalling> {
+        Arc::new(Stalling {
+            system: system.clone(),
+            after_apply,
+            stall: std::sync::atomic::AtomicBool::new(true),
+            stalled: tokio::sync::Notify::new(),
+        })
+    }
+}
+
+impl StepHandler for Stalling {
+    fn read<'a>(&'a self, path: &'a ResourcePath) -> BoxFuture<'a, Option<Value>> {
+        self.system.read(path)
+    }
+    fn apply<'a>(&'a self, step: &'a Step) -> BoxFuture<'a, Result<(), StepError>> {
+        Box::pin(async move {
+            if !self.stall.swap(false, std::sync::atomic::Ordering::SeqCst) {
+                return self.system.apply(step).await;
+            }
+            if self.after_apply {
+                self.system.apply(step).await?;
+            }
+            self.stalled.notify_one();
+            std::future::pending().await
+        })
+    }
+    fn verify<'a>(&'a self, step: &'a Step) -> BoxFuture<'a, Result<(), StepError>> {
+        Box::pin(async move {
+            match &step.op {
+                Op::Set(a) if self.system.get(step.path().as_str()) == Some(a.value.clone()) => Ok(()),
+                Op::Set(_) => Err("the value is not set".into()),
+                _ => Ok(()),
+            }
+        })
+    }
+}
+
+/// Runs a plan whose step's executor stalls in `apply` (after applying, if
+/// `after_apply`) while a second member is up, then dies; returns the
+/// system after the saga.
+async fn a_member_dies_mid_apply(after_apply: bool) -> Arc<Values> {
+    // The coordinator sends an unanswered dispatch again every 300 ms.
+    let live = Live::start_with(|c| {
+        c.log.max_bytes = 256 * 1024 * 1024;
+        c.limits.dispatch_retry_ms = 300;
+    })
+    .await;
+    let system = Values::new(&world(), &[]);
+    let handler = Stalling::new(&system, after_apply);
+    let start_member = || {
+        Executor::new(ExecutorConfig::new(live.server.url(), "default"))
+            .handle(StepKind::Set, handler.clone())
+            .start()
+    };
+    let first = start_member().await.unwrap();
+    let resource = agent(&live, "resource").await;
+    let p = pool_plan("pool-60", 60);
+    assert_eq!(resource.propose(&p).await.unwrap().verdict, Verdict::Admit);
+    tokio::time::timeout(WAIT, handler.stalled.notified())
+        .await
+        .expect("the first member claims the step and stalls in apply");
+
+    // A second member gets some of the dispatch's retries meanwhile: the
+    // first says it is applying the key, so nobody answers and nothing is
+    // applied twice.
+    let second = start_member().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let applied = usize::from(after_apply);
+    assert_eq!(system.applied.lock().unwrap().len(), applied);
+    assert!(
+        resource
+            .notices(&p.lineage, 1)
+            .iter()
+            .all(|n| n.event != concord_proto::coord::NoticeKind::Completed)
+    );
+
+    // The first member dies with the key claimed: the second takes it over
+    // on the next retry, and the saga completes.
+    first.stop();
+    assert_eq!(
+        resource.await_saga(&p.lineage, 1, WAIT).await.unwrap(),
+        SagaEnd::Completed
+    );
+    drop(second);
+    system
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_key_left_claimed_by_a_member_that_died_before_applying_is_applied_by_another() {
+    let system = a_member_dies_mid_apply(false).await;
+    assert_eq!(system.get("svc/api/pool_size"), Some(Value::Int(60)));
+    assert_eq!(*system.applied.lock().unwrap(), vec!["pool-60/1/s1/do/1".to_string()]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_key_left_claimed_by_a_member_that_died_after_applying_is_verified_not_applied_again() {
+    let system = a_member_dies_mid_apply(true).await;
+    assert_eq!(system.get("svc/api/pool_size"), Some(Value::Int(60)));
+    assert_eq!(
+        *system.applied.lock().unwrap(),
+        vec!["pool-60/1/s1/do/1".to_string()],
+        "applied once, by the member that died"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
