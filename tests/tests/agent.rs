@@ -1,13 +1,15 @@
 //! The agent SDK against a real NATS server and a live coordinator:
 //! propose, await a human's decision by notice, approve and reject, re-plan,
 //! lease loss (refused, lapsed, and cut off from the coordinator), executors
-//! that refuse stale tokens across a restart and dedupe on keys, a key left
-//! claimed by a member that died mid-apply taken over, compensation on
-//! failure, retry with the same key across a server restart; the typed
-//! errors of a coordinator nobody hears (none listening, one partitioned away
-//! unnoticed, the agent itself cut off); the world replica: it converges
-//! after plans run, catches up after a partition with only what it missed,
-//! follows a rotation and a coordinator restart, and cannot write.
+//! that refuse stale tokens and dedupe on keys across a restart and across
+//! two members of a queue group, a key left claimed by a member that died
+//! mid-apply taken over, compensation on failure, retry with the same key
+//! across a server restart; the typed errors of a coordinator nobody hears
+//! (none listening, one partitioned away unnoticed, the agent itself cut
+//! off); a plan's trace from the agent through the decision to its executor;
+//! the world replica: it converges after plans run, catches up after a
+//! partition with only what it missed, follows a rotation and a coordinator
+//! restart, and cannot write.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -479,6 +481,80 @@ async fn a_restarted_executor_still_refuses_stale_tokens_and_dedupes_keys() {
     }
     let halted = halted.expect("the executor refuses under a freeze");
     assert!(halted.contains("halted (freeze): incident"), "{halted}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_members_of_a_queue_group_refuse_a_stale_token_and_dedupe_a_key_whichever_gets_it() {
+    let live = start().await;
+    let system = Values::new(&world(), &[]);
+    let (a, b) = (executor(&live, &system).await, executor(&live, &system).await);
+    let members: std::collections::BTreeSet<String> = [a.member().to_string(), b.member().to_string()].into();
+    assert_eq!(members.len(), 2);
+    let nats = live.nats().await;
+    let subject = live.client("x").await.subjects.exec("default");
+    // One dispatch: which member answered, and what.
+    let send = async |d: &StepDispatch| {
+        let m = nats
+            .request(subject.clone(), serde_json::to_vec(d).unwrap().into())
+            .await
+            .expect("a member answers");
+        let member = m
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(concord_agent::executor::MEMBER_HEADER))
+            .expect("the answer names its member")
+            .to_string();
+        (member, serde_json::from_slice::<StepOutcome>(&m.payload).unwrap())
+    };
+    let mut d = StepDispatch {
+        key: DispatchKey {
+            lineage: Id::parse("two-members").unwrap(),
+            version: 1,
+            step: Id::parse("token-5").unwrap(),
+            phase: Phase::Do,
+            attempt: 1,
+        },
+        path: ResourcePath::parse("svc/api/pool_size").unwrap(),
+        kind: StepKind::Set,
+        args: json!({ "value": 60 }),
+        fencing_token: 5,
+        expected_before: vec![],
+        timeout_ms: 5000,
+    };
+    // Token 5, applied by whichever member gets it; the same key again
+    // until both members have answered it: the recorded outcome each time.
+    let mut answered = std::collections::BTreeSet::new();
+    for _ in 0..64 {
+        let (member, o) = send(&d).await;
+        assert_eq!(o.result, StepResult::Succeeded);
+        answered.insert(member);
+        if answered.len() == 2 {
+            break;
+        }
+    }
+    assert_eq!(answered, members, "both members answered the key");
+    assert_eq!(
+        system.applied.lock().unwrap().len(),
+        1,
+        "applied once across the members"
+    );
+
+    // Token 4 on new keys until both members have had one: each refuses it.
+    d.fencing_token = 4;
+    d.args = json!({ "value": 70 });
+    let mut refused = std::collections::BTreeSet::new();
+    for i in 0..64 {
+        d.key.step = Id::parse(&format!("token-4-{i}")).unwrap();
+        let (member, o) = send(&d).await;
+        assert_eq!(o.result, StepResult::StaleToken { seen: 5 }, "{member}");
+        refused.insert(member);
+        if refused.len() == 2 {
+            break;
+        }
+    }
+    assert_eq!(refused, members, "both members refused a stale token");
+    assert_eq!(system.get("svc/api/pool_size"), Some(Value::Int(60)));
+    assert_eq!(system.applied.lock().unwrap().len(), 1);
 }
 
 /// A handler over a shared system whose first `apply` stalls for good (after

@@ -22,7 +22,7 @@
 //! Each dispatch is served in a span continuing the trace in its
 //! `traceparent` header (the plan's, from the coordinator); the handler
 //! finds the span's own context in [`Step::traceparent`], and the answer
-//! carries it back.
+//! carries it back, with the answering member's id ([`MEMBER_HEADER`]).
 //!
 //! The highest token per path and the answered keys live in the KV bucket
 //! `CONCORD_FENCING_<name>` (which `concord nats-config` lets the executor
@@ -231,6 +231,9 @@ impl Drop for Running {
     }
 }
 
+/// The header of an answer that names the member that gave it.
+pub const MEMBER_HEADER: &str = "Concord-Member";
+
 /// What a member answers when asked whether it is applying a key.
 const APPLYING: &[u8] = b"applying";
 const IDLE: &[u8] = b"idle";
@@ -381,10 +384,9 @@ impl Executor {
                     match serve_one(&fencing, &handlers, d, trace::traceparent(&cx)).await {
                         Ok(Some(o)) => {
                             let bytes = serde_json::to_vec(&o).expect("outcomes serialize");
-                            if let Err(e) = client
-                                .publish_with_headers(reply, trace::inject(&cx), bytes.into())
-                                .await
-                            {
+                            let mut headers = trace::inject(&cx);
+                            headers.insert(MEMBER_HEADER, fencing.member.as_str());
+                            if let Err(e) = client.publish_with_headers(reply, headers, bytes.into()).await {
                                 warn!("cannot answer: {e}");
                             }
                             KeyValue::new("concord.outcome", format!("{:?}", o.result))
