@@ -182,15 +182,41 @@ pub fn example(name: &str) -> Vec<u8> {
     std::fs::read(root().join("config/examples").join(format!("{name}.json"))).expect("example plan")
 }
 
-/// A TCP relay between one client and the server that a test can cut and
-/// heal: the client's connection drops (as in a network partition) while
-/// the server and everyone else stay up.
+/// A TCP relay between one client and the server that a test can cut,
+/// stall and heal: cut, the client's connection drops (as when a peer's
+/// host closes it); stalled, the connection stays open and carries nothing
+/// (as in a network partition, which neither end notices until its pings go
+/// unanswered). The server and everyone else stay up.
 #[derive(Debug)]
 pub struct Relay {
     port: u16,
     open: Arc<std::sync::atomic::AtomicBool>,
+    stalled: tokio::sync::watch::Sender<bool>,
     links: Arc<std::sync::Mutex<Vec<JoinHandle<()>>>>,
     accept: JoinHandle<()>,
+}
+
+/// Copies `from` to `to`, holding what it read while the relay is stalled
+/// (as a partitioned network holds it in the sender's retransmission queue).
+async fn pipe(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    mut stalled: tokio::sync::watch::Receiver<bool>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        if stalled.wait_for(|s| !*s).await.is_err() {
+            return;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
 }
 
 impl Relay {
@@ -201,17 +227,25 @@ impl Relay {
             .expect("bind a free port");
         let port = listener.local_addr().expect("local address").port();
         let open = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let (stalled, _) = tokio::sync::watch::channel(false);
         let links = Arc::new(std::sync::Mutex::new(Vec::<JoinHandle<()>>::new()));
-        let (o, l) = (open.clone(), links.clone());
+        let (o, s, l) = (open.clone(), stalled.clone(), links.clone());
         let accept = tokio::spawn(async move {
-            while let Ok((mut client, _)) = listener.accept().await {
+            while let Ok((client, _)) = listener.accept().await {
                 if !o.load(Ordering::SeqCst) {
                     // Cut: the connection is dropped at once.
                     continue;
                 }
+                let (up, down) = (s.subscribe(), s.subscribe());
                 let link = tokio::spawn(async move {
-                    if let Ok(mut server) = tokio::net::TcpStream::connect(("127.0.0.1", server_port)).await {
-                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                    if let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", server_port)).await {
+                        let (client_rx, client_tx) = client.into_split();
+                        let (server_rx, server_tx) = server.into_split();
+                        // Either side closing closes both.
+                        tokio::select! {
+                            _ = pipe(client_rx, server_tx, up) => {}
+                            _ = pipe(server_rx, client_tx, down) => {}
+                        }
                     }
                 });
                 l.lock().expect("links lock").push(link);
@@ -220,6 +254,7 @@ impl Relay {
         Relay {
             port,
             open,
+            stalled,
             links,
             accept,
         }
@@ -238,9 +273,16 @@ impl Relay {
         }
     }
 
-    /// Relays again.
+    /// Keeps every connection open but carries nothing either way until
+    /// [`Relay::heal`], which delivers what was held.
+    pub fn stall(&self) {
+        self.stalled.send_replace(true);
+    }
+
+    /// Relays again (what a stall held goes through).
     pub fn heal(&self) {
         self.open.store(true, Ordering::SeqCst);
+        self.stalled.send_replace(false);
     }
 }
 

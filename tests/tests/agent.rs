@@ -1,10 +1,15 @@
 //! The agent SDK against a real NATS server and a live coordinator:
 //! propose, await a human's decision by notice, approve and reject, re-plan,
-//! lease loss, executors that refuse stale tokens across a restart and dedupe
-//! on keys, compensation on failure, retry with the same key across a server
-//! restart; the world replica: it converges after plans run, catches up
-//! after a partition with only what it missed, follows a rotation and a
-//! coordinator restart, and cannot write.
+//! lease loss (refused, lapsed, and cut off from the coordinator), executors
+//! that refuse stale tokens and dedupe on keys across a restart and across
+//! two members of a queue group, a key left claimed by a member that died
+//! mid-apply taken over, compensation on failure, retry with the same key
+//! across a server restart; the typed errors of a coordinator nobody hears
+//! (none listening, one partitioned away unnoticed, the agent itself cut
+//! off); a plan's trace from the agent through the decision to its executor;
+//! the world replica: it converges after plans run, catches up after a
+//! partition with only what it missed, follows a rotation and a coordinator
+//! restart, and cannot write.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -37,11 +42,13 @@ async fn start() -> Live {
 }
 
 /// A system of named values: `set` writes one, `deploy` writes `<path>/version`.
-/// Steps on a path listed in `failing` fail.
+/// Steps on a path listed in `failing` fail. Each applied step's trace
+/// context is kept in `traces`.
 #[derive(Default)]
 struct Values {
     values: Mutex<BTreeMap<String, Value>>,
     applied: Mutex<Vec<String>>,
+    traces: Mutex<Vec<Option<String>>>,
     failing: Vec<String>,
 }
 
@@ -50,6 +57,7 @@ impl Values {
         Arc::new(Values {
             values: Mutex::new(init.iter().map(|(k, v)| (k.to_string(), v.clone())).collect()),
             applied: Mutex::new(Vec::new()),
+            traces: Mutex::new(Vec::new()),
             failing: failing.iter().map(|s| s.to_string()).collect(),
         })
     }
@@ -69,6 +77,7 @@ impl StepHandler for Values {
                 return Err(StepError::from(format!("{path} refused the change")));
             }
             self.applied.lock().unwrap().push(step.dispatch.key.text());
+            self.traces.lock().unwrap().push(step.traceparent.clone());
             let mut v = self.values.lock().unwrap();
             match &step.op {
                 Op::Set(a) => {
@@ -280,14 +289,15 @@ async fn a_lease_guard_renews_and_its_loss_is_seen_at_once() {
     assert!(matches!(lost, LeaseLost::Refused { .. }), "{lost:?}");
     assert!(!guard.is_held());
 
-    // Without renewals the coordinator lets it lapse, and its notice says so.
+    // Without renewals the lease lapses at its ttl, and the guard says so by then.
     let mut short = LeaseGuard::acquire_with(&resource, &path, LeaseMode::Exclusive, ttl, false)
         .await
         .unwrap();
     let lost = tokio::time::timeout(WAIT, short.lost())
         .await
         .expect("the lapse is seen");
-    assert_eq!(lost, LeaseLost::Expired);
+    assert_eq!(lost, LeaseLost::Unconfirmed { last_error: None });
+    drop(short);
 
     // Dropping a held guard releases it: another agent gets the path.
     let guard = LeaseGuard::acquire(&resource, &path, LeaseMode::Exclusive, ttl)
@@ -312,6 +322,57 @@ async fn a_lease_guard_renews_and_its_loss_is_seen_at_once() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert!(granted, "the dropped guard released the lease");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_lease_guard_cut_off_from_the_coordinator_reports_the_loss_within_the_ttl() {
+    let live = start().await;
+    let relay = Relay::to(live.server.port()).await;
+    // Default request timeouts and retries: a renewal outlasts the lease.
+    let away = agent_at(&relay.url(), "resource").await;
+    let path = ResourcePath::parse("svc/api").unwrap();
+    let ttl = Duration::from_millis(900);
+    let mut guard = LeaseGuard::acquire(&away, &path, LeaseMode::Exclusive, ttl)
+        .await
+        .unwrap();
+    tokio::time::sleep(ttl * 2).await;
+    assert!(guard.is_held());
+
+    // Cut off: no renewal is confirmed any more, and no notice can arrive.
+    relay.cut();
+    let cut = tokio::time::Instant::now();
+    let lost = tokio::time::timeout(WAIT, guard.lost())
+        .await
+        .expect("the loss is seen while cut off");
+    let after = cut.elapsed();
+    assert!(matches!(lost, LeaseLost::Unconfirmed { .. }), "{lost:?}");
+    assert!(!guard.is_held());
+    // The last confirmed renewal was sent before the cut: its ttl ends at
+    // most one ttl after it (with a little room for a loaded scheduler).
+    assert!(
+        after < ttl + Duration::from_millis(500),
+        "reported {after:?} after the cut"
+    );
+
+    // The coordinator lets it lapse too: another agent gets the path.
+    let deploy = agent(&live, "deploy").await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let r = deploy
+            .lease(&LeaseRequest::Acquire {
+                path: path.clone(),
+                mode: LeaseMode::Exclusive,
+                ttl_ms: 1000,
+                wait: false,
+            })
+            .await
+            .unwrap();
+        if matches!(r, LeaseReply::Granted { .. }) {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the lease never lapsed: {r:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 async fn dispatch(live: &Live, d: &StepDispatch) -> StepOutcome {
@@ -423,6 +484,196 @@ async fn a_restarted_executor_still_refuses_stale_tokens_and_dedupes_keys() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn two_members_of_a_queue_group_refuse_a_stale_token_and_dedupe_a_key_whichever_gets_it() {
+    let live = start().await;
+    let system = Values::new(&world(), &[]);
+    let (a, b) = (executor(&live, &system).await, executor(&live, &system).await);
+    let members: std::collections::BTreeSet<String> = [a.member().to_string(), b.member().to_string()].into();
+    assert_eq!(members.len(), 2);
+    let nats = live.nats().await;
+    let subject = live.client("x").await.subjects.exec("default");
+    // One dispatch: which member answered, and what.
+    let send = async |d: &StepDispatch| {
+        let m = nats
+            .request(subject.clone(), serde_json::to_vec(d).unwrap().into())
+            .await
+            .expect("a member answers");
+        let member = m
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(concord_agent::executor::MEMBER_HEADER))
+            .expect("the answer names its member")
+            .to_string();
+        (member, serde_json::from_slice::<StepOutcome>(&m.payload).unwrap())
+    };
+    let mut d = StepDispatch {
+        key: DispatchKey {
+            lineage: Id::parse("two-members").unwrap(),
+            version: 1,
+            step: Id::parse("token-5").unwrap(),
+            phase: Phase::Do,
+            attempt: 1,
+        },
+        path: ResourcePath::parse("svc/api/pool_size").unwrap(),
+        kind: StepKind::Set,
+        args: json!({ "value": 60 }),
+        fencing_token: 5,
+        expected_before: vec![],
+        timeout_ms: 5000,
+    };
+    // Token 5, applied by whichever member gets it; the same key again
+    // until both members have answered it: the recorded outcome each time.
+    let mut answered = std::collections::BTreeSet::new();
+    for _ in 0..64 {
+        let (member, o) = send(&d).await;
+        assert_eq!(o.result, StepResult::Succeeded);
+        answered.insert(member);
+        if answered.len() == 2 {
+            break;
+        }
+    }
+    assert_eq!(answered, members, "both members answered the key");
+    assert_eq!(
+        system.applied.lock().unwrap().len(),
+        1,
+        "applied once across the members"
+    );
+
+    // Token 4 on new keys until both members have had one: each refuses it.
+    d.fencing_token = 4;
+    d.args = json!({ "value": 70 });
+    let mut refused = std::collections::BTreeSet::new();
+    for i in 0..64 {
+        d.key.step = Id::parse(&format!("token-4-{i}")).unwrap();
+        let (member, o) = send(&d).await;
+        assert_eq!(o.result, StepResult::StaleToken { seen: 5 }, "{member}");
+        refused.insert(member);
+        if refused.len() == 2 {
+            break;
+        }
+    }
+    assert_eq!(refused, members, "both members refused a stale token");
+    assert_eq!(system.get("svc/api/pool_size"), Some(Value::Int(60)));
+    assert_eq!(system.applied.lock().unwrap().len(), 1);
+}
+
+/// A handler over a shared system whose first `apply` stalls for good (after
+/// applying, if `after_apply`), as a member that dies mid-apply; its `verify`
+/// checks that a `set` took effect.
+struct Stalling {
+    system: Arc<Values>,
+    after_apply: bool,
+    stall: std::sync::atomic::AtomicBool,
+    stalled: tokio::sync::Notify,
+}
+
+impl Stalling {
+    fn new(system: &Arc<Values>, after_apply: bool) -> Arc<Stalling> {
+        Arc::new(Stalling {
+            system: system.clone(),
+            after_apply,
+            stall: std::sync::atomic::AtomicBool::new(true),
+            stalled: tokio::sync::Notify::new(),
+        })
+    }
+}
+
+impl StepHandler for Stalling {
+    fn read<'a>(&'a self, path: &'a ResourcePath) -> BoxFuture<'a, Option<Value>> {
+        self.system.read(path)
+    }
+    fn apply<'a>(&'a self, step: &'a Step) -> BoxFuture<'a, Result<(), StepError>> {
+        Box::pin(async move {
+            if !self.stall.swap(false, std::sync::atomic::Ordering::SeqCst) {
+                return self.system.apply(step).await;
+            }
+            if self.after_apply {
+                self.system.apply(step).await?;
+            }
+            self.stalled.notify_one();
+            std::future::pending().await
+        })
+    }
+    fn verify<'a>(&'a self, step: &'a Step) -> BoxFuture<'a, Result<(), StepError>> {
+        Box::pin(async move {
+            match &step.op {
+                Op::Set(a) if self.system.get(step.path().as_str()) == Some(a.value.clone()) => Ok(()),
+                Op::Set(_) => Err("the value is not set".into()),
+                _ => Ok(()),
+            }
+        })
+    }
+}
+
+/// Runs a plan whose step's executor stalls in `apply` (after applying, if
+/// `after_apply`) while a second member is up, then dies; returns the
+/// system after the saga.
+async fn a_member_dies_mid_apply(after_apply: bool) -> Arc<Values> {
+    // The coordinator sends an unanswered dispatch again every 300 ms.
+    let live = Live::start_with(|c| {
+        c.log.max_bytes = 256 * 1024 * 1024;
+        c.limits.dispatch_retry_ms = 300;
+    })
+    .await;
+    let system = Values::new(&world(), &[]);
+    let handler = Stalling::new(&system, after_apply);
+    let start_member = || {
+        Executor::new(ExecutorConfig::new(live.server.url(), "default"))
+            .handle(StepKind::Set, handler.clone())
+            .start()
+    };
+    let first = start_member().await.unwrap();
+    let resource = agent(&live, "resource").await;
+    let p = pool_plan("pool-60", 60);
+    assert_eq!(resource.propose(&p).await.unwrap().verdict, Verdict::Admit);
+    tokio::time::timeout(WAIT, handler.stalled.notified())
+        .await
+        .expect("the first member claims the step and stalls in apply");
+
+    // A second member gets some of the dispatch's retries meanwhile: the
+    // first says it is applying the key, so nobody answers and nothing is
+    // applied twice.
+    let second = start_member().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let applied = usize::from(after_apply);
+    assert_eq!(system.applied.lock().unwrap().len(), applied);
+    assert!(
+        resource
+            .notices(&p.lineage, 1)
+            .iter()
+            .all(|n| n.event != concord_proto::coord::NoticeKind::Completed)
+    );
+
+    // The first member dies with the key claimed: the second takes it over
+    // on the next retry, and the saga completes.
+    first.stop();
+    assert_eq!(
+        resource.await_saga(&p.lineage, 1, WAIT).await.unwrap(),
+        SagaEnd::Completed
+    );
+    drop(second);
+    system
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_key_left_claimed_by_a_member_that_died_before_applying_is_applied_by_another() {
+    let system = a_member_dies_mid_apply(false).await;
+    assert_eq!(system.get("svc/api/pool_size"), Some(Value::Int(60)));
+    assert_eq!(*system.applied.lock().unwrap(), vec!["pool-60/1/s1/do/1".to_string()]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_key_left_claimed_by_a_member_that_died_after_applying_is_verified_not_applied_again() {
+    let system = a_member_dies_mid_apply(true).await;
+    assert_eq!(system.get("svc/api/pool_size"), Some(Value::Int(60)));
+    assert_eq!(
+        *system.applied.lock().unwrap(),
+        vec!["pool-60/1/s1/do/1".to_string()],
+        "applied once, by the member that died"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_failed_step_is_compensated_by_the_executor() {
     let live = start().await;
     let values = Values::new(&world(), &["svc/worker/pool_size"]);
@@ -501,6 +752,108 @@ async fn a_halt_is_a_typed_error() {
     let resource = agent(&live, "resource").await;
     let e = resource.propose(&pool_plan("pool-55", 55)).await.unwrap_err();
     assert!(matches!(e, AgentError::Halted { .. }), "{e:?}");
+}
+
+/// An agent at `url` that gives up quickly: two attempts of 300 ms each.
+async fn impatient(url: &str, name: &str) -> Agent {
+    let mut cfg = AgentConfig::new(url, name);
+    cfg.request_timeout = Duration::from_millis(300);
+    cfg.attempts = 2;
+    Agent::connect(cfg).await.expect("the agent connects")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn no_coordinator_listening_is_a_typed_error_and_a_retry_after_it_is_back_gets_the_decision() {
+    let mut live = start().await;
+    let resource = impatient(&live.server.url(), "resource").await;
+    let p = pool_plan("pool-65", 65);
+    let first = resource.propose(&p).await.unwrap();
+    assert_eq!(first.verdict, Verdict::Admit, "{:?}", first.reasons);
+
+    // The coordinator stops: nobody listens on the intent subject, and the
+    // server says so at once (no waiting out a timeout).
+    live.down().await;
+    let p2 = pool_plan("pool-66", 66);
+    let e = resource.propose(&p2).await.unwrap_err();
+    assert_eq!(
+        e,
+        AgentError::NoCoordinator("concord.v1.default.intent.resource".into())
+    );
+
+    // Back up: the same plan again is decided, once.
+    live.up().await;
+    let d = resource.propose(&p2).await.unwrap();
+    assert!(!d.duplicate, "nothing was decided while nobody listened");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_coordinator_partitioned_away_unnoticed_is_a_timeout_and_the_same_key_gets_one_decision() {
+    // The coordinator reaches the server through a relay that the test
+    // stalls: its connection stays open, so the server still routes intents
+    // to it, and nothing comes back.
+    let server = concord_testkit::NatsServer::start();
+    let relay = Relay::to(server.port()).await;
+    let url = relay.url();
+    let live = Live::start_on(server, |c| {
+        c.log.max_bytes = 256 * 1024 * 1024;
+        c.nats = vec![url];
+    })
+    .await;
+    let resource = impatient(&live.server.url(), "resource").await;
+    let first = resource.propose(&pool_plan("pool-65", 65)).await.unwrap();
+    assert_eq!(first.verdict, Verdict::Admit, "{:?}", first.reasons);
+
+    relay.stall();
+    let p = pool_plan("pool-66", 66);
+    let e = resource.propose(&p).await.unwrap_err();
+    assert_eq!(
+        e,
+        AgentError::TimedOut {
+            subject: "concord.v1.default.intent.resource".into(),
+            attempts: 2
+        }
+    );
+
+    // The partition heals: the held requests reach the coordinator, and a
+    // retry with the same key gets the decision they produced.
+    relay.heal();
+    let mut cfg = AgentConfig::new(live.server.url(), "resource");
+    cfg.request_timeout = Duration::from_secs(5);
+    let patient = Agent::connect(cfg).await.unwrap();
+    let d = patient.propose(&p).await.unwrap();
+    assert!(d.duplicate, "the held attempts were decided first");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_agent_cut_off_from_the_server_is_disconnected_then_retries_with_the_same_key() {
+    let live = start().await;
+    let relay = Relay::to(live.server.port()).await;
+    let away = impatient(&relay.url(), "resource").await;
+    assert_eq!(
+        away.propose(&pool_plan("pool-65", 65)).await.unwrap().verdict,
+        Verdict::Admit
+    );
+
+    relay.cut();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while away.nats().connection_state() == async_nats::connection::State::Connected {
+        assert!(tokio::time::Instant::now() < deadline, "the agent never saw the cut");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let p = pool_plan("pool-66", 66);
+    let e = away.propose(&p).await.unwrap_err();
+    assert!(matches!(e, AgentError::Disconnected(_)), "{e:?}");
+
+    // Reconnected, the same plan is decided once.
+    relay.heal();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let d = loop {
+        match away.propose(&p).await {
+            Ok(d) => break d,
+            Err(e) => assert!(tokio::time::Instant::now() < deadline, "never answered: {e:?}"),
+        }
+    };
+    assert!(!d.plan_hash.is_empty(), "{d:?}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -981,6 +1334,146 @@ async fn a_proposal_continues_the_agents_trace_into_the_coordinators_decision() 
     let theirs = t2.traceparent.expect("a new trace");
     assert_eq!(theirs.split('-').nth(1).map(str::len), Some(32));
     assert_ne!(theirs.split('-').nth(1), Some("00000000000000000000000000000000"));
+}
+
+/// The trace id and span id of a W3C `traceparent`.
+fn trace_parts(traceparent: &str) -> (String, String) {
+    let parts: Vec<&str> = traceparent.split('-').collect();
+    assert_eq!(parts.len(), 4, "{traceparent}");
+    (parts[1].to_string(), parts[2].to_string())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_plans_trace_runs_from_the_agent_through_the_decision_to_its_executor() {
+    let live = start().await;
+    let values = Values::new(&world(), &[]);
+    let _exec = executor(&live, &values).await;
+    let resource = agent(&live, "resource").await;
+    // What the agent sends, as the server relays it.
+    let nats = live.nats().await;
+    let mut sent = nats.subscribe("concord.v1.default.intent.resource").await.unwrap();
+    nats.flush().await.unwrap();
+    let mut proposal_span = async || {
+        let m = tokio::time::timeout(WAIT, futures::StreamExt::next(&mut sent))
+            .await
+            .unwrap()
+            .unwrap();
+        let h = m.headers.expect("the proposal carries headers");
+        h.get("traceparent").expect("a traceparent").as_str().to_string()
+    };
+
+    let caller = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let p = pool_plan("traced-pool", 60);
+    let t = resource.propose_traced(&p, Some(caller)).await.unwrap();
+    assert_eq!(t.decision.verdict, Verdict::Admit, "{:?}", t.decision.reasons);
+    // The proposal is a span of its own in the caller's trace ...
+    let (trace, proposal) = trace_parts(&proposal_span().await);
+    assert_eq!(trace, "4bf92f3577b34da6a3ce929d0e0e4736");
+    assert_ne!(proposal, "00f067aa0ba902b7");
+    // ... the decision another ...
+    let (trace, decision) = trace_parts(&t.traceparent.expect("the coordinator names its span"));
+    assert_eq!(trace, "4bf92f3577b34da6a3ce929d0e0e4736");
+    assert!(![proposal.as_str(), "00f067aa0ba902b7"].contains(&decision.as_str()));
+    // ... and the executor's step, from the dispatch's headers, a third.
+    assert_eq!(
+        resource.await_saga(&p.lineage, 1, WAIT).await.unwrap(),
+        SagaEnd::Completed
+    );
+    let seen = values.traces.lock().unwrap().clone();
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    let (trace, step) = trace_parts(seen[0].as_deref().expect("the handler sees its span"));
+    assert_eq!(
+        trace, "4bf92f3577b34da6a3ce929d0e0e4736",
+        "the step runs in the plan's trace"
+    );
+    assert!(![proposal.as_str(), decision.as_str(), "00f067aa0ba902b7"].contains(&step.as_str()));
+
+    // A plan held for a human runs in its proposal's trace, not the approval's.
+    let held = pool_plan("traced-held", 150);
+    let t = resource
+        .propose_traced(&held, Some("00-5bf92f3577b34da6a3ce929d0e0e4737-00f067aa0ba902b8-01"))
+        .await
+        .unwrap();
+    assert_eq!(t.decision.verdict, Verdict::NeedsApproval, "{:?}", t.decision.reasons);
+    assert!(approve(&live, "traced-held", 1).await);
+    assert_eq!(
+        resource.await_saga(&held.lineage, 1, WAIT).await.unwrap(),
+        SagaEnd::Completed
+    );
+    let seen = values.traces.lock().unwrap().clone();
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    let (trace, _) = trace_parts(seen[1].as_deref().expect("the handler sees its span"));
+    assert_eq!(trace, "5bf92f3577b34da6a3ce929d0e0e4737");
+}
+
+/// Keeps every span the application's tracer provider ends.
+#[derive(Clone, Debug, Default)]
+struct Collected(Arc<Mutex<Vec<opentelemetry_sdk::trace::SpanData>>>);
+
+impl opentelemetry_sdk::trace::SpanProcessor for Collected {
+    fn on_start(&self, _: &mut opentelemetry_sdk::trace::Span, _: &opentelemetry::Context) {}
+    fn on_end(&self, span: opentelemetry_sdk::trace::SpanData) {
+        self.0.lock().unwrap().push(span);
+    }
+    fn force_flush(&self) -> opentelemetry_sdk::error::OTelSdkResult {
+        Ok(())
+    }
+    fn shutdown_with_timeout(&self, _: Duration) -> opentelemetry_sdk::error::OTelSdkResult {
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_sdks_spans_go_to_the_applications_tracer_provider_in_the_plans_trace() {
+    // The application's provider (process-wide: other tests' spans land
+    // here too, in traces of their own).
+    let collected = Collected::default();
+    opentelemetry::global::set_tracer_provider(
+        opentelemetry_sdk::trace::SdkTracerProvider::builder()
+            .with_span_processor(collected.clone())
+            .build(),
+    );
+    let live = start().await;
+    let values = Values::new(&world(), &[]);
+    let _exec = executor(&live, &values).await;
+    let resource = agent(&live, "resource").await;
+    let caller = "00-6bf92f3577b34da6a3ce929d0e0e4738-00f067aa0ba902b9-01";
+    let p = pool_plan("exported-pool", 60);
+    let t = resource.propose_traced(&p, Some(caller)).await.unwrap();
+    assert_eq!(t.decision.verdict, Verdict::Admit, "{:?}", t.decision.reasons);
+    assert_eq!(
+        resource.await_saga(&p.lineage, 1, WAIT).await.unwrap(),
+        SagaEnd::Completed
+    );
+    let spans: Vec<_> = collected
+        .0
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|s| s.span_context.trace_id().to_string() == "6bf92f3577b34da6a3ce929d0e0e4738")
+        .map(|s| (s.name.to_string(), s.span_context.span_id(), s.parent_span_id))
+        .collect();
+    let find = |name: &str| {
+        spans
+            .iter()
+            .find(|s| s.0 == name)
+            .unwrap_or_else(|| panic!("no span {name} in {spans:?}"))
+            .clone()
+    };
+    let propose = find("concord.propose");
+    assert_eq!(
+        propose.2.to_string(),
+        "00f067aa0ba902b9",
+        "the caller's span is its parent"
+    );
+    let wait = find("concord.await_saga");
+    assert_eq!(wait.2, propose.1, "waiting on the plan is a child of its proposal");
+    // The executor's span: a child of the coordinator's dispatch span (a
+    // child of the decision; the coordinator exports its own spans).
+    let exec = find("concord.exec");
+    let (_, decision) = trace_parts(&t.traceparent.expect("the coordinator names its span"));
+    assert!(![propose.1, wait.1].contains(&exec.2), "{spans:?}");
+    assert_ne!(exec.2.to_string(), decision, "a dispatch span lies between");
 }
 
 /// Proposes a plan that is held for a human through a relay, cuts the relay,

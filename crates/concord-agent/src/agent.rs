@@ -10,11 +10,14 @@ use std::time::{Duration, Instant};
 use concord_proto::coord::{Decision, LeaseReply, LeaseRequest, Notice, NoticeKind};
 use concord_proto::{Id, Intent, Observation, ObservationKind, ResourcePath, Value, Verdict};
 use futures::StreamExt;
+use opentelemetry::KeyValue;
+use opentelemetry::trace::{SpanKind, TraceContextExt};
 use serde::Deserialize;
 use tokio::sync::{Notify, broadcast};
 use tracing::{Instrument, debug, info_span, warn};
 
 use crate::error::AgentError;
+use crate::trace;
 use crate::world::WorldReplica;
 
 /// How many plans' notices an agent keeps (oldest forgotten first).
@@ -102,27 +105,36 @@ pub enum SagaEnd {
 }
 
 /// The notices received, by plan: an awaiting call finds a notice that came
-/// before it started waiting.
+/// before it started waiting. Also the span each plan was proposed in, so
+/// waiting on it joins its trace.
 #[derive(Debug, Default)]
 struct Board {
     plans: BTreeMap<(String, u32), Vec<Notice>>,
+    traces: BTreeMap<(String, u32), opentelemetry::trace::SpanContext>,
     order: VecDeque<(String, u32)>,
 }
 
 impl Board {
+    /// Makes room for plan `k`, forgetting the oldest beyond [`NOTICE_PLANS_MAX`].
+    fn keep(&mut self, k: &(String, u32)) {
+        if self.plans.contains_key(k) || self.traces.contains_key(k) {
+            return;
+        }
+        self.order.push_back(k.clone());
+        while self.order.len() > NOTICE_PLANS_MAX {
+            if let Some(old) = self.order.pop_front() {
+                self.plans.remove(&old);
+                self.traces.remove(&old);
+            }
+        }
+    }
+
     fn push(&mut self, n: Notice) {
         let (Some(l), Some(v)) = (&n.lineage, n.version) else {
             return;
         };
         let k = (l.to_string(), v);
-        if !self.plans.contains_key(&k) {
-            self.order.push_back(k.clone());
-            while self.order.len() > NOTICE_PLANS_MAX {
-                if let Some(old) = self.order.pop_front() {
-                    self.plans.remove(&old);
-                }
-            }
-        }
+        self.keep(&k);
         let kept = self.plans.entry(k).or_default();
         // A notice fetched again after a reconnect is kept once.
         if !kept.contains(&n) {
@@ -213,13 +225,6 @@ pub struct Traced {
     /// The coordinator's span, W3C `traceparent` form, in the request's
     /// trace (`None` from a coordinator that does not trace).
     pub traceparent: Option<String>,
-}
-
-/// A new W3C `traceparent`: a fresh trace, sampled.
-fn new_traceparent() -> String {
-    use opentelemetry_sdk::trace::{IdGenerator, RandomIdGenerator};
-    let ids = RandomIdGenerator::default();
-    format!("00-{}-{}-01", ids.new_trace_id(), ids.new_span_id())
 }
 
 /// Connects to NATS as `name`: its credentials, its inbox prefix `_INBOX_<name>`.
@@ -427,32 +432,70 @@ impl Agent {
         self.propose_traced(plan, None).await.map(|t| t.decision)
     }
 
-    /// As [`Agent::propose`], in a trace: the request carries `traceparent`
-    /// (W3C, `00-<trace id>-<span id>-<flags>`: the caller's current span),
-    /// or a new trace if `None`, and the answer names the coordinator's
-    /// span in that trace, so the agent's span and the decision join one
-    /// trace in whatever tracing backend both export to.
+    /// As [`Agent::propose`], in a trace. The proposal is a span of its own
+    /// (see [`crate::trace`]), a child of `traceparent` (W3C,
+    /// `00-<trace id>-<span id>-<flags>`) if given, else of the caller's
+    /// current OpenTelemetry span, else the first of a new trace. The
+    /// request carries the proposal span's context; the answer names the
+    /// coordinator's span, its child, so the agent's spans, the decision and
+    /// the executors' steps that follow it join one trace in whatever
+    /// backend they export to.
     pub async fn propose_traced(&self, plan: &Intent, traceparent: Option<&str>) -> Result<Traced, AgentError> {
         let mut plan = plan.clone();
         if plan.idempotency_key.is_none() {
             plan.idempotency_key = Some(idempotency_key(&plan.lineage, plan.version));
         }
-        let traceparent = traceparent.map(str::to_string).unwrap_or_else(new_traceparent);
-        let trace_id = traceparent.split('-').nth(1).unwrap_or_default().to_string();
-        let span = info_span!("propose", agent = %self.cfg.name, lineage = %plan.lineage, version = plan.version, trace_id = %trace_id);
+        let parent = traceparent.map(trace::parse).unwrap_or_else(trace::current);
         let bytes = serde_json::to_vec(&plan).map_err(|e| AgentError::BadAnswer(e.to_string()))?;
-        let mut headers = async_nats::HeaderMap::new();
-        headers.insert("traceparent", traceparent.as_str());
-        self.propose_with(bytes, Some(headers)).instrument(span).await
+        self.propose_with(bytes, parent, Some((plan.lineage.to_string(), plan.version)))
+            .await
     }
 
     /// Proposes a plan given as JSON bytes, unchanged (no key is added).
     pub async fn propose_bytes(&self, bytes: Vec<u8>) -> Result<Decision, AgentError> {
-        self.propose_with(bytes, None).await.map(|t| t.decision)
+        self.propose_with(bytes, trace::current(), None)
+            .await
+            .map(|t| t.decision)
     }
 
-    async fn propose_with(&self, bytes: Vec<u8>, headers: Option<async_nats::HeaderMap>) -> Result<Traced, AgentError> {
-        let (d, answer): (Decision, _) = self.request_with(self.subject("intent"), bytes, headers).await?;
+    /// Sends a proposal in its own span, a child of `parent`.
+    async fn propose_with(
+        &self,
+        bytes: Vec<u8>,
+        parent: opentelemetry::Context,
+        plan: Option<(String, u32)>,
+    ) -> Result<Traced, AgentError> {
+        let (lineage, version) = plan.clone().unwrap_or_default();
+        let cx = trace::start(
+            "concord.propose",
+            SpanKind::Client,
+            &parent,
+            vec![
+                KeyValue::new("concord.agent", self.cfg.name.clone()),
+                KeyValue::new("concord.plan", lineage.clone()),
+                KeyValue::new("concord.plan_version", i64::from(version)),
+            ],
+        );
+        let (trace_id, span_id) = trace::ids(&cx);
+        let span = info_span!("propose", agent = %self.cfg.name, lineage = %lineage, version, trace_id = %trace_id, span_id = %span_id);
+        let r = self.propose_answer(bytes, trace::inject(&cx)).instrument(span).await;
+        trace::end(
+            &cx,
+            vec![match &r {
+                Ok(t) => KeyValue::new("concord.verdict", t.decision.verdict.to_string()),
+                Err(e) => KeyValue::new("concord.error", e.to_string()),
+            }],
+        );
+        if let Some(k) = plan {
+            let mut board = self.shared.board.lock().expect("board lock");
+            board.keep(&k);
+            board.traces.insert(k, cx.span().span_context().clone());
+        }
+        r
+    }
+
+    async fn propose_answer(&self, bytes: Vec<u8>, headers: async_nats::HeaderMap) -> Result<Traced, AgentError> {
+        let (d, answer): (Decision, _) = self.request_with(self.subject("intent"), bytes, Some(headers)).await?;
         if d.verdict == Verdict::Reject
             && let Some(r) = d.reasons.iter().find(|r| r.rule == "halt.active")
         {
@@ -471,14 +514,15 @@ impl Agent {
     }
 
     /// Waits for the human's decision on a plan held for approval, woken by
-    /// the coordinator's notices (no polling), at most `timeout`.
+    /// the coordinator's notices (no polling), at most `timeout`. The wait is
+    /// a span in the plan's trace if this agent proposed it.
     pub async fn await_decision(
         &self,
         lineage: &Id,
         version: u32,
         timeout: Duration,
     ) -> Result<HumanDecision, AgentError> {
-        self.await_notice(lineage, version, timeout, |n| match n.event {
+        self.await_notice("concord.await_decision", lineage, version, timeout, |n| match n.event {
             NoticeKind::Approved => Some(HumanDecision::Approved {
                 operator: n.operator.clone().unwrap_or_default(),
                 reason: n.reason.clone().unwrap_or_default(),
@@ -494,9 +538,10 @@ impl Agent {
         .await
     }
 
-    /// Waits for an admitted plan's saga to end, at most `timeout`.
+    /// Waits for an admitted plan's saga to end, at most `timeout`. The
+    /// wait is a span in the plan's trace if this agent proposed it.
     pub async fn await_saga(&self, lineage: &Id, version: u32, timeout: Duration) -> Result<SagaEnd, AgentError> {
-        self.await_notice(lineage, version, timeout, |n| match n.event {
+        self.await_notice("concord.await_saga", lineage, version, timeout, |n| match n.event {
             NoticeKind::Completed => Some(SagaEnd::Completed),
             NoticeKind::Compensated => Some(SagaEnd::Compensated { reason: String::new() }),
             NoticeKind::CompensationFailed => Some(SagaEnd::CompensationFailed {
@@ -529,7 +574,49 @@ impl Agent {
             .unwrap_or_default()
     }
 
-    async fn await_notice<T>(
+    /// Waits for the first notice `pick` takes, in a span `name`: a child of
+    /// the plan's proposal span if this agent proposed it, else of the
+    /// caller's current span.
+    async fn await_notice<T: std::fmt::Debug>(
+        &self,
+        name: &'static str,
+        lineage: &Id,
+        version: u32,
+        timeout: Duration,
+        pick: impl Fn(&Notice) -> Option<T>,
+    ) -> Result<T, AgentError> {
+        let proposed = {
+            let board = self.shared.board.lock().expect("board lock");
+            board.traces.get(&(lineage.to_string(), version)).cloned()
+        };
+        let parent = match proposed {
+            Some(sc) => opentelemetry::Context::new().with_remote_span_context(sc),
+            None => trace::current(),
+        };
+        let cx = trace::start(
+            name,
+            SpanKind::Internal,
+            &parent,
+            vec![
+                KeyValue::new("concord.plan", lineage.to_string()),
+                KeyValue::new("concord.plan_version", i64::from(version)),
+            ],
+        );
+        let (trace_id, span_id) = trace::ids(&cx);
+        let span =
+            info_span!("await", op = name, lineage = %lineage, version, trace_id = %trace_id, span_id = %span_id);
+        let r = self.wait_notice(lineage, version, timeout, pick).instrument(span).await;
+        trace::end(
+            &cx,
+            vec![match &r {
+                Ok(t) => KeyValue::new("concord.outcome", format!("{t:?}")),
+                Err(e) => KeyValue::new("concord.error", e.to_string()),
+            }],
+        );
+        r
+    }
+
+    async fn wait_notice<T>(
         &self,
         lineage: &Id,
         version: u32,

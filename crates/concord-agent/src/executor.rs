@@ -6,6 +6,8 @@
 //! 1. dedupes on the idempotency key: a key already answered gets the
 //!    recorded outcome again, nothing is applied twice; a key another member
 //!    is applying right now gets no answer (the coordinator sends it again);
+//!    a key left claimed by a member that died mid-apply is taken over (see
+//!    below);
 //! 2. refuses a fencing token lower than the highest seen for the path
 //!    (`stale_token`), and records a higher one by compare-and-set;
 //! 3. checks `expected_before` against the handler's reading of the world
@@ -17,10 +19,55 @@
 //! 5. calls the handler for the step's kind — `apply` then `verify` for a
 //!    step, `compensate` for a compensation — and reports the outcome.
 //!
+//! Each dispatch is served in a span continuing the trace in its
+//! `traceparent` header (the plan's, from the coordinator); the handler
+//! finds the span's own context in [`Step::traceparent`], and the answer
+//! carries it back, with the answering member's id ([`MEMBER_HEADER`]).
+//!
 //! The highest token per path and the answered keys live in the KV bucket
 //! `CONCORD_FENCING_<name>` (which `concord nats-config` lets the executor
 //! use), so a restarted executor or another member still refuses a stale
 //! token and still dedupes.
+//!
+//! # A member that dies mid-apply
+//!
+//! A member claims a key before applying it (a record `pending <member>`
+//! made by compare-and-set) and replaces the claim with the outcome. One
+//! that dies in between (killed, crashed) leaves the key claimed. Each
+//! running member (one [`Executor::start`]) has an id of its own and answers
+//! on `exec.<name>.member.<id>` whether it is applying a key. A member that
+//! finds another's claim asks its owner:
+//!
+//! - `applying`, or no answer in time: the owner is at work (or cannot be
+//!   told from one that is); no answer, as before — the coordinator sends
+//!   the dispatch again and gets the outcome once it is recorded;
+//! - `idle`, or nobody listens there any more (the server dropped the dead
+//!   member's subscriptions with its connection), or a claim by this member
+//!   itself (its outcome could not be recorded): the claim is orphaned. The
+//!   member takes it over by compare-and-set on the claim (one member does)
+//!   and decides the step again under the same checks as a first delivery —
+//!   the fencing token, a freeze, `expected_before` — with one difference:
+//!   - the values are as the coordinator expected: nothing of the step shows,
+//!     and it is applied and verified as on a first delivery;
+//!   - they differ: the dead member may have applied the step before it died.
+//!     The handler's [`verify`](StepHandler::verify) decides: the effect is
+//!     in place → `succeeded`, without applying it again (the saga goes on,
+//!     and compensates it like any completed step if a later one fails); not
+//!     in place → `drift`, as on a first delivery. A compensation has no
+//!     `verify`: there a difference is `drift`, and an operator decides.
+//!
+//! Why this is safe: a step is only applied when the world is as the
+//! coordinator expected before it and its fencing token is current, as on
+//! a first delivery; the one new outcome, `succeeded` without applying,
+//! rests on the handler's own check that the effect is there. (A handler
+//! that keeps the default `verify`, always `Ok`, trusts that values moved on
+//! a taken-over key were moved by the step: implement `verify` if anything
+//! else may write those paths.) An owner whose outcome comes late — cut off
+//! from the server long enough to lose its subscriptions, then back — cannot
+//! record it over the new claim (compare-and-set on the claim's revision),
+//! so each key has one outcome; its handler, though, may still have been
+//! running when the key was taken over, so a step whose `expected_before`
+//! does not cover what it writes may then be applied twice.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -33,9 +80,12 @@ use concord_proto::coord::{DispatchKey, HaltGrade, HaltScope, Phase, StepDispatc
 use concord_proto::{Op, ResourcePath, Short, StepKind, Value};
 use futures::StreamExt;
 use futures::future::BoxFuture;
-use tracing::{debug, info_span, warn};
+use opentelemetry::KeyValue;
+use opentelemetry::trace::SpanKind;
+use tracing::{Instrument, debug, info_span, warn};
 
 use crate::error::ExecutorError;
+use crate::trace;
 
 /// How long answered keys and tokens stay in the bucket without a write:
 /// far longer than any dispatch is retried (a step's deadline is at most a
@@ -43,6 +93,9 @@ use crate::error::ExecutorError;
 pub const RECORD_MAX_AGE: Duration = Duration::from_secs(7 * 24 * 3600);
 /// How many times a compare-and-set on one token is retried under contention.
 pub const CAS_ATTEMPTS_MAX: u32 = 16;
+/// How long a member waits for another to say whether it is applying a key
+/// it claimed (no answer in time counts as "applying").
+pub const MEMBER_PROBE_TIMEOUT: Duration = Duration::from_millis(500);
 
 /// One step as the handler sees it: the dispatch and its decoded operation.
 #[derive(Clone, Debug)]
@@ -51,6 +104,11 @@ pub struct Step {
     pub dispatch: StepDispatch,
     /// Its kind and arguments.
     pub op: Op,
+    /// The executor's span serving it, W3C `traceparent` form: a child of
+    /// the coordinator's dispatch, in the plan's trace (a new trace if the
+    /// dispatch carried none). A handler that calls other services passes
+    /// it on, so their spans join the plan's trace too.
+    pub traceparent: Option<String>,
 }
 
 impl Step {
@@ -146,22 +204,39 @@ impl fmt::Debug for Executor {
 #[derive(Debug)]
 pub struct Running {
     task: tokio::task::JoinHandle<()>,
+    probes: tokio::task::JoinHandle<()>,
+    member: String,
     /// The NATS connection.
     pub nats: async_nats::Client,
 }
 
 impl Running {
+    /// This member's id: its claims name it, and it answers about them on
+    /// `exec.<name>.member.<id>`.
+    pub fn member(&self) -> &str {
+        &self.member
+    }
+
     /// Stops serving (as a crash would: nothing is flushed).
     pub fn stop(self) {
         self.task.abort();
+        self.probes.abort();
     }
 }
 
 impl Drop for Running {
     fn drop(&mut self) {
         self.task.abort();
+        self.probes.abort();
     }
 }
+
+/// The header of an answer that names the member that gave it.
+pub const MEMBER_HEADER: &str = "Concord-Member";
+
+/// What a member answers when asked whether it is applying a key.
+const APPLYING: &[u8] = b"applying";
+const IDLE: &[u8] = b"idle";
 
 impl Executor {
     /// An executor with no handlers yet.
@@ -214,6 +289,14 @@ impl Executor {
             }
         };
         let subject = format!("concord.v1.{}.exec.{name}", self.cfg.domain);
+        // A fresh id per start: a restarted process is another member, and
+        // its earlier self's claims are orphans.
+        let member = nats.new_inbox().rsplit('.').next().unwrap_or_default().to_string();
+        let serving: Arc<std::sync::Mutex<Option<String>>> = Arc::default();
+        let mut questions = nats
+            .subscribe(format!("{subject}.member.{member}"))
+            .await
+            .map_err(|e| ExecutorError::Nats(e.to_string()))?;
         let mut sub = nats
             .queue_subscribe(subject.clone(), format!("concord-exec-{name}"))
             .await
@@ -222,10 +305,52 @@ impl Executor {
         // The halts, if the coordinator has published any (read-only for executors).
         let halts = js.get_key_value(HALT_BUCKET).await.ok();
         let handlers = Arc::new(self.handlers);
+        // Answers about this member's claims for as long as it serves: the
+        // serving task holds `alive`, so if it ends (stopped, or a handler
+        // panicked) this ends too, and askers hear that nobody listens.
+        let (alive, serving_ended) = tokio::sync::oneshot::channel::<()>();
+        let (client, asked) = (nats.clone(), serving.clone());
+        let probes = tokio::spawn(async move {
+            tokio::pin!(serving_ended);
+            loop {
+                let m = tokio::select! {
+                    _ = &mut serving_ended => return,
+                    m = questions.next() => match m {
+                        Some(m) => m,
+                        None => return,
+                    },
+                };
+                let Some(reply) = m.reply else { continue };
+                let applying =
+                    asked.lock().expect("serving lock").as_deref().map(str::as_bytes) == Some(&m.payload[..]);
+                let answer = Bytes::from_static(if applying { APPLYING } else { IDLE });
+                if let Err(e) = client.publish(reply, answer).await {
+                    debug!("cannot answer a member's question: {e}");
+                }
+            }
+        });
+        // Nobody listening is how members tell a dead one: make sure this
+        // one is heard (a server that does not let it subscribe or publish
+        // there would make its claims look orphaned to the others).
+        let asked = async_nats::Request::new().timeout(Some(MEMBER_PROBE_TIMEOUT));
+        if let Err(e) = nats.send_request(format!("{subject}.member.{member}"), asked).await {
+            probes.abort();
+            return Err(ExecutorError::Nats(format!(
+                "members cannot ask each other on `{subject}.member.*` ({e}): the server must let \
+                 executor `{name}` publish and subscribe there (`concord nats-config` does)"
+            )));
+        }
         let client = nats.clone();
-        let domain = self.cfg.domain.clone();
+        let fencing = Fencing {
+            kv,
+            halts,
+            domain: self.cfg.domain.clone(),
+            nats: nats.clone(),
+            members: format!("{subject}.member"),
+            member: member.clone(),
+        };
         let task = tokio::spawn(async move {
-            let fencing = Fencing { kv, halts, domain };
+            let _alive = alive;
             // One dispatch at a time per member: steps on one path must not
             // interleave, and the coordinator runs a saga's steps in order.
             // More members in the queue group serve more in parallel.
@@ -241,23 +366,54 @@ impl Executor {
                         continue;
                     }
                 };
-                let span = info_span!("exec", key = %d.key.text(), path = %d.path);
-                let _g = span.enter();
-                match serve_one(&fencing, &handlers, d).await {
-                    Ok(Some(o)) => {
-                        let bytes = serde_json::to_vec(&o).expect("outcomes serialize");
-                        if let Err(e) = client.publish(reply, bytes.into()).await {
-                            warn!("cannot answer: {e}");
+                let cx = trace::start(
+                    "concord.exec",
+                    SpanKind::Server,
+                    &trace::extract(m.headers.as_ref()),
+                    vec![
+                        KeyValue::new("concord.key", d.key.text()),
+                        KeyValue::new("concord.path", d.path.to_string()),
+                        KeyValue::new("concord.kind", d.kind.to_string()),
+                    ],
+                );
+                let (trace_id, span_id) = trace::ids(&cx);
+                let span =
+                    info_span!("exec", key = %d.key.text(), path = %d.path, trace_id = %trace_id, span_id = %span_id);
+                *serving.lock().expect("serving lock") = Some(d.key.text());
+                let served = async {
+                    match serve_one(&fencing, &handlers, d, trace::traceparent(&cx)).await {
+                        Ok(Some(o)) => {
+                            let bytes = serde_json::to_vec(&o).expect("outcomes serialize");
+                            let mut headers = trace::inject(&cx);
+                            headers.insert(MEMBER_HEADER, fencing.member.as_str());
+                            if let Err(e) = client.publish_with_headers(reply, headers, bytes.into()).await {
+                                warn!("cannot answer: {e}");
+                            }
+                            KeyValue::new("concord.outcome", format!("{:?}", o.result))
+                        }
+                        Ok(None) => {
+                            debug!("another member is applying this key; no answer");
+                            KeyValue::new("concord.outcome", "unanswered")
+                        }
+                        // The store is away: answer nothing, the coordinator
+                        // sends the dispatch again with the same key.
+                        Err(e) => {
+                            warn!("{e}");
+                            KeyValue::new("concord.error", e)
                         }
                     }
-                    Ok(None) => debug!("another member is applying this key; no answer"),
-                    // The store is away: answer nothing, the coordinator
-                    // sends the dispatch again with the same key.
-                    Err(e) => warn!("{e}"),
-                }
+                };
+                let outcome = served.instrument(span).await;
+                *serving.lock().expect("serving lock") = None;
+                trace::end(&cx, vec![outcome]);
             }
         });
-        Ok(Running { task, nats })
+        Ok(Running {
+            task,
+            probes,
+            member,
+            nats,
+        })
     }
 }
 
@@ -268,6 +424,22 @@ struct Fencing {
     kv: kv::Store,
     halts: Option<kv::Store>,
     domain: String,
+    /// For asking other members about their claims.
+    nats: async_nats::Client,
+    /// `exec.<name>.member`: a member answers on `<members>.<id>`.
+    members: String,
+    /// This member's id.
+    member: String,
+}
+
+/// What a claim's owner said about it.
+#[derive(Debug, PartialEq, Eq)]
+enum Owner {
+    /// It is applying the key, or did not answer in time.
+    Busy,
+    /// It is alive but not applying the key, or gone (nobody listens on
+    /// its subject): the claim is orphaned.
+    Orphaned,
 }
 
 /// A halt as the coordinator publishes it (other fields ignored).
@@ -294,7 +466,22 @@ fn kv_key(prefix: &str, text: &str) -> String {
     k
 }
 
-const PENDING: &[u8] = b"pending";
+/// A claim's value starts so; the claiming member's id follows.
+const PENDING: &str = "pending";
+
+fn claim(member: &str) -> Bytes {
+    Bytes::from(format!("{PENDING} {member}"))
+}
+
+/// The member a claim names: `Some("")` for a claim that names none (made
+/// by an earlier SDK), `None` if `value` is not a claim.
+fn claimed_by(value: &[u8]) -> Option<&str> {
+    let rest = std::str::from_utf8(value).ok()?.strip_prefix(PENDING)?;
+    if rest.is_empty() {
+        return Some("");
+    }
+    rest.strip_prefix(' ')
+}
 
 fn failed(key: &DispatchKey, reason: String) -> StepOutcome {
     StepOutcome {
@@ -307,6 +494,30 @@ fn failed(key: &DispatchKey, reason: String) -> StepOutcome {
 }
 
 impl Fencing {
+    /// Asks the member that claimed `key` whether it is applying it.
+    async fn ask(&self, owner: &str, key: &str) -> Owner {
+        let valid = !owner.is_empty()
+            && owner
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_'));
+        if !valid {
+            // No member to ask: a claim no running SDK answers for.
+            return Owner::Orphaned;
+        }
+        let req = async_nats::Request::new()
+            .payload(Bytes::copy_from_slice(key.as_bytes()))
+            .timeout(Some(MEMBER_PROBE_TIMEOUT));
+        match self.nats.send_request(format!("{}.{owner}", self.members), req).await {
+            Ok(m) if m.payload.as_ref() == APPLYING => Owner::Busy,
+            Ok(_) => Owner::Orphaned,
+            Err(e) if e.kind() == async_nats::RequestErrorKind::NoResponders => Owner::Orphaned,
+            Err(e) => {
+                debug!(owner, "a member did not say whether it applies {key}: {e}");
+                Owner::Busy
+            }
+        }
+    }
+
     /// The freeze that covers `path`, if any.
     async fn frozen(&self, path: &ResourcePath) -> Option<String> {
         let kv = self.halts.as_ref()?;
@@ -370,44 +581,79 @@ async fn serve_one(
     fencing: &Fencing,
     handlers: &HashMap<StepKind, Arc<dyn StepHandler>>,
     d: StepDispatch,
+    traceparent: Option<String>,
 ) -> Result<Option<StepOutcome>, String> {
-    let done_key = kv_key("done", &d.key.text());
+    let key = d.key.text();
+    let done_key = kv_key("done", &key);
     // 1. Dedupe: claim the key by create (compare-and-set on "absent").
-    if let Err(e) = fencing.kv.create(&done_key, Bytes::from_static(PENDING)).await {
-        if e.kind() != kv::CreateErrorKind::AlreadyExists {
-            return Err(format!("cannot claim {}: {e}", d.key.text()));
+    let (revision, taken_over) = match fencing.kv.create(&done_key, claim(&fencing.member)).await {
+        Ok(revision) => (revision, false),
+        Err(e) if e.kind() != kv::CreateErrorKind::AlreadyExists => {
+            return Err(format!("cannot claim {key}: {e}"));
         }
-        let recorded = fencing.kv.get(&done_key).await.map_err(|e| e.to_string())?;
-        return Ok(match recorded {
-            Some(v) if v.as_ref() != PENDING => match serde_json::from_slice::<StepOutcome>(&v) {
-                Ok(o) => Some(o),
-                Err(e) => Some(failed(&d.key, format!("the recorded outcome does not decode: {e}"))),
-            },
-            _ => None,
-        });
-    }
-    let outcome = decide(fencing, handlers, &d).await;
-    let outcome = match outcome {
+        Err(_) => {
+            let entry = fencing.kv.entry(&done_key).await.map_err(|e| e.to_string())?;
+            // Given back in between: the next delivery claims it.
+            let Some(entry) = entry.filter(|e| e.operation == kv::Operation::Put) else {
+                return Ok(None);
+            };
+            let Some(owner) = claimed_by(&entry.value) else {
+                return Ok(Some(match serde_json::from_slice::<StepOutcome>(&entry.value) {
+                    Ok(o) => o,
+                    Err(e) => failed(&d.key, format!("the recorded outcome does not decode: {e}")),
+                }));
+            };
+            // This member serves one key at a time: its own claim of
+            // another delivery is orphaned.
+            if owner != fencing.member && fencing.ask(owner, &key).await == Owner::Busy {
+                return Ok(None);
+            }
+            match fencing
+                .kv
+                .update(&done_key, claim(&fencing.member), entry.revision)
+                .await
+            {
+                Ok(revision) => {
+                    warn!(owner, "{key} was left claimed by a member that is gone: taken over");
+                    (revision, true)
+                }
+                // Another member took it over first.
+                Err(_) => return Ok(None),
+            }
+        }
+    };
+    let outcome = match decide(fencing, handlers, &d, traceparent, taken_over).await {
         Ok(o) => o,
         Err(e) => {
-            // Give the key back so a retry can try again.
-            let _ = fencing.kv.delete(&done_key).await;
+            // Only the store failed, before anything was applied. A fresh
+            // claim is given back so a retry starts over; a claim taken over
+            // stays this member's (which answers `idle` for it), so the next
+            // delivery takes it over again with the same care.
+            if !taken_over {
+                let _ = fencing.kv.delete_expect_revision(&done_key, Some(revision)).await;
+            }
             return Err(e);
         }
     };
     let bytes = serde_json::to_vec(&outcome).expect("outcomes serialize");
+    // Compare-and-set on this member's claim: if another member took the key
+    // over meanwhile (it found this one gone), its outcome stands.
     fencing
         .kv
-        .put(&done_key, bytes.into())
+        .update(&done_key, bytes.into(), revision)
         .await
-        .map_err(|e| format!("cannot record the outcome of {}: {e}", d.key.text()))?;
+        .map_err(|e| format!("cannot record the outcome of {key}: {e}"))?;
     Ok(Some(outcome))
 }
 
+/// Decides a claimed dispatch; `taken_over` if the claim was taken over
+/// from a member that died mid-apply (see the module's docs).
 async fn decide(
     fencing: &Fencing,
     handlers: &HashMap<StepKind, Arc<dyn StepHandler>>,
     d: &StepDispatch,
+    traceparent: Option<String>,
+    taken_over: bool,
 ) -> Result<StepOutcome, String> {
     // 2. Fencing.
     if let Some(seen) = fencing.admit_token(&d.path, d.fencing_token).await? {
@@ -437,12 +683,6 @@ async fn decide(
         }
         actual.push((path.clone(), now));
     }
-    if drift {
-        return Ok(StepOutcome {
-            key: d.key.clone(),
-            result: StepResult::Drift { actual },
-        });
-    }
     let op = match d.op() {
         Ok(op) => op,
         Err(e) => return Ok(failed(&d.key, format!("the step does not decode: {e}"))),
@@ -450,7 +690,28 @@ async fn decide(
     let step = Step {
         dispatch: d.clone(),
         op,
+        traceparent,
     };
+    if drift {
+        // The member that died mid-apply may have moved them: is the
+        // step's effect in place?
+        if taken_over && d.key.phase == Phase::Do {
+            match handler.verify(&step).await {
+                Ok(()) => {
+                    warn!(key = %d.key.text(), "taken over: the step's effect is in place; not applied again");
+                    return Ok(StepOutcome {
+                        key: d.key.clone(),
+                        result: StepResult::Succeeded,
+                    });
+                }
+                Err(e) => debug!(key = %d.key.text(), "taken over: the step's effect is not in place ({e})"),
+            }
+        }
+        return Ok(StepOutcome {
+            key: d.key.clone(),
+            result: StepResult::Drift { actual },
+        });
+    }
     // 4. Apply (and verify) or compensate.
     let r = match d.key.phase {
         Phase::Do => match handler.apply(&step).await {
@@ -490,5 +751,13 @@ mod tests {
         assert_eq!(kv_key("done", "a:b@1/2/s1/do/1"), "done.a=3Ab=401/2/s1/do/1");
         assert!(same(&Some(Value::Int(50)), &Some(Value::Float(50.0))));
         assert!(!same(&Some(Value::Int(50)), &None));
+    }
+
+    #[test]
+    fn a_claim_names_its_member_and_an_outcome_is_no_claim() {
+        assert_eq!(claimed_by(&claim("m1")), Some("m1"));
+        assert_eq!(claimed_by(b"pending"), Some(""));
+        assert_eq!(claimed_by(br#"{"key":{},"result":{"status":"succeeded"}}"#), None);
+        assert_eq!(claimed_by(b"pendingx"), None);
     }
 }

@@ -1,7 +1,13 @@
 //! A lease held for as long as a guard lives: acquired, renewed in the
-//! background, released on drop. Losing it (a renewal refused, or the
-//! coordinator's notice that it lapsed) is visible at once through
-//! [`LeaseGuard::lost`] and [`LeaseGuard::is_held`].
+//! background, released on drop. Losing it is visible at once through
+//! [`LeaseGuard::lost`] and [`LeaseGuard::is_held`]: a renewal refused, the
+//! coordinator's notice that it lapsed, or — when the coordinator cannot be
+//! heard, as in a network cut — the lease's ttl passing with no renewal
+//! confirmed. The guard keeps that deadline itself and counts it from when
+//! the confirmed request was *sent*: the coordinator counts from when it
+//! received it, later, so the guard reports the loss no later than the
+//! coordinator lets the lease lapse (earlier by at least the request's
+//! one-way trip), never after another agent may have been granted the path.
 
 use std::time::Duration;
 
@@ -9,6 +15,7 @@ use concord_proto::ResourcePath;
 use concord_proto::coord::{LeaseMode, LeaseReply, LeaseRequest};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
 use tracing::warn;
 
 use crate::agent::Agent;
@@ -26,6 +33,34 @@ pub enum LeaseLost {
         /// For people.
         message: String,
     },
+    /// Its ttl passed with no renewal the coordinator confirmed (renewals
+    /// unanswered, as in a network cut, or not sent: a guard without
+    /// renewals): the coordinator lets it lapse by then, and may grant the
+    /// path to another agent, so the guard no longer counts it as held.
+    Unconfirmed {
+        /// Why the last renewal was not confirmed, if one was sent.
+        last_error: Option<String>,
+    },
+}
+
+impl LeaseLost {
+    /// Whether the coordinator itself ended the lease (refused or lapsed),
+    /// as opposed to the guard giving it up for want of an answer.
+    fn ended_by_coordinator(&self) -> bool {
+        matches!(self, LeaseLost::Expired | LeaseLost::Refused { .. })
+    }
+}
+
+/// Records the first loss; a later one (say, the lapse notice after the
+/// guard's own deadline) changes nothing.
+fn lose(tx: &watch::Sender<Option<LeaseLost>>, why: LeaseLost) {
+    tx.send_if_modified(|lost| {
+        if lost.is_some() {
+            return false;
+        }
+        *lost = Some(why);
+        true
+    });
 }
 
 /// The outcome of [`LeaseGuard::acquire`] when no lease was granted.
@@ -78,7 +113,8 @@ impl LeaseGuard {
     }
 
     /// Acquires `path` for `ttl`; renews it in the background if `renew`
-    /// (without, the lease lapses after `ttl` and [`LeaseGuard::lost`] says so).
+    /// (without, the lease lapses after `ttl` and [`LeaseGuard::lost`] says
+    /// so, as [`LeaseLost::Unconfirmed`]).
     pub async fn acquire_with(
         agent: &Agent,
         path: &ResourcePath,
@@ -90,6 +126,8 @@ impl LeaseGuard {
         // the subscription would otherwise go unseen.
         let mut notices = agent.lease_notices();
         let ttl_ms = ttl.as_millis() as u64;
+        // Before the first attempt: the coordinator's ttl starts later.
+        let sent = Instant::now();
         let reply = agent
             .lease(&LeaseRequest::Acquire {
                 path: path.clone(),
@@ -116,7 +154,7 @@ impl LeaseGuard {
             loop {
                 match notices.recv().await {
                     Ok(n) if n.lease == Some(lease) => {
-                        let _ = tx2.send(Some(LeaseLost::Expired));
+                        lose(&tx2, LeaseLost::Expired);
                         return;
                     }
                     Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
@@ -127,24 +165,48 @@ impl LeaseGuard {
         let a = agent.clone();
         let renew = tokio::spawn(async move {
             let every = Duration::from_millis((ttl_ms / 3).max(10));
-            if !renew {
-                return;
-            }
+            // When the lease lapses at the latest, by what the coordinator confirmed.
+            let mut deadline = sent + ttl;
+            let mut last_error = None;
             loop {
-                tokio::time::sleep(every).await;
-                if tx.borrow().is_some() {
-                    return;
-                }
-                match a.lease(&LeaseRequest::Renew { lease, ttl_ms }).await {
-                    Ok(LeaseReply::Granted { .. }) => {}
-                    Ok(LeaseReply::Refused { code, message, .. }) => {
-                        let _ = tx.send(Some(LeaseLost::Refused { code, message }));
+                let renewal = async {
+                    if !renew {
+                        return std::future::pending().await;
+                    }
+                    tokio::time::sleep(every).await;
+                    let sent = Instant::now();
+                    (sent, a.lease(&LeaseRequest::Renew { lease, ttl_ms }).await)
+                };
+                tokio::select! {
+                    // Also while a renewal is on its way: its retries may
+                    // outlast the lease.
+                    _ = tokio::time::sleep_until(deadline) => {
+                        warn!(lease, "no renewal confirmed within the ttl: the lease counts as lost");
+                        lose(&tx, LeaseLost::Unconfirmed { last_error });
                         return;
                     }
-                    Ok(other) => warn!(lease, "unexpected answer to a renewal: {other:?}"),
-                    // Not lost yet: the coordinator decides when it lapses,
-                    // and says so with a notice.
-                    Err(e) => warn!(lease, "renewal not answered: {e}"),
+                    (sent, answer) = renewal => match answer {
+                        Ok(LeaseReply::Granted { .. }) => {
+                            deadline = sent + ttl;
+                            last_error = None;
+                        }
+                        Ok(LeaseReply::Refused { code, message, .. }) => {
+                            lose(&tx, LeaseLost::Refused { code, message });
+                            return;
+                        }
+                        Ok(other) => {
+                            warn!(lease, "unexpected answer to a renewal: {other:?}");
+                            last_error = Some(format!("unexpected answer: {other:?}"));
+                        }
+                        // Not lost yet: the deadline decides.
+                        Err(e) => {
+                            warn!(lease, "renewal not answered: {e}");
+                            last_error = Some(e.to_string());
+                        }
+                    },
+                }
+                if tx.borrow().is_some() {
+                    return;
                 }
             }
         });
@@ -169,7 +231,9 @@ impl LeaseGuard {
         &self.path
     }
 
-    /// Whether it is still held, as far as the agent knows.
+    /// Whether it is still held, as far as the agent knows: false once a
+    /// renewal was refused, the coordinator said it lapsed, or its ttl
+    /// passed with no renewal confirmed.
     pub fn is_held(&self) -> bool {
         self.lost.borrow().is_none()
     }
@@ -203,7 +267,9 @@ impl Drop for LeaseGuard {
     fn drop(&mut self) {
         self.renew.abort();
         self.watch.abort();
-        if self.released || !self.is_held() {
+        // A lease given up for want of an answer may still be held by the
+        // coordinator: release it too.
+        if self.released || self.lost.borrow().as_ref().is_some_and(LeaseLost::ended_by_coordinator) {
             return;
         }
         // Release in the background; a guard dropped outside a runtime lets

@@ -8,7 +8,8 @@
 //! Layout: [`agent`] (connect, propose, await a human, re-plan, observe),
 //! [`world`] (the read-only world replica, synced over the bus),
 //! [`lease`] (a lease held while a guard lives), [`executor`] (serve a kind
-//! of step with dedupe, fencing and compare-and-set), [`error`].
+//! of step with dedupe, fencing and compare-and-set), [`trace`] (spans and
+//! their context in NATS headers), [`error`].
 //!
 //! What the SDK does for you:
 //! - every request is retried with the *same* idempotency key (a plan without
@@ -26,7 +27,10 @@
 //!   background: it catches up after a reconnect with what it missed, starts
 //!   over when the document is rotated, and never writes.
 //!
-//! Not here yet: trace context in NATS headers.
+//! - trace context travels in NATS headers (W3C `traceparent`): a proposal
+//!   is a span that the coordinator's decision continues, and each step the
+//!   coordinator dispatches carries the plan's trace to the executor, whose
+//!   span continues it (see [`trace`]).
 //!
 //! ```no_run
 //! use std::time::Duration;
@@ -108,6 +112,7 @@ pub mod agent;
 pub mod error;
 pub mod executor;
 pub mod lease;
+pub mod trace;
 pub mod world;
 
 pub use agent::{Agent, AgentConfig, HumanDecision, SagaEnd, Traced, idempotency_key, next_version};

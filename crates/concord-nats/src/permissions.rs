@@ -9,7 +9,8 @@
 //! - an operator sends commands and questions on its own `ctl` / `query`
 //!   subjects and may read the log (consumers on the log stream);
 //! - an executor receives its own `exec` subject, answers the requests it
-//!   receives, and may read the halts and keep its fencing tokens in KV;
+//!   receives, may read the halts and keep its fencing tokens in KV, and its
+//!   members ask each other about their claims on `exec.<name>.member.*`;
 //! - the coordinator may do everything.
 
 use serde::{Deserialize, Serialize};
@@ -194,8 +195,9 @@ pub fn generate(file: &AgentsFile, sync_always: bool) -> Result<(Vec<User>, Stri
                 format!("$JS.API.STREAM.CREATE.KV_CONCORD_FENCING_{n}"),
                 format!("$JS.API.DIRECT.GET.KV_CONCORD_FENCING_{n}.>"),
                 format!("$KV.CONCORD_FENCING_{n}.>"),
+                format!("{}.member.*", s.exec(n)),
             ],
-            vec![s.exec(n), format!("_INBOX_{n}.>")],
+            vec![s.exec(n), format!("{}.member.*", s.exec(n)), format!("_INBOX_{n}.>")],
             true,
         );
     }
@@ -237,6 +239,8 @@ mod tests {
         assert!(conf.contains("\"concord.v1.default.world.deploy\""));
         assert!(!conf.contains("world.*") && !conf.contains("world.>") && !conf.contains("sync.*"));
         assert!(conf.contains("\"concord.v1.default.ctl.alice\""));
+        // An executor's members ask each other about their claims.
+        assert!(conf.contains("\"concord.v1.default.exec.db.member.*\""));
         assert!(conf.contains("sync_interval: always"));
         assert!(!conf.contains("intent.alice"));
         let bad: AgentsFile = toml::from_str("[[agents]]\nname = \"a.b\"\n").unwrap();

@@ -41,7 +41,7 @@ use crate::log::{GENESIS_PREV, Signer, Verifier, batch_subject};
 use crate::notify::{NoticeBacklog, Notifier};
 use crate::store::{Head, Snapshot, SnapshotMeta, Store, StoreError};
 use crate::subjects::{Addressed, Subjects};
-use crate::telemetry::{self, Telemetry, TraceContext};
+use crate::telemetry::{self, PlanTraces, Telemetry, TraceContext};
 use crate::wire::{Answer, ErrorReply, Query, Status, WorldStatus};
 use crate::worldsync::{PART_HEADER, Replicas, parts};
 
@@ -260,6 +260,8 @@ pub async fn run(
         dropped_logged: 0,
         recent_notices: NoticeBacklog::default(),
         snapshotting: Arc::new(AtomicBool::new(false)),
+        telemetry: telemetry.clone(),
+        plan_traces: PlanTraces::default(),
     };
     // Fused: once it resolved it is never polled again (a failed drain
     // during shutdown must not wait on it a second time).
@@ -748,6 +750,11 @@ struct Daemon {
     /// A snapshot is being saved or stored: the next waits for it, so they
     /// land in order and at most one copy of the state is held.
     snapshotting: Arc<AtomicBool>,
+    /// Makes the spans of dispatches.
+    telemetry: Arc<Telemetry>,
+    /// The decision span of each recent plan, which its dispatches continue;
+    /// kept across restores (the plans are the same).
+    plan_traces: PlanTraces,
 }
 
 /// The next input from agents: requests and replicas' sync frames take
@@ -1276,6 +1283,9 @@ impl Daemon {
     ) {
         let now = state.last_now.max(wall_ms());
         state.last_now = now;
+        if let (Input::Intent { intent, .. }, Some(cx)) = (&input, &trace) {
+            self.plan_traces.remember(intent.lineage.as_str(), intent.version, cx);
+        }
         if let Some(reply) = reply {
             let id = state.next_request;
             state.next_request += 1;
@@ -1558,7 +1568,8 @@ impl Daemon {
     /// Sends a step to its executor and feeds the outcome back. A request
     /// that times out is sent again with the same idempotency key until the
     /// step's deadline (the core's timer then decides); `no_responders` is a
-    /// definite failure at once: nobody received the step.
+    /// definite failure at once: nobody received the step. The dispatch is a
+    /// span in the plan's trace; every attempt carries its context.
     fn spawn_dispatch(&self, d: StepDispatch) {
         let executor = self.cfg.executor_for(d.kind, d.path.as_str()).to_string();
         let subject = self.subjects.exec(&executor);
@@ -1567,58 +1578,72 @@ impl Daemon {
         let retry = Duration::from_millis(self.cfg.limits.dispatch_retry_ms.max(1));
         metrics::counter!("concord_dispatches_total").increment(1);
         let crash = self.crash.clone();
+        let cx = self.telemetry.dispatch_span(
+            self.plan_traces.get(d.key.lineage.as_str(), d.key.version),
+            vec![
+                KeyValue::new("concord.key", d.key.text()),
+                KeyValue::new("concord.executor", executor.clone()),
+                KeyValue::new("concord.path", d.path.to_string()),
+            ],
+        );
+        let headers = telemetry::inject(&cx);
         tokio::spawn(async move {
-            let payload: Bytes = serde_json::to_vec(&d).expect("dispatches serialize").into();
-            let deadline = Instant::now() + Duration::from_millis(d.timeout_ms);
-            let fail = |reason: String| Input::Outcome {
-                executor: executor.clone(),
-                outcome: StepOutcome {
-                    key: d.key.clone(),
-                    result: StepResult::Failed {
-                        reason: Short::parse(&reason.chars().take(1000).collect::<String>())
-                            .unwrap_or_else(|_| Short::parse("failed").expect("a short string")),
+            let ended = async {
+                let payload: Bytes = serde_json::to_vec(&d).expect("dispatches serialize").into();
+                let deadline = Instant::now() + Duration::from_millis(d.timeout_ms);
+                let fail = |reason: String| Input::Outcome {
+                    executor: executor.clone(),
+                    outcome: StepOutcome {
+                        key: d.key.clone(),
+                        result: StepResult::Failed {
+                            reason: Short::parse(&reason.chars().take(1000).collect::<String>())
+                                .unwrap_or_else(|_| Short::parse("failed").expect("a short string")),
+                        },
                     },
-                },
-            };
-            loop {
-                let left = deadline.saturating_duration_since(Instant::now());
-                if left.is_zero() {
-                    return;
-                }
-                let req = async_nats::Request::new()
-                    .payload(payload.clone())
-                    .timeout(Some(left.min(retry)));
-                let answer = client.send_request(subject.clone(), req).await;
-                CrashHook::reached(&crash, CrashPoint::AfterDispatch);
-                match answer {
-                    Ok(msg) => {
-                        let input = match serde_json::from_slice::<StepOutcome>(&msg.payload) {
-                            Ok(o) if o.key == d.key => Input::Outcome {
-                                executor: executor.clone(),
-                                outcome: o,
-                            },
-                            Ok(o) => fail(format!(
-                                "executor `{executor}` answered for another dispatch ({})",
-                                o.key.text()
-                            )),
-                            Err(e) => fail(format!("executor `{executor}` sent an invalid outcome: {e}")),
-                        };
-                        let _ = tx.send(input);
-                        return;
+                };
+                loop {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return "deadline";
                     }
-                    Err(e) if e.kind() == async_nats::RequestErrorKind::NoResponders => {
-                        let _ = tx.send(fail(format!("no_responders: no executor serves `{subject}`")));
-                        return;
-                    }
-                    Err(e) if e.kind() == async_nats::RequestErrorKind::TimedOut => {
-                        debug!(key = %d.key.text(), "dispatch timed out; sending it again with the same key");
-                    }
-                    Err(e) => {
-                        debug!(key = %d.key.text(), "dispatch failed ({e}); sending it again");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    let req = async_nats::Request::new()
+                        .payload(payload.clone())
+                        .headers(headers.clone())
+                        .timeout(Some(left.min(retry)));
+                    let answer = client.send_request(subject.clone(), req).await;
+                    CrashHook::reached(&crash, CrashPoint::AfterDispatch);
+                    match answer {
+                        Ok(msg) => {
+                            let input = match serde_json::from_slice::<StepOutcome>(&msg.payload) {
+                                Ok(o) if o.key == d.key => Input::Outcome {
+                                    executor: executor.clone(),
+                                    outcome: o,
+                                },
+                                Ok(o) => fail(format!(
+                                    "executor `{executor}` answered for another dispatch ({})",
+                                    o.key.text()
+                                )),
+                                Err(e) => fail(format!("executor `{executor}` sent an invalid outcome: {e}")),
+                            };
+                            let _ = tx.send(input);
+                            return "answered";
+                        }
+                        Err(e) if e.kind() == async_nats::RequestErrorKind::NoResponders => {
+                            let _ = tx.send(fail(format!("no_responders: no executor serves `{subject}`")));
+                            return "no_responders";
+                        }
+                        Err(e) if e.kind() == async_nats::RequestErrorKind::TimedOut => {
+                            debug!(key = %d.key.text(), "dispatch timed out; sending it again with the same key");
+                        }
+                        Err(e) => {
+                            debug!(key = %d.key.text(), "dispatch failed ({e}); sending it again");
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                        }
                     }
                 }
             }
+            .await;
+            telemetry::end(&cx, vec![KeyValue::new("concord.outcome", ended)]);
         });
     }
 
