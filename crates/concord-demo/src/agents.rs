@@ -3,11 +3,13 @@
 //! (coordinated), or straight onto the system (uncoordinated). The agents'
 //! code is the same either way; only the route differs.
 
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use concord_agent::{Agent, AgentError, HumanDecision, SagaEnd};
-use concord_proto::{Intent, Verdict, decode_intent};
+use concord_proto::coord::Decision;
+use concord_proto::{Intent, Value, Verdict, decode_intent};
 use serde_json::json;
 use tokio::sync::watch;
 
@@ -33,10 +35,42 @@ pub struct Proposal {
     pub goal: String,
     /// `applied` (uncoordinated), or concord's verdict.
     pub verdict: String,
-    /// The rules behind the verdict, with their messages.
-    pub reasons: Vec<(String, String)>,
+    /// The failing rules behind the verdict.
+    pub findings: Vec<Finding>,
     /// What came of it: saga end, human decision, or the direct result.
     pub outcome: String,
+}
+
+/// One failing rule behind a verdict.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Finding {
+    /// Its rule id, e.g. `compounding.masking`.
+    pub rule: String,
+    /// The coordinator's line for people.
+    pub message: String,
+    /// The figures behind it, from the decision's preview (e.g. the masked
+    /// deploy's plan, or the connections against the database's budget);
+    /// empty when the answer carried no preview.
+    pub figures: BTreeMap<String, Value>,
+}
+
+impl Finding {
+    /// The findings behind `d`'s verdict, with their figures.
+    pub fn of(d: &Decision) -> Vec<Finding> {
+        d.reasons
+            .iter()
+            .map(|r| Finding {
+                rule: r.rule.clone(),
+                message: r.message.clone(),
+                figures: d
+                    .preview
+                    .as_ref()
+                    .and_then(|p| p.invariants.iter().find(|i| i.id == r.rule))
+                    .map(|i| i.figures.clone())
+                    .unwrap_or_default(),
+            })
+            .collect()
+    }
 }
 
 /// Every proposal, in order.
@@ -63,7 +97,7 @@ impl Route {
             plan: format!("{} v{}", plan.lineage, plan.version),
             goal: plan.goal.to_string(),
             verdict: String::new(),
-            reasons: Vec::new(),
+            findings: Vec::new(),
             outcome: String::new(),
         };
         match self {
@@ -85,7 +119,7 @@ impl Route {
                 }
                 Ok(d) => {
                     p.verdict = d.verdict.to_string();
-                    p.reasons = d.reasons.iter().map(|r| (r.rule.clone(), r.message.clone())).collect();
+                    p.findings = Finding::of(&d);
                     let saga = pace.ticks(600);
                     p.outcome = match d.verdict {
                         Verdict::Reject => "not run".into(),
@@ -124,6 +158,11 @@ fn plan(v: serde_json::Value) -> Intent {
     decode_intent(v.to_string().as_bytes()).expect("the demo's plans are valid")
 }
 
+/// The goal of the deploy agent's plan that ships `release`.
+pub fn ship_goal(release: &str) -> String {
+    format!("ship api {release}")
+}
+
 /// The deploy agent ships v1.5.0 (the leaky one) with an app-health
 /// verification, and after a failed rollout re-plans the lineage with the fix.
 pub async fn deploy(route: Route, pace: Pace, ledger: Ledger) {
@@ -132,7 +171,7 @@ pub async fn deploy(route: Route, pace: Pace, ledger: Ledger) {
     let ship = |version: u32, release: &str| {
         plan(json!({
             "protocol": 1, "lineage": "deploy-api-1.5", "version": version,
-            "goal": format!("ship api {release}"),
+            "goal": ship_goal(release),
             "rationale": "release train",
             "steps": [{
                 "id": "deploy", "kind": "deploy", "path": "svc/api",
