@@ -34,7 +34,7 @@ use concord_nats::server::{ServerOptions, ServerProcess, find_nats_server};
 use concord_proto::{ResourcePath, StepKind, Value};
 use tokio::sync::watch;
 
-use crate::agents::{Ledger, Pace, Proposal, Route};
+use crate::agents::{Ledger, Pace, Proposal, Route, UptimeChecks};
 use crate::system::{LEAKY, Shared, State};
 
 /// Why the demo could not run (not: the outcome was wrong; see [`Report::check`]).
@@ -64,6 +64,8 @@ pub struct Options {
     /// run stops there, and a run that took longer failed. `make demo` plays
     /// two runs and must end within two minutes.
     pub wall_clock_max: Duration,
+    /// What the uptime agent trusts (heartbeats only in the story).
+    pub uptime_checks: UptimeChecks,
 }
 
 impl Options {
@@ -76,6 +78,7 @@ impl Options {
             settle_ticks: 40,
             ticks_max: 400,
             wall_clock_max: Duration::from_secs(55),
+            uptime_checks: UptimeChecks::default(),
         }
     }
 }
@@ -405,6 +408,7 @@ pub async fn run(opts: Options, print: Arc<dyn Fn(String) + Send + Sync>) -> Res
     let uptime = tokio::spawn(agents::uptime(
         route("uptime").await?,
         system.clone(),
+        opts.uptime_checks,
         pace,
         ledger.clone(),
         stop_rx.clone(),

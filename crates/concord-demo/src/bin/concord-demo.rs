@@ -1,4 +1,4 @@
-//! `concord-demo [--uncoordinated] [--tick-ms N] [--time-limit-s N]`:
+//! `concord-demo [--uncoordinated] [--tick-ms N] [--time-limit-s N] [--uptime-checks heartbeats|app-health]`:
 //! the seven-days incident, live. Exits 1 if the outcome is not the one the
 //! story expects, the story did not finish, or the run took longer than its
 //! time limit (55 s by default: `make demo` plays two runs within two minutes).
@@ -7,9 +7,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
+use concord_demo::agents::UptimeChecks;
 use concord_demo::{Options, run};
 
-const USAGE: &str = "usage: concord-demo [--uncoordinated] [--tick-ms N] [--time-limit-s N]";
+const USAGE: &str =
+    "usage: concord-demo [--uncoordinated] [--tick-ms N] [--time-limit-s N] [--uptime-checks heartbeats|app-health]";
 
 fn options(args: &[String]) -> Result<Options> {
     let root = std::env::current_dir()?;
@@ -23,6 +25,11 @@ fn options(args: &[String]) -> Result<Options> {
             "--time-limit-s" => {
                 opts.wall_clock_max = Duration::from_secs(value()?.parse().context("--time-limit-s")?);
             }
+            "--uptime-checks" => {
+                let v = value()?;
+                opts.uptime_checks = UptimeChecks::parse(v)
+                    .with_context(|| format!("--uptime-checks {v}: not one of heartbeats, app-health"))?;
+            }
             other => bail!("unknown argument `{other}`; {USAGE}"),
         }
     }
@@ -33,13 +40,14 @@ fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let opts = options(&args)?;
     println!(
-        "== the seven-days incident, {} (one tick = {} ms; time limit {} s)",
+        "== the seven-days incident, {} (one tick = {} ms; uptime agent checks {}; time limit {} s)",
         if opts.coordinated {
             "through concord"
         } else {
             "uncoordinated: agents act straight on the system"
         },
         opts.tick.as_millis(),
+        opts.uptime_checks.name(),
         opts.wall_clock_max.as_secs()
     );
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
