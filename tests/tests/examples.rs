@@ -9,6 +9,7 @@
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Child, ChildStdout, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, channel};
 use std::time::{Duration, Instant};
 
@@ -117,11 +118,31 @@ impl Drop for Proc {
     }
 }
 
+/// A file in the temporary folder, removed when dropped (a failing test too).
+struct TempFile(PathBuf);
+
+impl TempFile {
+    fn new(name: &str, text: &str) -> TempFile {
+        // Tests run in parallel threads of one process: a counter keeps their files apart.
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let path = std::env::temp_dir().join(format!("concord-examples-{}-{n}-{name}", std::process::id()));
+        std::fs::write(&path, text).unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
+        TempFile(path)
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
 /// `concord dev` with the shipped policy and world, and its URL.
 struct Dev {
     proc: Proc,
     url: String,
-    config: PathBuf,
+    _config: TempFile,
 }
 
 impl Dev {
@@ -129,21 +150,19 @@ impl Dev {
         let root = workspace_root();
         // The shipped configuration with a small log: JetStream reserves a
         // stream's bound on disk and a test needs little.
-        let config = std::env::temp_dir().join(format!("concord-examples-{}-{}.toml", std::process::id(), line!()));
-        std::fs::write(
-            &config,
-            format!(
+        let config = TempFile::new(
+            "dev.toml",
+            &format!(
                 "policy = \"{}\"\nworld = \"{}\"\n[log]\nmax_bytes = 268435456\n",
                 root.join("config/policy.toml").display(),
                 root.join("config/examples/world.toml").display()
             ),
-        )
-        .expect("writing the dev configuration");
+        );
         let mut proc = Proc::spawn(
             Command::new(concord_bin())
                 .arg("dev")
                 .arg("--config")
-                .arg(&config)
+                .arg(&config.0)
                 .env("RUST_LOG", "warn"),
         );
         let line = proc
@@ -155,7 +174,11 @@ impl Dev {
             .expect("a URL after `JetStream at`")
             .trim()
             .to_string();
-        let dev = Dev { proc, url, config };
+        let dev = Dev {
+            proc,
+            url,
+            _config: config,
+        };
         dev.wait_ready();
         dev
     }
@@ -176,12 +199,6 @@ impl Dev {
             );
             std::thread::sleep(Duration::from_millis(100));
         }
-    }
-}
-
-impl Drop for Dev {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.config);
     }
 }
 
@@ -218,20 +235,18 @@ fn the_rust_examples_propose_and_execute_against_concord_dev() {
 
     // More than twice the worker's pool: held; `propose` waits for a human,
     // who approves with `concord ctl approve`; the saga then runs.
-    let plan = std::env::temp_dir().join(format!("concord-examples-{}-worker-pool.json", std::process::id()));
-    std::fs::write(
-        &plan,
+    let plan = TempFile::new(
+        "worker-pool.json",
         r#"{"protocol": 1, "lineage": "example-worker-pool", "version": 1,
             "goal": "more database headroom for the worker",
             "steps": [{"id": "raise", "kind": "set", "path": "svc/worker/pool_size", "args": {"value": 45},
                        "confidence": 0.9, "compensation": {"mode": "restore"}}]}"#,
-    )
-    .expect("writing a plan");
+    );
     let mut held = Proc::spawn(
         Command::new(agent_example("propose"))
             .arg(&dev.url)
             .arg("resource")
-            .arg(&plan),
+            .arg(&plan.0),
     );
     held.lines
         .wait_for("the held verdict", |l| l == "example-worker-pool v1: needs_approval");
@@ -257,7 +272,6 @@ fn the_rust_examples_propose_and_execute_against_concord_dev() {
         .wait_for("the approval", |l| l == "approved by alice: looked at the preview");
     let status = held.wait();
     assert!(status.success(), "the held propose exited {status}");
-    let _ = std::fs::remove_file(&plan);
     executor.lines.wait_for("the executor applying the approved plan", |l| {
         l.ends_with("svc/worker/pool_size = 45")
     });
