@@ -32,6 +32,8 @@ setup:
 
 ## demo: preview every example plan offline and check each verdict; then the
 ## seven-days incident live through concord, and again uncoordinated (the cascade).
+## Each live run fails if its outcome is not the story's or it passes its 55 s
+## limit, so the whole ends within two minutes.
 demo:
 	$(CARGO) build --locked -q -p concord-cli -p concord-demo
 	@scripts/demo.sh target/debug/concord

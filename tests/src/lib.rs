@@ -20,7 +20,8 @@
 //! concord-tests` does not rebuild other packages' binaries, and a stale
 //! `concord` would test yesterday's core. When everything is fresh the build
 //! is a no-op. Set `CONCORD_BIN` to a binary's path to skip the build and test
-//! that binary instead.
+//! that binary instead. [`agent_example`] builds and finds the SDK's examples
+//! (`target/<profile>/examples/`) the same way.
 //!
 //! ```no_run
 //! use concord_tests::{EXAMPLES, check};
@@ -155,14 +156,8 @@ pub fn concord_bin() -> &'static Path {
         if let Some(bin) = std::env::var_os("CONCORD_BIN") {
             return PathBuf::from(bin);
         }
-        let exe = std::env::current_exe().expect("the test executable's path");
-        // target/<profile>/deps/<test>-<hash> -> target/<profile>
-        let profile_dir = exe
-            .parent()
-            .and_then(Path::parent)
-            .expect("the test executable lives in target/<profile>/deps");
-        let bin = profile_dir.join(format!("concord{}", std::env::consts::EXE_SUFFIX));
-        build_cli(profile_dir);
+        let bin = profile_dir().join(format!("concord{}", std::env::consts::EXE_SUFFIX));
+        cargo_build(&["-p", "concord-cli"]);
         assert!(
             bin.exists(),
             "`cargo build -p concord-cli` succeeded but {} does not exist; set CONCORD_BIN to the binary",
@@ -172,15 +167,62 @@ pub fn concord_bin() -> &'static Path {
     })
 }
 
-/// Builds `concord-cli` into the same profile directory as the running test.
-fn build_cli(profile_dir: &Path) {
+/// Path of the `concord-agent` example `name` (`crates/concord-agent/examples/`),
+/// built with the others once per test process, as [`concord_bin`] builds the
+/// CLI: `cargo test -p concord-tests` builds no other package's examples.
+pub fn agent_example(name: &str) -> PathBuf {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    let dir = DIR.get_or_init(|| {
+        cargo_build(&["-p", "concord-agent", "--examples"]);
+        profile_dir().join("examples")
+    });
+    let bin = dir.join(format!("{name}{}", std::env::consts::EXE_SUFFIX));
+    assert!(
+        bin.exists(),
+        "`cargo build -p concord-agent --examples` succeeded but {} does not exist",
+        bin.display()
+    );
+    bin
+}
+
+/// The running test's profile directory: a test runs as
+/// `target/<profile>/deps/<test>-<hash>`.
+fn profile_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("the test executable's path");
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("the test executable lives in target/<profile>/deps")
+        .to_path_buf()
+}
+
+/// What cargo sets for the package under test (prefixes).
+const PACKAGE_VARS: [&str; 7] = [
+    "CARGO_MANIFEST_",
+    "CARGO_PKG_",
+    "CARGO_BIN_",
+    "CARGO_CRATE_NAME",
+    "CARGO_PRIMARY_PACKAGE",
+    "CARGO_TARGET_TMPDIR",
+    "CARGO_RUSTC_CURRENT_DIR",
+];
+
+/// Runs `cargo build -q <args>` for the running test's profile.
+fn cargo_build(args: &[&str]) {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut cmd = Command::new(cargo);
-    cmd.args(["build", "-q", "-p", "concord-cli"])
-        .current_dir(workspace_root());
+    cmd.args(["build", "-q"]).args(args).current_dir(workspace_root());
+    // Not the variables cargo set for this test's own package: build scripts
+    // that watch one (ring watches CARGO_MANIFEST_DIR) would see a change,
+    // rebuild, and the next `cargo test` would rebuild them back.
+    for (name, _) in std::env::vars_os() {
+        let name = name.to_string_lossy();
+        if PACKAGE_VARS.iter().any(|p| name.starts_with(p)) {
+            cmd.env_remove(&*name);
+        }
+    }
     // `cargo test` builds tests into `debug` (profile `test`) and `--release`
     // tests into `release`; any other directory is a custom profile.
-    match profile_dir.file_name().and_then(OsStr::to_str) {
+    match profile_dir().file_name().and_then(OsStr::to_str) {
         Some("debug") | None => {}
         Some("release") => {
             cmd.arg("--release");
@@ -189,10 +231,11 @@ fn build_cli(profile_dir: &Path) {
             cmd.args(["--profile", other]);
         }
     }
-    let status = cmd.status().expect("running cargo to build concord-cli");
+    let status = cmd.status().expect("running cargo");
     assert!(
         status.success(),
-        "`cargo build -q -p concord-cli` failed ({status}); the tests need the `concord` binary"
+        "`cargo build -q {}` failed ({status}); the tests need what it builds",
+        args.join(" ")
     );
 }
 

@@ -3,15 +3,17 @@
 //! (coordinated), or straight onto the system (uncoordinated). The agents'
 //! code is the same either way; only the route differs.
 
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use concord_agent::{Agent, AgentError, HumanDecision, SagaEnd};
-use concord_proto::{Intent, Verdict, decode_intent};
+use concord_proto::coord::Decision;
+use concord_proto::{Intent, Value, Verdict, decode_intent};
 use serde_json::json;
 use tokio::sync::watch;
 
-use crate::system::{LEAKY, Shared};
+use crate::system::{LEAKY, Shared, State};
 
 /// Where plans go.
 #[derive(Clone, Debug)]
@@ -33,10 +35,42 @@ pub struct Proposal {
     pub goal: String,
     /// `applied` (uncoordinated), or concord's verdict.
     pub verdict: String,
-    /// The rules behind the verdict, with their messages.
-    pub reasons: Vec<(String, String)>,
+    /// The failing rules behind the verdict.
+    pub findings: Vec<Finding>,
     /// What came of it: saga end, human decision, or the direct result.
     pub outcome: String,
+}
+
+/// One failing rule behind a verdict.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Finding {
+    /// Its rule id, e.g. `compounding.masking`.
+    pub rule: String,
+    /// The coordinator's line for people.
+    pub message: String,
+    /// The figures behind it, from the decision's preview (e.g. the masked
+    /// deploy's plan, or the connections against the database's budget);
+    /// empty when the answer carried no preview.
+    pub figures: BTreeMap<String, Value>,
+}
+
+impl Finding {
+    /// The findings behind `d`'s verdict, with their figures.
+    pub fn of(d: &Decision) -> Vec<Finding> {
+        d.reasons
+            .iter()
+            .map(|r| Finding {
+                rule: r.rule.clone(),
+                message: r.message.clone(),
+                figures: d
+                    .preview
+                    .as_ref()
+                    .and_then(|p| p.invariants.iter().find(|i| i.id == r.rule))
+                    .map(|i| i.figures.clone())
+                    .unwrap_or_default(),
+            })
+            .collect()
+    }
 }
 
 /// Every proposal, in order.
@@ -63,7 +97,7 @@ impl Route {
             plan: format!("{} v{}", plan.lineage, plan.version),
             goal: plan.goal.to_string(),
             verdict: String::new(),
-            reasons: Vec::new(),
+            findings: Vec::new(),
             outcome: String::new(),
         };
         match self {
@@ -85,7 +119,7 @@ impl Route {
                 }
                 Ok(d) => {
                     p.verdict = d.verdict.to_string();
-                    p.reasons = d.reasons.iter().map(|r| (r.rule.clone(), r.message.clone())).collect();
+                    p.findings = Finding::of(&d);
                     let saga = pace.ticks(600);
                     p.outcome = match d.verdict {
                         Verdict::Reject => "not run".into(),
@@ -124,6 +158,11 @@ fn plan(v: serde_json::Value) -> Intent {
     decode_intent(v.to_string().as_bytes()).expect("the demo's plans are valid")
 }
 
+/// The goal of the deploy agent's plan that ships `release`.
+pub fn ship_goal(release: &str) -> String {
+    format!("ship api {release}")
+}
+
 /// The deploy agent ships v1.5.0 (the leaky one) with an app-health
 /// verification, and after a failed rollout re-plans the lineage with the fix.
 pub async fn deploy(route: Route, pace: Pace, ledger: Ledger) {
@@ -132,7 +171,7 @@ pub async fn deploy(route: Route, pace: Pace, ledger: Ledger) {
     let ship = |version: u32, release: &str| {
         plan(json!({
             "protocol": 1, "lineage": "deploy-api-1.5", "version": version,
-            "goal": format!("ship api {release}"),
+            "goal": ship_goal(release),
             "rationale": "release train",
             "steps": [{
                 "id": "deploy", "kind": "deploy", "path": "svc/api",
@@ -151,17 +190,68 @@ pub async fn deploy(route: Route, pace: Pace, ledger: Ledger) {
     }
 }
 
-/// The uptime agent restarts the API when it looks down — trusting
-/// heartbeats only, as in the story.
-pub async fn uptime(route: Route, system: Shared, pace: Pace, ledger: Ledger, mut stop: watch::Receiver<bool>) {
+/// What the uptime agent takes as "the API is down".
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum UptimeChecks {
+    /// Heartbeats only, as in the story: a process that answers is up, even
+    /// when it serves no request.
+    #[default]
+    Heartbeats,
+    /// Application-level health: requests are served.
+    AppHealth,
+}
+
+impl UptimeChecks {
+    /// Its name on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            UptimeChecks::Heartbeats => "heartbeats",
+            UptimeChecks::AppHealth => "app-health",
+        }
+    }
+
+    /// The setting named `name` (as [`UptimeChecks::name`] spells it).
+    pub fn parse(name: &str) -> Option<UptimeChecks> {
+        [UptimeChecks::Heartbeats, UptimeChecks::AppHealth]
+            .into_iter()
+            .find(|c| c.name() == name)
+    }
+
+    /// Whether the system looks down to an agent checking this.
+    pub fn looks_down(self, s: &State) -> bool {
+        match self {
+            UptimeChecks::Heartbeats => s.liveness() != "ok",
+            UptimeChecks::AppHealth => s.app_health() != "ok",
+        }
+    }
+
+    fn goal(self) -> &'static str {
+        match self {
+            UptimeChecks::Heartbeats => "restart api: heartbeats fail",
+            UptimeChecks::AppHealth => "restart api: application health fails",
+        }
+    }
+}
+
+/// The uptime agent restarts the API when it looks down (by `checks`; the
+/// story's agent trusts heartbeats only), at most three times.
+pub async fn uptime(
+    route: Route,
+    system: Shared,
+    checks: UptimeChecks,
+    pace: Pace,
+    ledger: Ledger,
+    mut stop: watch::Receiver<bool>,
+) {
+    const RESTARTS_MAX: u32 = 3;
     let mut version = 0;
     loop {
-        let live = system.lock().expect("system lock").liveness();
-        if live != "ok" && version < 3 {
+        let down = checks.looks_down(&system.lock().expect("system lock"));
+        if down && version < RESTARTS_MAX {
             version += 1;
             let p = plan(json!({
                 "protocol": 1, "lineage": "uptime-restart-api", "version": version,
-                "goal": "restart api: heartbeats fail",
+                "goal": checks.goal(),
                 "steps": [{ "id": "restart", "kind": "restart", "path": "svc/api", "args": {},
                             "confidence": 0.8, "compensation": { "mode": "irreversible", "reason": "a restart cannot be undone" } }]
             }));
@@ -197,5 +287,85 @@ pub async fn resource(route: Route, system: Shared, pace: Pace, ledger: Ledger, 
             _ = tokio::time::sleep(pace.ticks(3)) => {}
             _ = stop.changed() => return,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The leaky release after a few ticks: its pool is exhausted, its
+    /// processes still answer heartbeats.
+    fn leaking() -> State {
+        let mut s = State {
+            version: LEAKY.into(),
+            ..State::default()
+        };
+        for _ in 0..10 {
+            s.tick();
+        }
+        s
+    }
+
+    #[test]
+    fn heartbeats_miss_the_leak_and_app_health_sees_it() {
+        let s = leaking();
+        assert!(!UptimeChecks::Heartbeats.looks_down(&s));
+        assert!(UptimeChecks::AppHealth.looks_down(&s));
+        let healthy = State::default();
+        assert!(!UptimeChecks::Heartbeats.looks_down(&healthy));
+        assert!(!UptimeChecks::AppHealth.looks_down(&healthy));
+        let down = State {
+            db_down: true,
+            ..State::default()
+        };
+        assert!(UptimeChecks::Heartbeats.looks_down(&down));
+        assert!(UptimeChecks::AppHealth.looks_down(&down));
+        assert_eq!(UptimeChecks::default(), UptimeChecks::Heartbeats, "as in the story");
+        for c in [UptimeChecks::Heartbeats, UptimeChecks::AppHealth] {
+            assert_eq!(UptimeChecks::parse(c.name()), Some(c));
+        }
+        assert_eq!(UptimeChecks::parse("pings"), None);
+    }
+
+    /// The uptime agent's restarts of the leaking system (straight onto it)
+    /// over `ticks` ticks.
+    async fn run_uptime(checks: UptimeChecks, ticks: u32) -> (Vec<Proposal>, u32) {
+        let system: Shared = Arc::new(Mutex::new(leaking()));
+        let ledger: Ledger = Arc::default();
+        let pace = Pace {
+            tick: Duration::from_millis(5),
+        };
+        let (stop, stopped) = watch::channel(false);
+        let agent = tokio::spawn(uptime(
+            Route::Direct(system.clone()),
+            system.clone(),
+            checks,
+            pace,
+            ledger.clone(),
+            stopped,
+        ));
+        tokio::time::sleep(pace.ticks(ticks)).await;
+        stop.send(true).expect("the agent listens");
+        agent.await.expect("the agent ends");
+        let restarts = system.lock().expect("system lock").restarts;
+        let proposals = ledger.lock().expect("ledger lock").clone();
+        (proposals, restarts)
+    }
+
+    #[tokio::test]
+    async fn the_uptime_agent_restarts_the_leaking_api_only_when_it_checks_app_health() {
+        let (proposals, restarts) = run_uptime(UptimeChecks::Heartbeats, 20).await;
+        assert!(proposals.is_empty(), "heartbeats are fine: {proposals:?}");
+        assert_eq!(restarts, 0);
+        let (proposals, restarts) = run_uptime(UptimeChecks::AppHealth, 20).await;
+        assert!(!proposals.is_empty(), "the failing app health is seen");
+        assert!(proposals.len() <= 3, "at most three restarts: {proposals:?}");
+        assert_eq!(restarts as usize, proposals.len());
+        assert!(
+            proposals.iter().all(|p| p.agent == "uptime"
+                && p.goal == "restart api: application health fails"
+                && p.outcome == "done")
+        );
     }
 }

@@ -5,7 +5,8 @@
 //! go to a coordinator on a local NATS server (as `concord dev` runs it) and
 //! the coordination log is printed as it happens; uncoordinated, the same
 //! agents apply their plans straight to the system. [`run`] plays either and
-//! returns a [`Report`] that [`Report::check`] judges.
+//! returns a [`Report`] that [`Report::check`] judges: the outcome the story
+//! expects, reached within the run's tick and wall-clock limits.
 //!
 //! ```
 //! use concord_demo::system::{State, LEAKY};
@@ -30,10 +31,10 @@ use concord_nats::config::RuntimeConfig;
 use concord_nats::log::Batch;
 use concord_nats::runtime::Health;
 use concord_nats::server::{ServerOptions, ServerProcess, find_nats_server};
-use concord_proto::{ResourcePath, StepKind};
+use concord_proto::{ResourcePath, StepKind, Value};
 use tokio::sync::watch;
 
-use crate::agents::{Ledger, Pace, Proposal, Route};
+use crate::agents::{Ledger, Pace, Proposal, Route, UptimeChecks};
 use crate::system::{LEAKY, Shared, State};
 
 /// Why the demo could not run (not: the outcome was wrong; see [`Report::check`]).
@@ -53,22 +54,31 @@ pub struct Options {
     pub tick: Duration,
     /// The workspace root (policy, world).
     pub root: PathBuf,
-    /// Ticks to play once the story is over (deploy done; the resource agent
-    /// out of rungs or the service healthy again).
+    /// Ticks to play once the agents are done (deploy done; the resource
+    /// agent out of rungs or the service healthy again): the end of the story,
+    /// where a leak given room reaches the database.
     pub settle_ticks: u64,
-    /// The most ticks in all.
+    /// The most ticks in all: a story not over by then failed.
     pub ticks_max: u64,
+    /// The longest the run may take, start to end, on the wall clock: the
+    /// run stops there, and a run that took longer failed. `make demo` plays
+    /// two runs and must end within two minutes.
+    pub wall_clock_max: Duration,
+    /// What the uptime agent trusts (heartbeats only in the story).
+    pub uptime_checks: UptimeChecks,
 }
 
 impl Options {
-    /// The demo's defaults: 100 ms ticks.
+    /// The demo's defaults: 100 ms ticks, 400 of them at most, 55 s.
     pub fn new(root: &Path, coordinated: bool) -> Options {
         Options {
             coordinated,
             tick: Duration::from_millis(100),
             root: root.to_path_buf(),
             settle_ticks: 40,
-            ticks_max: 900,
+            ticks_max: 400,
+            wall_clock_max: Duration::from_secs(55),
+            uptime_checks: UptimeChecks::default(),
         }
     }
 }
@@ -82,19 +92,49 @@ pub struct Report {
     pub proposals: Vec<Proposal>,
     /// The system at the end.
     pub end: State,
-    /// Every rule id behind a verdict.
+    /// The rule ids behind the verdicts that stopped the resource agent's
+    /// pool increases (empty uncoordinated: nothing stops them).
     pub findings: BTreeSet<String>,
+    /// Ticks played.
+    pub ticks: u64,
+    /// Why the story was not over when the run stopped (out of ticks or
+    /// out of time); `None`: it was.
+    pub unfinished: Option<String>,
     /// How long it took.
     pub elapsed: Duration,
+    /// How long it could take ([`Options::wall_clock_max`]).
+    pub wall_clock_max: Duration,
 }
 
-/// The rules that must have stopped the cascade in a coordinated run.
-pub const EXPECTED_FINDINGS: [&str; 2] = ["compounding.masking", "coupling.db_connections"];
+/// The rules that must have stopped the cascade in a coordinated run: the
+/// compounding finding that links a pool increase to the leaky deploy, and
+/// the coupling of pool × replicas to the database's connections.
+pub const EXPECTED_FINDINGS: [&str; 2] = [MASKING, COUPLING];
+
+/// The compounding finding: a remediation soon after another agent's deploy.
+pub const MASKING: &str = "compounding.masking";
+/// The coupling rule: pool × replicas against the database's `max_connections`.
+pub const COUPLING: &str = "coupling.db_connections";
+
+/// Whether concord stopped `p`: refused, or held and never approved.
+fn stopped(p: &Proposal) -> bool {
+    p.verdict == "reject" || (p.verdict == "needs_approval" && !p.outcome.starts_with("approved"))
+}
 
 impl Report {
     /// What is wrong with the outcome (empty: as the story expects).
     pub fn check(&self) -> Vec<String> {
         let mut wrong = Vec::new();
+        if let Some(why) = &self.unfinished {
+            wrong.push(format!("the story did not finish: {why}"));
+        }
+        if self.elapsed > self.wall_clock_max {
+            wrong.push(format!(
+                "the run took {:.1} s, over its limit of {:.1} s",
+                self.elapsed.as_secs_f64(),
+                self.wall_clock_max.as_secs_f64()
+            ));
+        }
         let e = &self.end;
         if self.coordinated {
             if e.db_down || e.db_peak > e.max_connections {
@@ -103,18 +143,8 @@ impl Report {
                     e.db_peak, e.max_connections, e.db_down
                 ));
             }
-            for f in EXPECTED_FINDINGS {
-                if !self.findings.contains(f) {
-                    wrong.push(format!("no verdict named `{f}`"));
-                }
-            }
-            if !self
-                .proposals
-                .iter()
-                .any(|p| p.agent == "deploy" && p.outcome.starts_with("compensated"))
-            {
-                wrong.push("the leaky release was not rolled back by its saga".into());
-            }
+            self.check_rollback(&mut wrong);
+            self.check_pool_increases(&mut wrong);
             if e.version == LEAKY {
                 wrong.push("the leaky release is still running".into());
             }
@@ -127,6 +157,62 @@ impl Report {
         wrong
     }
 
+    /// The deploy agent's plan that ships the leaky release.
+    fn leaky_deploy(&self) -> Option<&Proposal> {
+        let goal = agents::ship_goal(LEAKY);
+        self.proposals.iter().find(|p| p.agent == "deploy" && p.goal == goal)
+    }
+
+    /// The leaky release was admitted, and its saga rolled it back when its
+    /// application-level health check failed.
+    fn check_rollback(&self, wrong: &mut Vec<String>) {
+        let Some(d) = self.leaky_deploy() else {
+            wrong.push(format!("the deploy agent never proposed the leaky release {LEAKY}"));
+            return;
+        };
+        if d.verdict != "admit" || !d.outcome.starts_with("compensated") || !d.outcome.contains(APP_HEALTH) {
+            wrong.push(format!(
+                "the leaky release ({}) was not rolled back by its saga when `{APP_HEALTH}` failed: {} -> {}",
+                d.plan, d.verdict, d.outcome
+            ));
+        }
+    }
+
+    /// Every pool increase was stopped, each by a masking finding that names
+    /// the leaky deploy, and the coupling rule refused at least one.
+    fn check_pool_increases(&self, wrong: &mut Vec<String>) {
+        let raises: Vec<&Proposal> = self.proposals.iter().filter(|p| p.agent == "resource").collect();
+        if raises.is_empty() {
+            wrong.push("the resource agent proposed no pool increase".into());
+            return;
+        }
+        let leaky = self.leaky_deploy().map(|d| Value::Str(d.plan.clone()));
+        for p in &raises {
+            if !stopped(p) {
+                wrong.push(format!(
+                    "the pool increase {} ({}) was not stopped: {} -> {}",
+                    p.plan, p.goal, p.verdict, p.outcome
+                ));
+            }
+            let linked = p
+                .findings
+                .iter()
+                .any(|f| f.rule == MASKING && leaky.is_some() && f.figures.get("deploy_plan") == leaky.as_ref());
+            if !linked {
+                wrong.push(format!(
+                    "the pool increase {} ({}) has no `{MASKING}` finding naming the leaky deploy",
+                    p.plan, p.goal
+                ));
+            }
+        }
+        if !raises
+            .iter()
+            .any(|p| stopped(p) && p.findings.iter().any(|f| f.rule == COUPLING))
+        {
+            wrong.push(format!("no pool increase was refused by `{COUPLING}`"));
+        }
+    }
+
     /// The summary, for people.
     pub fn summary(&self) -> String {
         let mut s = String::new();
@@ -135,14 +221,19 @@ impl Report {
         } else {
             "uncoordinated"
         };
-        s.push_str(&format!("== summary ({mode}, {:.1} s)\n", self.elapsed.as_secs_f64()));
+        s.push_str(&format!(
+            "== summary ({mode}, {:.1} s of at most {:.0} s, {} ticks)\n",
+            self.elapsed.as_secs_f64(),
+            self.wall_clock_max.as_secs_f64(),
+            self.ticks
+        ));
         for p in &self.proposals {
             s.push_str(&format!(
                 "{:<9} {:<26} {:<40} -> {}\n",
                 p.agent, p.plan, p.goal, p.verdict
             ));
-            for (rule, msg) in &p.reasons {
-                s.push_str(&format!("            {rule}: {msg}\n"));
+            for f in &p.findings {
+                s.push_str(&format!("            {}: {}\n", f.rule, f.message));
             }
             s.push_str(&format!("            outcome: {}\n", p.outcome));
         }
@@ -159,11 +250,14 @@ impl Report {
         ));
         if self.coordinated {
             let f: Vec<&str> = self.findings.iter().map(String::as_str).collect();
-            s.push_str(&format!("findings behind the verdicts: {}\n", f.join(", ")));
+            s.push_str(&format!("findings that stopped the pool increases: {}\n", f.join(", ")));
         }
         s
     }
 }
+
+/// The application-level health the deploy's verification checks.
+const APP_HEALTH: &str = "svc/api/health/app";
 
 /// One log event as a line, or nothing for the noisy ones.
 pub fn event_line(e: &Event) -> Option<String> {
@@ -314,6 +408,7 @@ pub async fn run(opts: Options, print: Arc<dyn Fn(String) + Send + Sync>) -> Res
     let uptime = tokio::spawn(agents::uptime(
         route("uptime").await?,
         system.clone(),
+        opts.uptime_checks,
         pace,
         ledger.clone(),
         stop_rx.clone(),
@@ -329,7 +424,7 @@ pub async fn run(opts: Options, print: Arc<dyn Fn(String) + Send + Sync>) -> Res
     // The system's clock; its monitor reports what it sees.
     let paths = [
         "svc/api/health/liveness",
-        "svc/api/health/app",
+        APP_HEALTH,
         "svc/api/queue_depth",
         "db/primary/connections",
     ]
@@ -341,7 +436,48 @@ pub async fn run(opts: Options, print: Arc<dyn Fn(String) + Send + Sync>) -> Res
     // Under load, late ticks are not made up in a burst: the agents must see
     // the system move at the pace they are written for.
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    for tick in 0..opts.ticks_max {
+    let deadline = started + opts.wall_clock_max;
+    let mut ticks = 0;
+    let mut unfinished = None;
+    // The service is healthy again: nothing left for the resource agent to drain.
+    let quiet = |s: &State| s.queue == 0 && s.app_health() == "ok";
+    loop {
+        // What is still going on, should the run stop here.
+        let busy = |s: &State| {
+            let mut busy = Vec::new();
+            if !deploy.is_finished() {
+                busy.push("the deploy agent still waits on its plan".to_string());
+            }
+            if !(resource.is_finished() || quiet(s)) {
+                busy.push(format!(
+                    "the resource agent is still at work (queue {}, app health {})",
+                    s.queue,
+                    s.app_health()
+                ));
+            }
+            busy.join("; ")
+        };
+        // The story is over once it has settled for `settle_ticks`: stopping
+        // before (out of ticks or out of time) leaves it unfinished.
+        let out_of_ticks = ticks >= opts.ticks_max;
+        if out_of_ticks || Instant::now() >= deadline {
+            let s = system.lock().expect("system lock").clone();
+            let what = match settled_at {
+                Some(t) => format!("it was settling ({} of {} ticks)", ticks - t, opts.settle_ticks),
+                None => busy(&s),
+            };
+            unfinished = Some(if out_of_ticks {
+                format!("out of ticks after {ticks}: {what}")
+            } else {
+                format!(
+                    "out of time at the {:.1} s limit, after {ticks} ticks: {what}",
+                    opts.wall_clock_max.as_secs_f64()
+                )
+            });
+            break;
+        }
+        let tick = ticks;
+        ticks += 1;
         interval.tick().await;
         let s = {
             let mut s = system.lock().expect("system lock");
@@ -387,8 +523,7 @@ pub async fn run(opts: Options, print: Arc<dyn Fn(String) + Send + Sync>) -> Res
         }
         // The story is over when the deploy agent is done and either the
         // resource agent has run out of ideas or the service is healthy again.
-        let quiet = s.queue == 0 && s.app_health() == "ok";
-        if !(deploy.is_finished() && (resource.is_finished() || quiet)) {
+        if !(deploy.is_finished() && (resource.is_finished() || quiet(&s))) {
             settled_at = None;
         } else if settled_at.is_none() {
             settled_at = Some(tick);
@@ -417,7 +552,8 @@ pub async fn run(opts: Options, print: Arc<dyn Fn(String) + Send + Sync>) -> Res
     let proposals = ledger.lock().expect("ledger lock").clone();
     let findings = proposals
         .iter()
-        .flat_map(|p| p.reasons.iter().map(|(r, _)| r.clone()))
+        .filter(|p| p.agent == "resource" && stopped(p))
+        .flat_map(|p| p.findings.iter().map(|f| f.rule.clone()))
         .collect();
     let end = system.lock().expect("system lock").clone();
     Ok(Report {
@@ -425,6 +561,239 @@ pub async fn run(opts: Options, print: Arc<dyn Fn(String) + Send + Sync>) -> Res
         proposals,
         end,
         findings,
+        ticks,
+        unfinished,
         elapsed: started.elapsed(),
+        wall_clock_max: opts.wall_clock_max,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    //! `Report::check` on reports that differ from the expected story in one
+    //! way each: every one is refused with a message naming what failed.
+
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::agents::Finding;
+
+    const LEAKY_PLAN: &str = "deploy-api-1.5 v1";
+
+    fn proposal(agent: &str, plan: &str, goal: &str, verdict: &str, outcome: &str, findings: Vec<Finding>) -> Proposal {
+        Proposal {
+            agent: agent.into(),
+            plan: plan.into(),
+            goal: goal.into(),
+            verdict: verdict.into(),
+            findings,
+            outcome: outcome.into(),
+        }
+    }
+
+    fn finding(rule: &str, figures: &[(&str, Value)]) -> Finding {
+        Finding {
+            rule: rule.into(),
+            message: format!("{rule} failed"),
+            figures: figures
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.clone()))
+                .collect::<BTreeMap<_, _>>(),
+        }
+    }
+
+    fn masking(deploy_plan: &str) -> Finding {
+        finding(
+            MASKING,
+            &[
+                ("deploy_plan", Value::Str(deploy_plan.into())),
+                ("deploy_agent", Value::Str("deploy".into())),
+            ],
+        )
+    }
+
+    fn coupling() -> Finding {
+        finding(
+            COUPLING,
+            &[("connections", Value::Int(2080)), ("budget", Value::Float(800.0))],
+        )
+    }
+
+    fn raise(version: u32, value: u32, findings: Vec<Finding>) -> Proposal {
+        proposal(
+            "resource",
+            &format!("resource-drain-queue v{version}"),
+            &format!("drain the request queue: pool_size to {value}"),
+            "reject",
+            "not run",
+            findings,
+        )
+    }
+
+    /// The coordinated story as it should go (what the live run reports).
+    fn coordinated() -> Report {
+        Report {
+            coordinated: true,
+            proposals: vec![
+                raise(1, 100, vec![finding("conflict.inflight", &[]), masking(LEAKY_PLAN)]),
+                raise(2, 500, vec![coupling(), masking(LEAKY_PLAN)]),
+                proposal(
+                    "deploy",
+                    LEAKY_PLAN,
+                    &agents::ship_goal(LEAKY),
+                    "admit",
+                    "compensated: verification `svc/api/health/app == \"ok\"` failed after 2000 ms: observed \"failing\"",
+                    vec![],
+                ),
+                proposal(
+                    "deploy",
+                    "deploy-api-1.5 v2",
+                    &agents::ship_goal("v1.5.1"),
+                    "admit",
+                    "completed",
+                    vec![],
+                ),
+            ],
+            end: State {
+                version: "v1.5.1".into(),
+                ..State::default()
+            },
+            findings: [MASKING, COUPLING, "conflict.inflight"].map(String::from).into(),
+            ticks: 87,
+            unfinished: None,
+            elapsed: Duration::from_secs(9),
+            wall_clock_max: Duration::from_secs(55),
+        }
+    }
+
+    fn uncoordinated() -> Report {
+        let mut r = coordinated();
+        r.coordinated = false;
+        r.proposals.clear();
+        r.findings.clear();
+        r.end = State {
+            version: LEAKY.into(),
+            pool_size: 500,
+            db_peak: 1040,
+            db_down: true,
+            ..State::default()
+        };
+        r
+    }
+
+    /// `report.check()` refuses it, and one message contains each of `words`.
+    #[track_caller]
+    fn refused(report: &Report, words: &[&str]) {
+        let wrong = report.check();
+        assert!(!wrong.is_empty(), "accepted: {report:#?}");
+        for w in words {
+            assert!(
+                wrong.iter().any(|m| m.contains(w)),
+                "no message names `{w}`: {wrong:#?}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_expected_stories_pass() {
+        assert_eq!(coordinated().check(), Vec::<String>::new());
+        assert_eq!(uncoordinated().check(), Vec::<String>::new());
+    }
+
+    #[test]
+    fn the_database_down_while_coordinated_is_refused() {
+        let mut r = coordinated();
+        r.end.db_down = true;
+        refused(&r, &["database", "down: true"]);
+    }
+
+    #[test]
+    fn max_connections_exceeded_while_coordinated_is_refused() {
+        let mut r = coordinated();
+        r.end.db_peak = r.end.max_connections + 1;
+        refused(&r, &["database held 1001 connections (max 1000)"]);
+    }
+
+    #[test]
+    fn a_pool_increase_without_the_masking_finding_is_refused() {
+        let mut r = coordinated();
+        r.proposals[0].findings.retain(|f| f.rule != MASKING);
+        refused(&r, &["resource-drain-queue v1", MASKING]);
+        // Linked to some other deploy than the leaky one: refused too.
+        let mut r = coordinated();
+        r.proposals[1].findings[1] = masking("deploy-web-2.0 v1");
+        refused(&r, &["resource-drain-queue v2", MASKING, "leaky deploy"]);
+    }
+
+    #[test]
+    fn no_pool_increase_refused_by_the_coupling_rule_is_refused() {
+        let mut r = coordinated();
+        r.proposals[1].findings.retain(|f| f.rule != COUPLING);
+        refused(&r, &[COUPLING]);
+    }
+
+    #[test]
+    fn a_pool_increase_that_ran_is_refused() {
+        let mut r = coordinated();
+        r.proposals[1].verdict = "admit".into();
+        r.proposals[1].outcome = "completed".into();
+        refused(&r, &["resource-drain-queue v2", "not stopped"]);
+        // Held and approved by a human is not stopped either ...
+        r.proposals[1].verdict = "needs_approval".into();
+        r.proposals[1].outcome = "approved by alice; completed".into();
+        refused(&r, &["resource-drain-queue v2", "not stopped"]);
+        // ... held with nobody deciding is.
+        r.proposals[1].outcome = "no human decided while the agent waited".into();
+        assert_eq!(r.check(), Vec::<String>::new());
+    }
+
+    #[test]
+    fn no_pool_increase_at_all_is_refused() {
+        let mut r = coordinated();
+        r.proposals.retain(|p| p.agent != "resource");
+        refused(&r, &["proposed no pool increase"]);
+    }
+
+    #[test]
+    fn the_release_not_rolled_back_is_refused() {
+        let mut r = coordinated();
+        r.proposals[2].outcome = "completed".into();
+        refused(&r, &["not rolled back", LEAKY_PLAN]);
+        // Rolled back, but not because application health failed.
+        let mut r = coordinated();
+        r.proposals[2].outcome = "compensated: the database is down".into();
+        refused(&r, &["not rolled back", APP_HEALTH]);
+        // The leaky release still running at the end.
+        let mut r = coordinated();
+        r.end.version = LEAKY.into();
+        refused(&r, &["leaky release is still running"]);
+        // Never shipped.
+        let mut r = coordinated();
+        r.proposals.retain(|p| p.goal != agents::ship_goal(LEAKY));
+        refused(&r, &["never proposed the leaky release"]);
+    }
+
+    #[test]
+    fn a_run_over_its_time_is_refused() {
+        for mut r in [coordinated(), uncoordinated()] {
+            r.elapsed = r.wall_clock_max + Duration::from_millis(100);
+            refused(&r, &["took 55.1 s, over its limit of 55.0 s"]);
+        }
+    }
+
+    #[test]
+    fn a_story_that_did_not_finish_is_refused() {
+        for mut r in [coordinated(), uncoordinated()] {
+            r.unfinished = Some("out of ticks after 400: the deploy agent still waits on its plan".into());
+            refused(&r, &["did not finish", "out of ticks after 400"]);
+        }
+    }
+
+    #[test]
+    fn uncoordinated_without_the_cascade_is_refused() {
+        let mut r = uncoordinated();
+        r.end.db_down = false;
+        r.end.db_peak = 900;
+        refused(&r, &["cascade did not happen", "peak 900 of 1000"]);
+    }
 }
