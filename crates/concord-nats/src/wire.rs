@@ -102,8 +102,9 @@ pub enum Query {
         lineage: Id,
     },
     /// The caller's latest notices (up to 256, oldest first), as published
-    /// on `notify.<caller>` by this coordinator process: what an agent
-    /// that was disconnected missed.
+    /// on `notify.<caller>`: what an agent that was disconnected missed
+    /// (kept across coordinator restarts: the snapshot carries them and
+    /// recovery rebuilds the rest from the log).
     Notices,
 }
 
