@@ -1090,6 +1090,20 @@ impl WorldDoc {
         &mut lazy.doc
     }
 
+    /// Applies the oldest held writes, at most `max` of them; returns how
+    /// many are still held. Who applies a write, and when, changes nothing
+    /// (the same changes in the same order): a runtime calls this a little
+    /// at a time, so that a read after many writes (a snapshot, a replica's
+    /// first sync) does not apply them all at once.
+    pub fn apply_held(&mut self, max: usize) -> usize {
+        let lazy = self.lazy.get_mut().unwrap_or_else(PoisonError::into_inner);
+        let n = max.min(lazy.pending.len());
+        for p in lazy.pending.drain(..n).collect::<Vec<_>>() {
+            let _ = apply_pending(&mut lazy.doc, &self.roots, p);
+        }
+        lazy.pending.len()
+    }
+
     /// Holds a write until the document is read.
     fn defer(&mut self, write: Pending) {
         let lazy = self.lazy.get_mut().unwrap_or_else(PoisonError::into_inner);

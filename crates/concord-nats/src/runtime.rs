@@ -688,6 +688,10 @@ struct OpenBatch {
     bytes: usize,
 }
 
+/// World document writes applied per sealed batch while no replica reads
+/// the document: more than a batch makes, so the backlog stays short.
+const HELD_WRITES_PER_BATCH: usize = 4096;
+
 /// The one snapshot under way: the flag is cleared when this is dropped
 /// (stored, failed, or its batch never reached the log).
 struct SnapshotTurn(Arc<AtomicBool>);
@@ -1236,6 +1240,9 @@ impl Daemon {
         // its heads would apply them). A replica that connects asks first.
         if self.replicas.is_empty() {
             state.push_due = None;
+            // Apply some of them now, so a snapshot or a replica's first
+            // sync never applies a long backlog in one go on the loop.
+            state.coord.world_doc_mut().apply_held(HELD_WRITES_PER_BATCH);
             return;
         }
         // Within the push interval the heads are not even read: the push
