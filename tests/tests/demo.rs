@@ -3,15 +3,19 @@
 //! tie it to the leaky deploy and to the database's connections, and the
 //! release is rolled back by its saga; the same agents straight on the
 //! system take the database down. A story cut short by the tick or time
-//! limit fails.
+//! limit fails. The agents see the system only through the observations it
+//! publishes on the bus.
 
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use concord_demo::agents::{Proposal, ship_goal};
-use concord_demo::system::LEAKY;
+use concord_agent::{Agent, AgentConfig};
+use concord_demo::agents::{Observed, Proposal, UptimeChecks, queue_grown, ship_goal};
+use concord_demo::system::{APP_HEALTH, LEAKY, LIVENESS, QUEUE_DEPTH};
 use concord_demo::{COUPLING, EXPECTED_FINDINGS, MASKING, Options, Report, run};
-use concord_proto::Value;
+use concord_nats::subjects::Subjects;
+use concord_proto::{ResourcePath, Value};
+use concord_testkit::NatsServer;
 use concord_tests::live::root;
 
 fn options(coordinated: bool) -> Options {
@@ -150,4 +154,40 @@ async fn a_story_cut_short_by_the_time_limit_fails() {
         wrong.iter().any(|w| w.contains("over its limit of 0.3 s")),
         "{wrong:#?}"
     );
+}
+
+/// What the system publishes as observations through the SDK reaches an
+/// agent's view on the bus, and its decisions follow it: heartbeats fine,
+/// application health failing, the queue past the resource agent's limit.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_agent_decides_from_the_observations_on_the_bus() {
+    let server = NatsServer::start();
+    let seen = Observed::watch(&server.url(), "uptime", &Subjects::new("default"))
+        .await
+        .expect("the agent watches the bus");
+    assert_eq!(seen.latest(LIVENESS), None, "nothing published yet");
+    let system = Agent::connect(AgentConfig::new(server.url(), "monitor"))
+        .await
+        .expect("the system connects");
+    let path = |p| ResourcePath::parse(p).expect("a path");
+    system.observe_liveness(&path(LIVENESS), "ok").await.expect("published");
+    system
+        .observe_app_health(&path(APP_HEALTH), "failing")
+        .await
+        .expect("published");
+    system
+        .observe_metric(&path(QUEUE_DEPTH), 480.0)
+        .await
+        .expect("published");
+    system.flush().await.expect("flushed");
+    // One publisher, one subscriber: in order, so the last one seen means all were.
+    let by = Instant::now() + Duration::from_secs(5);
+    while seen.latest(QUEUE_DEPTH).is_none() {
+        assert!(Instant::now() < by, "the observations never reached the agent");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(seen.latest(LIVENESS), Some(Value::Str("ok".into())));
+    assert!(!UptimeChecks::Heartbeats.looks_down(&seen));
+    assert!(UptimeChecks::AppHealth.looks_down(&seen));
+    assert_eq!(queue_grown(&seen), Some(480.0));
 }

@@ -1,19 +1,94 @@
-//! The three agents of the story. Each looks at the system's dashboard
-//! (read-only) and *submits* plans through a [`Route`]: through concord
-//! (coordinated), or straight onto the system (uncoordinated). The agents'
-//! code is the same either way; only the route differs.
+//! The three agents of the story. Each perceives the system only through
+//! the observations it publishes on the bus ([`Observed`]: the latest value
+//! per path, from `observe.*`) and *submits* plans through a [`Route`]:
+//! through concord (coordinated), or straight onto the system
+//! (uncoordinated). The agents' code is the same either way; only the route
+//! differs.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use concord_agent::{Agent, AgentError, HumanDecision, SagaEnd};
+use concord_nats::subjects::Subjects;
 use concord_proto::coord::Decision;
-use concord_proto::{Intent, Value, Verdict, decode_intent};
+use concord_proto::{Intent, Value, Verdict, decode_intent, decode_observation};
+use futures::StreamExt;
 use serde_json::json;
 use tokio::sync::watch;
+use tokio::task::JoinHandle;
 
-use crate::system::{LEAKY, Shared, State};
+use crate::system::{APP_HEALTH, LEAKY, LIVENESS, QUEUE_DEPTH, Shared};
+
+/// The most series an agent remembers; observations of further paths are
+/// dropped (the demo's system publishes four).
+pub const SERIES_MAX: usize = 64;
+
+/// What an agent has seen of the system on the bus: the latest value of each
+/// observed path. Fed by [`Observed::watch`] from the bus, or by
+/// [`Observed::record`] (tests).
+#[derive(Clone, Debug, Default)]
+pub struct Observed {
+    latest: Arc<Mutex<BTreeMap<String, Value>>>,
+    /// The subscription feeding `latest`: it ends with the last clone.
+    feed: Option<Arc<Feed>>,
+}
+
+/// Aborts the subscription task when dropped.
+#[derive(Debug)]
+struct Feed(JoinHandle<()>);
+
+impl Drop for Feed {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+impl Observed {
+    /// Connects to NATS at `url` as `agent` and keeps the latest value of
+    /// every observation published on `subjects`' `observe.*` from now on.
+    /// Returns once the server has the subscription, so nothing published
+    /// after is missed.
+    pub async fn watch(url: &str, agent: &str, subjects: &Subjects) -> Result<Observed, String> {
+        let nats = async_nats::ConnectOptions::new()
+            .name(format!("concord-demo-{agent}-eyes"))
+            .connect(url)
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut sub = nats
+            .subscribe(subjects.all("observe"))
+            .await
+            .map_err(|e| e.to_string())?;
+        nats.flush().await.map_err(|e| e.to_string())?;
+        let mut seen = Observed::default();
+        let latest = seen.clone();
+        let task = tokio::spawn(async move {
+            // The client lives as long as its subscription.
+            let _nats = nats;
+            while let Some(m) = sub.next().await {
+                // Not an observation: nothing seen (the coordinator refuses it too).
+                if let Ok(o) = decode_observation(&m.payload) {
+                    latest.record(o.path.as_str(), o.value);
+                }
+            }
+        });
+        seen.feed = Some(Arc::new(Feed(task)));
+        Ok(seen)
+    }
+
+    /// Takes `value` as the latest seen at `path`.
+    pub fn record(&self, path: &str, value: Value) {
+        let mut latest = self.latest.lock().expect("observed lock");
+        if latest.len() < SERIES_MAX || latest.contains_key(path) {
+            latest.insert(path.to_string(), value);
+        }
+    }
+
+    /// The latest value seen at `path`, if any.
+    pub fn latest(&self, path: &str) -> Option<Value> {
+        self.latest.lock().expect("observed lock").get(path).cloned()
+    }
+}
 
 /// Where plans go.
 #[derive(Clone, Debug)]
@@ -217,12 +292,19 @@ impl UptimeChecks {
             .find(|c| c.name() == name)
     }
 
-    /// Whether the system looks down to an agent checking this.
-    pub fn looks_down(self, s: &State) -> bool {
+    /// The observation this check reads.
+    pub fn path(self) -> &'static str {
         match self {
-            UptimeChecks::Heartbeats => s.liveness() != "ok",
-            UptimeChecks::AppHealth => s.app_health() != "ok",
+            UptimeChecks::Heartbeats => LIVENESS,
+            UptimeChecks::AppHealth => APP_HEALTH,
         }
+    }
+
+    /// Whether the system looks down to an agent checking this: the latest
+    /// health word seen on [`UptimeChecks::path`] is not `ok`. Nothing seen
+    /// yet is no evidence either way, so no reason to restart.
+    pub fn looks_down(self, seen: &Observed) -> bool {
+        seen.latest(self.path()).is_some_and(|v| v.as_str() != Some("ok"))
     }
 
     fn goal(self) -> &'static str {
@@ -237,7 +319,7 @@ impl UptimeChecks {
 /// story's agent trusts heartbeats only), at most three times.
 pub async fn uptime(
     route: Route,
-    system: Shared,
+    seen: Observed,
     checks: UptimeChecks,
     pace: Pace,
     ledger: Ledger,
@@ -246,7 +328,7 @@ pub async fn uptime(
     const RESTARTS_MAX: u32 = 3;
     let mut version = 0;
     loop {
-        let down = checks.looks_down(&system.lock().expect("system lock"));
+        let down = checks.looks_down(&seen);
         if down && version < RESTARTS_MAX {
             version += 1;
             let p = plan(json!({
@@ -264,13 +346,23 @@ pub async fn uptime(
     }
 }
 
+/// The queue depth past which the resource agent raises the pool.
+pub const QUEUE_DEPTH_MAX: f64 = 400.0;
+
+/// The queue depth the resource agent acts on: the latest seen on
+/// [`QUEUE_DEPTH`], when it is past [`QUEUE_DEPTH_MAX`].
+pub fn queue_grown(seen: &Observed) -> Option<f64> {
+    seen.latest(QUEUE_DEPTH)
+        .and_then(|v| v.as_f64())
+        .filter(|q| *q > QUEUE_DEPTH_MAX)
+}
+
 /// The resource agent raises the pool when the queue grows: 50 -> 100 -> 500 -> 1500.
-pub async fn resource(route: Route, system: Shared, pace: Pace, ledger: Ledger, mut stop: watch::Receiver<bool>) {
+pub async fn resource(route: Route, seen: Observed, pace: Pace, ledger: Ledger, mut stop: watch::Receiver<bool>) {
     const LADDER: [u32; 3] = [100, 500, 1500];
     let mut rung = 0;
     while rung < LADDER.len() {
-        let queue = system.lock().expect("system lock").queue;
-        if queue > 400 {
+        if let Some(queue) = queue_grown(&seen) {
             let value = LADDER[rung];
             rung += 1;
             let p = plan(json!({
@@ -293,6 +385,16 @@ pub async fn resource(route: Route, system: Shared, pace: Pace, ledger: Ledger, 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::system::State;
+
+    /// What an agent sees of `s`: its signals, as the demo publishes them.
+    fn seen(s: &State) -> Observed {
+        let seen = Observed::default();
+        for (path, _, value) in s.signals() {
+            seen.record(path, value);
+        }
+        seen
+    }
 
     /// The leaky release after a few ticks: its pool is exhausted, its
     /// processes still answer heartbeats.
@@ -309,16 +411,16 @@ mod tests {
 
     #[test]
     fn heartbeats_miss_the_leak_and_app_health_sees_it() {
-        let s = leaking();
+        let s = seen(&leaking());
         assert!(!UptimeChecks::Heartbeats.looks_down(&s));
         assert!(UptimeChecks::AppHealth.looks_down(&s));
-        let healthy = State::default();
+        let healthy = seen(&State::default());
         assert!(!UptimeChecks::Heartbeats.looks_down(&healthy));
         assert!(!UptimeChecks::AppHealth.looks_down(&healthy));
-        let down = State {
+        let down = seen(&State {
             db_down: true,
             ..State::default()
-        };
+        });
         assert!(UptimeChecks::Heartbeats.looks_down(&down));
         assert!(UptimeChecks::AppHealth.looks_down(&down));
         assert_eq!(UptimeChecks::default(), UptimeChecks::Heartbeats, "as in the story");
@@ -328,8 +430,53 @@ mod tests {
         assert_eq!(UptimeChecks::parse("pings"), None);
     }
 
+    #[test]
+    fn uptime_checks_read_only_the_health_word_observed_on_their_path() {
+        let s = Observed::default();
+        for c in [UptimeChecks::Heartbeats, UptimeChecks::AppHealth] {
+            assert!(!c.looks_down(&s), "nothing seen yet: no reason to restart");
+        }
+        s.record(LIVENESS, Value::Str("ok".into()));
+        s.record(APP_HEALTH, Value::Str("degraded".into()));
+        assert!(!UptimeChecks::Heartbeats.looks_down(&s));
+        assert!(UptimeChecks::AppHealth.looks_down(&s));
+        // The latest observation counts.
+        s.record(APP_HEALTH, Value::Str("ok".into()));
+        s.record(LIVENESS, Value::Str("failing".into()));
+        assert!(UptimeChecks::Heartbeats.looks_down(&s));
+        assert!(!UptimeChecks::AppHealth.looks_down(&s));
+    }
+
+    #[test]
+    fn the_resource_agent_acts_on_the_observed_queue_depth_past_its_limit() {
+        let s = Observed::default();
+        assert_eq!(queue_grown(&s), None, "nothing seen yet");
+        s.record(QUEUE_DEPTH, Value::Int(400));
+        assert_eq!(queue_grown(&s), None);
+        s.record(QUEUE_DEPTH, Value::Int(401));
+        assert_eq!(queue_grown(&s), Some(401.0));
+        s.record(QUEUE_DEPTH, Value::Float(812.5));
+        assert_eq!(queue_grown(&s), Some(812.5));
+        // The leaking system's queue grows past it; a healthy one's does not.
+        assert!(queue_grown(&seen(&leaking())).is_some());
+        assert_eq!(queue_grown(&seen(&State::default())), None);
+    }
+
+    #[test]
+    fn an_agent_remembers_a_bounded_number_of_series() {
+        let s = Observed::default();
+        for i in 0..SERIES_MAX + 10 {
+            s.record(&format!("svc/s{i}/queue_depth"), Value::Int(1));
+        }
+        assert_eq!(s.latest.lock().unwrap().len(), SERIES_MAX);
+        // A series already seen still takes new values.
+        s.record("svc/s0/queue_depth", Value::Int(2));
+        assert_eq!(s.latest("svc/s0/queue_depth"), Some(Value::Int(2)));
+    }
+
     /// The uptime agent's restarts of the leaking system (straight onto it)
-    /// over `ticks` ticks.
+    /// over `ticks` ticks, seeing its signals as they were when it started
+    /// (nobody publishes newer ones here).
     async fn run_uptime(checks: UptimeChecks, ticks: u32) -> (Vec<Proposal>, u32) {
         let system: Shared = Arc::new(Mutex::new(leaking()));
         let ledger: Ledger = Arc::default();
@@ -339,7 +486,7 @@ mod tests {
         let (stop, stopped) = watch::channel(false);
         let agent = tokio::spawn(uptime(
             Route::Direct(system.clone()),
-            system.clone(),
+            seen(&leaking()),
             checks,
             pace,
             ledger.clone(),

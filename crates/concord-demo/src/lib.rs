@@ -1,10 +1,12 @@
 //! The live demo: the seven-days incident, played on the bus and averted.
 //!
-//! A modelled system ([`system`]) runs as an executor; the three agents of
-//! the story ([`agents`]) watch it and submit plans. Coordinated, the plans
-//! go to a coordinator on a local NATS server (as `concord dev` runs it) and
-//! the coordination log is printed as it happens; uncoordinated, the same
-//! agents apply their plans straight to the system. [`run`] plays either and
+//! A modelled system ([`system`]) runs as an executor and publishes its
+//! liveness, application-level health, queue depth and database connections
+//! as observations on a local NATS server every tick; the three agents of the
+//! story ([`agents`]) see it only through those observations and submit
+//! plans. Coordinated, the plans go to a coordinator on that server (as
+//! `concord dev` runs it) and the coordination log is printed as it happens;
+//! uncoordinated, the same agents apply their plans straight to the system. [`run`] plays either and
 //! returns a [`Report`] that [`Report::check`] judges: the outcome the story
 //! expects, reached within the run's tick and wall-clock limits.
 //!
@@ -31,16 +33,18 @@ use concord_nats::config::RuntimeConfig;
 use concord_nats::log::Batch;
 use concord_nats::runtime::Health;
 use concord_nats::server::{ServerOptions, ServerProcess, find_nats_server};
-use concord_proto::{ResourcePath, StepKind, Value};
+use concord_nats::subjects::Subjects;
+use concord_proto::limits::PROTOCOL_VERSION;
+use concord_proto::{Observation, ResourcePath, StepKind, Value};
 use tokio::sync::watch;
 
-use crate::agents::{Ledger, Pace, Proposal, Route, UptimeChecks};
-use crate::system::{LEAKY, Shared, State};
+use crate::agents::{Ledger, Observed, Pace, Proposal, Route, UptimeChecks};
+use crate::system::{APP_HEALTH, LEAKY, Shared, State};
 
 /// Why the demo could not run (not: the outcome was wrong; see [`Report::check`]).
 #[derive(Debug, thiserror::Error)]
 pub enum DemoError {
-    /// NATS, the coordinator or the executor did not start.
+    /// NATS, the coordinator, the executor or an agent's connection did not start.
     #[error("{0}")]
     Setup(String),
 }
@@ -256,9 +260,6 @@ impl Report {
     }
 }
 
-/// The application-level health the deploy's verification checks.
-const APP_HEALTH: &str = "svc/api/health/app";
-
 /// One log event as a line, or nothing for the noisy ones.
 pub fn event_line(e: &Event) -> Option<String> {
     Some(match e {
@@ -315,21 +316,22 @@ pub async fn run(opts: Options, print: Arc<dyn Fn(String) + Send + Sync>) -> Res
     let pace = Pace { tick: opts.tick };
     let setup = |e: &dyn std::fmt::Display| DemoError::Setup(e.to_string());
 
-    // Coordinated: a NATS server, the coordinator, the system's executor.
+    // Either way a NATS server: the system shows itself on it. Coordinated,
+    // also the coordinator and the system's executor.
     let mut keep = Vec::<Box<dyn std::any::Any + Send>>::new();
-    let mut url = String::new();
     let mut stop_coordinator = None;
     let mut log_task = None;
+    let bin = find_nats_server(Some(&opts.root)).map_err(|e| setup(&e))?;
+    let server = ServerProcess::start(ServerOptions {
+        bin: Some(bin),
+        ..ServerOptions::default()
+    })
+    .map_err(|e| setup(&e))?;
+    let url = server.url();
+    keep.push(Box::new(server));
+    let subjects = Subjects::new(&RuntimeConfig::default().domain);
     if opts.coordinated {
-        let bin = find_nats_server(Some(&opts.root)).map_err(|e| setup(&e))?;
-        let server = ServerProcess::start(ServerOptions {
-            bin: Some(bin),
-            ..ServerOptions::default()
-        })
-        .map_err(|e| setup(&e))?;
-        url = server.url();
         print(format!("concord: NATS with JetStream at {url}"));
-        keep.push(Box::new(server));
         let mut cfg = RuntimeConfig {
             nats: vec![url.clone()],
             policy: Some(opts.root.join("config/policy.toml")),
@@ -381,6 +383,10 @@ pub async fn run(opts: Options, print: Arc<dyn Fn(String) + Send + Sync>) -> Res
             })
             .await;
         }));
+    } else {
+        print(format!(
+            "bus: NATS at {url}: the system's observations only, no coordinator"
+        ));
     }
     let route = |name: &str| {
         let url = url.clone();
@@ -398,16 +404,20 @@ pub async fn run(opts: Options, print: Arc<dyn Fn(String) + Send + Sync>) -> Res
             }
         }
     };
-    let monitor = if opts.coordinated {
-        Some(route("monitor").await?)
-    } else {
-        None
+    // The system's own connection, which publishes what it shows.
+    let monitor = Agent::connect(AgentConfig::new(url.clone(), "monitor"))
+        .await
+        .map_err(|e| setup(&e))?;
+    // What each agent sees of the system: the observations on the bus.
+    let eyes = |name: &'static str| {
+        let (url, subjects) = (url.clone(), subjects.clone());
+        async move { Observed::watch(&url, name, &subjects).await.map_err(DemoError::Setup) }
     };
     let (stop_tx, stop_rx) = watch::channel(false);
     let deploy = tokio::spawn(agents::deploy(route("deploy").await?, pace, ledger.clone()));
     let uptime = tokio::spawn(agents::uptime(
         route("uptime").await?,
-        system.clone(),
+        eyes("uptime").await?,
         opts.uptime_checks,
         pace,
         ledger.clone(),
@@ -415,20 +425,13 @@ pub async fn run(opts: Options, print: Arc<dyn Fn(String) + Send + Sync>) -> Res
     ));
     let resource = tokio::spawn(agents::resource(
         route("resource").await?,
-        system.clone(),
+        eyes("resource").await?,
         pace,
         ledger.clone(),
         stop_rx.clone(),
     ));
 
-    // The system's clock; its monitor reports what it sees.
-    let paths = [
-        "svc/api/health/liveness",
-        APP_HEALTH,
-        "svc/api/queue_depth",
-        "db/primary/connections",
-    ]
-    .map(|p| ResourcePath::parse(p).expect("a path"));
+    // The system's clock; every tick it publishes what it shows.
     let mut settled_at = None;
     let mut acted = 0;
     let mut reported = (String::new(), false);
@@ -515,11 +518,16 @@ pub async fn run(opts: Options, print: Arc<dyn Fn(String) + Send + Sync>) -> Res
             }
             acted = l.len();
         }
-        if let Some(Route::Concord(m)) = &monitor {
-            let _ = m.observe_liveness(&paths[0], s.liveness()).await;
-            let _ = m.observe_app_health(&paths[1], s.app_health()).await;
-            let _ = m.observe_metric(&paths[2], s.queue as f64).await;
-            let _ = m.observe_metric(&paths[3], f64::from(s.db_connections)).await;
+        for (path, kind, value) in s.signals() {
+            let obs = Observation {
+                protocol: PROTOCOL_VERSION,
+                path: ResourcePath::parse(path).expect("the system's paths are valid"),
+                kind,
+                value,
+                observed_at_ms: None,
+            };
+            // Fire and forget: a lost observation is made good next tick.
+            let _ = monitor.observe(&obs).await;
         }
         // The story is over when the deploy agent is done and either the
         // resource agent has run out of ideas or the service is healthy again.

@@ -12,7 +12,7 @@
 use std::sync::{Arc, Mutex};
 
 use concord_agent::{Step, StepError, StepHandler};
-use concord_proto::{Op, ResourcePath, Value};
+use concord_proto::{ObservationKind, Op, ResourcePath, Value};
 use futures::future::BoxFuture;
 
 /// Connections one replica needs for its traffic.
@@ -23,6 +23,16 @@ pub const LEAK_PER_TICK: u32 = 10;
 pub const OTHERS: u32 = 80;
 /// The release that leaks.
 pub const LEAKY: &str = "v1.5.0";
+
+/// Heartbeats (a `liveness` observation): the processes answer.
+pub const LIVENESS: &str = "svc/api/health/liveness";
+/// Application-level health (an `app_health` observation): requests are
+/// served. The deploy's verification checks it too.
+pub const APP_HEALTH: &str = "svc/api/health/app";
+/// Requests waiting (a metric).
+pub const QUEUE_DEPTH: &str = "svc/api/queue_depth";
+/// Connections the database holds (a metric).
+pub const DB_CONNECTIONS: &str = "db/primary/connections";
 
 /// The system's state.
 #[derive(Clone, Debug, PartialEq)]
@@ -116,6 +126,26 @@ impl State {
         } else {
             "ok"
         }
+    }
+
+    /// What the system shows of itself, as observations (path, kind,
+    /// value): all an agent can know of it.
+    pub fn signals(&self) -> [(&'static str, ObservationKind, Value); 4] {
+        [
+            (LIVENESS, ObservationKind::Liveness, Value::Str(self.liveness().into())),
+            (
+                APP_HEALTH,
+                ObservationKind::AppHealth,
+                Value::Str(self.app_health().into()),
+            ),
+            // Within ±2^53 for any run: at most 480 more a tick.
+            (QUEUE_DEPTH, ObservationKind::Metric, Value::Int(self.queue as i64)),
+            (
+                DB_CONNECTIONS,
+                ObservationKind::Metric,
+                Value::Int(self.db_connections.into()),
+            ),
+        ]
     }
 
     /// The value at a world-model path, as the coordinator names them.

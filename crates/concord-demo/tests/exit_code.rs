@@ -1,7 +1,8 @@
 //! The `concord-demo` binary's exit code follows the outcome: 0 when the
 //! story went as expected, 1 (with each failure named) when it did not — here
-//! provoked by a time limit the story cannot meet. Uncoordinated runs need no
-//! NATS server, so these stay cheap.
+//! provoked by a time limit the story cannot meet. Uncoordinated runs start
+//! no coordinator (only the NATS server the system's observations go on), so
+//! these stay cheap.
 
 use std::path::Path;
 use std::process::{Command, Output};
