@@ -4,7 +4,7 @@
 //! (`crates/concord-agent/examples/`) and the Python agent
 //! (`examples/python/agent.py`) as separate processes. Each exits 0 and
 //! prints the verdict the plan gets; a held plan is approved by an operator
-//! with `concord ctl approve`, and the waiting `propose` hears it.
+//! with `concord approve`, and the waiting `propose` hears it.
 
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
@@ -234,7 +234,7 @@ fn the_rust_examples_propose_and_execute_against_concord_dev() {
     });
 
     // More than twice the worker's pool: held; `propose` waits for a human,
-    // who approves with `concord ctl approve`; the saga then runs.
+    // who approves with `concord approve`; the saga then runs.
     let plan = TempFile::new(
         "worker-pool.json",
         r#"{"protocol": 1, "lineage": "example-worker-pool", "version": 1,
@@ -253,19 +253,18 @@ fn the_rust_examples_propose_and_execute_against_concord_dev() {
     held.lines
         .wait_for("`waiting for a human`", |l| l.starts_with("waiting for a human"));
     let approve = concord([
-        "ctl",
+        "approve",
         "--nats",
         &dev.url,
         "--as",
         "alice",
-        "approve",
         "example-worker-pool",
         "--reason",
         "looked at the preview",
     ]);
     assert_eq!(
         approve.code, 0,
-        "concord ctl approve:\n{}{}",
+        "concord approve:\n{}{}",
         approve.stdout, approve.stderr
     );
     held.lines

@@ -27,10 +27,7 @@ async fn main() -> Result<()> {
         println!("  {} ({}): {}", r.rule, r.outcome, r.message);
     }
     if d.verdict == Verdict::NeedsApproval {
-        println!(
-            "waiting for a human (concord ctl approve {} --reason ...)",
-            plan.lineage
-        );
+        println!("waiting for a human (concord approve {} --reason ...)", plan.lineage);
         match agent
             .await_decision(&plan.lineage, plan.version, Duration::from_secs(600))
             .await?

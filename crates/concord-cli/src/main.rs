@@ -29,7 +29,7 @@ enum Command {
     Propose(cmd::live::ProposeArgs),
     /// Operators' commands: approve, reject, halt, resume, cancel, saga.
     #[command(flatten)]
-    Control(ControlCmds),
+    Control(cmd::live::ControlCmd),
     /// Plans waiting for a human, with their age and expiry.
     Pending(cmd::live::QueryArgs),
     /// Every live plan: pending, queued, running sagas.
@@ -56,13 +56,6 @@ enum Command {
     Replay(cmd::replay::Args),
 }
 
-/// Operators' commands, each a top-level subcommand.
-#[derive(Debug, Subcommand)]
-enum ControlCmds {
-    /// Approve, reject, halt, resume, cancel or decide a saga.
-    Ctl(cmd::live::ControlArgs),
-}
-
 fn main() -> ExitCode {
     // Usage errors exit 1: clap's default (2) is the code of `needs_approval`,
     // and a typo must never look like a plan waiting for a human.
@@ -80,7 +73,7 @@ fn main() -> ExitCode {
         Command::Up(a) => cmd::up::up(a),
         Command::Dev(a) => cmd::up::dev(a),
         Command::Propose(a) => cmd::live::propose(a),
-        Command::Control(ControlCmds::Ctl(a)) => cmd::live::control(a),
+        Command::Control(c) => cmd::live::control(c),
         Command::Pending(a) => cmd::live::query(cmd::live::Asked::Pending, a),
         Command::Sagas(a) => cmd::live::query(cmd::live::Asked::Plans, a),
         Command::Leases(a) => cmd::live::query(cmd::live::Asked::Leases, a),

@@ -74,17 +74,9 @@ pub fn propose(a: ProposeArgs) -> Result<u8> {
     Ok(exit_code(d.verdict) as u8)
 }
 
-/// An operator's command.
-#[derive(Debug, clap::Args)]
-pub struct ControlArgs {
-    #[command(subcommand)]
-    what: ControlCmd,
-    #[command(flatten)]
-    bus: Bus,
-}
-
+/// An operator's command, each a top-level subcommand (`concord approve ...`).
 #[derive(Debug, clap::Subcommand)]
-enum ControlCmd {
+pub enum ControlCmd {
     /// Approve a plan waiting for a human (binds the hashes shown by `concord pending`).
     Approve {
         /// The plan's lineage.
@@ -92,6 +84,8 @@ enum ControlCmd {
         /// Why.
         #[arg(long)]
         reason: String,
+        #[command(flatten)]
+        bus: Bus,
     },
     /// Reject a plan waiting for a human.
     Reject {
@@ -100,6 +94,8 @@ enum ControlCmd {
         /// Why.
         #[arg(long)]
         reason: String,
+        #[command(flatten)]
+        bus: Bus,
     },
     /// Stop admission and dispatch: everything, one agent, or one path.
     Halt {
@@ -111,6 +107,8 @@ enum ControlCmd {
         /// Why.
         #[arg(long)]
         reason: String,
+        #[command(flatten)]
+        bus: Bus,
     },
     /// Lift the halts of a scope.
     Resume {
@@ -119,6 +117,8 @@ enum ControlCmd {
         /// Why.
         #[arg(long)]
         reason: String,
+        #[command(flatten)]
+        bus: Bus,
     },
     /// Cancel a running plan: its completed steps are compensated.
     Cancel {
@@ -127,6 +127,8 @@ enum ControlCmd {
         /// Why.
         #[arg(long)]
         reason: String,
+        #[command(flatten)]
+        bus: Bus,
     },
     /// Decide a saga whose compensation failed: retry, skip or resolve.
     Saga {
@@ -137,12 +139,14 @@ enum ControlCmd {
         /// Why.
         #[arg(long)]
         reason: String,
+        #[command(flatten)]
+        bus: Bus,
     },
 }
 
 #[derive(Debug, clap::Args)]
 #[group(required = true, multiple = false)]
-struct ScopeArgs {
+pub struct ScopeArgs {
     /// Everything.
     #[arg(long)]
     all: bool,
@@ -172,13 +176,26 @@ fn id(s: &str) -> Result<Id> {
     Id::parse(s).map_err(|e| anyhow::anyhow!("lineage: {}", e.1))
 }
 
+impl ControlCmd {
+    fn bus(&self) -> &Bus {
+        match self {
+            ControlCmd::Approve { bus, .. }
+            | ControlCmd::Reject { bus, .. }
+            | ControlCmd::Halt { bus, .. }
+            | ControlCmd::Resume { bus, .. }
+            | ControlCmd::Cancel { bus, .. }
+            | ControlCmd::Saga { bus, .. } => bus,
+        }
+    }
+}
+
 /// Sends an operator's command; exit 0 if it took effect, 1 if not.
-pub fn control(a: ControlArgs) -> Result<u8> {
-    let bus = a.bus.clone();
+pub fn control(what: ControlCmd) -> Result<u8> {
+    let bus = what.bus().clone();
     runtime()?.block_on(async move {
         let c = bus.connect().await?;
-        let control = match a.what {
-            ControlCmd::Approve { lineage, reason } => {
+        let control = match what {
+            ControlCmd::Approve { lineage, reason, .. } => {
                 // Approve what a human saw: the pending plan's hashes, as `concord pending` shows them.
                 let Answer::Plans { plans, .. } = c.query(&bus.who, &Query::Pending).await? else {
                     bail!("unexpected answer to `pending`");
@@ -194,7 +211,7 @@ pub fn control(a: ControlArgs) -> Result<u8> {
                     reason: short(&reason, "--reason")?,
                 }
             }
-            ControlCmd::Reject { lineage, reason } => {
+            ControlCmd::Reject { lineage, reason, .. } => {
                 let Answer::Plans { plans, .. } = c.query(&bus.who, &Query::Pending).await? else {
                     bail!("unexpected answer to `pending`");
                 };
@@ -207,7 +224,9 @@ pub fn control(a: ControlArgs) -> Result<u8> {
                     reason: short(&reason, "--reason")?,
                 }
             }
-            ControlCmd::Halt { scope, grade, reason } => Control::Halt {
+            ControlCmd::Halt {
+                scope, grade, reason, ..
+            } => Control::Halt {
                 scope: scope.scope()?,
                 grade: match grade.as_str() {
                     "freeze" => HaltGrade::Freeze,
@@ -217,11 +236,11 @@ pub fn control(a: ControlArgs) -> Result<u8> {
                 },
                 reason: short(&reason, "--reason")?,
             },
-            ControlCmd::Resume { scope, reason } => Control::Resume {
+            ControlCmd::Resume { scope, reason, .. } => Control::Resume {
                 scope: scope.scope()?,
                 reason: short(&reason, "--reason")?,
             },
-            ControlCmd::Cancel { lineage, reason } => Control::Cancel {
+            ControlCmd::Cancel { lineage, reason, .. } => Control::Cancel {
                 lineage: id(&lineage)?,
                 reason: short(&reason, "--reason")?,
             },
@@ -229,6 +248,7 @@ pub fn control(a: ControlArgs) -> Result<u8> {
                 lineage,
                 action,
                 reason,
+                ..
             } => Control::Saga {
                 lineage: id(&lineage)?,
                 action: match action.as_str() {
