@@ -1118,12 +1118,6 @@ impl WorldDoc {
         self.doc().doc.save()
     }
 
-    /// A copy of the document (every accepted write applied) to save later,
-    /// e.g. on another thread: [`Automerge::save`] costs far more than the copy.
-    pub fn save_later(&self) -> SaveLater {
-        SaveLater(self.doc().doc.clone())
-    }
-
     /// The document's heads.
     pub fn heads(&self) -> Vec<ChangeHash> {
         self.doc().doc.get_heads()
@@ -1598,45 +1592,10 @@ fn provenance_json(by: &Provenance) -> String {
 /// The world document inside a coordinator snapshot: its identity, bounds
 /// and saved bytes (hex). Sync sessions are not state: after a restore,
 /// replicas say hello again and catch up from what they hold.
-/// A copy of a world document, to be saved where the caller likes.
-#[derive(Debug)]
-pub struct SaveLater(Automerge);
-
-impl SaveLater {
-    /// The saved bytes, as hex (the form a snapshot holds them in).
-    pub fn save_hex(self) -> String {
-        hex(&self.0.save())
-    }
-}
-
 pub mod serde_doc {
-    use std::cell::Cell;
-
     use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
     use super::{Identity, WorldDoc, WorldDocConfig, hex, unhex};
-
-    /// What a deferred serialization writes instead of the document's bytes.
-    pub const DEFERRED_BYTES: &str = "deferred-world-document";
-
-    thread_local! {
-        static DEFER: Cell<bool> = const { Cell::new(false) };
-    }
-
-    /// Runs `f` with documents serialized without their bytes
-    /// ([`DEFERRED_BYTES`] stands in for them): the caller saves the document
-    /// itself and puts its hex where the stand-in is.
-    pub fn deferring<T>(f: impl FnOnce() -> T) -> T {
-        struct Reset;
-        impl Drop for Reset {
-            fn drop(&mut self) {
-                DEFER.with(|d| d.set(false));
-            }
-        }
-        DEFER.with(|d| d.set(true));
-        let _reset = Reset;
-        f()
-    }
 
     #[derive(Serialize, Deserialize)]
     struct Saved {
@@ -1654,11 +1613,7 @@ pub mod serde_doc {
         Saved {
             identity: d.identity.clone(),
             config: d.config.clone(),
-            bytes: if DEFER.with(Cell::get) {
-                DEFERRED_BYTES.to_string()
-            } else {
-                hex(&d.save())
-            },
+            bytes: hex(&d.save()),
             history: Some(d.history_digest()),
         }
         .serialize(s)

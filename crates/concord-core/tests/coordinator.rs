@@ -875,43 +875,6 @@ fn a_snapshot_restores_the_whole_state() {
 }
 
 #[test]
-fn a_snapshot_saved_later_is_the_snapshot_even_when_a_plan_quotes_its_stand_in() {
-    let mut h = H::new();
-    eventful_run(&mut h);
-    // A goal that spells out the stand-in, with and without the field name.
-    let stand_in = concord_core::worlddoc::serde_doc::DEFERRED_BYTES;
-    let goal = format!("{stand_in} \"bytes\":\"{stand_in}\"");
-    // From an agent whose plans wait for a human: it stays among the live
-    // plans, which serialize before the document.
-    h.propose(
-        "careful",
-        plan_with(
-            "quoting",
-            1,
-            json!([set("s1", "feature/quoting", json!(true))]),
-            json!({ "goal": goal }),
-        ),
-    );
-    let whole = serde_json::to_vec(&h.c).unwrap();
-    let text = String::from_utf8_lossy(&whole);
-    assert!(
-        text.find(stand_in) < text.find("\"doc\":"),
-        "the plan quoting the stand-in does not precede the document"
-    );
-    let pending = h.c.snapshot_later().unwrap();
-    // The state moves on before the document is saved: the snapshot does not.
-    h.propose(
-        "c",
-        plan("after", 1, json!([set("s1", "svc/api/pool_size", json!(55))])),
-    );
-    assert!(
-        pending.finish() == whole,
-        "a snapshot saved later differs from the whole state"
-    );
-    assert_eq!(h.c.snapshot().unwrap(), serde_json::to_vec(&h.c).unwrap());
-}
-
-#[test]
 fn outstanding_dispatches_are_sent_again_as_they_were() {
     let mut h = H::new();
     let fx = h.propose("a", plan("p", 1, json!([set("s1", "svc/api/pool_size", json!(60))])));

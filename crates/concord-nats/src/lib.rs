@@ -22,6 +22,7 @@
 pub mod bench;
 pub mod client;
 pub mod config;
+mod follower;
 pub mod http;
 pub mod log;
 pub mod notify;

@@ -24,9 +24,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use async_nats::{Client, Subject};
 use bytes::Bytes;
-use concord_core::coordinator::{
-    Coordinator, Effect, Event, Genesis, Input, PendingSnapshot, RECORD_VERSION, Record, Reply, first_divergence,
-};
+use concord_core::coordinator::{Coordinator, Effect, Event, Genesis, Input, RECORD_VERSION, Record, Reply};
 use concord_core::policy::Policy;
 use concord_core::world::World;
 use concord_core::worlddoc::{Frame, SyncError};
@@ -37,9 +35,10 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, error, info, warn};
 
 use crate::config::RuntimeConfig;
-use crate::log::{GENESIS_PREV, Signer, Verifier, batch_subject};
+use crate::follower::{Follower, Rebuilt};
+use crate::log::{GENESIS_PREV, Signer, batch_subject};
 use crate::notify::{NoticeBacklog, Notifier};
-use crate::store::{Head, Snapshot, SnapshotMeta, Store, StoreError};
+use crate::store::{Head, Store, StoreError};
 use crate::subjects::{Addressed, Subjects};
 use crate::telemetry::{self, PlanTraces, Telemetry, TraceContext};
 use crate::wire::{Answer, ErrorReply, Query, Status, WorldStatus};
@@ -100,8 +99,8 @@ pub enum CrashPoint {
 }
 
 #[derive(Debug)]
-struct CrashHook {
-    point: CrashPoint,
+pub(crate) struct CrashHook {
+    pub(crate) point: CrashPoint,
     left: AtomicU64,
 }
 
@@ -125,7 +124,7 @@ impl CrashHook {
         }))
     }
 
-    fn reached(hook: &Option<Arc<CrashHook>>, point: CrashPoint) {
+    pub(crate) fn reached(hook: &Option<Arc<CrashHook>>, point: CrashPoint) {
         if let Some(h) = hook
             && h.point == point
             && h.left.fetch_sub(1, Ordering::SeqCst) == 1
@@ -259,7 +258,7 @@ pub async fn run(
         dropped,
         dropped_logged: 0,
         recent_notices: NoticeBacklog::default(),
-        snapshotting: Arc::new(AtomicBool::new(false)),
+        follower: None,
         telemetry: telemetry.clone(),
         plan_traces: PlanTraces::default(),
     };
@@ -658,7 +657,6 @@ struct State {
     waiting: HashMap<u64, Waiter>,
     open: OpenBatch,
     inflight: Option<Append>,
-    records_since_snapshot: u64,
     batches: u64,
     /// Which agent each live lineage belongs to, for its notices.
     notifier: Notifier,
@@ -692,31 +690,13 @@ struct OpenBatch {
 /// the document: more than a batch makes, so the backlog stays short.
 const HELD_WRITES_PER_BATCH: usize = 4096;
 
-/// The one snapshot under way: the flag is cleared when this is dropped
-/// (stored, failed, or its batch never reached the log).
-struct SnapshotTurn(Arc<AtomicBool>);
-
-impl SnapshotTurn {
-    fn take(flag: &Arc<AtomicBool>) -> SnapshotTurn {
-        flag.store(true, Ordering::Release);
-        SnapshotTurn(flag.clone())
-    }
-}
-
-impl Drop for SnapshotTurn {
-    fn drop(&mut self) {
-        self.0.store(false, Ordering::Release);
-    }
-}
-
 struct Append {
     done: oneshot::Receiver<Result<u64, StoreError>>,
     hash: String,
     effects: Vec<Effect>,
     halts_changed: bool,
-    /// A snapshot of the state after this batch, to finish and store once
-    /// the batch is in the log; with the notice backlog as of then.
-    snapshot: Option<(PendingSnapshot, NoticeBacklog, SnapshotTurn)>,
+    /// The batch as appended, for the snapshot follower once it is in.
+    payload: Bytes,
     records: u64,
     notices: Vec<(String, Notice)>,
     frames: Vec<(String, Vec<u8>)>,
@@ -751,9 +731,9 @@ struct Daemon {
     dropped_logged: u64,
     /// Each agent's latest notices, for catching up (rebuilt on recovery).
     recent_notices: NoticeBacklog,
-    /// A snapshot is being saved or stored: the next waits for it, so they
-    /// land in order and at most one copy of the state is held.
-    snapshotting: Arc<AtomicBool>,
+    /// Makes the snapshots, off the loop, from the batches the log holds
+    /// (none when snapshots are off).
+    follower: Option<Follower>,
     /// Makes the spans of dispatches.
     telemetry: Arc<Telemetry>,
     /// The decision span of each recent plan, which its dispatches continue;
@@ -802,86 +782,25 @@ impl Daemon {
     async fn recover(&mut self) -> Result<State, RuntimeError> {
         let started = Instant::now();
         let last = self.store.last_seq().await?;
-        let mut coord: Option<Coordinator> = None;
-        let mut verifier = Verifier::new(Vec::new());
-        let mut incarnation = 0u64;
-        let mut last_now = 0u64;
-        // A snapshot that cannot be read (e.g. cut short by a crash while it
-        // was stored) is skipped: the log alone rebuilds the state, slower.
-        // The notice backlog is rebuilt from what is durable: the snapshot's
-        // copy, then the notices of every input after it.
-        let mut backlog = NoticeBacklog::default();
-        match self.store.snapshot().await {
-            Ok(Some((meta, snap))) if meta.seq <= last => match Coordinator::restore(&snap.coordinator) {
-                Ok(c) => {
-                    coord = Some(c);
-                    verifier = Verifier::resume(meta.seq, meta.hash, Vec::new());
-                    incarnation = meta.incarnation;
-                    if !snap.notices.is_empty() {
-                        match serde_json::from_slice(&snap.notices) {
-                            Ok(b) => backlog = b,
-                            Err(e) => warn!(
-                                "the snapshot's notice backlog does not load ({e}); agents catch up on later notices only"
-                            ),
-                        }
-                    }
-                    info!(seq = meta.seq, "restored the snapshot");
-                }
-                Err(e) => warn!("the snapshot does not load ({e}); rebuilding from the whole log"),
-            },
-            Ok(_) => {}
-            Err(e) => warn!("the snapshot cannot be read ({e}); rebuilding from the whole log"),
-        }
-        let from = verifier.head().0 + 1;
-        let mut notifier = coord.as_ref().map(Notifier::from_coordinator).unwrap_or_default();
-        let mut divergences = 0u64;
-        let mut applied = 0u64;
+        let mut rebuilt = Rebuilt::from_snapshot(&self.store, last).await;
+        let from = rebuilt.verifier.head().0 + 1;
         self.store
-            .read(from, last, |seq, payload| {
-                let batch = verifier.check(seq, payload).map_err(|e| e.to_string())?;
-                incarnation = incarnation.max(batch.incarnation);
-                for record in batch.records {
-                    last_now = last_now.max(record.now_ms());
-                    applied += 1;
-                    match record {
-                        Record::Genesis(g) => {
-                            coord = Some(Coordinator::from_genesis(&g).map_err(|e| format!("genesis policy: {e}"))?);
-                        }
-                        Record::Incarnation { incarnation: n, .. } => {
-                            incarnation = incarnation.max(n);
-                            // The world document's writer follows the incarnation.
-                            if let Some(c) = coord.as_mut() {
-                                c.incarnate(n).map_err(|e| format!("incarnation record: {e}"))?;
-                            }
-                        }
-                        Record::Policy { policy, .. } => {
-                            let c = coord.as_mut().ok_or("a policy record before the genesis")?;
-                            c.set_policy(Policy::compile(*policy).map_err(|e| format!("policy record: {e}"))?);
-                        }
-                        Record::Notice { .. } => {}
-                        Record::Input { now_ms, input, events } => {
-                            let c = coord.as_mut().ok_or("an input before the genesis")?;
-                            let fx = c.recover_input(now_ms, *input, &events);
-                            backlog.remember(&notifier.notices(&events, c));
-                            if let Some(d) = first_divergence(&events, &fx) {
-                                divergences += 1;
-                                if divergences == 1 {
-                                    warn!(
-                                        seq,
-                                        "recovery: re-fed events differ from the record at event {}", d.index
-                                    );
-                                }
-                            }
-                        }
-                    }
-                }
-                Ok(())
-            })
+            .read(from, last, |seq, payload| rebuilt.apply(seq, payload).map(|_| ()))
             .await
             .map_err(|e| match e {
                 StoreError::Apply(detail) => RuntimeError::Recovery(detail),
                 other => RuntimeError::Store(other),
             })?;
+        let Rebuilt {
+            coord,
+            verifier,
+            incarnation,
+            last_now,
+            backlog,
+            divergences,
+            applied,
+            ..
+        } = rebuilt;
         let (seq, hash) = {
             let (s, h) = verifier.head();
             (s, h.to_string())
@@ -918,7 +837,6 @@ impl Daemon {
             waiting: HashMap::new(),
             open: OpenBatch::default(),
             inflight: None,
-            records_since_snapshot: 0,
             batches: 0,
             notifier: Notifier::default(),
             pushed: None,
@@ -964,6 +882,19 @@ impl Daemon {
                 detail: "the append task ended".into(),
             })
         })?;
+        // The follower rebuilds what this recovery did (up to `seq`), then
+        // follows every batch from this one on.
+        self.follower = (self.cfg.snapshots.every_records > 0).then(|| {
+            Follower::spawn(
+                self.store.clone(),
+                seq,
+                self.cfg.snapshots.every_records,
+                self.crash.clone(),
+            )
+        });
+        if let Some(f) = &self.follower {
+            f.follow(new_seq, append.payload.clone());
+        }
         state.seq = new_seq;
         state.hash = append.hash;
         self.health.log_seq.store(new_seq, Ordering::SeqCst);
@@ -1351,22 +1282,7 @@ impl Daemon {
             .signer
             .seal(&self.cfg.coordinator, state.incarnation, &state.hash, open.records);
         let payload: Bytes = serde_json::to_vec(&batch).expect("batches serialize").into();
-        state.records_since_snapshot += n;
-        let snapshot = (self.cfg.snapshots.every_records > 0
-            && state.records_since_snapshot >= self.cfg.snapshots.every_records
-            && !self.snapshotting.load(Ordering::Acquire))
-        .then(|| {
-            state.records_since_snapshot = 0;
-            let turn = SnapshotTurn::take(&self.snapshotting);
-            // The state is copied here; the costly part (saving the
-            // world document) runs off the loop, once the batch is in.
-            let coordinator = state.coord.snapshot_later().ok()?;
-            // The backlog as it will be once this batch's notices are kept.
-            let mut backlog = self.recent_notices.clone();
-            backlog.remember(&open.notices);
-            Some((coordinator, backlog, turn))
-        })
-        .flatten();
+        let appended = payload.clone();
         state.batches += 1;
         let msg_id = format!("{}-{}-{}", self.cfg.coordinator, state.incarnation, state.batches);
         let (tx, rx) = oneshot::channel();
@@ -1374,7 +1290,7 @@ impl Daemon {
         let expected = state.seq;
         let timeout = Duration::from_millis(self.cfg.log.append_timeout_ms);
         tokio::spawn(async move {
-            let r = store.append(subject, &msg_id, expected, payload, timeout).await;
+            let r = store.append(subject, &msg_id, expected, appended, timeout).await;
             let _ = tx.send(r);
         });
         metrics::histogram!("concord_batch_records").record(n as f64);
@@ -1385,7 +1301,7 @@ impl Daemon {
             hash: batch.hash,
             effects: open.effects,
             halts_changed,
-            snapshot,
+            payload,
             records: n,
             notices: open.notices,
             frames: open.frames,
@@ -1446,38 +1362,8 @@ impl Daemon {
                 }
             });
         }
-        if let Some((pending, backlog, turn)) = append.snapshot {
-            let store = self.store.clone();
-            let meta = SnapshotMeta {
-                seq,
-                hash: append.hash.clone(),
-                incarnation: state.incarnation,
-                notices_bytes: 0,
-            };
-            let crash = self.crash.clone();
-            tokio::spawn(async move {
-                let made = tokio::task::spawn_blocking(move || Snapshot {
-                    coordinator: pending.finish(),
-                    notices: serde_json::to_vec(&backlog).expect("notices serialize"),
-                })
-                .await;
-                let Ok(snapshot) = made else {
-                    warn!("snapshot not stored: saving it failed");
-                    return;
-                };
-                let store_it = store.put_snapshot(&meta, snapshot);
-                tokio::pin!(store_it);
-                // The hook fires while the upload is under way.
-                if crash.as_ref().is_some_and(|c| c.point == CrashPoint::DuringSnapshot) {
-                    let _ = tokio::time::timeout(Duration::from_millis(1), &mut store_it).await;
-                    CrashHook::reached(&crash, CrashPoint::DuringSnapshot);
-                }
-                match store_it.await {
-                    Ok(()) => info!(seq = meta.seq, "snapshot stored"),
-                    Err(e) => warn!("snapshot not stored: {e}"),
-                }
-                drop(turn);
-            });
+        if let Some(f) = &self.follower {
+            f.follow(seq, append.payload.clone());
         }
         for e in append.effects {
             self.perform(state, e);

@@ -562,27 +562,6 @@ pub struct Series {
     pub written: Option<ObservationRecord>,
 }
 
-/// A snapshot whose world document is yet to be saved
-/// ([`Coordinator::snapshot_later`]).
-#[derive(Debug)]
-pub struct PendingSnapshot {
-    head: Vec<u8>,
-    tail: Vec<u8>,
-    doc: crate::worlddoc::SaveLater,
-}
-
-impl PendingSnapshot {
-    /// Saves the document and returns the snapshot's bytes.
-    pub fn finish(self) -> Vec<u8> {
-        let hex = self.doc.save_hex();
-        let mut out = Vec::with_capacity(self.head.len() + hex.len() + self.tail.len());
-        out.extend_from_slice(&self.head);
-        out.extend_from_slice(hex.as_bytes());
-        out.extend_from_slice(&self.tail);
-        out
-    }
-}
-
 /// The coordinator.
 ///
 /// It serializes whole (serde): that is its snapshot. The policy is stored
@@ -1095,29 +1074,7 @@ impl Coordinator {
 
     /// The coordinator's whole state as JSON: its snapshot.
     pub fn snapshot(&self) -> Result<Vec<u8>, serde_json::Error> {
-        Ok(self.snapshot_later()?.finish())
-    }
-
-    /// [`Coordinator::snapshot`] in two parts: what is cheap now (the state
-    /// as JSON, and a copy of the world document), and the document's save,
-    /// the costly part, in [`PendingSnapshot::finish`] — which a runtime
-    /// runs off its loop. The bytes are those of `snapshot`.
-    pub fn snapshot_later(&self) -> Result<PendingSnapshot, serde_json::Error> {
-        let json = crate::worlddoc::serde_doc::deferring(|| serde_json::to_vec(self))?;
-        // Quotes inside strings are escaped, so `"bytes":"` followed by the
-        // stand-in occurs only where the document's own field is.
-        let needle = format!("\"bytes\":\"{}\"", crate::worlddoc::serde_doc::DEFERRED_BYTES);
-        let at = json
-            .windows(needle.len())
-            .position(|w| w == needle.as_bytes())
-            .ok_or_else(|| serde::ser::Error::custom("the world document's stand-in is missing"))?;
-        let start = at + "\"bytes\":\"".len();
-        let end = start + crate::worlddoc::serde_doc::DEFERRED_BYTES.len();
-        Ok(PendingSnapshot {
-            head: json[..start].to_vec(),
-            tail: json[end..].to_vec(),
-            doc: self.doc.save_later(),
-        })
+        serde_json::to_vec(self)
     }
 
     /// A coordinator restored from [`Coordinator::snapshot`] bytes.

@@ -1,0 +1,218 @@
+//! State rebuilt from the log, and snapshots made off the coordinator's loop.
+//!
+//! [`Rebuilt`] is what recovery makes: the latest readable snapshot, then
+//! every logged batch after it applied as recorded (decisions are taken from
+//! the record, never made again), with the notices those batches gave rise to.
+//!
+//! The [`Follower`] keeps a second such copy up to date on a thread of its
+//! own: the loop hands it each batch once the log has acknowledged it, and
+//! it stores a snapshot of its copy every `snapshots.every_records` records.
+//! The loop never serializes its state, so a snapshot costs it nothing but
+//! the hand-over; the follower's copy is the state a recovery to that point
+//! would rebuild, by the same code.
+
+use bytes::Bytes;
+use concord_core::coordinator::{Coordinator, Record, first_divergence};
+use concord_core::policy::Policy;
+use tokio::sync::mpsc;
+use tracing::{info, warn};
+
+use crate::log::Verifier;
+use crate::notify::{NoticeBacklog, Notifier};
+use crate::runtime::{CrashHook, CrashPoint};
+use crate::store::{Snapshot, SnapshotMeta, Store, StoreError};
+
+/// A coordinator rebuilt from a snapshot and the log after it.
+pub(crate) struct Rebuilt {
+    /// `None` until a genesis record (or a snapshot) made one.
+    pub coord: Option<Coordinator>,
+    /// The chain checked so far; its head is the last message applied.
+    pub verifier: Verifier,
+    /// The highest incarnation seen.
+    pub incarnation: u64,
+    /// The latest record time seen.
+    pub last_now: u64,
+    /// Which agent each live plan belongs to (for notices).
+    pub notifier: Notifier,
+    /// Each agent's latest notices.
+    pub backlog: NoticeBacklog,
+    /// Inputs whose re-fed events differ from the record.
+    pub divergences: u64,
+    /// Records applied.
+    pub applied: u64,
+}
+
+impl Rebuilt {
+    /// From the latest snapshot at or before `last` that loads; from nothing
+    /// if none does (the log alone rebuilds the state, slower).
+    pub async fn from_snapshot(store: &Store, last: u64) -> Rebuilt {
+        let mut r = Rebuilt {
+            coord: None,
+            verifier: Verifier::new(Vec::new()),
+            incarnation: 0,
+            last_now: 0,
+            notifier: Notifier::default(),
+            backlog: NoticeBacklog::default(),
+            divergences: 0,
+            applied: 0,
+        };
+        match store.snapshot().await {
+            Ok(Some((meta, snap))) if meta.seq <= last => match Coordinator::restore(&snap.coordinator) {
+                Ok(c) => {
+                    r.notifier = Notifier::from_coordinator(&c);
+                    r.coord = Some(c);
+                    r.verifier = Verifier::resume(meta.seq, meta.hash, Vec::new());
+                    r.incarnation = meta.incarnation;
+                    if !snap.notices.is_empty() {
+                        match serde_json::from_slice(&snap.notices) {
+                            Ok(b) => r.backlog = b,
+                            Err(e) => warn!(
+                                "the snapshot's notice backlog does not load ({e}); agents catch up on later notices only"
+                            ),
+                        }
+                    }
+                    info!(seq = meta.seq, "restored the snapshot");
+                }
+                Err(e) => warn!("the snapshot does not load ({e}); rebuilding from the whole log"),
+            },
+            Ok(_) => {}
+            Err(e) => warn!("the snapshot cannot be read ({e}); rebuilding from the whole log"),
+        }
+        r
+    }
+
+    /// The snapshot, then the log up to `last`.
+    pub async fn from_store(store: &Store, last: u64) -> Result<Rebuilt, StoreError> {
+        let mut r = Rebuilt::from_snapshot(store, last).await;
+        let from = r.verifier.head().0 + 1;
+        store
+            .read(from, last, |seq, payload| r.apply(seq, payload).map(|_| ()))
+            .await?;
+        Ok(r)
+    }
+
+    /// Checks log message `seq` against the chain and applies its records;
+    /// returns how many it held.
+    pub fn apply(&mut self, seq: u64, payload: &[u8]) -> Result<u64, String> {
+        let batch = self.verifier.check(seq, payload).map_err(|e| e.to_string())?;
+        self.incarnation = self.incarnation.max(batch.incarnation);
+        let n = batch.records.len() as u64;
+        for record in batch.records {
+            self.last_now = self.last_now.max(record.now_ms());
+            self.applied += 1;
+            match record {
+                Record::Genesis(g) => {
+                    let c = Coordinator::from_genesis(&g).map_err(|e| format!("genesis policy: {e}"))?;
+                    self.notifier = Notifier::from_coordinator(&c);
+                    self.coord = Some(c);
+                }
+                Record::Incarnation { incarnation: n, .. } => {
+                    self.incarnation = self.incarnation.max(n);
+                    // The world document's writer follows the incarnation.
+                    if let Some(c) = self.coord.as_mut() {
+                        c.incarnate(n).map_err(|e| format!("incarnation record: {e}"))?;
+                    }
+                }
+                Record::Policy { policy, .. } => {
+                    let c = self.coord.as_mut().ok_or("a policy record before the genesis")?;
+                    c.set_policy(Policy::compile(*policy).map_err(|e| format!("policy record: {e}"))?);
+                }
+                Record::Notice { .. } => {}
+                Record::Input { now_ms, input, events } => {
+                    let c = self.coord.as_mut().ok_or("an input before the genesis")?;
+                    let fx = c.recover_input(now_ms, *input, &events);
+                    self.backlog.remember(&self.notifier.notices(&events, c));
+                    if let Some(d) = first_divergence(&events, &fx) {
+                        self.divergences += 1;
+                        if self.divergences == 1 {
+                            warn!(seq, "re-fed events differ from the record at event {}", d.index);
+                        }
+                    }
+                }
+            }
+        }
+        Ok(n)
+    }
+}
+
+/// Hands acknowledged batches to the snapshot thread. Dropping it ends the
+/// thread (after the snapshot it may be storing).
+pub(crate) struct Follower {
+    tx: mpsc::UnboundedSender<(u64, Bytes)>,
+}
+
+impl Follower {
+    /// Starts a follower that first rebuilds the state up to log message
+    /// `upto` (as recovery did), then applies what [`Follower::follow`]
+    /// hands it and stores a snapshot every `every_records` records.
+    pub fn spawn(store: Store, upto: u64, every_records: u64, crash: Option<std::sync::Arc<CrashHook>>) -> Follower {
+        let (tx, mut rx) = mpsc::unbounded_channel::<(u64, Bytes)>();
+        let rt = tokio::runtime::Handle::current();
+        let spawned = std::thread::Builder::new()
+            .name("concord-snapshots".into())
+            .spawn(move || {
+                let mut r = match rt.block_on(Rebuilt::from_store(&store, upto)) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        warn!("snapshots stop: the log up to {upto} cannot be read ({e})");
+                        return;
+                    }
+                };
+                let mut since = 0u64;
+                while let Some((seq, payload)) = rx.blocking_recv() {
+                    if seq <= r.verifier.head().0 {
+                        continue;
+                    }
+                    match r.apply(seq, &payload) {
+                        Ok(n) => since += n,
+                        Err(e) => {
+                            warn!(seq, "snapshots stop: a logged batch does not apply ({e})");
+                            return;
+                        }
+                    }
+                    // Behind the loop: catch up first, snapshot after.
+                    if since < every_records || !rx.is_empty() {
+                        continue;
+                    }
+                    let Some(c) = r.coord.as_ref() else { continue };
+                    since = 0;
+                    let snapshot = match (c.snapshot(), serde_json::to_vec(&r.backlog)) {
+                        (Ok(coordinator), Ok(notices)) => Snapshot { coordinator, notices },
+                        (Err(e), _) | (_, Err(e)) => {
+                            warn!("snapshot not made: {e}");
+                            continue;
+                        }
+                    };
+                    let (seq, hash) = r.verifier.head();
+                    let meta = SnapshotMeta {
+                        seq,
+                        hash: hash.to_string(),
+                        incarnation: r.incarnation,
+                        notices_bytes: 0,
+                    };
+                    rt.block_on(async {
+                        let store_it = store.put_snapshot(&meta, snapshot);
+                        tokio::pin!(store_it);
+                        // The hook fires while the upload is under way.
+                        if crash.as_ref().is_some_and(|c| c.point == CrashPoint::DuringSnapshot) {
+                            let _ = tokio::time::timeout(std::time::Duration::from_millis(1), &mut store_it).await;
+                            CrashHook::reached(&crash, CrashPoint::DuringSnapshot);
+                        }
+                        match store_it.await {
+                            Ok(()) => info!(seq, "snapshot stored"),
+                            Err(e) => warn!("snapshot not stored: {e}"),
+                        }
+                    });
+                }
+            });
+        if let Err(e) = spawned {
+            warn!("snapshots off: the snapshot thread does not start ({e})");
+        }
+        Follower { tx }
+    }
+
+    /// Log message `seq` (its payload as appended) is in the log.
+    pub fn follow(&self, seq: u64, payload: Bytes) {
+        let _ = self.tx.send((seq, payload));
+    }
+}
