@@ -1509,6 +1509,15 @@ async fn approved_while_away(live: &mut Live, lineage: &str, meanwhile: impl Asy
     away.await_decision(&p.lineage, 1, WAIT).await.unwrap()
 }
 
+/// As [`start`], with a snapshot every `records` log records (0: none).
+async fn start_snapshotting_every(records: u64) -> Live {
+    Live::start_with(|c| {
+        c.log.max_bytes = 256 * 1024 * 1024;
+        c.snapshots.every_records = records;
+    })
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn an_approval_published_while_the_agent_was_away_is_caught_up_on_reconnect() {
     let mut live = start().await;
@@ -1518,11 +1527,7 @@ async fn an_approval_published_while_the_agent_was_away_is_caught_up_on_reconnec
 
 #[tokio::test(flavor = "multi_thread")]
 async fn notices_missed_while_away_survive_a_coordinator_restart_rebuilt_from_the_log() {
-    let mut live = Live::start_with(|c| {
-        c.log.max_bytes = 256 * 1024 * 1024;
-        c.snapshots.every_records = 0;
-    })
-    .await;
+    let mut live = start_snapshotting_every(0).await;
     let decision = approved_while_away(&mut live, "held-restart", async |live| {
         live.down().await;
         live.up().await;
@@ -1533,11 +1538,7 @@ async fn notices_missed_while_away_survive_a_coordinator_restart_rebuilt_from_th
 
 #[tokio::test(flavor = "multi_thread")]
 async fn notices_missed_while_away_survive_a_coordinator_restart_from_a_snapshot() {
-    let mut live = Live::start_with(|c| {
-        c.log.max_bytes = 256 * 1024 * 1024;
-        c.snapshots.every_records = 1;
-    })
-    .await;
+    let mut live = start_snapshotting_every(1).await;
     let decision = approved_while_away(&mut live, "held-snapshot", async |live| {
         // Wait for a snapshot that holds the approval: recovery then starts
         // after it, so the notice can only come from the snapshot's backlog.
