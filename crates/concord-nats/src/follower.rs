@@ -154,6 +154,7 @@ impl Follower {
                 let mut r = match rt.block_on(Rebuilt::from_store(&store, upto)) {
                     Ok(r) => r,
                     Err(e) => {
+                        metrics::counter!("concord_snapshot_failures_total").increment(1);
                         warn!("snapshots stop: the log up to {upto} cannot be read ({e})");
                         return;
                     }
@@ -166,12 +167,14 @@ impl Follower {
                     match r.apply(seq, &payload) {
                         Ok(n) => since += n,
                         Err(e) => {
+                            metrics::counter!("concord_snapshot_failures_total").increment(1);
                             warn!(seq, "snapshots stop: a logged batch does not apply ({e})");
                             return;
                         }
                     }
-                    // Behind the loop: catch up first, snapshot after.
-                    if since < every_records || !rx.is_empty() {
+                    // Behind the loop: catch up first, snapshot after (but
+                    // not forever, should it never quite catch up).
+                    if since < every_records || (!rx.is_empty() && since < every_records.saturating_mul(4)) {
                         continue;
                     }
                     let Some(c) = r.coord.as_ref() else { continue };
@@ -179,6 +182,7 @@ impl Follower {
                     let snapshot = match (c.snapshot(), serde_json::to_vec(&r.backlog)) {
                         (Ok(coordinator), Ok(notices)) => Snapshot { coordinator, notices },
                         (Err(e), _) | (_, Err(e)) => {
+                            metrics::counter!("concord_snapshot_failures_total").increment(1);
                             warn!("snapshot not made: {e}");
                             continue;
                         }
@@ -199,8 +203,14 @@ impl Follower {
                             CrashHook::reached(&crash, CrashPoint::DuringSnapshot);
                         }
                         match store_it.await {
-                            Ok(()) => info!(seq, "snapshot stored"),
-                            Err(e) => warn!("snapshot not stored: {e}"),
+                            Ok(()) => {
+                                metrics::counter!("concord_snapshots_total").increment(1);
+                                info!(seq, "snapshot stored");
+                            }
+                            Err(e) => {
+                                metrics::counter!("concord_snapshot_failures_total").increment(1);
+                                warn!("snapshot not stored: {e}");
+                            }
                         }
                     });
                 }
