@@ -794,3 +794,64 @@ async fn a_full_inbound_queue_answers_busy_with_a_retry_hint() {
     assert_eq!(decided_per_plan.len(), 300);
     assert!(decided_per_plan.values().all(|n| *n == 1), "{decided_per_plan:?}");
 }
+
+/// Operators' commands take their lane ahead of a stream of intents from
+/// several agents: halts and resumes interleave with the intents' batches;
+/// every intent is decided exactly once, every command answered, and the
+/// chain verifies.
+#[tokio::test(flavor = "multi_thread")]
+async fn operators_commands_amid_a_stream_of_intents_keep_the_log_whole() {
+    const PER_PROPOSER: usize = 40;
+    let live = Live::start().await;
+    let tags = ["ovt-a", "ovt-b", "ovt-c", "ovt-d"];
+    let answers: Vec<concord_tests::live::Answers> = tags.iter().map(|_| Default::default()).collect();
+    let proposers: Vec<_> = tags
+        .iter()
+        .zip(&answers)
+        .map(|(tag, a)| {
+            concord_tests::live::spawn_proposer(live.urls(), tag, PER_PROPOSER, Duration::from_secs(60), a.clone())
+        })
+        .collect();
+    let ops = live.client("alice").await;
+    let mut commands = 0;
+    for i in 0..25 {
+        let scope = HaltScope::Path(concord_proto::ResourcePath::parse(&format!("quiet/zone-{i}")).unwrap());
+        let halt = Control::Halt {
+            scope: scope.clone(),
+            grade: HaltGrade::Freeze,
+            reason: Short::parse("drill").unwrap(),
+        };
+        let resume = Control::Resume {
+            scope,
+            reason: Short::parse("drill over").unwrap(),
+        };
+        for c in [halt, resume] {
+            assert!(ops.control("alice", &c).await.unwrap().ok, "command {i}");
+            commands += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(15)).await;
+    }
+    for p in proposers {
+        p.await.unwrap();
+    }
+    for a in &answers {
+        assert_eq!(a.lock().unwrap().len(), PER_PROPOSER);
+    }
+    let nats = live.nats().await;
+    let (decided, _) = decisions_per_plan(&nats, &live.cfg.log.stream).await;
+    for tag in tags {
+        for i in 0..PER_PROPOSER {
+            let lineage = format!("{tag}-{i}");
+            assert_eq!(decided.get(&lineage), Some(&1), "{lineage}");
+        }
+    }
+    let report = verify_log(&nats, &live.cfg.log.stream, &live.cfg.domain, vec![])
+        .await
+        .unwrap();
+    assert_eq!(report.error, None, "{report:?}");
+    let Answer::Status(s) = ops.query("alice", &Query::Status).await.unwrap() else {
+        panic!("a status answer")
+    };
+    assert!(s.halts.is_empty(), "{:?}", s.halts);
+    assert_eq!(commands, 50);
+}
