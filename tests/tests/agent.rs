@@ -1506,7 +1506,8 @@ async fn approved_while_away(live: &mut Live, lineage: &str, meanwhile: impl Asy
     meanwhile(live).await;
 
     relay.heal();
-    away.await_decision(&p.lineage, 1, WAIT).await.unwrap()
+    // The client's reconnect backs off while cut: give it time on a busy machine.
+    away.await_decision(&p.lineage, 1, SLOW_WAIT).await.unwrap()
 }
 
 /// As [`start`], with a snapshot every `records` log records (0: none).

@@ -2,8 +2,9 @@
 
 use std::borrow::Cow;
 use std::fmt;
+use std::sync::Arc;
 
-use serde::{Deserialize, Deserializer, Serialize};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::error::{Rule, rule_error};
 use crate::limits::{ID_BYTES_MAX, PATH_BYTES_MAX, PATH_DEPTH_MAX};
@@ -13,9 +14,11 @@ use crate::limits::{ID_BYTES_MAX, PATH_BYTES_MAX, PATH_DEPTH_MAX};
 /// Segments are separated by `/`, are non-empty, and use `[A-Za-z0-9_.:-]`
 /// (no `.` or `..` alone). A path covers its descendants: a lease on
 /// `db/primary` covers `db/primary/pool_size`.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
-#[serde(transparent)]
-pub struct ResourcePath(String);
+///
+/// Its text is shared: a clone (the coordinator keeps a plan's paths in
+/// several tables) costs a reference count, not a copy.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ResourcePath(Arc<str>);
 
 impl ResourcePath {
     /// Parses and validates a path.
@@ -57,7 +60,7 @@ impl ResourcePath {
                 format!("path has {depth} segments; at most {PATH_DEPTH_MAX} allowed"),
             ));
         }
-        Ok(ResourcePath(s.to_string()))
+        Ok(ResourcePath(Arc::from(s)))
     }
 
     /// The path as text.
@@ -77,7 +80,7 @@ impl ResourcePath {
 
     /// `self` is `other` or one of its ancestors.
     pub fn covers(&self, other: &ResourcePath) -> bool {
-        other.0 == self.0 || (other.0.starts_with(&self.0) && other.0.as_bytes()[self.0.len()] == b'/')
+        other.0 == self.0 || (other.0.starts_with(&*self.0) && other.0.as_bytes()[self.0.len()] == b'/')
     }
 
     /// `self` and `other` are equal or one covers the other.
@@ -92,7 +95,7 @@ impl ResourcePath {
 
     /// The parent path, or `None` for a one-segment path.
     pub fn parent(&self) -> Option<ResourcePath> {
-        self.0.rfind('/').map(|i| ResourcePath(self.0[..i].to_string()))
+        self.0.rfind('/').map(|i| ResourcePath(Arc::from(&self.0[..i])))
     }
 
     /// The last segment.
@@ -115,6 +118,12 @@ fn is_path_char(c: char) -> bool {
 impl std::borrow::Borrow<str> for ResourcePath {
     fn borrow(&self) -> &str {
         &self.0
+    }
+}
+
+impl Serialize for ResourcePath {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0)
     }
 }
 
@@ -155,9 +164,10 @@ impl schemars::JsonSchema for ResourcePath {
 
 /// An identifier: lineage ids, step ids, principals, roles, idempotency keys.
 /// 1 to 128 bytes of `[A-Za-z0-9_.:@-]`.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
-#[serde(transparent)]
-pub struct Id(String);
+///
+/// Its text is shared, as a [`ResourcePath`]'s is.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Id(Arc<str>);
 
 impl Id {
     /// Parses and validates an identifier.
@@ -180,12 +190,18 @@ impl Id {
                 format!("character {c:?} in `{s}` is not allowed (use A-Z a-z 0-9 _ . : @ -)"),
             ));
         }
-        Ok(Id(s.to_string()))
+        Ok(Id(Arc::from(s)))
     }
 
     /// The identifier as text.
     pub fn as_str(&self) -> &str {
         &self.0
+    }
+}
+
+impl Serialize for Id {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0)
     }
 }
 

@@ -3,6 +3,7 @@
 //! policy (`[[rules.drift]]`, `[rules.masking]`, `[rules.loop]`).
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use concord_proto::preview::{RuleResult, RuleStatus};
 use concord_proto::{Intent, Op, ResourcePath, StepKind, Value, Verdict};
@@ -16,10 +17,10 @@ use crate::preview::Run;
 pub struct HistoryEntry {
     /// Admission time.
     pub at_ms: u64,
-    /// Plan lineage and version.
-    pub plan: String,
-    /// Agent.
-    pub agent: String,
+    /// Plan lineage and version (shared by the plan's steps).
+    pub plan: Arc<str>,
+    /// Agent (shared by the plan's steps).
+    pub agent: Arc<str>,
     /// Step kind.
     pub kind: StepKind,
     /// Step path.
@@ -93,11 +94,13 @@ impl Coordinator {
         intent: &Intent,
         step_changes: &[Vec<crate::apply::PathChange>],
     ) {
+        let plan: Arc<str> = Arc::from(format!("{} v{}", intent.lineage, intent.version));
+        let agent: Arc<str> = Arc::from(agent);
         for (step, changes) in intent.steps.iter().zip(step_changes) {
             self.history.push_back(HistoryEntry {
                 at_ms: now,
-                plan: format!("{} v{}", intent.lineage, intent.version),
-                agent: agent.to_string(),
+                plan: plan.clone(),
+                agent: agent.clone(),
                 kind: step.kind(),
                 path: step.path.clone(),
                 changes: changes
@@ -146,7 +149,7 @@ impl Coordinator {
                         for (p, before, _) in &h.changes {
                             if p == &c.path {
                                 start = before.as_ref().and_then(Value::as_f64);
-                                plans.insert(h.plan.clone());
+                                plans.insert(h.plan.to_string());
                             }
                         }
                     }
@@ -200,7 +203,7 @@ impl Coordinator {
                     .collect();
                 let deploy = self.recent(now, cfg.window_ms).find(|h| {
                     h.kind == StepKind::Deploy
-                        && h.agent != agent
+                        && &*h.agent != agent
                         && services.iter().any(|(_, s)| s.path.overlaps(&h.path))
                 });
                 if let Some(d) = deploy {
@@ -211,8 +214,8 @@ impl Coordinator {
                         .unwrap_or_default();
                     let mut f = BTreeMap::new();
                     f.insert("remediation_step".into(), Value::Str(step.id.to_string()));
-                    f.insert("deploy_plan".into(), Value::Str(d.plan.clone()));
-                    f.insert("deploy_agent".into(), Value::Str(d.agent.clone()));
+                    f.insert("deploy_plan".into(), Value::Str(d.plan.to_string()));
+                    f.insert("deploy_agent".into(), Value::Str(d.agent.to_string()));
                     f.insert(
                         "deployed_ms_ago".into(),
                         Value::Int(i64::try_from(now - d.at_ms).unwrap_or(i64::MAX)),
@@ -250,7 +253,7 @@ impl Coordinator {
                 }
                 let earlier: Vec<&HistoryEntry> = self
                     .recent(now, cfg.window_ms)
-                    .filter(|h| h.agent == agent && h.kind == step.kind() && h.path == step.path)
+                    .filter(|h| &*h.agent == agent && h.kind == step.kind() && h.path == step.path)
                     .collect();
                 let count = earlier.len() as u32 + 1;
                 if count > cfg.max_repeats {
@@ -260,8 +263,8 @@ impl Coordinator {
                     let open = self
                         .breakers
                         .iter()
-                        .any(|b| b.agent == agent && b.path.overlaps(&step.path));
-                    let plans: BTreeSet<String> = earlier.iter().map(|h| h.plan.clone()).collect();
+                        .any(|b| &*b.agent == agent && b.path.overlaps(&step.path));
+                    let plans: BTreeSet<String> = earlier.iter().map(|h| h.plan.to_string()).collect();
                     let mut f = BTreeMap::new();
                     f.insert("path".into(), Value::Str(step.path.to_string()));
                     f.insert("kind".into(), Value::Str(step.kind().to_string()));

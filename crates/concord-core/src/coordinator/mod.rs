@@ -26,6 +26,7 @@ mod leases;
 pub mod record;
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::Arc;
 
 use concord_proto::coord::{
     Conflict, Control, Decision, DispatchKey, HaltGrade, HaltScope, LeaseMode, LeaseReply, LeaseRequest, Phase,
@@ -590,8 +591,9 @@ pub struct Coordinator {
     timer_seq: u64,
     /// (agent, idempotency key) -> the decision given.
     #[serde(with = "pairs")]
-    decisions: BTreeMap<(String, String), Decision>,
-    decision_order: VecDeque<(String, String)>,
+    /// (Keys shared with `decision_order`: one copy of each.)
+    decisions: BTreeMap<DedupeKey, Decision>,
+    decision_order: VecDeque<DedupeKey>,
     /// Observation series by path.
     observations: BTreeMap<ResourcePath, Series>,
     /// The world document: written by this coordinator alone, replicated to
@@ -643,6 +645,9 @@ fn covers(scope: &HaltScope, agent: &str, touched: &BTreeSet<ResourcePath>) -> b
         HaltScope::Path(p) => touched.iter().any(|t| t.overlaps(p)),
     }
 }
+
+/// (agent, dedupe key): where a decision is remembered.
+type DedupeKey = (Arc<str>, Arc<str>);
 
 /// The key under which a decision is remembered: the request's idempotency
 /// key, or else the plan itself (lineage, version and content hash), so the
@@ -1120,7 +1125,10 @@ impl Coordinator {
     fn on_intent(&mut self, now: u64, request: RequestId, agent: &str, intent: Intent, fx: &mut Vec<Effect>) {
         // The same value as `Intent::content_hash`, without copying the intent.
         let hash = crate::preview::plan_hash(&intent);
-        if let Some(d) = self.decisions.get(&(agent.to_string(), dedupe_key(&intent, &hash))) {
+        if let Some(d) = self
+            .decisions
+            .get(&(Arc::from(agent), Arc::from(dedupe_key(&intent, &hash))))
+        {
             // A retry after a timeout or reconnect gets the original decision.
             let mut d = d.clone();
             d.duplicate = true;
@@ -1491,7 +1499,7 @@ impl Coordinator {
     /// Remembers a decision under its dedupe key, without its preview (the
     /// table is bounded by count, and previews are the bulk of a decision).
     fn remember(&mut self, agent: &str, key: &str, d: &Decision) {
-        let k = (agent.to_string(), key.to_string());
+        let k: DedupeKey = (Arc::from(agent), Arc::from(key));
         if self.decisions.insert(k.clone(), d.compact()).is_none() {
             self.decision_order.push_back(k);
         }
