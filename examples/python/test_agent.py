@@ -15,6 +15,7 @@ import json
 import os
 import pathlib
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -160,6 +161,7 @@ def main():
             dev.wait(10)
         except subprocess.TimeoutExpired:
             dev.kill()
+        shutil.rmtree(tmp, ignore_errors=True)
     if failures:
         print(f"{len(failures)} check(s) failed")
         sys.exit(1)
