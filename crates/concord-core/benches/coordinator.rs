@@ -16,13 +16,8 @@
 //!
 //! Each iteration moves the clock past the compounding windows.
 
-use std::hint::black_box;
-use std::sync::atomic::Ordering;
-
-use concord_core::coordinator::{Config, Coordinator, Effect, Input};
-use concord_proto::Verdict;
-use concord_proto::coord::{StepOutcome, StepResult};
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
+use std::hint::black_box;
 
 #[path = "workload/coordinator.rs"]
 mod workload;
@@ -43,83 +38,22 @@ fn bench(c: &mut Criterion) {
     let benching = std::env::args().any(|a| a == "--bench");
     let sizes: &[usize] = if benching { &[0, 1_000, 10_000] } else { &[0, 1_000] };
     for &inflight in sizes {
-        let mut coord = Coordinator::new(Config::default(), policy(), w.clone());
-        let before = LIVE.load(Ordering::Relaxed);
-        for i in 0..inflight {
-            let fx = coord.handle(
-                1,
-                Input::Intent {
-                    request: i as u64,
-                    // 100 agents: one agent may run at most 1,024 plans at once.
-                    agent: format!("fleet-{}", i % 100),
-                    intent: node_plan(i),
-                },
-            );
-            assert_eq!(verdict(&fx), Verdict::Admit);
-        }
-        if let Some(per) = (LIVE.load(Ordering::Relaxed) - before).checked_div(inflight) {
-            eprintln!("memory per in-flight 5-step plan at {inflight} in flight: {per} bytes");
-        }
+        let mut coord = with_inflight(w.clone(), inflight);
         let mut now = 10u64;
         let mut n = 0u64;
-        // Runs a plan to its end: every dispatch succeeds.
-        let run = |coord: &mut Coordinator, now: u64, fx: Vec<Effect>| {
-            let mut fx = fx;
-            while let Some(key) = fx.iter().find_map(|e| match e {
-                Effect::Dispatch(d) => Some(d.key.clone()),
-                _ => None,
-            }) {
-                fx = coord.handle(
-                    now,
-                    Input::Outcome {
-                        executor: "bench".into(),
-                        outcome: StepOutcome {
-                            key,
-                            result: StepResult::Succeeded,
-                        },
-                    },
-                );
-            }
-        };
         group.bench_with_input(BenchmarkId::new("admit-and-run", inflight), &inflight, |b, _| {
             b.iter(|| {
                 n += 1;
                 now += DAY_MS;
-                let fx = coord.handle(
-                    now,
-                    Input::Intent {
-                        request: n,
-                        agent: "resource".into(),
-                        intent: service_plan(&format!("admit-{n}")),
-                    },
-                );
-                assert_eq!(verdict(&fx), Verdict::Admit);
-                run(&mut coord, now, fx);
+                admit_and_run(&mut coord, now, n);
             })
         });
         now += DAY_MS;
-        let held = coord.handle(
-            now,
-            Input::Intent {
-                request: 0,
-                agent: "resource".into(),
-                intent: service_plan("held"),
-            },
-        );
-        assert_eq!(verdict(&held), Verdict::Admit);
+        hold_services(&mut coord, now);
         group.bench_with_input(BenchmarkId::new("decide-conflict", inflight), &inflight, |b, _| {
             b.iter(|| {
                 n += 1;
-                let fx = coord.handle(
-                    now,
-                    Input::Intent {
-                        request: n,
-                        agent: "resource".into(),
-                        intent: service_plan(&format!("conflict-{n}")),
-                    },
-                );
-                assert_eq!(verdict(&fx), Verdict::Reject);
-                black_box(fx)
+                black_box(decide_conflict(&mut coord, now, n))
             })
         });
     }

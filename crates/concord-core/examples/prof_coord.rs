@@ -1,13 +1,13 @@
 //! Instruction counts for the coordinator bench's workload, under
 //! callgrind: the world, policy and plans of `benches/coordinator.rs`
-//! (copied from it), `K` plans in flight, then `N` admit-and-run
+//! (its workload file), `K` plans in flight, then `N` admit-and-run
 //! iterations and `N` conflicting decisions, each in a function callgrind
 //! can isolate. Also prints the memory per in-flight plan.
 //!
 //! ```text
 //! cargo build --release --example prof_coord -p concord-core
-//! valgrind --tool=callgrind --toggle-collect='*admit_and_run*' \
-//!     --toggle-collect='*decide_conflict*' target/release/examples/prof_coord 1000 50
+//! valgrind --tool=callgrind --toggle-collect='*measured_*' \
+//!     target/release/examples/prof_coord 1000 50
 //! callgrind_annotate --inclusive=yes callgrind.out.<pid> | grep 'Coordinator::handle'
 //! ```
 
@@ -32,11 +32,8 @@
 // Each iteration moves the clock past the compounding windows.
 
 use std::hint::black_box;
-use std::sync::atomic::Ordering;
 
-use concord_core::coordinator::{Config, Coordinator, Effect, Input};
-use concord_proto::Verdict;
-use concord_proto::coord::{StepOutcome, StepResult};
+use concord_core::coordinator::Coordinator;
 
 #[path = "../benches/workload/coordinator.rs"]
 mod workload;
@@ -46,82 +43,27 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     let inflight: usize = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(1000);
     let iters: u64 = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(100);
-    let w = world(100_000);
-    let mut coord = Coordinator::new(Config::default(), policy(), w.clone());
-    let before = LIVE.load(Ordering::Relaxed);
-    for i in 0..inflight {
-        let fx = coord.handle(
-            1,
-            Input::Intent {
-                request: i as u64,
-                agent: format!("fleet-{}", i % 100),
-                intent: node_plan(i),
-            },
-        );
-        assert_eq!(verdict(&fx), Verdict::Admit);
-    }
-    if let Some(per) = (LIVE.load(Ordering::Relaxed) - before).checked_div(inflight) {
-        eprintln!("memory per in-flight 5-step plan at {inflight} in flight: {per} bytes");
-    }
+    let mut coord = with_inflight(world(100_000), inflight);
     let mut now = 10u64;
     for n in 0..iters {
         now += DAY_MS;
-        admit_and_run(&mut coord, now, n);
+        measured_admit_and_run(&mut coord, now, n);
     }
     now += DAY_MS;
-    let held = coord.handle(
-        now,
-        Input::Intent {
-            request: 0,
-            agent: "resource".into(),
-            intent: service_plan("held"),
-        },
-    );
-    assert_eq!(verdict(&held), Verdict::Admit);
+    hold_services(&mut coord, now);
     for n in 0..iters {
-        decide_conflict(&mut coord, now, 1_000_000 + n);
+        measured_decide_conflict(&mut coord, now, 1_000_000 + n);
     }
 }
 
+/// One `admit_and_run`, in a function of its own for callgrind.
 #[inline(never)]
-fn admit_and_run(coord: &mut Coordinator, now: u64, n: u64) {
-    let fx = coord.handle(
-        now,
-        Input::Intent {
-            request: n,
-            agent: "resource".into(),
-            intent: service_plan(&format!("admit-{n}")),
-        },
-    );
-    assert_eq!(verdict(&fx), Verdict::Admit);
-    let mut fx = fx;
-    while let Some(key) = fx.iter().find_map(|e| match e {
-        Effect::Dispatch(d) => Some(d.key.clone()),
-        _ => None,
-    }) {
-        fx = coord.handle(
-            now,
-            Input::Outcome {
-                executor: "bench".into(),
-                outcome: StepOutcome {
-                    key,
-                    result: StepResult::Succeeded,
-                },
-            },
-        );
-    }
+fn measured_admit_and_run(coord: &mut Coordinator, now: u64, n: u64) {
+    admit_and_run(coord, now, n);
 }
 
+/// One `decide_conflict`, in a function of its own for callgrind.
 #[inline(never)]
-fn decide_conflict(coord: &mut Coordinator, now: u64, n: u64) {
-    let fx = coord.handle(
-        now,
-        Input::Intent {
-            request: n,
-            agent: "resource".into(),
-            intent: service_plan(&format!("conflict-{n}")),
-        },
-    );
-    assert_eq!(verdict(&fx), Verdict::Reject);
-    black_box(fx);
+fn measured_decide_conflict(coord: &mut Coordinator, now: u64, n: u64) {
+    black_box(decide_conflict(coord, now, n));
 }

@@ -7,9 +7,10 @@
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use concord_core::coordinator::{Effect, Reply};
+use concord_core::coordinator::{Config, Coordinator, Effect, Input, Reply};
 use concord_core::policy::Policy;
 use concord_core::world::World;
+use concord_proto::coord::{StepOutcome, StepResult};
 use concord_proto::{Intent, Value, Verdict, decode_intent};
 use serde_json::json;
 
@@ -115,4 +116,74 @@ pub fn verdict(fx: &[Effect]) -> Verdict {
             _ => None,
         })
         .unwrap()
+}
+
+/// A coordinator on `w` with `inflight` background plans admitted and
+/// running (5 steps each on its own fleet node, from 100 agents); prints the
+/// memory each takes.
+pub fn with_inflight(w: World, inflight: usize) -> Coordinator {
+    let mut coord = Coordinator::new(Config::default(), policy(), w);
+    let before = LIVE.load(Ordering::Relaxed);
+    for i in 0..inflight {
+        let fx = coord.handle(
+            1,
+            Input::Intent {
+                request: i as u64,
+                // 100 agents: one agent may run at most 1,024 plans at once.
+                agent: format!("fleet-{}", i % 100),
+                intent: node_plan(i),
+            },
+        );
+        assert_eq!(verdict(&fx), Verdict::Admit);
+    }
+    if let Some(per) = (LIVE.load(Ordering::Relaxed) - before).checked_div(inflight) {
+        eprintln!("memory per in-flight 5-step plan at {inflight} in flight: {per} bytes");
+    }
+    coord
+}
+
+fn propose(coord: &mut Coordinator, now: u64, n: u64, lineage: &str) -> Vec<Effect> {
+    coord.handle(
+        now,
+        Input::Intent {
+            request: n,
+            agent: "resource".into(),
+            intent: service_plan(lineage),
+        },
+    )
+}
+
+/// `admit-and-run`: a 5-step service plan is admitted, then every dispatch
+/// succeeds (one decision plus 5 outcomes), freeing its paths.
+pub fn admit_and_run(coord: &mut Coordinator, now: u64, n: u64) {
+    let mut fx = propose(coord, now, n, &format!("admit-{n}"));
+    assert_eq!(verdict(&fx), Verdict::Admit);
+    while let Some(key) = fx.iter().find_map(|e| match e {
+        Effect::Dispatch(d) => Some(d.key.clone()),
+        _ => None,
+    }) {
+        fx = coord.handle(
+            now,
+            Input::Outcome {
+                executor: "bench".into(),
+                outcome: StepOutcome {
+                    key,
+                    result: StepResult::Succeeded,
+                },
+            },
+        );
+    }
+}
+
+/// Admits the service plan that `decide_conflict` then conflicts with.
+pub fn hold_services(coord: &mut Coordinator, now: u64) {
+    assert_eq!(verdict(&propose(coord, now, 0, "held")), Verdict::Admit);
+}
+
+/// `decide-conflict`: a new lineage on the held plan's paths, decided in
+/// full and rejected for the conflict.
+pub fn decide_conflict(coord: &mut Coordinator, now: u64, n: u64) -> Vec<Effect> {
+    let fx = propose(coord, now, n, &format!("conflict-{n}"));
+    assert_eq!(verdict(&fx), Verdict::Reject);
+    fx
 }
