@@ -35,10 +35,9 @@
 //!
 //! Run: `cargo bench -p concord-core --bench worldmodel`.
 
-use std::alloc::{GlobalAlloc, Layout, System};
 use std::collections::BTreeMap;
 use std::hint::black_box;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use concord_core::coordinator::{Config, Coordinator, Input};
@@ -49,26 +48,9 @@ use concord_core::worlddoc::{WorldDocConfig, WorldReplica};
 use concord_proto::{Intent, Observation, ObservationKind, ResourcePath, Value, Verdict, decode_intent};
 use criterion::{BatchSize, BenchmarkId, Criterion, SamplingMode, criterion_group, criterion_main};
 
-/// Counts live heap bytes, to measure memory per day of observations.
-struct Counting;
-static LIVE: AtomicUsize = AtomicUsize::new(0);
-
-// SAFETY: forwards every call to the system allocator unchanged and only
-// counts sizes; allowed for this bench, as in the coordinator bench.
-#[allow(unsafe_code)]
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
-        LIVE.fetch_add(l.size(), Ordering::Relaxed);
-        unsafe { System.alloc(l) }
-    }
-    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
-        LIVE.fetch_sub(l.size(), Ordering::Relaxed);
-        unsafe { System.dealloc(p, l) }
-    }
-}
-
-#[global_allocator]
-static GLOBAL: Counting = Counting;
+#[path = "workload/counting.rs"]
+mod counting;
+use counting::LIVE;
 
 const SERVICES: usize = 40;
 const MINUTE_MS: u64 = 60_000;

@@ -4,8 +4,7 @@
 
 #![allow(dead_code)]
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 
 use concord_core::coordinator::{Config, Coordinator, Effect, Input, Reply};
 use concord_core::policy::Policy;
@@ -14,26 +13,9 @@ use concord_proto::coord::{StepOutcome, StepResult};
 use concord_proto::{Intent, Value, Verdict, decode_intent};
 use serde_json::json;
 
-/// Counts live heap bytes, to measure memory per in-flight plan.
-pub struct Counting;
-pub static LIVE: AtomicUsize = AtomicUsize::new(0);
-
-// SAFETY: forwards every call to the system allocator unchanged and only
-// counts sizes; the one `unsafe` in the workspace, allowed for this bench.
-#[allow(unsafe_code)]
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
-        LIVE.fetch_add(l.size(), Ordering::Relaxed);
-        unsafe { System.alloc(l) }
-    }
-    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
-        LIVE.fetch_sub(l.size(), Ordering::Relaxed);
-        unsafe { System.dealloc(p, l) }
-    }
-}
-
-#[global_allocator]
-pub static GLOBAL: Counting = Counting;
+#[path = "counting.rs"]
+mod counting;
+pub use counting::LIVE;
 
 pub const SERVICES: usize = 40;
 pub const DAY_MS: u64 = 86_400_000 * 2;
