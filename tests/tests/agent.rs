@@ -304,9 +304,18 @@ async fn a_lease_guard_renews_and_its_loss_is_seen_at_once() {
         .await
         .unwrap();
     drop(guard);
-    let mut granted = false;
-    for _ in 0..100 {
-        let r = deploy
+    assert!(
+        granted_within(&deploy, &path, Duration::from_secs(2)).await,
+        "the dropped guard released the lease"
+    );
+}
+
+/// Whether `agent` is granted an exclusive lease on `path` within `within`,
+/// asking again until then.
+async fn granted_within(agent: &Agent, path: &ResourcePath, within: Duration) -> bool {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let r = agent
             .lease(&LeaseRequest::Acquire {
                 path: path.clone(),
                 mode: LeaseMode::Exclusive,
@@ -316,12 +325,13 @@ async fn a_lease_guard_renews_and_its_loss_is_seen_at_once() {
             .await
             .unwrap();
         if matches!(r, LeaseReply::Granted { .. }) {
-            granted = true;
-            break;
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert!(granted, "the dropped guard released the lease");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -356,23 +366,7 @@ async fn a_lease_guard_cut_off_from_the_coordinator_reports_the_loss_within_the_
 
     // The coordinator lets it lapse too: another agent gets the path.
     let deploy = agent(&live, "deploy").await;
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let r = deploy
-            .lease(&LeaseRequest::Acquire {
-                path: path.clone(),
-                mode: LeaseMode::Exclusive,
-                ttl_ms: 1000,
-                wait: false,
-            })
-            .await
-            .unwrap();
-        if matches!(r, LeaseReply::Granted { .. }) {
-            break;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "the lease never lapsed: {r:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    assert!(granted_within(&deploy, &path, WAIT).await, "the lease never lapsed");
 }
 
 async fn dispatch(live: &Live, d: &StepDispatch) -> StepOutcome {
