@@ -45,7 +45,7 @@ pub(crate) struct Rebuilt {
 impl Rebuilt {
     /// From the latest snapshot at or before `last` that loads; from nothing
     /// if none does (the log alone rebuilds the state, slower).
-    pub async fn from_snapshot(store: &Store, last: u64) -> Rebuilt {
+    async fn from_snapshot(store: &Store, last: u64) -> Rebuilt {
         let mut r = Rebuilt {
             coord: None,
             verifier: Verifier::new(Vec::new()),

@@ -782,15 +782,10 @@ impl Daemon {
     async fn recover(&mut self) -> Result<State, RuntimeError> {
         let started = Instant::now();
         let last = self.store.last_seq().await?;
-        let mut rebuilt = Rebuilt::from_snapshot(&self.store, last).await;
-        let from = rebuilt.verifier.head().0 + 1;
-        self.store
-            .read(from, last, |seq, payload| rebuilt.apply(seq, payload).map(|_| ()))
-            .await
-            .map_err(|e| match e {
-                StoreError::Apply(detail) => RuntimeError::Recovery(detail),
-                other => RuntimeError::Store(other),
-            })?;
+        let rebuilt = Rebuilt::from_store(&self.store, last).await.map_err(|e| match e {
+            StoreError::Apply(detail) => RuntimeError::Recovery(detail),
+            other => RuntimeError::Store(other),
+        })?;
         let Rebuilt {
             coord,
             verifier,
