@@ -42,6 +42,10 @@ use criterion::{BenchmarkId, Criterion, SamplingMode, criterion_group, criterion
 mod workload;
 use workload::*;
 
+/// The binaries' allocator (see `concord-cli`'s main).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Modest timing so the whole run fits in a few minutes on a shared 2-core
 /// machine. Flat sampling: while a world-size dependence is present, one
 /// preview at 1M paths can take tens of milliseconds, and linear sampling

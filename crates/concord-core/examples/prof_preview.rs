@@ -57,6 +57,10 @@ use concord_proto::{Intent, Verdict};
 mod workload;
 use workload::*;
 
+/// The binaries' allocator (see `concord-cli`'s main).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let which = args.get(1).map(String::as_str).unwrap_or("native");

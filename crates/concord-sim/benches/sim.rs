@@ -22,6 +22,10 @@ use concord_sim::Scenario;
 use concord_sim::replay::{parse_jsonl, replay, to_jsonl};
 use concord_sim::run::{Mode, run};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+
+/// The binaries' allocator (see `concord-cli`'s main).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use serde_json::json;
 
 fn root() -> &'static Path {
