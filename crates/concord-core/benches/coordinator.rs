@@ -14,9 +14,14 @@
 //!   paths is decided in full (both previews, conflicts, compounding) and
 //!   rejected for the conflict.
 //!
-//! Each iteration moves the clock past the compounding windows.
+//! Each iteration moves the clock past the compounding windows, and each
+//! iteration's plan changes the values it sets (a plan equal to the world
+//! changes nothing and would be judged in one state). Every case runs twice:
+//! with the shipped policy (its connection budget a CEL rule over all 40
+//! services) and, under `native-budget/`, with that rule as the native
+//! `[[rules.budget]]`. Intents are decoded in the untimed setup.
 
-use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
+use criterion::{BatchSize, BenchmarkId, Criterion, criterion_group, criterion_main};
 use std::hint::black_box;
 
 #[path = "workload/coordinator.rs"]
@@ -37,25 +42,48 @@ fn bench(c: &mut Criterion) {
     // flight (minutes to set up in a debug build) are left out.
     let benching = std::env::args().any(|a| a == "--bench");
     let sizes: &[usize] = if benching { &[0, 1_000, 10_000] } else { &[0, 1_000] };
-    for &inflight in sizes {
-        let mut coord = with_inflight(w.clone(), inflight);
-        let mut now = 10u64;
-        let mut n = 0u64;
-        group.bench_with_input(BenchmarkId::new("admit-and-run", inflight), &inflight, |b, _| {
-            b.iter(|| {
-                n += 1;
-                now += DAY_MS;
-                admit_and_run(&mut coord, now, n);
-            })
-        });
-        now += DAY_MS;
-        hold_services(&mut coord, now);
-        group.bench_with_input(BenchmarkId::new("decide-conflict", inflight), &inflight, |b, _| {
-            b.iter(|| {
-                n += 1;
-                black_box(decide_conflict(&mut coord, now, n))
-            })
-        });
+    // The shipped policy (a CEL connection budget), and the same with the
+    // budget as the native rule.
+    type MakePolicy = fn() -> concord_core::policy::Policy;
+    let policies: [(&str, MakePolicy); 2] = [("", policy), ("native-budget/", policy_native_budget)];
+    for (variant, policy) in policies {
+        for &inflight in sizes {
+            let mut coord = with_inflight(w.clone(), inflight, policy());
+            let mut now = 10u64;
+            let mut n = 0u64;
+            // Each iteration's intent is decoded in the untimed setup.
+            group.bench_with_input(
+                BenchmarkId::new(format!("{variant}admit-and-run"), inflight),
+                &inflight,
+                |b, _| {
+                    b.iter_batched(
+                        || {
+                            n += 1;
+                            now += DAY_MS;
+                            (now, n, admit_intent(n))
+                        },
+                        |(now, n, intent)| admit_and_run(&mut coord, now, n, intent),
+                        BatchSize::SmallInput,
+                    )
+                },
+            );
+            now += DAY_MS;
+            hold_services(&mut coord, now);
+            group.bench_with_input(
+                BenchmarkId::new(format!("{variant}decide-conflict"), inflight),
+                &inflight,
+                |b, _| {
+                    b.iter_batched(
+                        || {
+                            n += 1;
+                            (n, conflict_intent(n))
+                        },
+                        |(n, intent)| black_box(decide_conflict(&mut coord, now, n, intent)),
+                        BatchSize::SmallInput,
+                    )
+                },
+            );
+        }
     }
     group.finish();
 }

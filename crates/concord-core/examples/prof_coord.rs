@@ -7,7 +7,7 @@
 //! ```text
 //! cargo build --release --example prof_coord -p concord-core
 //! valgrind --tool=callgrind --toggle-collect='*measured_*' \
-//!     target/release/examples/prof_coord 1000 50
+//!     target/release/examples/prof_coord 1000 50 [cel|native]
 //! callgrind_annotate --inclusive=yes callgrind.out.<pid> | grep 'Coordinator::handle'
 //! ```
 
@@ -34,6 +34,7 @@
 use std::hint::black_box;
 
 use concord_core::coordinator::Coordinator;
+use concord_proto::Intent;
 
 #[path = "../benches/workload/coordinator.rs"]
 mod workload;
@@ -43,27 +44,32 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     let inflight: usize = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(1000);
     let iters: u64 = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(100);
-    let mut coord = with_inflight(world(100_000), inflight);
+    let policy = match args.get(3).map(String::as_str) {
+        Some("native") => policy_native_budget(),
+        _ => policy(),
+    };
+    let mut coord = with_inflight(world(100_000), inflight, policy);
     let mut now = 10u64;
     for n in 0..iters {
         now += DAY_MS;
-        measured_admit_and_run(&mut coord, now, n);
+        measured_admit_and_run(&mut coord, now, n, admit_intent(n));
     }
     now += DAY_MS;
     hold_services(&mut coord, now);
     for n in 0..iters {
-        measured_decide_conflict(&mut coord, now, 1_000_000 + n);
+        let n = 1_000_000 + n;
+        measured_decide_conflict(&mut coord, now, n, conflict_intent(n));
     }
 }
 
 /// One `admit_and_run`, in a function of its own for callgrind.
 #[inline(never)]
-fn measured_admit_and_run(coord: &mut Coordinator, now: u64, n: u64) {
-    admit_and_run(coord, now, n);
+fn measured_admit_and_run(coord: &mut Coordinator, now: u64, n: u64, intent: Intent) {
+    admit_and_run(coord, now, n, intent);
 }
 
 /// One `decide_conflict`, in a function of its own for callgrind.
 #[inline(never)]
-fn measured_decide_conflict(coord: &mut Coordinator, now: u64, n: u64) {
-    black_box(decide_conflict(coord, now, n));
+fn measured_decide_conflict(coord: &mut Coordinator, now: u64, n: u64, intent: Intent) {
+    black_box(decide_conflict(coord, now, n, intent));
 }

@@ -138,6 +138,30 @@ fn differing_fields(a: &Step, b: &Step) -> Vec<String> {
     if a == b {
         return Vec::new();
     }
+    // Same kind: each wire field compares as its typed value does (the
+    // fields in wire-name order, as the comparison of their JSON gives).
+    if a.kind() == b.kind() {
+        let fields: [(&str, bool); 8] = [
+            ("args", a.op != b.op),
+            ("compensation", a.compensation != b.compensation),
+            ("confidence", a.confidence != b.confidence),
+            ("id", a.id != b.id),
+            ("kind", false),
+            ("path", a.path != b.path),
+            ("timeout_ms", a.timeout_ms != b.timeout_ms),
+            ("verification", a.verification != b.verification),
+        ];
+        return fields
+            .into_iter()
+            .filter(|(_, differs)| *differs)
+            .map(|(k, _)| k.to_string())
+            .collect();
+    }
+    differing_wire_fields(a, b)
+}
+
+/// The fields whose wire form (JSON) differs.
+fn differing_wire_fields(a: &Step, b: &Step) -> Vec<String> {
     let (Ok(serde_json::Value::Object(a)), Ok(serde_json::Value::Object(b))) =
         (serde_json::to_value(a), serde_json::to_value(b))
     else {
@@ -148,4 +172,45 @@ fn differing_fields(a: &Step, b: &Step) -> Vec<String> {
         .filter(|k| a.get(*k) != b.get(*k))
         .map(|k| k.to_string())
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use concord_proto::decode_intent;
+    use serde_json::json;
+
+    use super::*;
+
+    fn step(v: serde_json::Value) -> Step {
+        let j = json!({ "protocol": 1, "lineage": "l", "version": 1, "goal": "g", "steps": [v] });
+        decode_intent(&serde_json::to_vec(&j).unwrap()).unwrap().steps.remove(0)
+    }
+
+    /// The typed comparison names the fields the JSON comparison names.
+    #[test]
+    fn typed_field_comparison_agrees_with_the_wire_form() {
+        let base = json!({ "id": "s1", "kind": "set", "path": "svc/a/pool_size", "args": { "value": 10 },
+                           "confidence": 0.9, "compensation": { "mode": "restore" } });
+        let variants = [
+            json!({ "id": "s2" }),
+            json!({ "path": "svc/b/pool_size" }),
+            json!({ "args": { "value": 11 } }),
+            json!({ "args": { "value": 10.5 } }),
+            json!({ "confidence": 0.5 }),
+            json!({ "compensation": { "mode": "irreversible", "reason": "r" } }),
+            json!({ "timeout_ms": 5000 }),
+            json!({ "verification": { "path": "svc/a/health", "op": "eq", "value": "ok", "bake_ms": 1000, "fresh_ms": 5000 } }),
+            json!({ "id": "s3", "args": { "value": 12 }, "confidence": 0.8, "timeout_ms": 10 }),
+        ];
+        let a = step(base.clone());
+        for v in variants {
+            let mut j = base.clone();
+            for (k, x) in v.as_object().unwrap() {
+                j[k] = x.clone();
+            }
+            let b = step(j.clone());
+            assert_eq!(differing_fields(&a, &b), differing_wire_fields(&a, &b), "{j}");
+            assert!(!differing_fields(&a, &b).is_empty(), "{j}");
+        }
+    }
 }

@@ -265,7 +265,7 @@ pub(crate) fn preview_of_run(input: PreviewInput<'_>, run: &mut Run<'_>, hash: O
         intent,
         agent,
         policy,
-        previous,
+        previous: _,
     } = input;
     let base = run.base;
 
@@ -313,40 +313,12 @@ pub(crate) fn preview_of_run(input: PreviewInput<'_>, run: &mut Run<'_>, hash: O
     touched_all.dedup();
     let blast_radius = blast_radius(world, &touched_all);
 
-    let plan_diff = previous.map(|p| plan_diff(p, intent));
-    let mut invariants = rules::builtin(run, intent, agent, policy, plan_diff.as_ref());
-    invariants.extend(rules::ceilings(run, policy));
-    invariants.extend(rules::rates(run, intent, policy));
-    let (assumptions, assumption_rule) = rules::assumptions(world, intent, policy);
-    invariants.push(assumption_rule);
-    invariants.extend(policy.budgets.iter().map(|b| b.evaluate(run)));
-    if !policy.cel.is_empty() {
-        // Built once, and only when some rule reads them; rules borrow them.
-        let reads_plan = policy.cel.iter().any(|r| r.vars.plan);
-        let args: Vec<Option<Value>> = if reads_plan { step_args(intent) } else { Vec::new() };
-        let plan_val = reads_plan.then(|| plan_val(intent, &args));
-        let autonomy = policy.agent(agent).autonomy.name();
-        let agent_val = policy.cel.iter().any(|r| r.vars.agent).then(|| {
-            celx::record_val(vec![
-                ("id", celx::str_val(agent)),
-                ("autonomy", celx::str_val(autonomy)),
-            ])
-        });
-        for rule in &policy.cel {
-            invariants.push(eval_cel(rule, policy, run, plan_val.as_ref(), agent_val.as_ref()));
-        }
-    }
-
-    let mut reasons: Vec<Reason> = invariants
-        .iter()
-        .filter(|r| matches!(r.status, RuleStatus::Fail | RuleStatus::Error))
-        .map(|r| Reason {
-            rule: r.id.clone(),
-            outcome: r.outcome,
-            message: r.message.clone(),
-        })
-        .collect();
-    reasons.sort_by(|a, b| b.outcome.cmp(&a.outcome).then_with(|| a.rule.cmp(&b.rule)));
+    let Judged {
+        plan_diff,
+        invariants,
+        assumptions,
+        reasons,
+    } = judge(input, run);
     let verdict = reasons.first().map(|r| r.outcome).unwrap_or(Verdict::Admit);
 
     let steps = intent
@@ -391,6 +363,72 @@ pub(crate) fn preview_of_run(input: PreviewInput<'_>, run: &mut Run<'_>, hash: O
         steps,
         plan_diff,
         risk,
+    }
+}
+
+/// What the rules make of a simulated run.
+pub(crate) struct Judged {
+    /// The plan diff against the earlier version, if one was given.
+    pub plan_diff: Option<PlanDiff>,
+    /// Every rule's result, in policy order.
+    pub invariants: Vec<RuleResult>,
+    /// Each assumption, held or broken.
+    pub assumptions: Vec<AssumptionResult>,
+    /// The failed rules' reasons, strictest first.
+    pub reasons: Vec<Reason>,
+}
+
+/// Evaluates every rule over a simulated run: the part of a preview the
+/// verdict comes from. The coordinator's second look (the world as it is,
+/// when plans are in flight) needs only this, not the diff, blast radius,
+/// risk and texts around it.
+pub(crate) fn judge(input: PreviewInput<'_>, run: &Run<'_>) -> Judged {
+    let PreviewInput {
+        world,
+        intent,
+        agent,
+        policy,
+        previous,
+    } = input;
+    let plan_diff = previous.map(|p| plan_diff(p, intent));
+    let mut invariants = rules::builtin(run, intent, agent, policy, plan_diff.as_ref());
+    invariants.extend(rules::ceilings(run, policy));
+    invariants.extend(rules::rates(run, intent, policy));
+    let (assumptions, assumption_rule) = rules::assumptions(world, intent, policy);
+    invariants.push(assumption_rule);
+    invariants.extend(policy.budgets.iter().map(|b| b.evaluate(run)));
+    if !policy.cel.is_empty() {
+        // Built once, and only when some rule reads them; rules borrow them.
+        let reads_plan = policy.cel.iter().any(|r| r.vars.plan);
+        let args: Vec<Option<Value>> = if reads_plan { step_args(intent) } else { Vec::new() };
+        let plan_val = reads_plan.then(|| plan_val(intent, &args));
+        let autonomy = policy.agent(agent).autonomy.name();
+        let agent_val = policy.cel.iter().any(|r| r.vars.agent).then(|| {
+            celx::record_val(vec![
+                ("id", celx::str_val(agent)),
+                ("autonomy", celx::str_val(autonomy)),
+            ])
+        });
+        for rule in &policy.cel {
+            invariants.push(eval_cel(rule, policy, run, plan_val.as_ref(), agent_val.as_ref()));
+        }
+    }
+
+    let mut reasons: Vec<Reason> = invariants
+        .iter()
+        .filter(|r| matches!(r.status, RuleStatus::Fail | RuleStatus::Error))
+        .map(|r| Reason {
+            rule: r.id.clone(),
+            outcome: r.outcome,
+            message: r.message.clone(),
+        })
+        .collect();
+    reasons.sort_by(|a, b| b.outcome.cmp(&a.outcome).then_with(|| a.rule.cmp(&b.rule)));
+    Judged {
+        plan_diff,
+        invariants,
+        assumptions,
+        reasons,
     }
 }
 
@@ -633,11 +671,35 @@ fn eval_cel<'r>(
         // The world's run, then the overlay's: one stable sort merges them.
         base[from..].sort_by(|a, b| a.0.cmp(b.0));
     }
-    // `before` is built only if the rule reads it (or, on a failure, to
-    // tell whether it was failing already).
-    let before = rule.vars.before.then(|| celx::nested_val(base.iter().copied()));
+    // Each distinct projection the rule is evaluated on: the base with a
+    // state's changes (to paths the rule reads) applied, in path order. Read
+    // in place by the rule (`celx::Tree`), never built into nested maps.
+    type Restricted<'r> = Vec<(&'r ResourcePath, &'r Option<Value>)>;
+    let restrict = |changes: &'r BTreeMap<ResourcePath, Option<Value>>| -> Restricted<'r> {
+        changes.iter().filter(|(p, _)| rule.reads.matches(p.as_str())).collect()
+    };
+    let mut seen: Vec<Restricted<'r>> = Vec::new();
+    // Per state: the index of its projection in `seen`, or none if a state
+    // before it had the same one.
+    let mut first_at: Vec<Option<usize>> = Vec::with_capacity(run.states.len());
+    for state in &run.states {
+        let restricted = restrict(&state.changes);
+        if seen.contains(&restricted) {
+            first_at.push(None);
+        } else {
+            first_at.push(Some(seen.len()));
+            seen.push(restricted);
+        }
+    }
+    let projections: Vec<Vec<(&'r ResourcePath, &'r Value)>> =
+        seen.iter().map(|changes| merge(&base, changes).collect()).collect();
+    // The world the plan ends in: its figures, if the rule holds.
+    let end_projection: Vec<(&'r ResourcePath, &'r Value)> = if rule.figures.is_empty() {
+        Vec::new()
+    } else {
+        merge(&base, &restrict(&run.final_changes)).collect()
+    };
     let bindings = celx::Bindings {
-        before: before.as_ref(),
         plan: plan.filter(|_| rule.vars.plan),
         agent: agent.filter(|_| rule.vars.agent),
     };
@@ -654,24 +716,24 @@ fn eval_cel<'r>(
         };
     }
     root.set_variable_resolver(&bindings);
-    let run_program = |program: &cel::Program, after: &dyn Fn() -> celx::Val<'r>| -> Result<CelValue, String> {
+    // `before` is the base: bound (read in place) only if the rule reads it.
+    if rule.vars.before {
+        root.add_variable_as_val("before", Box::new(celx::Tree::new(&base)));
+    }
+    let run_program = |program: &cel::Program, after: &[(&ResourcePath, &Value)]| -> Result<CelValue, String> {
         let mut ctx = root.new_inner_scope();
         if rule.vars.after {
-            ctx.add_variable_as_val("after", after());
+            ctx.add_variable_as_val("after", Box::new(celx::Tree::new(after)));
         }
         program.execute(&ctx).map_err(|e| e.to_string())
     };
-    // The base with `changes` (to paths the rule reads) applied, in path order.
-    let project = |changes: &[(&'r ResourcePath, &'r Option<Value>)]| -> celx::Val<'r> {
-        celx::nested_val(merge(&base, changes))
-    };
-    let eval = |after: &dyn Fn() -> celx::Val<'r>| match run_program(&rule.program, after) {
+    let eval = |after: &[(&ResourcePath, &Value)]| match run_program(&rule.program, after) {
         Ok(CelValue::Bool(true)) => Eval::Pass,
         Ok(CelValue::Bool(false)) => Eval::Fail,
         Ok(other) => Eval::Error(format!("the rule must give a bool, it gave {other:?}")),
         Err(e) => Eval::Error(e),
     };
-    let figures = |after: &dyn Fn() -> celx::Val<'r>| -> BTreeMap<String, Value> {
+    let figures = |after: &[(&ResourcePath, &Value)]| -> BTreeMap<String, Value> {
         rule.figures
             .iter()
             .map(|(name, p)| {
@@ -683,22 +745,14 @@ fn eval_cel<'r>(
             })
             .collect()
     };
-    // Evaluate each distinct projection once.
-    let mut seen: Vec<Vec<(&'r ResourcePath, &'r Option<Value>)>> = Vec::new();
-    for state in &run.states {
-        let restricted: Vec<(&'r ResourcePath, &'r Option<Value>)> = state
-            .changes
-            .iter()
-            .filter(|(p, _)| rule.reads.matches(p.as_str()))
-            .collect();
-        if seen.contains(&restricted) {
-            continue;
-        }
-        let after = || project(&restricted);
-        match eval(&after) {
+    // Evaluate each distinct projection once, in the order the states occur.
+    for (state, at) in run.states.iter().zip(&first_at) {
+        let Some(i) = *at else { continue };
+        let (restricted, after) = (&seen[i], &projections[i]);
+        match eval(after) {
             Eval::Pass => {}
             Eval::Fail => {
-                let figs = figures(&after);
+                let figs = figures(after);
                 let shown = if figs.is_empty() {
                     String::new()
                 } else {
@@ -708,8 +762,8 @@ fn eval_cel<'r>(
                 // A rule that reads the plan or the agent fails because of the
                 // plan itself; only a rule over the world alone can already be
                 // failing before the plan.
-                let pre_existing = !rule.reads_plan_or_agent
-                    && (restricted.is_empty() || matches!(eval(&|| project(&[])), Eval::Fail));
+                let pre_existing =
+                    !rule.reads_plan_or_agent && (restricted.is_empty() || matches!(eval(&base), Eval::Fail));
                 return RuleResult {
                     id: rule.config.id.clone(),
                     status: RuleStatus::Fail,
@@ -749,7 +803,6 @@ fn eval_cel<'r>(
                 };
             }
         }
-        seen.push(restricted);
     }
     RuleResult {
         id: rule.config.id.clone(),
@@ -761,12 +814,7 @@ fn eval_cel<'r>(
         figures: if rule.figures.is_empty() {
             BTreeMap::new()
         } else {
-            let end: Vec<(&'r ResourcePath, &'r Option<Value>)> = run
-                .final_changes
-                .iter()
-                .filter(|(p, _)| rule.reads.matches(p.as_str()))
-                .collect();
-            figures(&|| project(&end))
+            figures(&end_projection)
         },
         message: format!("holds in every state: {}", describe(rule)),
     }

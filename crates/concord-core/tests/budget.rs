@@ -1,5 +1,6 @@
-//! The native budget rule against the equivalent CEL rule: same status, same
-//! failing state, same total, on generated worlds and plans.
+//! The native budget rule against the equivalent CEL rules (a comprehension,
+//! and the `sum_product` helper): same status, same failing state, same
+//! total, on generated worlds and plans.
 
 mod common;
 
@@ -30,6 +31,13 @@ double(sum(keys(after.app)
 outcome = "reject"
 [rules.cel.figures]
 total = "sum(keys(after.app).filter(a, 'workers' in after.app[a] && 'threads' in after.app[a]).map(a, after.app[a].workers * after.app[a].threads))"
+[[rules.cel]]
+id = "cel_helper"
+reads = ["app/*/workers", "app/*/threads", "db/main/max_connections"]
+expr = "double(sum_product(after.app, ['workers', 'threads'])) <= double(after.db.main.max_connections) * 0.75"
+outcome = "reject"
+[rules.cel.figures]
+total = "sum_product(after.app, ['workers', 'threads'])"
 "#;
 
 fn world_of(apps: &[(i64, Option<i64>)], max: i64) -> concord_core::world::World {
@@ -65,13 +73,17 @@ proptest! {
             })
             .collect();
         let pv = run(&w, &p, "x", &plan(Json::Array(steps)));
-        let (native, cel) = (rule(&pv, "native"), rule(&pv, "cel"));
-        prop_assert_eq!(native.status, cel.status, "native {:#?}\ncel {:#?}", native, cel);
-        prop_assert_eq!(&native.at, &cel.at);
-        prop_assert_eq!(native.pre_existing, cel.pre_existing);
-        if native.status != RuleStatus::Skipped {
-            let total = native.figures["total"].as_f64().unwrap();
-            prop_assert_eq!(Some(total), cel.figures["total"].as_f64());
+        let native = rule(&pv, "native");
+        // The comprehension, and the same with the `sum_product` helper.
+        for cel in [rule(&pv, "cel"), rule(&pv, "cel_helper")] {
+            prop_assert_eq!(native.status, cel.status, "native {:#?}\ncel {:#?}", native, cel);
+            prop_assert_eq!(&native.at, &cel.at);
+            prop_assert_eq!(native.pre_existing, cel.pre_existing);
+            if native.status != RuleStatus::Skipped {
+                let total = native.figures["total"].as_f64().unwrap();
+                prop_assert_eq!(Some(total), cel.figures["total"].as_f64());
+                prop_assert_eq!(&cel.figures["total"], &rule(&pv, "cel").figures["total"]);
+            }
         }
     }
 }

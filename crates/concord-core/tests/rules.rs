@@ -4,8 +4,8 @@
 mod common;
 
 use common::*;
-use concord_proto::Verdict;
 use concord_proto::preview::RuleStatus;
+use concord_proto::{Value, Verdict};
 use serde_json::json;
 
 /// A message-queue world: consumers hold broker channels; the broker caps them.
@@ -452,6 +452,79 @@ total = "sum(after.w.map(k, after.w[k].x))"
         // A fresh CEL map each time: std HashMap randomises its order per map.
         let again = run(&w, &p, "x", &i);
         assert_eq!(rule(&again, "sum").figures["total"], total);
+    }
+}
+
+#[test]
+fn sum_product_adds_the_products_of_entries_holding_every_field() {
+    // a: 3 x 4, b: 2 x 0.5 (a float factor), c lacks `y` (adds nothing),
+    // d is a leaf (no fields: adds nothing).
+    let w = world(
+        r#"[resources]
+"m/a/x" = 3
+"m/a/y" = 4
+"m/b/x" = 2
+"m/b/y" = 0.5
+"m/c/x" = 7
+"m/d" = 1
+"n/a/x" = 4000000000000000
+"n/a/y" = 4000
+"s/a/x" = "three"
+"s/a/y" = 2
+"#,
+    );
+    let p = policy(
+        r#"
+[defaults]
+autonomy = "bounded"
+[[rules.cel]]
+id = "sum"
+reads = ["m/**"]
+expr = "sum_product(after.m, ['x', 'y']) == 13.0"
+outcome = "reject"
+[rules.cel.figures]
+total = "sum_product(after.m, ['x', 'y'])"
+only_x = "sum_product(after.m, ['x'])"
+[[rules.cel]]
+id = "overflow"
+reads = ["n/**"]
+expr = "sum_product(after.n, ['x', 'y']) > 0"
+outcome = "reject"
+[[rules.cel]]
+id = "not_a_number"
+reads = ["s/**"]
+expr = "sum_product(after.s, ['x', 'y']) > 0"
+outcome = "reject"
+[[rules.cel]]
+id = "no_fields"
+reads = ["m/**"]
+expr = "sum_product(after.m, []) > 0"
+outcome = "reject"
+"#,
+    );
+    let pv = run(
+        &w,
+        &p,
+        "x",
+        &plan(json!([
+            set("s1", "m/c/x", json!(8)),
+            set("s2", "n/a/y", json!(4001)),
+            set("s3", "s/a/y", json!(3)),
+        ])),
+    );
+    let r = rule(&pv, "sum");
+    assert_eq!(r.status, RuleStatus::Pass, "{r:#?}");
+    assert_eq!(r.figures["total"], Value::Float(13.0), "{r:#?}");
+    // Ints stay ints: 3 + 2 + 8 (m/d is a leaf and has no `x` field).
+    assert_eq!(r.figures["only_x"], Value::Int(13), "{r:#?}");
+    for (id, why) in [
+        ("overflow", "integer overflow"),
+        ("not_a_number", "takes numbers"),
+        ("no_fields", "at least one field"),
+    ] {
+        let r = rule(&pv, id);
+        assert_eq!(r.status, RuleStatus::Error, "{id}: {r:#?}");
+        assert!(r.message.contains(why), "{id}: {}", r.message);
     }
 }
 

@@ -57,7 +57,11 @@ pub fn node_plan(i: usize) -> Intent {
     plan(&format!("node-{i}"), json!(steps))
 }
 
-pub fn service_plan(lineage: &str) -> Intent {
+/// A 5-step plan on three services. `bump` moves its values, so that each
+/// iteration's plan changes the world it is decided against (the held plan
+/// uses 0, the measured ones 1 to 7 and never the same twice running): a plan
+/// equal to the world would change nothing and be judged in one state.
+pub fn service_plan(lineage: &str, bump: i64) -> Intent {
     let set = |id: &str, path: &str, v: i64| {
         json!({ "id": id, "kind": "set", "path": path, "args": { "value": v }, "confidence": 0.9,
                 "compensation": { "mode": "restore" } })
@@ -69,23 +73,53 @@ pub fn service_plan(lineage: &str) -> Intent {
     plan(
         lineage,
         json!([
-            set("s1", "svc/svc-00/pool_size", 12),
-            scale("s2", "svc/svc-00", 3),
-            set("s3", "svc/svc-01/pool_size", 12),
-            scale("s4", "svc/svc-01", 3),
-            set("s5", "svc/svc-02/pool_size", 11),
+            set("s1", "svc/svc-00/pool_size", 12 + bump),
+            scale("s2", "svc/svc-00", 3 + (bump % 2) as u32),
+            set("s3", "svc/svc-01/pool_size", 12 + bump),
+            scale("s4", "svc/svc-01", 3 + (bump % 2) as u32),
+            set("s5", "svc/svc-02/pool_size", 11 + bump),
         ]),
     )
 }
 
-pub fn policy() -> Policy {
+/// The shipped `config/policy.toml`, defaults made `bounded`: the fleet
+/// agent acts alone in this bench.
+fn shipped_policy_text() -> String {
     let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../config/policy.toml")).unwrap();
-    // The fleet agent acts alone in this bench.
-    let text = text.replace(
+    text.replace(
         "[defaults]\nautonomy = \"propose\"",
         "[defaults]\nautonomy = \"bounded\"",
+    )
+}
+
+/// The shipped policy (its connection budget a CEL rule over every service).
+pub fn policy() -> Policy {
+    Policy::from_toml_str(&shipped_policy_text()).unwrap()
+}
+
+/// The shipped policy with its CEL connection budget written as the native
+/// `[[rules.budget]]` (same rule id, same limit; a property test in
+/// `tests/budget.rs` shows the two agree): the same rule count.
+pub fn policy_native_budget() -> Policy {
+    let text = shipped_policy_text();
+    let from = text.find("[[rules.cel]]\nid = \"coupling.db_connections\"").unwrap();
+    let to = text.find("[[rules.cel]]\nid = \"confidence.destructive\"").unwrap();
+    let text = format!(
+        "{}{}{}",
+        &text[..from],
+        r#"[[rules.budget]]
+id = "coupling.db_connections"
+terms = ["svc/*/pool_size", "svc/*/replicas"]
+limit = "db/primary/max_connections"
+max_fraction = 0.8
+outcome = "reject"
+
+"#,
+        &text[to..]
     );
-    Policy::from_toml_str(&text).unwrap()
+    let p = Policy::from_toml_str(&text).unwrap();
+    assert_eq!(p.rule_count(), policy().rule_count());
+    p
 }
 
 pub fn verdict(fx: &[Effect]) -> Verdict {
@@ -103,8 +137,8 @@ pub fn verdict(fx: &[Effect]) -> Verdict {
 /// A coordinator on `w` with `inflight` background plans admitted and
 /// running (5 steps each on its own fleet node, from 100 agents); prints the
 /// memory each takes.
-pub fn with_inflight(w: World, inflight: usize) -> Coordinator {
-    let mut coord = Coordinator::new(Config::default(), policy(), w);
+pub fn with_inflight(w: World, inflight: usize, policy: Policy) -> Coordinator {
+    let mut coord = Coordinator::new(Config::default(), policy, w);
     let before = LIVE.load(Ordering::Relaxed);
     for i in 0..inflight {
         let fx = coord.handle(
@@ -124,21 +158,38 @@ pub fn with_inflight(w: World, inflight: usize) -> Coordinator {
     coord
 }
 
-fn propose(coord: &mut Coordinator, now: u64, n: u64, lineage: &str) -> Vec<Effect> {
+fn propose(coord: &mut Coordinator, now: u64, n: u64, intent: Intent) -> Vec<Effect> {
     coord.handle(
         now,
         Input::Intent {
             request: n,
             agent: "resource".into(),
-            intent: service_plan(lineage),
+            intent,
         },
     )
 }
 
+/// 1 to 7, different for consecutive iterations.
+fn bump(n: u64) -> i64 {
+    (n % 7) as i64 + 1
+}
+
+/// The intent `admit_and_run` proposes in iteration `n`, decoded from its
+/// JSON as the runtime would (outside the measured part: decoding belongs
+/// to the bus, not to `Coordinator::handle`).
+pub fn admit_intent(n: u64) -> Intent {
+    service_plan(&format!("admit-{n}"), bump(n))
+}
+
+/// The intent `decide_conflict` proposes in iteration `n`.
+pub fn conflict_intent(n: u64) -> Intent {
+    service_plan(&format!("conflict-{n}"), bump(n))
+}
+
 /// `admit-and-run`: a 5-step service plan is admitted, then every dispatch
 /// succeeds (one decision plus 5 outcomes), freeing its paths.
-pub fn admit_and_run(coord: &mut Coordinator, now: u64, n: u64) {
-    let mut fx = propose(coord, now, n, &format!("admit-{n}"));
+pub fn admit_and_run(coord: &mut Coordinator, now: u64, n: u64, intent: Intent) {
+    let mut fx = propose(coord, now, n, intent);
     assert_eq!(verdict(&fx), Verdict::Admit);
     while let Some(key) = fx.iter().find_map(|e| match e {
         Effect::Dispatch(d) => Some(d.key.clone()),
@@ -159,13 +210,16 @@ pub fn admit_and_run(coord: &mut Coordinator, now: u64, n: u64) {
 
 /// Admits the service plan that `decide_conflict` then conflicts with.
 pub fn hold_services(coord: &mut Coordinator, now: u64) {
-    assert_eq!(verdict(&propose(coord, now, 0, "held")), Verdict::Admit);
+    assert_eq!(
+        verdict(&propose(coord, now, 0, service_plan("held", 0))),
+        Verdict::Admit
+    );
 }
 
 /// `decide-conflict`: a new lineage on the held plan's paths, decided in
 /// full and rejected for the conflict.
-pub fn decide_conflict(coord: &mut Coordinator, now: u64, n: u64) -> Vec<Effect> {
-    let fx = propose(coord, now, n, &format!("conflict-{n}"));
+pub fn decide_conflict(coord: &mut Coordinator, now: u64, n: u64, intent: Intent) -> Vec<Effect> {
+    let fx = propose(coord, now, n, intent);
     assert_eq!(verdict(&fx), Verdict::Reject);
     fx
 }

@@ -1356,7 +1356,7 @@ impl Coordinator {
             policy: &self.policy,
             previous,
         };
-        let mut preview = preview_of_run(input, run, Some(hash.clone()));
+        let mut preview = preview_of_run(input, run, Some(hash));
         // The world as it is differs from the projected one only at the paths
         // the in-flight plans change: if the projected preview read none of
         // them (nor anything under a prefix it scanned), the preview on the
@@ -1364,9 +1364,10 @@ impl Coordinator {
         // results, so it adds no reason and is not computed.
         if !self.projected.is_empty() && memo.read_any(&self.projected) {
             let current_memo = Memo::default();
-            let mut current_run =
+            let current_run =
                 crate::preview::Run::simulate(Base::current(&self.world).with_memo(&current_memo), intent);
-            let current = preview_of_run(input, &mut current_run, Some(hash));
+            // Only its reasons are used: the rules alone, not a whole preview.
+            let current = crate::preview::judge(input, &current_run);
             for r in current.reasons {
                 if !preview.reasons.iter().any(|p| p.rule == r.rule) {
                     extra.push(Reason {
@@ -1571,15 +1572,12 @@ impl Coordinator {
     /// In-flight index entries for `path`, its ancestors and its descendants.
     fn inflight_overlapping(&self, path: &ResourcePath) -> Vec<(&ResourcePath, &Vec<Id>)> {
         let mut out: Vec<(&ResourcePath, &Vec<Id>)> = Vec::new();
-        if let Some((p, o)) = self.inflight.get_key_value(path) {
-            out.push((p, o));
-        }
-        let mut cur = path.parent();
-        while let Some(p) = cur {
-            if let Some((k, o)) = self.inflight.get_key_value(&p) {
+        // The path and its ancestors, looked up by their text (no path built).
+        let text = path.as_str();
+        for end in std::iter::once(text.len()).chain(text.rmatch_indices('/').map(|(i, _)| i)) {
+            if let Some((k, o)) = self.inflight.get_key_value(&text[..end]) {
                 out.push((k, o));
             }
-            cur = p.parent();
         }
         let prefix = path.descendant_prefix();
         out.extend(crate::world::scan_prefix(&self.inflight, &prefix));
