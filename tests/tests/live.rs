@@ -855,3 +855,131 @@ async fn operators_commands_amid_a_stream_of_intents_keep_the_log_whole() {
     assert!(s.halts.is_empty(), "{:?}", s.halts);
     assert_eq!(commands, 50);
 }
+
+/// `concord record` writes the live log as a recording that `concord replay`
+/// re-decides exactly: `--since` marks where the incident starts (what is
+/// reported from), `--until` where the recording ends.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_recording_of_the_live_log_replays_exactly() {
+    let live = Live::start().await;
+    let _seen = executor(&live, StepResult::Succeeded).await;
+    let agent = live.client("resource").await;
+    let d = agent
+        .propose("resource", &example("seven-days-pool-500"))
+        .await
+        .unwrap();
+    assert_eq!(d.verdict, Verdict::Reject);
+    let d = agent.propose("resource", &example("pool-60")).await.unwrap();
+    assert_eq!(d.verdict, Verdict::Admit, "{:?}", d.reasons);
+    wait_for(async || {
+        events(&records(&live).await)
+            .iter()
+            .any(|e| matches!(e, Event::Completed { .. }))
+    })
+    .await;
+    let log = records(&live).await;
+    // The admission's record: the incident window starts there.
+    let admitted_at = log
+        .iter()
+        .find_map(|r| match r {
+            Record::Input { now_ms, events, .. }
+                if events.iter().any(|e| {
+                    matches!(
+                        e,
+                        Event::Decided {
+                            verdict: Verdict::Admit,
+                            ..
+                        }
+                    )
+                }) =>
+            {
+                Some(*now_ms)
+            }
+            _ => None,
+        })
+        .expect("the admission is logged");
+    let rejected_at = log
+        .iter()
+        .find_map(|r| match r {
+            Record::Input { now_ms, events, .. }
+                if events.iter().any(|e| {
+                    matches!(
+                        e,
+                        Event::Decided {
+                            verdict: Verdict::Reject,
+                            ..
+                        }
+                    )
+                }) =>
+            {
+                Some(*now_ms)
+            }
+            _ => None,
+        })
+        .expect("the rejection is logged");
+    assert!(rejected_at < admitted_at);
+
+    let url = live.urls();
+    let stream = live.cfg.log.stream.clone();
+    let cli = move |args: Vec<String>| tokio::task::spawn_blocking(move || concord_tests::concord(args));
+    let dir = std::env::temp_dir();
+    let file = |name: &str| dir.join(format!("concord-record-{}-{name}.jsonl", std::process::id()));
+
+    // The whole incident from the admission on, with the history before it.
+    let rec = cli(vec![
+        "record".into(),
+        "--nats".into(),
+        url.clone(),
+        "--stream".into(),
+        stream.clone(),
+        "--since".into(),
+        admitted_at.to_string(),
+    ])
+    .await
+    .unwrap();
+    assert_eq!(rec.code, 0, "{}", rec.stderr);
+    let lines = rec.stdout.lines().count();
+    assert!(lines >= log.len(), "{lines} lines for {} records", log.len());
+    assert!(rec.stdout.contains("recording_window"), "{}", rec.stdout);
+    let whole = file("whole");
+    std::fs::write(&whole, &rec.stdout).unwrap();
+    let replayed = cli(vec!["replay".into(), whole.display().to_string()]).await.unwrap();
+    assert_eq!(replayed.code, 0, "{}{}", replayed.stdout, replayed.stderr);
+    assert!(
+        replayed.stdout.contains("reproduced every recorded event")
+            && replayed.stdout.contains("in the incident window from"),
+        "{}",
+        replayed.stdout
+    );
+    // Within the window: the admission, not the rejection before it.
+    assert!(
+        replayed.stdout.contains("admit 1") && !replayed.stdout.contains("reject"),
+        "{}",
+        replayed.stdout
+    );
+
+    // Ended before the admission: the rejection only.
+    let rec = cli(vec![
+        "record".into(),
+        "--nats".into(),
+        url,
+        "--stream".into(),
+        stream,
+        "--until".into(),
+        (admitted_at - 1).to_string(),
+    ])
+    .await
+    .unwrap();
+    assert_eq!(rec.code, 0, "{}", rec.stderr);
+    let early = file("early");
+    std::fs::write(&early, &rec.stdout).unwrap();
+    let replayed = cli(vec!["replay".into(), early.display().to_string()]).await.unwrap();
+    assert_eq!(replayed.code, 0, "{}{}", replayed.stdout, replayed.stderr);
+    assert!(
+        replayed.stdout.contains("reject 1") && !replayed.stdout.contains("admit"),
+        "{}",
+        replayed.stdout
+    );
+    let _ = std::fs::remove_file(whole);
+    let _ = std::fs::remove_file(early);
+}

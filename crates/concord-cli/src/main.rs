@@ -59,6 +59,8 @@ enum Command {
     Sim(cmd::sim::Args),
     /// Re-decide a recorded log and check it reproduces; with --policy, what-if.
     Replay(cmd::replay::Args),
+    /// Write the coordination log, from its genesis up to --until, as a recording `concord replay` re-decides
+    Record(cmd::tail::RecordArgs),
 }
 
 fn main() -> ExitCode {
@@ -91,6 +93,7 @@ fn main() -> ExitCode {
         Command::Bench(a) => cmd::bench::run(a),
         Command::Sim(a) => cmd::sim::run(a),
         Command::Replay(a) => cmd::replay::run(a),
+        Command::Record(a) => cmd::tail::record(a),
     };
     match result {
         Ok(code) => ExitCode::from(code),

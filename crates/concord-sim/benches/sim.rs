@@ -2,8 +2,9 @@
 //!
 //! - `seven-days/<mode>`: the shipped `simulations/seven-days.toml`, 7 days
 //!   at one-second dynamics, three agents, one mode per iteration.
-//! - `replay/intents`: re-deciding a recording of 2,000 intents (3 of 4
-//!   admitted and run: intent + outcome; 1 of 4 rejected by the ceiling)
+//! - `replay/intents`: re-deciding a recording of 2,000 one-step intents
+//!   (3 of 4 admitted and run, each changing a pool: intent + outcome; 1 of
+//!   4 rejected by the ceiling)
 //!   under the shipped policy and the seven-days world; throughput in intents.
 //!   `replay/intents-native-budget`: the same with the policy's CEL
 //!   connection-budget rule as the native `[[rules.budget]]`.
@@ -13,7 +14,7 @@
 
 use std::path::Path;
 
-use concord_core::coordinator::{Config, Coordinator, Effect, Genesis, Input, RECORD_VERSION, Record};
+use concord_core::coordinator::{Config, Coordinator, Effect, Genesis, Input, RECORD_VERSION, Record, Reply};
 use concord_core::policy::Policy;
 use concord_core::world::World;
 use concord_proto::coord::{StepOutcome, StepResult};
@@ -62,10 +63,16 @@ fn record(policy_text: &str, world: World, inputs: impl Iterator<Item = (u64, In
         });
         fx
     };
+    let mut verdicts: std::collections::BTreeMap<String, usize> = std::collections::BTreeMap::new();
     for (now, input) in inputs {
         for fx in feed(&mut c, now, input, &mut records) {
-            if let Effect::Dispatch(d) = fx {
-                pending.push(d.key);
+            match fx {
+                Effect::Dispatch(d) => pending.push(d.key),
+                Effect::Reply {
+                    reply: Reply::Decision(d),
+                    ..
+                } => *verdicts.entry(format!("{:?}", d.verdict)).or_default() += 1,
+                _ => {}
             }
         }
         for key in std::mem::take(&mut pending) {
@@ -78,6 +85,9 @@ fn record(policy_text: &str, world: World, inputs: impl Iterator<Item = (u64, In
             };
             feed(&mut c, now + 1_000, outcome, &mut records);
         }
+    }
+    if !verdicts.is_empty() {
+        eprintln!("recorded decisions: {verdicts:?}");
     }
     records
 }
@@ -102,11 +112,10 @@ fn intents(n: u64, native: bool) -> Vec<Record> {
     let world =
         World::from_toml_str(&std::fs::read_to_string(root().join("config/examples/world.toml")).unwrap()).unwrap();
     let inputs = (0..n).map(|i| {
-        let value = match i % 4 {
-            3 => 5000, // over the ceiling: rejected
-            k if k % 2 == 0 => 60,
-            _ => 50,
-        };
+        // 3 of 4 within policy, each a value its service's pool does not
+        // hold yet (the plans on one service are 3 apart: i % 20 differs),
+        // so every admitted plan changes the world; 1 of 4 over the ceiling.
+        let value = if i % 4 == 3 { 5000 } else { 36 + (i % 20) as i64 };
         let svc = ["api", "worker", "billing"][(i % 3) as usize];
         let plan = json!({ "protocol": 1, "lineage": format!("bench-{i}"), "version": 1, "goal": "tune",
             "steps": [{ "id": "s1", "kind": "set", "path": format!("svc/{svc}/pool_size"), "args": { "value": value },

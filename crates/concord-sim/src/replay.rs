@@ -75,6 +75,57 @@ pub enum ReplayError {
     },
 }
 
+/// The kind of the notice a recording places where its incident window
+/// starts: replay and what-if report from there (the records before it
+/// rebuild the state the incident started from, and are checked too).
+pub const WINDOW_NOTICE: &str = "recording_window";
+
+/// A recording of a log (its records in order, as `concord record` reads
+/// them from `CONCORD_LOG`): the genesis and every record up to the first
+/// one after `until` (a replay needs the whole history to rebuild the state
+/// the incident started from), with a [`WINDOW_NOTICE`] placed before the
+/// first record at or after `since`.
+pub fn recording(records: Vec<Record>, since: Option<u64>, until: Option<u64>) -> Result<Vec<Record>, ReplayError> {
+    if !matches!(records.first(), Some(Record::Genesis(_))) {
+        return Err(ReplayError::NoGenesis);
+    }
+    let mut out = Vec::with_capacity(records.len() + 1);
+    let mut window = since;
+    for (i, r) in records.into_iter().enumerate() {
+        if i > 0 && until.is_some_and(|u| r.now_ms() > u) {
+            break;
+        }
+        if let Some(t) = window
+            && i > 0
+            && r.now_ms() >= t
+        {
+            out.push(window_notice(t));
+            window = None;
+        }
+        out.push(r);
+    }
+    if let Some(t) = window {
+        out.push(window_notice(t));
+    }
+    Ok(out)
+}
+
+fn window_notice(since_ms: u64) -> Record {
+    Record::Notice {
+        now_ms: since_ms,
+        kind: WINDOW_NOTICE.into(),
+        detail: format!("the incident from {since_ms}; the records before rebuild the state it started from"),
+    }
+}
+
+/// Where a recording's incident window starts, if it marks one.
+pub fn window_start(records: &[Record]) -> Option<u64> {
+    records.iter().find_map(|r| match r {
+        Record::Notice { now_ms, kind, .. } if kind == WINDOW_NOTICE => Some(*now_ms),
+        _ => None,
+    })
+}
+
 /// Reads a JSONL recording.
 pub fn parse_jsonl(text: &str) -> Result<Vec<Record>, ReplayError> {
     let mut out = Vec::new();
@@ -248,8 +299,11 @@ pub struct ReplaySummary {
     pub intents: usize,
     /// Events compared, all equal.
     pub events: usize,
-    /// Verdicts reproduced, by verdict.
+    /// Verdicts reproduced, by verdict (within the incident window, if the
+    /// recording marks one).
     pub verdicts: BTreeMap<String, usize>,
+    /// Where the recording's incident window starts, if it marks one.
+    pub window_from_ms: Option<u64>,
     /// Coordinator time of the last record.
     pub until_ms: u64,
     /// The final state digest.
@@ -259,8 +313,10 @@ pub struct ReplaySummary {
 /// Re-decides a recording and checks every event is reproduced.
 pub fn replay(records: &[Record]) -> Result<ReplaySummary, ReplayError> {
     let mut c = genesis(records)?;
+    let window = window_start(records);
     let mut s = ReplaySummary {
         records: records.len(),
+        window_from_ms: window,
         ..ReplaySummary::default()
     };
     for (i, r) in records.iter().enumerate().skip(1) {
@@ -271,6 +327,9 @@ pub fn replay(records: &[Record]) -> Result<ReplaySummary, ReplayError> {
                 s.until_ms = *now_ms;
             }
             s.events += evs.len();
+            if window.is_some_and(|t| r.now_ms() < t) {
+                continue;
+            }
             for e in &evs {
                 if let Event::Decided { verdict, .. } = e {
                     *s.verdicts.entry(verdict.name().to_string()).or_default() += 1;
@@ -363,6 +422,9 @@ pub fn what_if(records: &[Record], other: PolicyConfig) -> Result<WhatIf, Replay
         ..WhatIf::default()
     };
     drop(compiled);
+    // Before the recording's incident window the recorded run only rebuilds
+    // its state (and is checked); the other policy is asked from there on.
+    let window = window_start(records).unwrap_or(0);
     for (i, r) in records.iter().enumerate().skip(1) {
         // Only inputs that decide something need the other policy's view.
         let alt = match r {
@@ -370,8 +432,9 @@ pub fn what_if(records: &[Record], other: PolicyConfig) -> Result<WhatIf, Replay
                 now_ms,
                 input,
                 events: recorded,
-            } if matches!(**input, Input::Intent { .. } | Input::Control { .. })
-                || recorded.iter().any(|e| matches!(e, Event::Decided { .. })) =>
+            } if *now_ms >= window
+                && (matches!(**input, Input::Intent { .. } | Input::Control { .. })
+                    || recorded.iter().any(|e| matches!(e, Event::Decided { .. }))) =>
             {
                 let bytes = a.snapshot().map_err(|e| ReplayError::Decode {
                     line: i + 1,
@@ -433,4 +496,74 @@ pub fn what_if(records: &[Record], other: PolicyConfig) -> Result<WhatIf, Replay
         w.earlier_by_ms = Some(r as i64 - o as i64);
     }
     Ok(w)
+}
+
+#[cfg(test)]
+mod tests {
+    use concord_core::coordinator::{Config, Genesis, RECORD_VERSION};
+    use concord_core::policy::Policy;
+    use concord_core::world::World;
+
+    use super::*;
+
+    fn log(times: &[u64]) -> Vec<Record> {
+        let policy = Policy::from_toml_str("").unwrap();
+        let mut out = vec![Record::Genesis(Box::new(Genesis {
+            record_version: RECORD_VERSION,
+            now_ms: 0,
+            coordinator: "c".into(),
+            config: Config::default(),
+            policy: policy.config.clone(),
+            policy_hash: policy.hash.clone(),
+            world: World::default(),
+        }))];
+        out.extend(times.iter().map(|&t| Record::Input {
+            now_ms: t,
+            input: Box::new(Input::Tick),
+            events: Vec::new(),
+        }));
+        out
+    }
+
+    fn shape(records: &[Record]) -> Vec<String> {
+        records
+            .iter()
+            .map(|r| match r {
+                Record::Genesis(_) => "genesis".to_string(),
+                Record::Notice { now_ms, kind, .. } => format!("{kind}@{now_ms}"),
+                other => other.now_ms().to_string(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_recording_keeps_the_history_marks_the_window_and_ends_at_until() {
+        let all = log(&[10, 20, 30, 40]);
+        assert_eq!(
+            shape(&recording(all.clone(), None, None).unwrap()),
+            ["genesis", "10", "20", "30", "40"]
+        );
+        assert_eq!(
+            shape(&recording(all.clone(), Some(20), Some(30)).unwrap()),
+            ["genesis", "10", "recording_window@20", "20", "30"]
+        );
+        assert_eq!(
+            shape(&recording(all.clone(), Some(25), None).unwrap()),
+            ["genesis", "10", "20", "recording_window@25", "30", "40"]
+        );
+        // A window after the last record: marked at the end, nothing in it.
+        assert_eq!(
+            shape(&recording(all.clone(), Some(50), Some(15)).unwrap()),
+            ["genesis", "10", "recording_window@50"]
+        );
+        let r = recording(all.clone(), Some(25), None).unwrap();
+        assert_eq!(window_start(&r), Some(25));
+        let s = replay(&r).unwrap();
+        assert_eq!(s.window_from_ms, Some(25));
+        assert_eq!(s.inputs, 4);
+        assert!(matches!(
+            recording(all[1..].to_vec(), None, None),
+            Err(ReplayError::NoGenesis)
+        ));
+    }
 }

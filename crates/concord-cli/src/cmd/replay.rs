@@ -35,8 +35,12 @@ pub fn run(a: Args) -> Result<u8> {
             if a.json {
                 out(&format!("{}\n", serde_json::to_string_pretty(&s)?))?;
             } else {
+                let window = s
+                    .window_from_ms
+                    .map(|t| format!(" in the incident window from {}", stamp(t)))
+                    .unwrap_or_default();
                 out(&format!(
-                    "{path}: replay reproduced every recorded event\n  {} records, {} inputs, {} intents re-decided, {} events equal, up to {}\n  verdicts: {}\n  state digest {}\n",
+                    "{path}: replay reproduced every recorded event\n  {} records, {} inputs, {} intents re-decided, {} events equal, up to {}\n  verdicts{window}: {}\n  state digest {}\n",
                     s.records,
                     s.inputs,
                     s.intents,

@@ -174,6 +174,56 @@ pub fn tail(a: TailArgs) -> Result<u8> {
     })
 }
 
+/// `concord record`.
+#[derive(Debug, clap::Args)]
+pub struct RecordArgs {
+    /// Where the incident starts (coordinator time, ms since the epoch):
+    /// replay and what-if report from there. The records before it are kept:
+    /// they rebuild the state the incident started from.
+    #[arg(long)]
+    since: Option<u64>,
+    /// Where the recording ends: no record after this time (ms since the epoch).
+    #[arg(long)]
+    until: Option<u64>,
+    /// The log stream.
+    #[arg(long, default_value = "CONCORD_LOG")]
+    stream: String,
+    #[command(flatten)]
+    bus: Bus,
+}
+
+/// Writes the log, from its genesis up to `--until`, as a JSONL recording
+/// that `concord replay` re-decides.
+pub fn record(a: RecordArgs) -> Result<u8> {
+    let records = runtime()?.block_on(async {
+        let c = a.bus.connect().await?;
+        let mut records: Vec<Record> = Vec::new();
+        let mut failure = None;
+        read_log(&c.nats, &a.stream, 1, false, |seq, payload| {
+            match serde_json::from_slice::<Batch>(payload) {
+                Ok(b) => {
+                    records.extend(b.records);
+                    // Past `--until`: the rest of the log is not needed.
+                    a.until.is_none_or(|u| records.last().is_none_or(|r| r.now_ms() <= u))
+                }
+                Err(e) => {
+                    failure = Some(format!("message {seq} is not a log batch: {e}"));
+                    false
+                }
+            }
+        })
+        .await?;
+        match failure {
+            Some(f) => anyhow::bail!(f),
+            None => Ok(records),
+        }
+    })?;
+    let recording =
+        concord_sim::replay::recording(records, a.since, a.until).map_err(|e| anyhow::anyhow!("{}: {e}", a.stream))?;
+    out(&concord_sim::replay::to_jsonl(&recording))?;
+    Ok(0)
+}
+
 /// `concord log verify`.
 #[derive(Debug, clap::Args)]
 pub struct LogArgs {
