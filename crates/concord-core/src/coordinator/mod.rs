@@ -26,6 +26,7 @@ mod leases;
 pub mod record;
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::fmt::Write as _;
 use std::sync::Arc;
 
 use concord_proto::coord::{
@@ -957,7 +958,11 @@ impl Coordinator {
     /// and compounding tables): two coordinators fed the same inputs have the
     /// same digest. Every table is ordered, so the text hashed is canonical.
     pub fn state_digest(&self) -> String {
-        let text = format!(
+        // The text goes to the hasher through a buffer, never whole into
+        // memory (megabytes for a large state): the same bytes, the same hash.
+        let mut h = HashText::default();
+        let written = write!(
+            h,
             "{:?}",
             (
                 (&self.world, &self.plans, &self.projected, &self.inflight, &self.fencing),
@@ -970,7 +975,8 @@ impl Coordinator {
                 (self.doc.identity(), self.doc.epoch(), self.doc.history_digest()),
             )
         );
-        blake3::hash(text.as_bytes()).to_hex().to_string()
+        debug_assert!(written.is_ok(), "writing to a hasher cannot fail");
+        h.finish()
     }
 
     /// When the runtime must next call `handle(.., Tick)`.
@@ -2685,6 +2691,38 @@ pub struct Divergence {
     pub produced: Option<Event>,
 }
 
+/// A BLAKE3 hasher fed text through a buffer: hashing the few bytes each
+/// `write_str` carries would cost more than formatting them.
+#[derive(Default)]
+struct HashText {
+    hasher: blake3::Hasher,
+    buf: Vec<u8>,
+}
+
+impl HashText {
+    const BUF: usize = 64 * 1024;
+
+    fn finish(mut self) -> String {
+        self.hasher.update(&self.buf);
+        self.hasher.finalize().to_hex().to_string()
+    }
+}
+
+impl std::fmt::Write for HashText {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        if self.buf.len() + s.len() > Self::BUF {
+            self.hasher.update(&self.buf);
+            self.buf.clear();
+        }
+        if s.len() > Self::BUF {
+            self.hasher.update(s.as_bytes());
+        } else {
+            self.buf.extend_from_slice(s.as_bytes());
+        }
+        Ok(())
+    }
+}
+
 /// Compares the events among `effects` with `recorded`, in order.
 pub fn first_divergence(recorded: &[Event], effects: &[Effect]) -> Option<Divergence> {
     let produced: Vec<&Event> = effects
@@ -2723,5 +2761,32 @@ mod pairs {
         D: Deserializer<'de>,
     {
         Ok(Vec::<(K, V)>::deserialize(d)?.into_iter().collect())
+    }
+}
+
+#[cfg(test)]
+mod hash_text_tests {
+    use std::fmt::Write as _;
+
+    use super::HashText;
+
+    /// Fed in pieces of every size, across buffer boundaries, the hash is
+    /// that of the whole text at once.
+    #[test]
+    fn hashing_text_in_pieces_hashes_the_whole_text() {
+        let piece = "x".repeat(1000);
+        let big = "y".repeat(HashText::BUF + 7);
+        let mut whole = String::new();
+        let mut h = HashText::default();
+        for i in 0..300 {
+            let s = match i % 3 {
+                0 => &piece[..i % 1000],
+                1 => "{:?}",
+                _ => big.as_str(),
+            };
+            whole.push_str(s);
+            h.write_str(s).unwrap();
+        }
+        assert_eq!(h.finish(), blake3::hash(whole.as_bytes()).to_hex().to_string());
     }
 }
