@@ -1531,6 +1531,45 @@ async fn notices_missed_while_away_survive_a_coordinator_restart_rebuilt_from_th
     assert!(matches!(decision, HumanDecision::Approved { .. }), "{decision:?}");
 }
 
+/// The agent comes back while the coordinator is still down: its first
+/// catch-up finds nobody to answer, and it asks again until the coordinator
+/// is back.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_agent_back_before_the_coordinator_catches_up_once_the_coordinator_is_back() {
+    let mut live = start_snapshotting_every(0).await;
+    let values = Values::new(&world(), &[]);
+    let _exec = executor(&live, &values).await;
+    let relay = Relay::to(live.server.port()).await;
+    let away = agent_at(&relay.url(), "resource").await;
+    let p = pool_plan("held-back-first", 120);
+    let d = away.propose(&p).await.unwrap();
+    assert_eq!(d.verdict, Verdict::NeedsApproval, "{:?}", d.reasons);
+    relay.cut();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while away.nats().connection_state() == async_nats::connection::State::Connected {
+        assert!(tokio::time::Instant::now() < deadline, "the agent never saw the cut");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(approve(&live, "held-back-first", 1).await);
+    live.down().await;
+    relay.heal();
+    let deadline = tokio::time::Instant::now() + SLOW_WAIT;
+    while away.nats().connection_state() != async_nats::connection::State::Connected {
+        assert!(tokio::time::Instant::now() < deadline, "the agent never reconnected");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Reconnected with no coordinator to answer its catch-up.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        away.notices(&p.lineage, 1)
+            .iter()
+            .all(|n| n.event != concord_proto::coord::NoticeKind::Approved)
+    );
+    live.up().await;
+    let decision = away.await_decision(&p.lineage, 1, SLOW_WAIT).await.unwrap();
+    assert!(matches!(decision, HumanDecision::Approved { .. }), "{decision:?}");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn notices_missed_while_away_survive_a_coordinator_restart_from_a_snapshot() {
     let mut live = start_snapshotting_every(1).await;

@@ -187,7 +187,8 @@ fn valid_token(name: &str) -> bool {
 }
 
 /// Fetches the agent's latest notices from the coordinator and merges them.
-async fn catch_up_notices(client: &async_nats::Client, query: &str, shared: &std::sync::Weak<Shared>) {
+/// Returns whether the coordinator answered (if not, the caller asks again).
+async fn catch_up_notices(client: &async_nats::Client, query: &str, shared: &std::sync::Weak<Shared>) -> bool {
     #[derive(Deserialize)]
     struct Answer {
         notices: Vec<Notice>,
@@ -195,11 +196,11 @@ async fn catch_up_notices(client: &async_nats::Client, query: &str, shared: &std
     let answer = match client.request(query.to_string(), r#"{"op":"notices"}"#.into()).await {
         Ok(m) => serde_json::from_slice::<Answer>(&m.payload),
         Err(e) => {
-            debug!("catching up on notices: {e}");
-            return;
+            debug!("catching up on notices: {e}; asking again");
+            return false;
         }
     };
-    let Some(shared) = shared.upgrade() else { return };
+    let Some(shared) = shared.upgrade() else { return true };
     match answer {
         Ok(a) => {
             let n = a.notices.len();
@@ -215,6 +216,7 @@ async fn catch_up_notices(client: &async_nats::Client, query: &str, shared: &std
         }
         Err(e) => warn!("catching up on notices: an answer that does not decode: {e}"),
     }
+    true
 }
 
 /// A decision and the coordinator's span that made it.
@@ -295,8 +297,13 @@ impl Agent {
         let s = Arc::downgrade(&shared);
         let client = nats.clone();
         let query = format!("{prefix}.query.{}", cfg.name);
+        // The coordinator may not answer at once (it may be restarting too):
+        // the catch-up is asked again, backing off up to 2 s, until it does.
         tokio::spawn(async move {
             let mut was_connected = true;
+            let mut owed = false;
+            let mut backoff = Duration::from_millis(100);
+            let mut next_try = tokio::time::Instant::now();
             let mut tick = tokio::time::interval(Duration::from_millis(100));
             loop {
                 tick.tick().await;
@@ -305,9 +312,19 @@ impl Agent {
                 }
                 let connected = client.connection_state() == async_nats::connection::State::Connected;
                 if connected && !was_connected {
-                    catch_up_notices(&client, &query, &s).await;
+                    owed = true;
+                    backoff = Duration::from_millis(100);
+                    next_try = tokio::time::Instant::now();
                 }
                 was_connected = connected;
+                if connected && owed && tokio::time::Instant::now() >= next_try {
+                    if catch_up_notices(&client, &query, &s).await {
+                        owed = false;
+                    } else {
+                        next_try = tokio::time::Instant::now() + backoff;
+                        backoff = (backoff * 2).min(Duration::from_secs(2));
+                    }
+                }
             }
         });
         // The subscription must be in place before any plan is proposed.
