@@ -14,7 +14,7 @@ use cel::common::types::{CelBool, CelDouble, CelInt, CelList, CelMap, CelMapKey,
 use cel::common::value::{CowVal, Val as CelVal};
 use cel::context::VariableResolver;
 use cel::objects::Key;
-use cel::{Context, ExecutionError, Value as CelValue};
+use cel::{ExecutionError, Value as CelValue};
 use concord_proto::{ResourcePath, Value};
 
 /// Converts a CEL result to a concord value for a report; maps come out sorted.
@@ -78,6 +78,103 @@ pub fn record_val<'v>(entries: Vec<(&'v str, Val<'v>)>) -> Val<'v> {
             .map(|(k, v)| (CelMapKey::from(k), v))
             .collect::<HashMap<_, _>>(),
     ))
+}
+
+/// A map from string keys, shared rather than copied when the interpreter
+/// clones it: it clones a value to bind it to a comprehension's variable
+/// (`plan.steps.all(s, ..)` binds each step), and cloning a built map
+/// rebuilds its table where cloning this counts a reference.
+pub fn shared_record_val<'v>(entries: Vec<(&'v str, Val<'v>)>) -> Val<'v> {
+    Box::new(Shared(std::sync::Arc::new(CelMap::from(
+        entries
+            .into_iter()
+            .map(|(k, v)| (CelMapKey::from(k), v))
+            .collect::<HashMap<_, _>>(),
+    ))))
+}
+
+/// A built map behind a shared reference: every operation is the map's.
+#[derive(Clone, Debug)]
+struct Shared<'v>(std::sync::Arc<CelMap<'v>>);
+
+impl<'v> CelVal for Shared<'v> {
+    fn get_type(&self) -> &cel::common::types::Type {
+        self.0.get_type()
+    }
+
+    fn cel_type() -> &'static cel::common::types::Type
+    where
+        Self: Sized,
+    {
+        <CelMap<'_> as CelVal>::cel_type()
+    }
+
+    fn as_container(&self) -> Option<&dyn cel::common::traits::Container> {
+        self.0.as_container()
+    }
+
+    fn as_indexer<'b, 'w>(&'b self) -> Option<&'b (dyn cel::common::traits::Indexer + 'w)>
+    where
+        Self: 'w,
+    {
+        Some(self)
+    }
+
+    fn into_indexer<'w>(self: Box<Self>) -> Option<Box<dyn cel::common::traits::Indexer + 'w>>
+    where
+        Self: 'w,
+    {
+        Some(self)
+    }
+
+    fn as_iterable<'b, 'w>(&'b self) -> Option<&'b (dyn cel::common::traits::Iterable + 'w)>
+    where
+        Self: 'w,
+    {
+        self.0.as_iterable()
+    }
+
+    fn as_sizer(&self) -> Option<&dyn cel::common::traits::Sizer> {
+        self.0.as_sizer()
+    }
+
+    fn equals(&self, other: &dyn CelVal) -> bool {
+        self.0.equals(other)
+    }
+
+    fn clone_as_boxed<'w>(&self) -> Box<dyn CelVal + 'w>
+    where
+        Self: 'w,
+    {
+        Box::new(self.clone())
+    }
+
+    fn as_builtin<'b, 'w>(&'b self) -> cel::common::value::BuiltinRef<'b, 'w>
+    where
+        Self: 'w,
+    {
+        // Downcasts (and other maps' equality) see the map itself.
+        self.0.as_builtin()
+    }
+}
+
+impl cel::common::traits::Indexer for Shared<'_> {
+    fn get<'b, 'w>(&'b self, key: &dyn CelVal) -> Result<CowVal<'b, 'w>, ExecutionError>
+    where
+        Self: 'w,
+    {
+        match self.0.as_indexer() {
+            Some(map) => map.get(key),
+            None => Err(ExecutionError::function_error("index", "a map indexes")),
+        }
+    }
+
+    fn steal<'w>(self: Box<Self>, key: &dyn CelVal) -> Result<Box<dyn CelVal + 'w>, ExecutionError>
+    where
+        Self: 'w,
+    {
+        self.get(key).map(CowVal::into_owned)
+    }
 }
 
 enum Node<'v> {
@@ -216,7 +313,11 @@ impl<'v> Tree<'v> {
             let mut keys: Vec<Child<'v>> = Vec::new();
             for i in 0..self.entries.len() {
                 let rest = self.rest(i);
-                let text = rest.split('/').next().unwrap_or(rest);
+                let text = rest
+                    .as_bytes()
+                    .iter()
+                    .position(|&b| b == b'/')
+                    .map_or(rest, |end| &rest[..end]);
                 match keys.last_mut() {
                     Some(last) if last.text == text => last.to = i + 1,
                     _ => keys.push(Child {
@@ -392,26 +493,40 @@ impl VariableResolver for Bindings<'_, '_> {
     }
 }
 
-/// A helper as the interpreter calls it: given its arguments as values,
-/// without converting them (`keys(after.svc)` would otherwise copy every
-/// service's map into an owned `cel::Value` before looking at a key).
-type Helper =
-    Box<dyn for<'c, 'a> Fn(&mut cel::FunctionContext<'c, 'a>) -> Result<CowVal<'c, 'a>, ExecutionError> + Send + Sync>;
-
-/// Registers `sum`, `keys` and `sum_product` on a root context.
-pub fn add_helpers(ctx: &mut Context<'_, '_>) -> Result<(), String> {
-    ctx.add_function("sum", Box::new(sum) as Helper)
-        .map_err(|e| format!("{e:?}"))?;
-    ctx.add_function("keys", Box::new(keys) as Helper)
-        .map_err(|e| format!("{e:?}"))?;
-    ctx.add_function("sum_product", Box::new(sum_product) as Helper)
-        .map_err(|e| format!("{e:?}"))?;
-    Ok(())
+/// The environment rules compile and run in: CEL's standard library and
+/// concord's helpers `sum`, `keys` and `sum_product`, declared once as
+/// overloads (a helper added to each evaluation's context cost more than
+/// many rules). Each helper takes any values and checks them itself, so a
+/// wrong argument gets the helper's own error; it is declared for up to
+/// [`HELPER_ARITY_MAX`] arguments so a wrong count does too.
+pub fn env() -> cel::Env {
+    let mut env = cel::Env::stdlib();
+    let helpers: [(&str, cel::common::functions::Function); 3] =
+        [("sum", sum), ("keys", keys), ("sum_product", sum_product)];
+    for (name, op) in helpers {
+        for n in 0..=HELPER_ARITY_MAX {
+            env.add_overload(
+                name,
+                &format!("{name}_{n}"),
+                (0..n).map(|_| cel::common::types::DYN_TYPE).collect(),
+                op,
+            )
+            .expect("helper names are not in the standard library, each arity declared once");
+        }
+    }
+    env
 }
 
+/// The most arguments a helper is declared for: calls with more are CEL's
+/// "no such overload".
+pub const HELPER_ARITY_MAX: usize = 3;
+
+/// A helper's arguments, as the interpreter hands them over.
+type Args<'b, 'v> = Vec<CowVal<'b, 'v>>;
+
 /// The one argument of a helper.
-fn only_arg<'b, 'c, 'a>(ftx: &'b cel::FunctionContext<'c, 'a>) -> Result<&'b (dyn CelVal + 'a), ExecutionError> {
-    match ftx.args.as_slice() {
+fn only_arg<'x, 'b, 'v>(args: &'x Args<'b, 'v>) -> Result<&'x (dyn CelVal + 'v), ExecutionError> {
+    match args.as_slice() {
         [arg] => Ok(arg.as_ref()),
         args => Err(ExecutionError::invalid_argument_count(1, args.len())),
     }
@@ -478,8 +593,8 @@ fn number(v: &dyn CelVal, name: &str) -> Result<Number, ExecutionError> {
 /// `sum(list)`: ints add with overflow checked; any float makes the sum a
 /// float, added in sorted order so that the result does not depend on the
 /// order CEL produced the list in.
-fn sum<'c, 'a>(ftx: &mut cel::FunctionContext<'c, 'a>) -> Result<CowVal<'c, 'a>, ExecutionError> {
-    let arg = only_arg(ftx)?;
+fn sum<'b, 'v>(args: Args<'b, 'v>) -> Result<CowVal<'b, 'v>, ExecutionError> {
+    let arg = only_arg(&args)?;
     let Some(items) = arg.downcast_ref::<CelList>() else {
         return Err(ExecutionError::function_error("sum", "sum takes one list"));
     };
@@ -498,9 +613,9 @@ fn sum<'c, 'a>(ftx: &mut cel::FunctionContext<'c, 'a>) -> Result<CowVal<'c, 'a>,
 /// a float factor makes them floats, summed as `sum` does. What
 /// `sum(keys(m).filter(..).map(..))` computes, without interpreting a
 /// comprehension over every entry.
-fn sum_product<'c, 'a>(ftx: &mut cel::FunctionContext<'c, 'a>) -> Result<CowVal<'c, 'a>, ExecutionError> {
+fn sum_product<'b, 'v>(args: Args<'b, 'v>) -> Result<CowVal<'b, 'v>, ExecutionError> {
     const NAME: &str = "sum_product";
-    let (m, fields) = match ftx.args.as_slice() {
+    let (m, fields) = match args.as_slice() {
         [m, fields] => (m.as_ref(), fields.as_ref()),
         args => return Err(ExecutionError::invalid_argument_count(2, args.len())),
     };
@@ -595,8 +710,8 @@ fn map_keys<'b, 'a>(m: &'b (dyn CelVal + 'a), name: &str) -> Result<Vec<&'b (dyn
 }
 
 /// `keys(map)`: the map's keys, sorted.
-fn keys<'c, 'a>(ftx: &mut cel::FunctionContext<'c, 'a>) -> Result<CowVal<'c, 'a>, ExecutionError> {
-    let arg = only_arg(ftx)?;
+fn keys<'b, 'v>(args: Args<'b, 'v>) -> Result<CowVal<'b, 'v>, ExecutionError> {
+    let arg = only_arg(&args)?;
     let mut ks: Vec<(KeyOrder<'_>, &dyn CelVal)> = map_keys(arg, "keys")?
         .into_iter()
         .map(|k| key_order(k).map(|o| (o, k)))
@@ -610,7 +725,7 @@ fn keys<'c, 'a>(ftx: &mut cel::FunctionContext<'c, 'a>) -> Result<CowVal<'c, 'a>
 
 #[cfg(test)]
 mod tests {
-    use cel::Program;
+    use cel::{Context, Program};
 
     use super::*;
 
@@ -665,8 +780,7 @@ mod tests {
         for e in exprs {
             let program = Program::compile(e).unwrap();
             let run = |after: Val<'_>| -> Result<CelValue, String> {
-                let mut ctx = Context::default();
-                add_helpers(&mut ctx).unwrap();
+                let mut ctx = Context::with_env(std::sync::Arc::new(env()));
                 ctx.add_variable_as_val("after", after);
                 program.execute(&ctx).map_err(|e| e.to_string())
             };
@@ -674,5 +788,72 @@ mod tests {
             let whole = run(built.clone());
             assert_eq!(read, whole, "{e}");
         }
+    }
+
+    /// A shared map answers every expression as the same map built does,
+    /// also inside comprehensions (which clone it) and compared either way.
+    #[test]
+    fn a_shared_map_reads_as_the_built_map() {
+        let entries = || -> Vec<(&str, Val<'_>)> {
+            vec![
+                ("a", Box::new(CelInt::from(1))),
+                ("b", str_val("x")),
+                ("c", record_val(vec![("d", Box::new(CelBool::from(true)))])),
+            ]
+        };
+        let exprs = [
+            "s.a",
+            "s['b']",
+            "s.c.d",
+            "'a' in s",
+            "'z' in s",
+            "has(s.a)",
+            "has(s.z)",
+            "size(s)",
+            "s == {'a': 1, 'b': 'x', 'c': {'d': true}}",
+            "{'a': 1, 'b': 'x', 'c': {'d': true}} == s",
+            "s == {'a': 1}",
+            "[s, s].all(x, x.a == 1)",
+            "[s].map(x, x.b)",
+            "[s] == [{'a': 1, 'b': 'x', 'c': {'d': true}}]",
+            "s.all(k, k != 'z')",
+            "s.exists(k, k == 'c')",
+            "type(s) == map",
+            "keys(s)",
+            "sum_product({'k': s}, ['a'])",
+            "s.zz",
+            "s[1]",
+        ];
+        for e in exprs {
+            let program = Program::compile(e).unwrap();
+            let run = |s: Val<'_>| -> Result<CelValue, String> {
+                let mut ctx = Context::with_env(std::sync::Arc::new(env()));
+                ctx.add_variable_as_val("s", s);
+                program.execute(&ctx).map_err(|e| e.to_string())
+            };
+            assert_eq!(run(shared_record_val(entries())), run(record_val(entries())), "{e}");
+        }
+    }
+
+    /// Helpers check their arguments themselves: a wrong count or type gets
+    /// the helper's error, not the interpreter's "no such overload".
+    #[test]
+    fn helpers_name_their_own_argument_errors() {
+        let env = std::sync::Arc::new(env());
+        let run = |e: &str| {
+            let program = env.compile(e).unwrap();
+            program
+                .execute(&Context::with_env(env.clone()))
+                .map_err(|e| e.to_string())
+        };
+        assert!(
+            run("sum([1], [2])").unwrap_err().contains("argument"),
+            "{:?}",
+            run("sum([1], [2])")
+        );
+        assert!(run("keys()").unwrap_err().contains("argument"), "{:?}", run("keys()"));
+        assert!(run("sum('x')").unwrap_err().contains("sum takes one list"));
+        assert!(run("sum_product({}, 'a')").unwrap_err().contains("list of field names"));
+        assert_eq!(run("sum([1, 2, 3])"), Ok(CelValue::Int(6)));
     }
 }

@@ -393,6 +393,13 @@ pub struct PolicyConfig {
 #[derive(Clone, Debug)]
 pub struct Globs {
     set: GlobSet,
+    /// The globs made only of literal segments and whole-segment `*`
+    /// (`svc/*/pool_size`), matched segment by segment; `complex` holds the
+    /// others (`**`, `?`, classes, alternatives, `*` inside a segment), left
+    /// to the glob set. Most rules' globs are simple, and a regex match per
+    /// path cost more than the rest of evaluating the rule.
+    simple: Vec<Vec<Segment>>,
+    complex: Option<GlobSet>,
     /// Per glob: the literal text a match must start with and end with (a
     /// necessary condition, checked before the glob set: most paths a rule
     /// is asked about fail it on their first or last bytes).
@@ -407,10 +414,21 @@ impl Globs {
     /// Compiles globs; `*` stays within a segment, `**` crosses segments.
     pub fn new(rule: &str, patterns: &[String]) -> Result<Globs, PolicyError> {
         let mut b = GlobSetBuilder::new();
+        let mut complex = GlobSetBuilder::new();
+        let mut any_complex = false;
+        let mut simple = Vec::new();
         let mut prefixes: Vec<String> = Vec::new();
         let mut bounds: Vec<(String, String)> = Vec::new();
         for p in patterns {
-            b.add(glob(rule, p)?);
+            let g = glob(rule, p)?;
+            match simple_segments(p) {
+                Some(segs) => simple.push(segs),
+                None => {
+                    complex.add(g.clone());
+                    any_complex = true;
+                }
+            }
+            b.add(g);
             bounds.push(literal_bounds(p));
             let lit: String = p
                 .chars()
@@ -431,8 +449,19 @@ impl Globs {
             glob: patterns.join(", "),
             detail: e.to_string(),
         })?;
+        let complex = if any_complex {
+            Some(complex.build().map_err(|e| PolicyError::Glob {
+                rule: rule.to_string(),
+                glob: patterns.join(", "),
+                detail: e.to_string(),
+            })?)
+        } else {
+            None
+        };
         Ok(Globs {
             set,
+            simple,
+            complex,
             bounds,
             prefixes: kept,
             patterns: patterns.to_vec(),
@@ -441,7 +470,9 @@ impl Globs {
 
     /// Whether `text` matches any glob.
     pub fn matches(&self, text: &str) -> bool {
-        self.may_match(text) && self.set.is_match(text)
+        self.may_match(text)
+            && (self.simple.iter().any(|segs| segments_match(segs, text))
+                || self.complex.as_ref().is_some_and(|set| set.is_match(text)))
     }
 
     /// The first glob `text` matches, as written.
@@ -475,6 +506,51 @@ fn literal_bounds(pattern: &str) -> (String, String) {
         // No special character: the glob is its own text.
         _ => (pattern.to_string(), pattern.to_string()),
     }
+}
+
+/// One segment of a simple glob.
+#[derive(Clone, Debug, PartialEq)]
+enum Segment {
+    /// Exactly this text.
+    Literal(String),
+    /// `*`: any one segment.
+    Any,
+}
+
+/// A glob's segments, if each is literal text or exactly `*`; `None` for
+/// globs that need the glob engine.
+fn simple_segments(pattern: &str) -> Option<Vec<Segment>> {
+    let special = |c: char| matches!(c, '*' | '?' | '[' | ']' | '{' | '}' | '\\');
+    pattern
+        .split('/')
+        .map(|seg| match seg {
+            "*" => Some(Segment::Any),
+            "" => None,
+            s if s.contains(special) => None,
+            s => Some(Segment::Literal(s.to_string())),
+        })
+        .collect()
+}
+
+/// Whether `text` has as many segments as `segs` and each fits: what the
+/// glob engine answers for a simple glob (`*` does not cross `/`).
+fn segments_match(segs: &[Segment], text: &str) -> bool {
+    let mut rest = Some(text);
+    for seg in segs {
+        let Some(t) = rest else { return false };
+        // This segment of the text, and what follows its separator.
+        let (part, next) = match t.as_bytes().iter().position(|&b| b == b'/') {
+            Some(i) => (&t[..i], Some(&t[i + 1..])),
+            None => (t, None),
+        };
+        if let Segment::Literal(l) = seg
+            && l != part
+        {
+            return false;
+        }
+        rest = next;
+    }
+    rest.is_none()
 }
 
 fn glob(rule: &str, pattern: &str) -> Result<Glob, PolicyError> {
@@ -635,7 +711,7 @@ impl Policy {
                 });
             }
         }
-        let env = Arc::new(cel::Env::stdlib());
+        let env = Arc::new(crate::celx::env());
         let mut cel_rules = Vec::new();
         for c in &r.cel {
             unique(&c.id)?;
@@ -755,5 +831,63 @@ impl Policy {
             + self.rates.len()
             + self.budgets.len()
             + self.cel.len()
+    }
+}
+
+#[cfg(test)]
+mod glob_tests {
+    use globset::GlobSetBuilder;
+    use proptest::prelude::*;
+
+    use super::{Globs, glob};
+
+    /// A glob segment: literal, `*`, or something only the glob engine
+    /// reads (`**`, `?`, a class, an alternative, `*` inside a segment).
+    fn segment() -> impl Strategy<Value = String> {
+        prop_oneof![
+            4 => "[ab]{1,2}",
+            3 => Just("*".to_string()),
+            1 => Just("**".to_string()),
+            1 => Just("a?".to_string()),
+            1 => Just("[ab]".to_string()),
+            1 => Just("{a,bb}".to_string()),
+            1 => Just("a*".to_string()),
+            1 => Just(String::new()),
+        ]
+    }
+
+    fn text() -> impl Strategy<Value = String> {
+        prop::collection::vec("[ab]{0,2}", 0..5).prop_map(|s| s.join("/"))
+    }
+
+    proptest! {
+        /// Every glob set answers as the glob engine alone does, whether its
+        /// globs take the segment path, the engine, or both.
+        #[test]
+        fn globs_match_as_the_glob_engine(
+            patterns in prop::collection::vec(prop::collection::vec(segment(), 1..5).prop_map(|s| s.join("/")), 1..4),
+            texts in prop::collection::vec(text(), 1..20),
+        ) {
+            let globs = Globs::new("r", &patterns).unwrap();
+            let mut b = GlobSetBuilder::new();
+            for p in &patterns {
+                b.add(glob("r", p).unwrap());
+            }
+            let engine = b.build().unwrap();
+            for t in &texts {
+                prop_assert_eq!(globs.matches(t), engine.is_match(t), "{:?} against {:?}", t, patterns);
+            }
+        }
+    }
+
+    #[test]
+    fn simple_globs_match_by_segment() {
+        let g = Globs::new("r", &["svc/*/pool_size".to_string(), "db/primary/max".to_string()]).unwrap();
+        assert!(g.matches("svc/api/pool_size"));
+        assert!(g.matches("db/primary/max"));
+        assert!(!g.matches("svc/api/x/pool_size"));
+        assert!(!g.matches("svc/pool_size"));
+        assert!(!g.matches("db/primary/max/x"));
+        assert!(g.complex.is_none());
     }
 }

@@ -593,7 +593,7 @@ fn plan_val<'v>(intent: &'v Intent, args: &'v [Option<Value>]) -> celx::Val<'v> 
         .iter()
         .zip(args)
         .map(|(s, a)| {
-            celx::record_val(vec![
+            celx::shared_record_val(vec![
                 ("id", celx::str_val(s.id.as_str())),
                 ("kind", celx::str_val(s.kind().name())),
                 ("path", celx::str_val(s.path.as_str())),
@@ -704,17 +704,6 @@ fn eval_cel<'r>(
         agent: agent.filter(|_| rule.vars.agent),
     };
     let mut root = Context::with_env(policy.env.clone());
-    if let Err(e) = celx::add_helpers(&mut root) {
-        return RuleResult {
-            id: rule.config.id.clone(),
-            status: RuleStatus::Error,
-            outcome,
-            at: None,
-            pre_existing: false,
-            figures: BTreeMap::new(),
-            message: format!("evaluation failed (fails closed): {e}"),
-        };
-    }
     root.set_variable_resolver(&bindings);
     // `before` is the base: bound (read in place) only if the rule reads it.
     if rule.vars.before {

@@ -26,7 +26,6 @@ mod leases;
 pub mod record;
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
-use std::fmt::Write as _;
 use std::sync::Arc;
 
 use concord_proto::coord::{
@@ -958,25 +957,75 @@ impl Coordinator {
     /// and compounding tables): two coordinators fed the same inputs have the
     /// same digest. Every table is ordered, so the text hashed is canonical.
     pub fn state_digest(&self) -> String {
-        // The text goes to the hasher through a buffer, never whole into
-        // memory (megabytes for a large state): the same bytes, the same hash.
-        let mut h = HashText::default();
-        let written = write!(
-            h,
-            "{:?}",
-            (
-                (&self.world, &self.plans, &self.projected, &self.inflight, &self.fencing),
-                (&self.leases, &self.halts, &self.timers, self.timer_seq),
-                (&self.decisions, &self.decision_order, &self.observations),
-                (&self.ended, &self.ended_order, &self.history, &self.breakers),
-                (&self.per_agent, &self.queued, &self.recent),
-                // The document's history digest names its whole history
-                // (actor, times, ops) without applying pending writes.
-                (self.doc.identity(), self.doc.epoch(), self.doc.history_digest()),
-            )
-        );
-        debug_assert!(written.is_ok(), "writing to a hasher cannot fail");
-        h.finish()
+        // The state's serialized form (every table ordered, so canonical)
+        // goes to the hasher through a buffer, never whole into memory
+        // (megabytes for a large state).
+        #[derive(Serialize)]
+        struct Digested<'a> {
+            world: &'a World,
+            plans: &'a BTreeMap<Id, Plan>,
+            projected: &'a Overlay,
+            inflight: &'a BTreeMap<ResourcePath, Vec<Id>>,
+            fencing: &'a BTreeMap<ResourcePath, u64>,
+            leases: &'a LeaseTable,
+            halts: &'a [Halt],
+            #[serde(with = "pairs")]
+            timers: &'a BTreeMap<(u64, u64), Timer>,
+            timer_seq: u64,
+            #[serde(with = "pairs")]
+            decisions: &'a BTreeMap<DedupeKey, Decision>,
+            decision_order: &'a VecDeque<DedupeKey>,
+            observations: &'a BTreeMap<ResourcePath, Series>,
+            ended: &'a BTreeMap<Id, Intent>,
+            ended_order: &'a VecDeque<Id>,
+            history: &'a VecDeque<HistoryEntry>,
+            breakers: &'a [Breaker],
+            per_agent: &'a BTreeMap<String, (usize, usize)>,
+            queued: &'a BTreeSet<Id>,
+            recent: &'a BTreeMap<String, VecDeque<RecentPlan>>,
+            // The document's history digest names its whole history
+            // (actor, times, ops) without applying pending writes.
+            doc: (&'a Identity, u64, String),
+        }
+        let digested = Digested {
+            world: &self.world,
+            plans: &self.plans,
+            projected: &self.projected,
+            inflight: &self.inflight,
+            fencing: &self.fencing,
+            leases: &self.leases,
+            halts: &self.halts,
+            timers: &self.timers,
+            timer_seq: self.timer_seq,
+            decisions: &self.decisions,
+            decision_order: &self.decision_order,
+            observations: &self.observations,
+            ended: &self.ended,
+            ended_order: &self.ended_order,
+            history: &self.history,
+            breakers: &self.breakers,
+            per_agent: &self.per_agent,
+            queued: &self.queued,
+            recent: &self.recent,
+            doc: (self.doc.identity(), self.doc.epoch(), self.doc.history_digest()),
+        };
+        let mut hasher = blake3::Hasher::new();
+        {
+            // A self-describing binary form (CBOR: every value carries its
+            // type, so `true` and `1` differ as in text) without the cost of
+            // escaping text.
+            let mut out = std::io::BufWriter::with_capacity(64 * 1024, &mut hasher);
+            let written = ciborium::into_writer(&digested, &mut out)
+                .map_err(|e| e.to_string())
+                .and_then(|()| {
+                    use std::io::Write as _;
+                    out.flush().map_err(|e| e.to_string())
+                });
+            // Every table serializes (snapshots are the same state), and a
+            // hasher's writes cannot fail.
+            debug_assert!(written.is_ok(), "the state serializes to a hasher: {written:?}");
+        }
+        hasher.finalize().to_hex().to_string()
     }
 
     /// When the runtime must next call `handle(.., Tick)`.
@@ -2691,38 +2740,6 @@ pub struct Divergence {
     pub produced: Option<Event>,
 }
 
-/// A BLAKE3 hasher fed text through a buffer: hashing the few bytes each
-/// `write_str` carries would cost more than formatting them.
-#[derive(Default)]
-struct HashText {
-    hasher: blake3::Hasher,
-    buf: Vec<u8>,
-}
-
-impl HashText {
-    const BUF: usize = 64 * 1024;
-
-    fn finish(mut self) -> String {
-        self.hasher.update(&self.buf);
-        self.hasher.finalize().to_hex().to_string()
-    }
-}
-
-impl std::fmt::Write for HashText {
-    fn write_str(&mut self, s: &str) -> std::fmt::Result {
-        if self.buf.len() + s.len() > Self::BUF {
-            self.hasher.update(&self.buf);
-            self.buf.clear();
-        }
-        if s.len() > Self::BUF {
-            self.hasher.update(s.as_bytes());
-        } else {
-            self.buf.extend_from_slice(s.as_bytes());
-        }
-        Ok(())
-    }
-}
-
 /// Compares the events among `effects` with `recorded`, in order.
 pub fn first_divergence(recorded: &[Event], effects: &[Effect]) -> Option<Divergence> {
     let produced: Vec<&Event> = effects
@@ -2761,32 +2778,5 @@ mod pairs {
         D: Deserializer<'de>,
     {
         Ok(Vec::<(K, V)>::deserialize(d)?.into_iter().collect())
-    }
-}
-
-#[cfg(test)]
-mod hash_text_tests {
-    use std::fmt::Write as _;
-
-    use super::HashText;
-
-    /// Fed in pieces of every size, across buffer boundaries, the hash is
-    /// that of the whole text at once.
-    #[test]
-    fn hashing_text_in_pieces_hashes_the_whole_text() {
-        let piece = "x".repeat(1000);
-        let big = "y".repeat(HashText::BUF + 7);
-        let mut whole = String::new();
-        let mut h = HashText::default();
-        for i in 0..300 {
-            let s = match i % 3 {
-                0 => &piece[..i % 1000],
-                1 => "{:?}",
-                _ => big.as_str(),
-            };
-            whole.push_str(s);
-            h.write_str(s).unwrap();
-        }
-        assert_eq!(h.finish(), blake3::hash(whole.as_bytes()).to_hex().to_string());
     }
 }
