@@ -806,17 +806,56 @@ enum Pending {
 #[derive(Debug)]
 struct Lazy {
     doc: Automerge,
+    /// The root maps of `doc` (placeholders while `create` is pending).
+    roots: Roots,
+    /// A rotation's fresh document, not built yet: building one from a
+    /// large world is the costliest write there is (hundreds of ms at 100k
+    /// paths), and nobody may ever read this epoch.
+    create: Option<Box<Creation>>,
     pending: Vec<Pending>,
 }
 
+/// What a fresh document is built from.
+#[derive(Debug)]
+struct Creation {
+    identity: Identity,
+    epoch: u64,
+    state: Snapshot,
+    now_ms: u64,
+}
+
 impl Lazy {
-    /// Applies every pending write, in order, one change each.
-    fn materialize(&mut self, roots: &Roots) {
+    fn built(doc: Automerge, roots: Roots) -> Lazy {
+        Lazy {
+            doc,
+            roots,
+            create: None,
+            pending: Vec::new(),
+        }
+    }
+
+    /// Builds the document if its creation is pending.
+    fn create(&mut self) {
+        if let Some(c) = self.create.take() {
+            // A fresh document's writes go to objects made in the same
+            // transaction: building it cannot fail (`WorldDoc::new` relies
+            // on the same).
+            let (doc, roots, _) =
+                build(&c.identity, c.epoch, &c.state, c.now_ms).expect("a fresh document accepts every write");
+            self.doc = doc;
+            self.roots = roots;
+        }
+    }
+
+    /// Builds the document if needed, then applies every pending write, in
+    /// order, one change each.
+    fn materialize(&mut self) {
+        self.create();
         for p in std::mem::take(&mut self.pending) {
             // Each write goes to a root map this document made, with keys and
             // values Automerge accepts: it cannot fail. Should it, its
             // transaction is dropped (rolled back), as an immediate write's was.
-            let _ = apply_pending(&mut self.doc, roots, p);
+            let _ = apply_pending(&mut self.doc, &self.roots, p);
         }
     }
 }
@@ -869,7 +908,6 @@ pub struct WorldDoc {
     identity: Identity,
     config: WorldDocConfig,
     header: Header,
-    roots: Roots,
     peers: BTreeMap<String, Peer>,
     stats: SyncStats,
     /// Changes in this epoch's document, applied or pending.
@@ -964,76 +1002,14 @@ impl WorldDoc {
         state: &Snapshot,
         now_ms: u64,
     ) -> Result<Self, WorldDocError> {
-        let header = Header {
-            epoch,
-            doc_id: make_doc_id(&identity, epoch, now_ms),
-            created_at_ms: now_ms,
-        };
-        let mut doc = empty_doc(coordinator_actor(&identity.coordinator, identity.incarnation, epoch));
-        let mut tx = doc.transaction();
-        let as_i64 = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
-        tx.put(ROOT, "schema", SCHEMA_VERSION).map_err(am)?;
-        tx.put(ROOT, "coordinator", identity.coordinator.as_str()).map_err(am)?;
-        tx.put(ROOT, "epoch", as_i64(epoch)).map_err(am)?;
-        tx.put(ROOT, "doc_id", hex(&header.doc_id)).map_err(am)?;
-        tx.put(ROOT, "created_at_ms", as_i64(now_ms)).map_err(am)?;
-        // Each root map is written as one batch: a 100k-path world costs two
-        // op-set splices instead of 100k.
-        let str_value = |s: &str| hydrate::Value::Scalar(ScalarValue::Str(s.into()));
-        let resources = hmap(state.resources.iter().map(|(p, v)| (p.to_string(), to_hydrate(v))));
-        let services = hmap(state.services.iter().map(|(name, s)| {
-            let depends_on: Vec<hydrate::Value> = s.depends_on.iter().map(|d| str_value(d.as_str())).collect();
-            (
-                name.clone(),
-                hmap([
-                    ("path".to_string(), str_value(s.path.as_str())),
-                    ("depends_on".to_string(), hydrate::Value::from(depends_on)),
-                ]),
-            )
-        }));
-        let observations = hmap(state.observations.iter().map(|(p, o)| {
-            (
-                p.to_string(),
-                hmap([
-                    ("kind".to_string(), str_value(kind_word(o.kind))),
-                    ("value".to_string(), to_hydrate(&o.value)),
-                    ("agent".to_string(), str_value(&o.agent)),
-                    (
-                        "at_ms".to_string(),
-                        hydrate::Value::Scalar(ScalarValue::Int(as_i64(o.at_ms))),
-                    ),
-                ]),
-            )
-        }));
-        let provenance = hmap(
-            state
-                .provenance
-                .iter()
-                .map(|(p, by)| (p.to_string(), str_value(&provenance_json(by)))),
-        );
-        let mut root = |key: &str, value: &hydrate::Value| tx.batch_create_object(ROOT, key, value, false).map_err(am);
-        let resources = root("resources", &resources)?;
-        let services = root("services", &services)?;
-        let observations = root("observations", &observations)?;
-        let provenance = root("provenance", &provenance)?;
-        tx.commit_with(commit_options(now_ms));
-        let roots = Roots {
-            resources,
-            services,
-            observations,
-            provenance,
-        };
+        let (doc, roots, header) = build(&identity, epoch, state, now_ms)?;
         Ok(WorldDoc {
             changes: doc.stats().num_changes,
             history: heads_digest(&doc),
-            lazy: Mutex::new(Lazy {
-                doc,
-                pending: Vec::new(),
-            }),
+            lazy: Mutex::new(Lazy::built(doc, roots)),
             identity,
             config,
             header,
-            roots,
             peers: BTreeMap::new(),
             stats: SyncStats::default(),
             observations_view: state.observations.clone(),
@@ -1061,14 +1037,10 @@ impl WorldDoc {
             history: heads_digest(&doc),
             observations_view: observations_of(&doc, &roots),
             provenance_view: provenances_of(&doc, &roots),
-            lazy: Mutex::new(Lazy {
-                doc,
-                pending: Vec::new(),
-            }),
+            lazy: Mutex::new(Lazy::built(doc, roots)),
             identity,
             config,
             header,
-            roots,
             peers: BTreeMap::new(),
             stats: SyncStats::default(),
         })
@@ -1079,14 +1051,14 @@ impl WorldDoc {
         // A panic while applying leaves at worst some writes unapplied: the
         // document is still a valid prefix of the history, so go on.
         let mut lazy = self.lazy.lock().unwrap_or_else(PoisonError::into_inner);
-        lazy.materialize(&self.roots);
+        lazy.materialize();
         lazy
     }
 
     /// The document with every accepted write applied, to write or sync.
     fn doc_mut(&mut self) -> &mut Automerge {
         let lazy = self.lazy.get_mut().unwrap_or_else(PoisonError::into_inner);
-        lazy.materialize(&self.roots);
+        lazy.materialize();
         &mut lazy.doc
     }
 
@@ -1095,11 +1067,18 @@ impl WorldDoc {
     /// (the same changes in the same order): a runtime calls this a little
     /// at a time, so that a read after many writes (a snapshot, a replica's
     /// first sync) does not apply them all at once.
+    ///
+    /// While a rotation's fresh document is not built, nothing is applied:
+    /// building it is the one write that cannot be split, and it waits for
+    /// a reader (or for [`PENDING_WRITES_MAX`] held writes).
     pub fn apply_held(&mut self, max: usize) -> usize {
         let lazy = self.lazy.get_mut().unwrap_or_else(PoisonError::into_inner);
+        if lazy.create.is_some() {
+            return lazy.pending.len();
+        }
         let n = max.min(lazy.pending.len());
         for p in lazy.pending.drain(..n).collect::<Vec<_>>() {
-            let _ = apply_pending(&mut lazy.doc, &self.roots, p);
+            let _ = apply_pending(&mut lazy.doc, &lazy.roots, p);
         }
         lazy.pending.len()
     }
@@ -1109,7 +1088,7 @@ impl WorldDoc {
         let lazy = self.lazy.get_mut().unwrap_or_else(PoisonError::into_inner);
         lazy.pending.push(write);
         if lazy.pending.len() >= PENDING_WRITES_MAX {
-            lazy.materialize(&self.roots);
+            lazy.materialize();
         }
     }
 
@@ -1196,22 +1175,26 @@ impl WorldDoc {
 
     /// The value at `path`.
     pub fn resource(&self, path: &str) -> Option<Value> {
-        read_value(&self.doc().doc, &self.roots.resources, path)
+        let l = self.doc();
+        read_value(&l.doc, &l.roots.resources, path)
     }
 
     /// Every resource.
     pub fn resources(&self) -> BTreeMap<ResourcePath, Value> {
-        resources_of(&self.doc().doc, &self.roots)
+        let l = self.doc();
+        resources_of(&l.doc, &l.roots)
     }
 
     /// Resources whose path text starts with `prefix`, in order.
     pub fn scan_prefix(&self, prefix: &str) -> Vec<(ResourcePath, Value)> {
-        scan_of(&self.doc().doc, &self.roots, prefix)
+        let l = self.doc();
+        scan_of(&l.doc, &l.roots, prefix)
     }
 
     /// The services.
     pub fn services(&self) -> BTreeMap<String, Service> {
-        services_of(&self.doc().doc, &self.roots)
+        let l = self.doc();
+        services_of(&l.doc, &l.roots)
     }
 
     /// The world the document holds (resources and services).
@@ -1224,22 +1207,26 @@ impl WorldDoc {
 
     /// The latest written observation of a series.
     pub fn observation(&self, path: &str) -> Option<ObservationRecord> {
-        observation_of(&self.doc().doc, &self.roots, path)
+        let l = self.doc();
+        observation_of(&l.doc, &l.roots, path)
     }
 
     /// Every series' latest written observation.
     pub fn observations(&self) -> BTreeMap<ResourcePath, ObservationRecord> {
-        observations_of(&self.doc().doc, &self.roots)
+        let l = self.doc();
+        observations_of(&l.doc, &l.roots)
     }
 
     /// Which step last changed `path`.
     pub fn provenance(&self, path: &str) -> Option<Provenance> {
-        provenance_of(&self.doc().doc, &self.roots, path)
+        let l = self.doc();
+        provenance_of(&l.doc, &l.roots, path)
     }
 
     /// Provenance of every path that has one.
     pub fn provenances(&self) -> BTreeMap<ResourcePath, Provenance> {
-        provenances_of(&self.doc().doc, &self.roots)
+        let l = self.doc();
+        provenances_of(&l.doc, &l.roots)
     }
 
     /// Checks that the document's resources equal `world`'s (cold path: after
@@ -1374,20 +1361,43 @@ impl WorldDoc {
             provenance,
         };
         let retired_changes = self.change_count();
-        let next = Self::create(
-            self.identity.clone(),
-            self.config.clone(),
-            self.header.epoch + 1,
-            &state,
-            now_ms,
-        )?;
-        self.history = chain(&self.history, &[b"rotate", &next.history]);
-        self.lazy = next.lazy;
-        self.header = next.header;
-        self.roots = next.roots;
-        self.changes = next.changes;
-        self.observations_view = next.observations_view;
-        self.provenance_view = next.provenance_view;
+        let epoch = self.header.epoch + 1;
+        // The fresh document is built when first read: until then only its
+        // header, views and history are kept (a rotation on a large world
+        // would otherwise stop the coordinator for as long as building takes).
+        // Its history is named by what it is built from: the retired
+        // document's history (which determines the state) and the rotation.
+        self.history = chain(&self.history, &[b"rotate", &epoch.to_le_bytes(), &now_ms.to_le_bytes()]);
+        self.header = Header {
+            epoch,
+            doc_id: make_doc_id(&self.identity, epoch, now_ms),
+            created_at_ms: now_ms,
+        };
+        // One change: the transaction that writes the whole state.
+        self.changes = 1;
+        self.observations_view = state.observations.clone();
+        self.provenance_view = state.provenance.clone();
+        let placeholder = empty_doc(coordinator_actor(
+            &self.identity.coordinator,
+            self.identity.incarnation,
+            epoch,
+        ));
+        self.lazy = Mutex::new(Lazy {
+            doc: placeholder,
+            roots: Roots {
+                resources: ROOT,
+                services: ROOT,
+                observations: ROOT,
+                provenance: ROOT,
+            },
+            create: Some(Box::new(Creation {
+                identity: self.identity.clone(),
+                epoch,
+                state,
+                now_ms,
+            })),
+            pending: Vec::new(),
+        });
         for peer in self.peers.values_mut() {
             peer.state = sync::State::new_read_only();
             peer.reset = false;
@@ -1493,6 +1503,8 @@ impl WorldDoc {
                 unknown,
             });
         }
+        // Built, every write applied (also when the message named no heads).
+        self.doc_mut();
         let doc = &mut self.lazy.get_mut().unwrap_or_else(PoisonError::into_inner).doc;
         let p = self.peers.get_mut(peer).ok_or(SyncError::PeersFull {
             max: self.config.sync_peers_max,
@@ -1538,7 +1550,78 @@ impl WorldDoc {
     }
 }
 
+/// A fresh document (epoch `epoch`) holding `state`, written at `now_ms` by
+/// `identity`'s actor: one change.
+fn build(
+    identity: &Identity,
+    epoch: u64,
+    state: &Snapshot,
+    now_ms: u64,
+) -> Result<(Automerge, Roots, Header), WorldDocError> {
+    let header = Header {
+        epoch,
+        doc_id: make_doc_id(identity, epoch, now_ms),
+        created_at_ms: now_ms,
+    };
+    let mut doc = empty_doc(coordinator_actor(&identity.coordinator, identity.incarnation, epoch));
+    let mut tx = doc.transaction();
+    let as_i64 = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+    tx.put(ROOT, "schema", SCHEMA_VERSION).map_err(am)?;
+    tx.put(ROOT, "coordinator", identity.coordinator.as_str()).map_err(am)?;
+    tx.put(ROOT, "epoch", as_i64(epoch)).map_err(am)?;
+    tx.put(ROOT, "doc_id", hex(&header.doc_id)).map_err(am)?;
+    tx.put(ROOT, "created_at_ms", as_i64(now_ms)).map_err(am)?;
+    // Each root map is written as one batch: a 100k-path world costs two
+    // op-set splices instead of 100k.
+    let str_value = |s: &str| hydrate::Value::Scalar(ScalarValue::Str(s.into()));
+    let resources = hmap(state.resources.iter().map(|(p, v)| (p.to_string(), to_hydrate(v))));
+    let services = hmap(state.services.iter().map(|(name, s)| {
+        let depends_on: Vec<hydrate::Value> = s.depends_on.iter().map(|d| str_value(d.as_str())).collect();
+        (
+            name.clone(),
+            hmap([
+                ("path".to_string(), str_value(s.path.as_str())),
+                ("depends_on".to_string(), hydrate::Value::from(depends_on)),
+            ]),
+        )
+    }));
+    let observations = hmap(state.observations.iter().map(|(p, o)| {
+        (
+            p.to_string(),
+            hmap([
+                ("kind".to_string(), str_value(kind_word(o.kind))),
+                ("value".to_string(), to_hydrate(&o.value)),
+                ("agent".to_string(), str_value(&o.agent)),
+                (
+                    "at_ms".to_string(),
+                    hydrate::Value::Scalar(ScalarValue::Int(as_i64(o.at_ms))),
+                ),
+            ]),
+        )
+    }));
+    let provenance = hmap(
+        state
+            .provenance
+            .iter()
+            .map(|(p, by)| (p.to_string(), str_value(&provenance_json(by)))),
+    );
+    let mut root = |key: &str, value: &hydrate::Value| tx.batch_create_object(ROOT, key, value, false).map_err(am);
+    let resources = root("resources", &resources)?;
+    let services = root("services", &services)?;
+    let observations = root("observations", &observations)?;
+    let provenance = root("provenance", &provenance)?;
+    tx.commit_with(commit_options(now_ms));
+    let roots = Roots {
+        resources,
+        services,
+        observations,
+        provenance,
+    };
+    Ok((doc, roots, header))
+}
+
 /// The state a fresh document starts from.
+#[derive(Debug)]
 struct Snapshot {
     resources: BTreeMap<ResourcePath, Value>,
     services: BTreeMap<String, Service>,
@@ -1872,6 +1955,49 @@ mod tests {
             agent: "resource".into(),
             at_ms,
         }
+    }
+
+    /// A rotation keeps the fresh document's state and builds it when it
+    /// is first read: held writes are not applied meanwhile (that would
+    /// build it), and the document then read is the one an immediate build
+    /// makes, with the same change count, views and bytes.
+    #[test]
+    fn a_rotated_document_is_built_when_first_read() {
+        let w = world();
+        let mut lazy = WorldDoc::new(Identity::default(), WorldDocConfig::default(), &w, 1_000);
+        let mut eager = WorldDoc::new(Identity::default(), WorldDocConfig::default(), &w, 1_000);
+        for d in [&mut lazy, &mut eager] {
+            d.rotate(2_000, &w).unwrap();
+        }
+        // Read at once: built.
+        let built_heads = eager.heads();
+        assert!(eager.lazy.get_mut().unwrap().create.is_none());
+        assert!(
+            lazy.lazy.get_mut().unwrap().create.is_some(),
+            "rotation built the document"
+        );
+        assert_eq!(lazy.change_count(), eager.change_count());
+        assert_eq!(lazy.doc_id(), eager.doc_id());
+        // Held-write application leaves a pending build alone.
+        let pool = ResourcePath::parse("svc/api/pool_size").unwrap();
+        for d in [&mut lazy, &mut eager] {
+            d.set_incarnation(2).unwrap();
+            d.apply_step(3_000, &[(pool.clone(), Some(Value::Int(60)))], &by("s1", 3_000))
+                .unwrap();
+        }
+        assert_eq!(lazy.apply_held(usize::MAX), 2);
+        assert!(lazy.lazy.get_mut().unwrap().create.is_some());
+        assert_eq!(eager.apply_held(usize::MAX), 0);
+        assert_eq!(lazy.history_digest(), eager.history_digest());
+        // First read: built, then the held writes applied, as eagerly.
+        assert_eq!(lazy.save(), eager.save());
+        assert_eq!(lazy.heads(), eager.heads());
+        assert_ne!(lazy.heads(), built_heads);
+        let mut changed = w.clone();
+        changed.resources.insert(pool, Value::Int(60));
+        assert_eq!(lazy.world(), changed);
+        assert_eq!(lazy.provenance("svc/api/pool_size"), Some(by("s1", 3_000)));
+        assert_eq!(lazy.change_count(), eager.change_count());
     }
 
     #[test]
