@@ -21,7 +21,9 @@
 //! - `worldmodel/materialize/100k`: the whole world read back from the
 //!   document (the cold path: after a load, in checks).
 //! - `worldmodel/rotate/100k`: the observation whose write triggers a
-//!   rotation of a 100k-path document (a fresh document of the current state).
+//!   rotation of a 100k-path document (a fresh document of the current
+//!   state, kept to be built when read), and the first read after it (the
+//!   build).
 //! - `worldmodel/step/100k`: a step success on a 100k-path world (the
 //!   outcome alone is timed): the materialized view and one change (the
 //!   resource and its provenance) in the document.
@@ -445,6 +447,24 @@ fn bench(c: &mut Criterion) {
                 let fx = coord.handle(2_000, metric(1, 1.0));
                 assert_eq!(coord.world_doc().epoch(), 1);
                 (coord, fx)
+            },
+            BatchSize::PerIteration,
+        )
+    });
+    // The rotated document is built when first read (a replica's sync, a
+    // snapshot, a status query): that read pays for the build.
+    group.bench_function("first-read-after-rotation", |b| {
+        b.iter_batched(
+            || {
+                let mut coord = coordinator(w.clone(), config.clone());
+                coord.handle(1_000, metric(0, 1.0));
+                coord.handle(2_000, metric(1, 1.0));
+                assert_eq!(coord.world_doc().epoch(), 1);
+                coord
+            },
+            |coord| {
+                let heads = coord.world_doc().heads();
+                (coord, heads)
             },
             BatchSize::PerIteration,
         )
