@@ -962,9 +962,9 @@ async fn a_recording_of_the_live_log_replays_exactly() {
     let rec = cli(vec![
         "record".into(),
         "--nats".into(),
-        url,
+        url.clone(),
         "--stream".into(),
-        stream,
+        stream.clone(),
         "--until".into(),
         (admitted_at - 1).to_string(),
     ])
@@ -980,6 +980,82 @@ async fn a_recording_of_the_live_log_replays_exactly() {
         "{}",
         replayed.stdout
     );
-    let _ = std::fs::remove_file(whole);
-    let _ = std::fs::remove_file(early);
+
+    // From an export of the stream (its message bodies, one per line): the
+    // same recording as from the live log, up to the export's last record.
+    let nats = live.nats().await;
+    let mut export = String::new();
+    let mut last_ms = 0;
+    read_log(&nats, &live.cfg.log.stream, 1, false, |_, payload| {
+        let b: Batch = serde_json::from_slice(payload).unwrap();
+        last_ms = b
+            .records
+            .iter()
+            .map(Record::now_ms)
+            .max()
+            .unwrap_or(last_ms)
+            .max(last_ms);
+        export.push_str(std::str::from_utf8(payload).unwrap());
+        export.push('\n');
+        true
+    })
+    .await
+    .unwrap();
+    let exported = file("export");
+    std::fs::write(&exported, &export).unwrap();
+    let window = |source: Vec<String>| {
+        let mut args = vec!["record".to_string()];
+        args.extend(source);
+        args.extend([
+            "--since".to_string(),
+            admitted_at.to_string(),
+            "--until".to_string(),
+            last_ms.to_string(),
+        ]);
+        cli(args)
+    };
+    let from_export = window(vec!["--export".into(), exported.display().to_string()])
+        .await
+        .unwrap();
+    assert_eq!(from_export.code, 0, "{}", from_export.stderr);
+    let from_live = window(vec!["--nats".into(), url.clone(), "--stream".into(), stream.clone()])
+        .await
+        .unwrap();
+    assert_eq!(from_live.code, 0, "{}", from_live.stderr);
+    assert_eq!(from_export.stdout, from_live.stdout);
+    let again = file("again");
+    std::fs::write(&again, &from_export.stdout).unwrap();
+    let replayed = cli(vec!["replay".into(), again.display().to_string()]).await.unwrap();
+    assert_eq!(replayed.code, 0, "{}{}", replayed.stdout, replayed.stderr);
+    assert!(replayed.stdout.contains("admit 1"), "{}", replayed.stdout);
+    // An edited export is refused, naming the line.
+    let at = export
+        .lines()
+        .position(|l| l.contains("\"reject\""))
+        .expect("the rejection is exported");
+    let edited: String = export
+        .lines()
+        .enumerate()
+        .map(|(i, l)| {
+            let l = if i == at {
+                l.replacen("\"reject\"", "\"admit\"", 1)
+            } else {
+                l.to_string()
+            };
+            l + "\n"
+        })
+        .collect();
+    std::fs::write(&exported, edited).unwrap();
+    let refused = cli(vec!["record".into(), "--export".into(), exported.display().to_string()])
+        .await
+        .unwrap();
+    assert_ne!(refused.code, 0, "{}", refused.stdout);
+    assert!(
+        refused.stderr.contains(&format!("line {}", at + 1)),
+        "{}",
+        refused.stderr
+    );
+    for f in [whole, early, exported, again] {
+        let _ = std::fs::remove_file(f);
+    }
 }

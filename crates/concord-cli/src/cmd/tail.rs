@@ -3,7 +3,7 @@
 use anyhow::Result;
 use concord_core::coordinator::{Event, Input, Record};
 use concord_nats::client::{read_log, verify_log};
-use concord_nats::log::{Batch, event_name, record_kind};
+use concord_nats::log::{Batch, Verifier, event_name, record_kind};
 
 use super::bus::{Bus, runtime};
 use super::out;
@@ -188,6 +188,12 @@ pub struct RecordArgs {
     /// The log stream.
     #[arg(long, default_value = "CONCORD_LOG")]
     stream: String,
+    /// Read an export of the log stream instead of the live one: the
+    /// stream's message bodies (each a batch, as stored) one per line, in
+    /// stream order, from its first message. Its hash chain and signatures
+    /// are checked as `concord log verify` checks the live log.
+    #[arg(long, value_name = "FILE")]
+    export: Option<std::path::PathBuf>,
     #[command(flatten)]
     bus: Bus,
 }
@@ -195,6 +201,14 @@ pub struct RecordArgs {
 /// Writes the log, from its genesis up to `--until`, as a JSONL recording
 /// that `concord replay` re-decides.
 pub fn record(a: RecordArgs) -> Result<u8> {
+    if let Some(path) = &a.export {
+        let text = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        let records = exported_records(&text, a.until).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        let recording = concord_sim::replay::recording(records, a.since, a.until)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        out(&concord_sim::replay::to_jsonl(&recording))?;
+        return Ok(0);
+    }
     let records = runtime()?.block_on(async {
         let c = a.bus.connect().await?;
         let mut records: Vec<Record> = Vec::new();
@@ -222,6 +236,27 @@ pub fn record(a: RecordArgs) -> Result<u8> {
         concord_sim::replay::recording(records, a.since, a.until).map_err(|e| anyhow::anyhow!("{}: {e}", a.stream))?;
     out(&concord_sim::replay::to_jsonl(&recording))?;
     Ok(0)
+}
+
+/// The records of an exported log (one message body per line), the chain
+/// checked, up to the first record after `until`.
+fn exported_records(text: &str, until: Option<u64>) -> Result<Vec<Record>, String> {
+    let mut verifier = Verifier::new(Vec::new());
+    let mut records: Vec<Record> = Vec::new();
+    for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+        let seq = verifier.head().0 + 1;
+        let batch = verifier
+            .check(seq, line.trim().as_bytes())
+            .map_err(|e| format!("line {}: {e}", i + 1))?;
+        records.extend(batch.records);
+        if until.is_some_and(|u| records.last().is_some_and(|r| r.now_ms() > u)) {
+            break;
+        }
+    }
+    if records.is_empty() {
+        return Err("no log messages".into());
+    }
+    Ok(records)
 }
 
 /// `concord log verify`.
