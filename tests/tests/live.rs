@@ -981,26 +981,28 @@ async fn a_recording_of_the_live_log_replays_exactly() {
         replayed.stdout
     );
 
-    // From an export of the stream (its message bodies, one per line): the
-    // same recording as from the live log, up to the export's last record.
-    let nats = live.nats().await;
-    let mut export = String::new();
-    let mut last_ms = 0;
-    read_log(&nats, &live.cfg.log.stream, 1, false, |_, payload| {
-        let b: Batch = serde_json::from_slice(payload).unwrap();
-        last_ms = b
-            .records
-            .iter()
-            .map(Record::now_ms)
-            .max()
-            .unwrap_or(last_ms)
-            .max(last_ms);
-        export.push_str(std::str::from_utf8(payload).unwrap());
-        export.push('\n');
-        true
-    })
+    // From an export of the stream (`concord log export`: its message
+    // bodies, one per line): the same recording as from the live log, up to
+    // the export's last record.
+    let exported_log = cli(vec![
+        "log".into(),
+        "--nats".into(),
+        url.clone(),
+        "export".into(),
+        "--stream".into(),
+        stream.clone(),
+    ])
     .await
     .unwrap();
+    assert_eq!(exported_log.code, 0, "{}", exported_log.stderr);
+    let export = exported_log.stdout;
+    assert!(export.lines().count() >= 2, "{export}");
+    let last_ms = export
+        .lines()
+        .flat_map(|l| serde_json::from_str::<Batch>(l).unwrap().records)
+        .map(|r| r.now_ms())
+        .max()
+        .unwrap();
     let exported = file("export");
     std::fs::write(&exported, &export).unwrap();
     let window = |source: Vec<String>| {

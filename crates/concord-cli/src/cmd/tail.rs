@@ -282,11 +282,46 @@ enum LogCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Write the log stream's message bodies (each a batch, as stored), one
+    /// per line in stream order: an archive that `concord record --export`
+    /// turns into a recording, its chain checked.
+    Export {
+        /// The log stream.
+        #[arg(long, default_value = "CONCORD_LOG")]
+        stream: String,
+    },
+}
+
+/// Writes every message body of the log stream, one per line.
+fn export(bus: &Bus, stream: &str) -> Result<u8> {
+    runtime()?.block_on(async {
+        let c = bus.connect().await?;
+        let mut failure = None;
+        read_log(&c.nats, stream, 1, false, |seq, payload| {
+            // Bodies are compact JSON: one line each. Anything else would
+            // break the line format, so it is refused rather than written.
+            match std::str::from_utf8(payload) {
+                Ok(text) if !text.contains('\n') => out(&format!("{text}\n")).is_ok(),
+                _ => {
+                    failure = Some(format!("message {seq} is not a one-line log batch"));
+                    false
+                }
+            }
+        })
+        .await?;
+        match failure {
+            Some(f) => anyhow::bail!(f),
+            None => Ok(0),
+        }
+    })
 }
 
 /// Verifies the log; exit 0 if it holds, 4 if not.
 pub fn log(a: LogArgs) -> Result<u8> {
-    let LogCmd::Verify { signer, stream, json } = a.what;
+    let (signer, stream, json) = match a.what {
+        LogCmd::Verify { signer, stream, json } => (signer, stream, json),
+        LogCmd::Export { stream } => return export(&a.bus, &stream),
+    };
     let pinned = !signer.is_empty();
     let report = runtime()?.block_on(async {
         let c = a.bus.connect().await?;
