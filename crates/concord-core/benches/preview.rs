@@ -25,6 +25,11 @@
 //!   state after step 3 breaks the connection budget, so the coupling rule
 //!   fails there and the plan is rejected even though it ends within budget.
 //!
+//! Group `preview/5-step/20-rules-sum-product` is the same 20 rules with the
+//! connection budget written as the shipped policy writes it (the
+//! `sum_product` helper, not a comprehension); `20-rules-native-budget` has
+//! it as a native rule.
+//!
 //! Group `preview/5-step/9-builtin-rules` runs the admitted plan under the
 //! built-ins alone at 100k paths; its difference from the 20-rule figure is
 //! roughly what ceilings, rates, protected prefixes and CEL cost.
@@ -94,6 +99,28 @@ fn bench_preview(c: &mut Criterion) {
                         intent: case.intent,
                         agent: "resource",
                         policy: &policy_20,
+                        previous: None,
+                    }))
+                })
+            });
+        }
+    }
+    group.finish();
+
+    let policy_helper = policy(&policy_20_sum_product(), 20);
+    let mut group = c.benchmark_group("preview/5-step/20-rules-sum-product");
+    configure(&mut group);
+    for (size, label) in SIZES {
+        let world = world(size);
+        for case in &cases {
+            check(&world, case.intent, &policy_helper, case.verdict, case.because);
+            group.bench_with_input(BenchmarkId::new(case.name, label), &world, |b, world| {
+                b.iter(|| {
+                    preview(black_box(PreviewInput {
+                        world,
+                        intent: case.intent,
+                        agent: "resource",
+                        policy: &policy_helper,
                         previous: None,
                     }))
                 })

@@ -118,6 +118,19 @@ expr = "plan.steps.all(s, !(s.kind in ['delete', 'exec', 'grant', 'network']) ||
 outcome = "needs_approval"
 "#;
 
+/// The same 20 rules, with the connection budget written as the shipped
+/// `config/policy.toml` writes it: the `sum_product` helper instead of a
+/// comprehension (its figure too). Three CEL rules, as in `POLICY_20`.
+pub fn policy_20_sum_product() -> String {
+    let comprehension = "sum(keys(after.svc)\n      .filter(s, 'pool_size' in after.svc[s] && 'replicas' in after.svc[s])\n      .map(s, after.svc[s].pool_size * after.svc[s].replicas)) * 10";
+    let figure = "sum(keys(after.svc).filter(s, 'pool_size' in after.svc[s] && 'replicas' in after.svc[s]).map(s, after.svc[s].pool_size * after.svc[s].replicas))";
+    let helper = "sum_product(after.svc, ['pool_size', 'replicas'])";
+    assert!(POLICY_20.contains(comprehension) && POLICY_20.contains(figure));
+    POLICY_20
+        .replace(comprehension, &format!("{helper} * 10"))
+        .replace(figure, helper)
+}
+
 /// The same 20 rules, with the connection budget as a native `budget` rule
 /// (the differential test shows it agrees with the CEL one) and the replica
 /// floor replaced by a native ceiling on cpu limits; one CEL rule remains,
