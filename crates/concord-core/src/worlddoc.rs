@@ -809,8 +809,8 @@ struct Lazy {
     /// The root maps of `doc` (placeholders while `create` is pending).
     roots: Roots,
     /// A rotation's fresh document, not built yet: building one from a
-    /// large world is the costliest write there is (hundreds of ms at 100k
-    /// paths), and nobody may ever read this epoch.
+    /// large world is the costliest write there is (about 100 ms at 100k
+    /// paths on an idle machine), and nobody may ever read this epoch.
     create: Option<Box<Creation>>,
     pending: Vec<Pending>,
 }
