@@ -1035,18 +1035,8 @@ async fn a_recording_of_the_live_log_replays_exactly() {
         .lines()
         .position(|l| l.contains("\"reject\""))
         .expect("the rejection is exported");
-    let edited: String = export
-        .lines()
-        .enumerate()
-        .map(|(i, l)| {
-            let l = if i == at {
-                l.replacen("\"reject\"", "\"admit\"", 1)
-            } else {
-                l.to_string()
-            };
-            l + "\n"
-        })
-        .collect();
+    // The first occurrence is on that line.
+    let edited = export.replacen("\"reject\"", "\"admit\"", 1);
     std::fs::write(&exported, edited).unwrap();
     let refused = cli(vec!["record".into(), "--export".into(), exported.display().to_string()])
         .await

@@ -84,71 +84,37 @@ fn bench_preview(c: &mut Criterion) {
         },
     ];
 
-    let mut group = c.benchmark_group("preview/5-step/20-rules");
-    configure(&mut group);
-    for (size, label) in SIZES {
-        // Built once per size and dropped before the next: 1M paths take a
-        // few seconds and a few hundred MB.
-        let world = world(size);
-        for case in &cases {
-            check(&world, case.intent, &policy_20, case.verdict, case.because);
-            group.bench_with_input(BenchmarkId::new(case.name, label), &world, |b, world| {
-                b.iter(|| {
-                    preview(black_box(PreviewInput {
-                        world,
-                        intent: case.intent,
-                        agent: "resource",
-                        policy: &policy_20,
-                        previous: None,
-                    }))
-                })
-            });
-        }
-    }
-    group.finish();
-
     let policy_helper = policy(&policy_20_sum_product(), 20);
-    let mut group = c.benchmark_group("preview/5-step/20-rules-sum-product");
-    configure(&mut group);
-    for (size, label) in SIZES {
-        let world = world(size);
-        for case in &cases {
-            check(&world, case.intent, &policy_helper, case.verdict, case.because);
-            group.bench_with_input(BenchmarkId::new(case.name, label), &world, |b, world| {
-                b.iter(|| {
-                    preview(black_box(PreviewInput {
-                        world,
-                        intent: case.intent,
-                        agent: "resource",
-                        policy: &policy_helper,
-                        previous: None,
-                    }))
-                })
-            });
+    // The same cases under each way of writing the 20 rules.
+    let groups = [
+        ("preview/5-step/20-rules", &policy_20),
+        ("preview/5-step/20-rules-sum-product", &policy_helper),
+        ("preview/5-step/20-rules-native-budget", &policy_native),
+    ];
+    for (name, policy) in groups {
+        let mut group = c.benchmark_group(name);
+        configure(&mut group);
+        for (size, label) in SIZES {
+            // Built once per size and dropped before the next: 1M paths take
+            // a few seconds and a few hundred MB.
+            let world = world(size);
+            for case in &cases {
+                check(&world, case.intent, policy, case.verdict, case.because);
+                group.bench_with_input(BenchmarkId::new(case.name, label), &world, |b, world| {
+                    b.iter(|| {
+                        preview(black_box(PreviewInput {
+                            world,
+                            intent: case.intent,
+                            agent: "resource",
+                            policy,
+                            previous: None,
+                        }))
+                    })
+                });
+            }
         }
+        group.finish();
     }
-    group.finish();
-
-    let mut group = c.benchmark_group("preview/5-step/20-rules-native-budget");
-    configure(&mut group);
-    for (size, label) in SIZES {
-        let world = world(size);
-        for case in &cases {
-            check(&world, case.intent, &policy_native, case.verdict, case.because);
-            group.bench_with_input(BenchmarkId::new(case.name, label), &world, |b, world| {
-                b.iter(|| {
-                    preview(black_box(PreviewInput {
-                        world,
-                        intent: case.intent,
-                        agent: "resource",
-                        policy: &policy_native,
-                        previous: None,
-                    }))
-                })
-            });
-        }
-    }
-    group.finish();
 
     let mut group = c.benchmark_group("preview/5-step/9-builtin-rules");
     configure(&mut group);

@@ -18,7 +18,7 @@ use concord_proto::preview::{RuleResult, RuleStatus};
 use concord_proto::{Value, Verdict};
 use serde::{Deserialize, Serialize};
 
-use crate::policy::{Outcome, PolicyError};
+use crate::policy::{Outcome, PolicyError, Segment, segments_match, simple_segments};
 use crate::preview::Run;
 use crate::world::Overlay;
 
@@ -47,7 +47,7 @@ pub struct BudgetConfig {
 pub struct Budget {
     /// The configuration.
     pub config: BudgetConfig,
-    terms: Vec<Vec<String>>,
+    terms: Vec<Vec<Segment>>,
     /// Per term: the literal text before its first `*` (where matches start)
     /// and after its last `*` (a cheap test before splitting a path).
     bounds: Vec<(String, String)>,
@@ -63,10 +63,6 @@ pub struct Budget {
 fn ends_with(text: &str, tail: &str) -> bool {
     let (text, tail) = (text.as_bytes(), tail.as_bytes());
     text.len() >= tail.len() && text.iter().rev().zip(tail.iter().rev()).all(|(a, b)| a == b)
-}
-
-fn segments(p: &str) -> Vec<String> {
-    p.split('/').map(str::to_string).collect()
 }
 
 impl Budget {
@@ -85,21 +81,27 @@ impl Budget {
                 config.max_fraction
             )));
         }
-        let terms: Vec<Vec<String>> = config.terms.iter().map(|t| segments(t)).collect();
-        let stars = |t: &[String]| t.iter().filter(|s| *s == "*").count();
+        let mut terms: Vec<Vec<Segment>> = Vec::new();
+        for text in &config.terms {
+            let bad = text
+                .split('/')
+                .find(|s| *s != "*" && (s.contains(['*', '?', '[', '{']) || ResourcePath::parse(s).is_err()));
+            match (bad, simple_segments(text)) {
+                (None, Some(segs)) => terms.push(segs),
+                (bad, _) => {
+                    return Err(invalid(format!(
+                        "`{text}`: segment `{}` must be a plain name or `*` (a whole segment)",
+                        bad.unwrap_or(text)
+                    )));
+                }
+            }
+        }
+        let stars = |t: &[Segment]| t.iter().filter(|s| **s == Segment::Any).count();
         let n = stars(&terms[0]);
         for (t, text) in terms.iter().zip(&config.terms) {
             if stars(t) != n {
                 return Err(invalid(format!(
                     "every term needs the same number of `*` segments; `{text}` differs"
-                )));
-            }
-            if let Some(bad) = t
-                .iter()
-                .find(|s| *s != "*" && (s.contains(['*', '?', '[', '{']) || ResourcePath::parse(s).is_err()))
-            {
-                return Err(invalid(format!(
-                    "`{text}`: segment `{bad}` must be a plain name or `*` (a whole segment)"
                 )));
             }
         }
@@ -157,10 +159,10 @@ impl Budget {
                 return false;
             }
             let seg = &path[start..end];
-            if p == "*" {
-                caps.push(seg);
-            } else if p.as_bytes() != seg.as_bytes() {
-                return false;
+            match p {
+                Segment::Any => caps.push(seg),
+                Segment::Literal(l) if l != seg => return false,
+                Segment::Literal(_) => {}
             }
             start = end + 1;
         }
@@ -173,11 +175,7 @@ impl Budget {
         if !ends_with(path, tail) || !path.starts_with(head.as_str()) {
             return false;
         }
-        let mut segs = path.split('/');
-        self.terms[t]
-            .iter()
-            .all(|p| segs.next().is_some_and(|s| p == "*" || p == s))
-            && segs.next().is_none()
+        segments_match(&self.terms[t], path)
     }
 
     /// The changes to paths this rule reads, in path order.

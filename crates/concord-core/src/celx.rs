@@ -72,12 +72,16 @@ pub fn str_val(s: &str) -> Val<'_> {
 
 /// A map value from string keys.
 pub fn record_val<'v>(entries: Vec<(&'v str, Val<'v>)>) -> Val<'v> {
-    Box::new(CelMap::from(
+    Box::new(record_map(entries))
+}
+
+fn record_map<'v>(entries: Vec<(&'v str, Val<'v>)>) -> CelMap<'v> {
+    CelMap::from(
         entries
             .into_iter()
             .map(|(k, v)| (CelMapKey::from(k), v))
             .collect::<HashMap<_, _>>(),
-    ))
+    )
 }
 
 /// A map from string keys, shared rather than copied when the interpreter
@@ -85,12 +89,7 @@ pub fn record_val<'v>(entries: Vec<(&'v str, Val<'v>)>) -> Val<'v> {
 /// (`plan.steps.all(s, ..)` binds each step), and cloning a built map
 /// rebuilds its table where cloning this counts a reference.
 pub fn shared_record_val<'v>(entries: Vec<(&'v str, Val<'v>)>) -> Val<'v> {
-    Box::new(Shared(std::sync::Arc::new(CelMap::from(
-        entries
-            .into_iter()
-            .map(|(k, v)| (CelMapKey::from(k), v))
-            .collect::<HashMap<_, _>>(),
-    ))))
+    Box::new(Shared(std::sync::Arc::new(record_map(entries))))
 }
 
 /// A built map behind a shared reference: every operation is the map's.

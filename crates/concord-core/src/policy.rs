@@ -414,8 +414,7 @@ impl Globs {
     /// Compiles globs; `*` stays within a segment, `**` crosses segments.
     pub fn new(rule: &str, patterns: &[String]) -> Result<Globs, PolicyError> {
         let mut b = GlobSetBuilder::new();
-        let mut complex = GlobSetBuilder::new();
-        let mut any_complex = false;
+        let mut complex: Vec<Glob> = Vec::new();
         let mut simple = Vec::new();
         let mut prefixes: Vec<String> = Vec::new();
         let mut bounds: Vec<(String, String)> = Vec::new();
@@ -423,10 +422,7 @@ impl Globs {
             let g = glob(rule, p)?;
             match simple_segments(p) {
                 Some(segs) => simple.push(segs),
-                None => {
-                    complex.add(g.clone());
-                    any_complex = true;
-                }
+                None => complex.push(g.clone()),
             }
             b.add(g);
             bounds.push(literal_bounds(p));
@@ -449,14 +445,18 @@ impl Globs {
             glob: patterns.join(", "),
             detail: e.to_string(),
         })?;
-        let complex = if any_complex {
-            Some(complex.build().map_err(|e| PolicyError::Glob {
+        let complex = if complex.is_empty() {
+            None
+        } else {
+            let mut b = GlobSetBuilder::new();
+            for g in complex {
+                b.add(g);
+            }
+            Some(b.build().map_err(|e| PolicyError::Glob {
                 rule: rule.to_string(),
                 glob: patterns.join(", "),
                 detail: e.to_string(),
             })?)
-        } else {
-            None
         };
         Ok(Globs {
             set,
@@ -497,8 +497,7 @@ impl Globs {
 /// `svc`, `**/grants` also matches `grants`). Every match starts with the
 /// first and ends with the second.
 fn literal_bounds(pattern: &str) -> (String, String) {
-    let special = |c: char| matches!(c, '*' | '?' | '[' | ']' | '{' | '}' | '\\');
-    match (pattern.find(special), pattern.rfind(special)) {
+    match (pattern.find(glob_special), pattern.rfind(glob_special)) {
         (Some(first), Some(last)) => (
             pattern[..first].trim_end_matches('/').to_string(),
             pattern[last + 1..].trim_start_matches('/').to_string(),
@@ -508,9 +507,14 @@ fn literal_bounds(pattern: &str) -> (String, String) {
     }
 }
 
+/// A character with a meaning in a glob.
+fn glob_special(c: char) -> bool {
+    matches!(c, '*' | '?' | '[' | ']' | '{' | '}' | '\\')
+}
+
 /// One segment of a simple glob.
 #[derive(Clone, Debug, PartialEq)]
-enum Segment {
+pub(crate) enum Segment {
     /// Exactly this text.
     Literal(String),
     /// `*`: any one segment.
@@ -519,14 +523,13 @@ enum Segment {
 
 /// A glob's segments, if each is literal text or exactly `*`; `None` for
 /// globs that need the glob engine.
-fn simple_segments(pattern: &str) -> Option<Vec<Segment>> {
-    let special = |c: char| matches!(c, '*' | '?' | '[' | ']' | '{' | '}' | '\\');
+pub(crate) fn simple_segments(pattern: &str) -> Option<Vec<Segment>> {
     pattern
         .split('/')
         .map(|seg| match seg {
             "*" => Some(Segment::Any),
             "" => None,
-            s if s.contains(special) => None,
+            s if s.contains(glob_special) => None,
             s => Some(Segment::Literal(s.to_string())),
         })
         .collect()
@@ -534,7 +537,7 @@ fn simple_segments(pattern: &str) -> Option<Vec<Segment>> {
 
 /// Whether `text` has as many segments as `segs` and each fits: what the
 /// glob engine answers for a simple glob (`*` does not cross `/`).
-fn segments_match(segs: &[Segment], text: &str) -> bool {
+pub(crate) fn segments_match(segs: &[Segment], text: &str) -> bool {
     let mut rest = Some(text);
     for seg in segs {
         let Some(t) = rest else { return false };

@@ -837,11 +837,7 @@ impl Lazy {
     /// Builds the document if its creation is pending.
     fn create(&mut self) {
         if let Some(c) = self.create.take() {
-            // A fresh document's writes go to objects made in the same
-            // transaction: building it cannot fail (`WorldDoc::new` relies
-            // on the same).
-            let (doc, roots, _) =
-                build(&c.identity, c.epoch, &c.state, c.now_ms).expect("a fresh document accepts every write");
+            let (doc, roots, _) = build(&c.identity, c.epoch, &c.state, c.now_ms);
             self.doc = doc;
             self.roots = roots;
         }
@@ -990,20 +986,8 @@ impl WorldDoc {
             observations: BTreeMap::new(),
             provenance: BTreeMap::new(),
         };
-        // Every write goes to an object made in the same transaction, with
-        // keys and values Automerge accepts whatever they hold: it cannot fail.
-        Self::create(identity, config, 0, &state, now_ms).expect("a fresh document accepts every write")
-    }
-
-    fn create(
-        identity: Identity,
-        config: WorldDocConfig,
-        epoch: u64,
-        state: &Snapshot,
-        now_ms: u64,
-    ) -> Result<Self, WorldDocError> {
-        let (doc, roots, header) = build(&identity, epoch, state, now_ms)?;
-        Ok(WorldDoc {
+        let (doc, roots, header) = build(&identity, 0, &state, now_ms);
+        WorldDoc {
             changes: doc.stats().num_changes,
             history: heads_digest(&doc),
             lazy: Mutex::new(Lazy::built(doc, roots)),
@@ -1012,9 +996,9 @@ impl WorldDoc {
             header,
             peers: BTreeMap::new(),
             stats: SyncStats::default(),
-            observations_view: state.observations.clone(),
-            provenance_view: state.provenance.clone(),
-        })
+            observations_view: state.observations,
+            provenance_view: state.provenance,
+        }
     }
 
     /// Loads a saved document (a snapshot) to be written by `identity` from
@@ -1344,7 +1328,7 @@ impl WorldDoc {
     /// the document's and cheaper to read), the latest observations, and the
     /// provenance of paths that still hold a value. Every peer's session
     /// starts over.
-    pub(crate) fn rotate(&mut self, now_ms: u64, world: &World) -> Result<Rotation, WorldDocError> {
+    pub(crate) fn rotate(&mut self, now_ms: u64, world: &World) -> Rotation {
         // From the kept state, equal to the retired document's: its pending
         // writes are dropped unapplied with it.
         let resources = world.resources.clone();
@@ -1402,11 +1386,11 @@ impl WorldDoc {
             peer.state = sync::State::new_read_only();
             peer.reset = false;
         }
-        Ok(Rotation {
+        Rotation {
             epoch: self.header.epoch,
             doc_id: hex(&self.header.doc_id),
             retired_changes,
-        })
+        }
     }
 
     // ---- sync: the per-peer step functions ----
@@ -1552,7 +1536,14 @@ impl WorldDoc {
 
 /// A fresh document (epoch `epoch`) holding `state`, written at `now_ms` by
 /// `identity`'s actor: one change.
-fn build(
+///
+/// Every write goes to an object made in the same transaction, with keys and
+/// values Automerge accepts whatever they hold: building cannot fail.
+fn build(identity: &Identity, epoch: u64, state: &Snapshot, now_ms: u64) -> (Automerge, Roots, Header) {
+    try_build(identity, epoch, state, now_ms).expect("a fresh document accepts every write")
+}
+
+fn try_build(
     identity: &Identity,
     epoch: u64,
     state: &Snapshot,
@@ -1967,7 +1958,7 @@ mod tests {
         let mut lazy = WorldDoc::new(Identity::default(), WorldDocConfig::default(), &w, 1_000);
         let mut eager = WorldDoc::new(Identity::default(), WorldDocConfig::default(), &w, 1_000);
         for d in [&mut lazy, &mut eager] {
-            d.rotate(2_000, &w).unwrap();
+            d.rotate(2_000, &w);
         }
         // Read at once: built.
         let built_heads = eager.heads();

@@ -201,62 +201,75 @@ pub struct RecordArgs {
 /// Writes the log, from its genesis up to `--until`, as a JSONL recording
 /// that `concord replay` re-decides.
 pub fn record(a: RecordArgs) -> Result<u8> {
-    if let Some(path) = &a.export {
-        let text = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-        let records = exported_records(&text, a.until).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-        let recording = concord_sim::replay::recording(records, a.since, a.until)
-            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-        out(&concord_sim::replay::to_jsonl(&recording))?;
-        return Ok(0);
-    }
-    let records = runtime()?.block_on(async {
-        let c = a.bus.connect().await?;
-        let mut records: Vec<Record> = Vec::new();
-        let mut failure = None;
-        read_log(&c.nats, &a.stream, 1, false, |seq, payload| {
-            match serde_json::from_slice::<Batch>(payload) {
-                Ok(b) => {
-                    records.extend(b.records);
-                    // Past `--until`: the rest of the log is not needed.
-                    a.until.is_none_or(|u| records.last().is_none_or(|r| r.now_ms() <= u))
-                }
-                Err(e) => {
-                    failure = Some(format!("message {seq} is not a log batch: {e}"));
-                    false
+    let mut log = Collected::new(a.until);
+    let source = match &a.export {
+        Some(path) => {
+            let source = path.display().to_string();
+            let text = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("{source}: {e}"))?;
+            for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+                let seq = log.verifier.head().0 + 1;
+                if !log
+                    .add(seq, line.trim().as_bytes())
+                    .map_err(|e| anyhow::anyhow!("{source}: line {}: {e}", i + 1))?
+                {
+                    break;
                 }
             }
-        })
-        .await?;
-        match failure {
-            Some(f) => anyhow::bail!(f),
-            None => Ok(records),
+            source
         }
-    })?;
+        None => {
+            runtime()?.block_on(async {
+                let c = a.bus.connect().await?;
+                let mut failure = None;
+                read_log(&c.nats, &a.stream, 1, false, |seq, payload| {
+                    match log.add(seq, payload) {
+                        Ok(more) => more,
+                        Err(e) => {
+                            failure = Some(e);
+                            false
+                        }
+                    }
+                })
+                .await?;
+                match failure {
+                    Some(f) => anyhow::bail!("{}: {f}", a.stream),
+                    None => Ok(()),
+                }
+            })?;
+            a.stream.clone()
+        }
+    };
     let recording =
-        concord_sim::replay::recording(records, a.since, a.until).map_err(|e| anyhow::anyhow!("{}: {e}", a.stream))?;
+        concord_sim::replay::recording(log.records, a.since, a.until).map_err(|e| anyhow::anyhow!("{source}: {e}"))?;
     out(&concord_sim::replay::to_jsonl(&recording))?;
     Ok(0)
 }
 
-/// The records of an exported log (one message body per line), the chain
-/// checked, up to the first record after `until`.
-fn exported_records(text: &str, until: Option<u64>) -> Result<Vec<Record>, String> {
-    let mut verifier = Verifier::new(Vec::new());
-    let mut records: Vec<Record> = Vec::new();
-    for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
-        let seq = verifier.head().0 + 1;
-        let batch = verifier
-            .check(seq, line.trim().as_bytes())
-            .map_err(|e| format!("line {}: {e}", i + 1))?;
-        records.extend(batch.records);
-        if until.is_some_and(|u| records.last().is_some_and(|r| r.now_ms() > u)) {
-            break;
+/// A log's records, read a message at a time with its chain checked, up to
+/// the first record after `until`.
+struct Collected {
+    verifier: Verifier,
+    records: Vec<Record>,
+    until: Option<u64>,
+}
+
+impl Collected {
+    fn new(until: Option<u64>) -> Self {
+        Collected {
+            verifier: Verifier::new(Vec::new()),
+            records: Vec::new(),
+            until,
         }
     }
-    if records.is_empty() {
-        return Err("no log messages".into());
+
+    /// Takes in message `seq`; false once past `until` (the rest is not needed).
+    fn add(&mut self, seq: u64, payload: &[u8]) -> Result<bool, String> {
+        let batch = self.verifier.check(seq, payload).map_err(|e| e.to_string())?;
+        self.records.extend(batch.records);
+        Ok(self
+            .until
+            .is_none_or(|u| self.records.last().is_none_or(|r| r.now_ms() <= u)))
     }
-    Ok(records)
 }
 
 /// `concord log verify`.

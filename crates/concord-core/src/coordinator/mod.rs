@@ -1010,20 +1010,24 @@ impl Coordinator {
             doc: (self.doc.identity(), self.doc.epoch(), self.doc.history_digest()),
         };
         let mut hasher = blake3::Hasher::new();
-        {
-            // A self-describing binary form (CBOR: every value carries its
-            // type, so `true` and `1` differ as in text) without the cost of
-            // escaping text.
+        // A self-describing binary form (CBOR: every value carries its type,
+        // so `true` and `1` differ as in text) without the cost of escaping text.
+        let written = {
             let mut out = std::io::BufWriter::with_capacity(64 * 1024, &mut hasher);
-            let written = ciborium::into_writer(&digested, &mut out)
+            ciborium::into_writer(&digested, &mut out)
                 .map_err(|e| e.to_string())
                 .and_then(|()| {
                     use std::io::Write as _;
                     out.flush().map_err(|e| e.to_string())
-                });
-            // Every table serializes (snapshots are the same state), and a
-            // hasher's writes cannot fail.
-            debug_assert!(written.is_ok(), "the state serializes to a hasher: {written:?}");
+                })
+        };
+        // Every table serializes (snapshots are the same state) and a
+        // hasher's writes cannot fail; should that change, the failure is
+        // part of what is hashed rather than a state that hashes short.
+        debug_assert!(written.is_ok(), "the state serializes to a hasher: {written:?}");
+        if let Err(e) = written {
+            hasher.update(b"serialization failed: ");
+            hasher.update(e.as_bytes());
         }
         hasher.finalize().to_hex().to_string()
     }
@@ -1938,16 +1942,12 @@ impl Coordinator {
         if !self.doc.rotation_due(now) {
             return;
         }
-        match self.doc.rotate(now, &self.world) {
-            Ok(r) => fx.push(Effect::Event(Event::WorldRotated {
-                epoch: r.epoch,
-                doc_id: r.doc_id,
-                retired_changes: r.retired_changes,
-            })),
-            Err(e) => fx.push(Effect::Alert {
-                message: format!("world document: rotation failed: {e}"),
-            }),
-        }
+        let r = self.doc.rotate(now, &self.world);
+        fx.push(Effect::Event(Event::WorldRotated {
+            epoch: r.epoch,
+            doc_id: r.doc_id,
+            retired_changes: r.retired_changes,
+        }));
     }
 
     fn compensation_failed(&mut self, lineage: &Id, index: usize, why: String, fx: &mut Vec<Effect>) {
