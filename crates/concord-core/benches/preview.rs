@@ -28,7 +28,11 @@
 //! Group `preview/5-step/20-rules-sum-product` is the same 20 rules with the
 //! connection budget written as the shipped policy writes it (the
 //! `sum_product` helper, not a comprehension); `20-rules-native-budget` has
-//! it as a native rule.
+//! it as a native rule. Its cases also run `indexed`: with the budget index
+//! the coordinator keeps beside its world (built before timing, as the
+//! coordinator has it when a plan arrives), so the budget reads the terms of
+//! the services a plan touches instead of visiting all 40. Without the
+//! suffix they are what `concord check` does.
 //!
 //! Group `preview/5-step/9-builtin-rules` runs the admitted plan under the
 //! built-ins alone at 100k paths; its difference from the 20-rule figure is
@@ -39,7 +43,9 @@
 use std::hint::black_box;
 use std::time::Duration;
 
-use concord_core::preview::{PreviewInput, preview};
+use concord_core::budget::BudgetIndex;
+use concord_core::preview::{PreviewInput, preview, preview_on};
+use concord_core::world::Base;
 use concord_proto::Verdict;
 use criterion::{BenchmarkId, Criterion, SamplingMode, criterion_group, criterion_main};
 
@@ -87,11 +93,11 @@ fn bench_preview(c: &mut Criterion) {
     let policy_helper = policy(&policy_20_sum_product(), 20);
     // The same cases under each way of writing the 20 rules.
     let groups = [
-        ("preview/5-step/20-rules", &policy_20),
-        ("preview/5-step/20-rules-sum-product", &policy_helper),
-        ("preview/5-step/20-rules-native-budget", &policy_native),
+        ("preview/5-step/20-rules", &policy_20, false),
+        ("preview/5-step/20-rules-sum-product", &policy_helper, false),
+        ("preview/5-step/20-rules-native-budget", &policy_native, true),
     ];
-    for (name, policy) in groups {
+    for (name, policy, indexed) in groups {
         let mut group = c.benchmark_group(name);
         configure(&mut group);
         for (size, label) in SIZES {
@@ -100,17 +106,24 @@ fn bench_preview(c: &mut Criterion) {
             let world = world(size);
             for case in &cases {
                 check(&world, case.intent, policy, case.verdict, case.because);
-                group.bench_with_input(BenchmarkId::new(case.name, label), &world, |b, world| {
-                    b.iter(|| {
-                        preview(black_box(PreviewInput {
-                            world,
-                            intent: case.intent,
-                            agent: "resource",
-                            policy,
-                            previous: None,
-                        }))
-                    })
+                let input = PreviewInput {
+                    world: &world,
+                    intent: case.intent,
+                    agent: "resource",
+                    policy,
+                    previous: None,
+                };
+                group.bench_function(BenchmarkId::new(case.name, label), |b| {
+                    b.iter(|| preview(black_box(input)))
                 });
+                if indexed {
+                    let index = BudgetIndex::build(policy, &world);
+                    let base = Base::current(&world).with_index(&index);
+                    assert_eq!(preview_on(input, base), preview(input), "an index changes no report");
+                    group.bench_function(BenchmarkId::new(format!("{}-indexed", case.name), label), |b| {
+                        b.iter(|| preview_on(black_box(input), base))
+                    });
+                }
             }
         }
         group.finish();

@@ -7,7 +7,7 @@
 //! ```text
 //! cargo build --release --example prof_preview -p concord-core
 //! valgrind --tool=callgrind --toggle-collect='*run_one*' \
-//!     target/release/examples/prof_preview native 100   # or cel, builtin
+//!     target/release/examples/prof_preview native 100   # or cel, builtin, indexed
 //! ```
 //! Instructions per preview = the collected total / N.
 
@@ -48,9 +48,10 @@
 
 use std::hint::black_box;
 
+use concord_core::budget::BudgetIndex;
 use concord_core::policy::Policy;
-use concord_core::preview::{PreviewInput, preview};
-use concord_core::world::World;
+use concord_core::preview::{PreviewInput, preview, preview_on};
+use concord_core::world::{Base, World};
 use concord_proto::{Intent, Verdict};
 
 #[path = "../benches/workload/preview.rs"]
@@ -68,6 +69,7 @@ fn main() {
     let pol = match which {
         "cel" => policy(POLICY_20, 20),
         "builtin" => policy(POLICY_BUILTIN, 9),
+        // `native`, and `indexed`: the same with the budget index the coordinator keeps.
         _ => policy(&policy_20_native(), 20),
     };
     let admit = intent(PLAN_ADMIT);
@@ -80,18 +82,23 @@ fn main() {
         because: None,
     };
     check(&world, &admit, &pol, Verdict::Admit, None);
+    let index = (which == "indexed").then(|| BudgetIndex::build(&pol, &world));
     for _ in 0..n {
-        black_box(run_one(&world, &admit, &pol));
+        black_box(run_one(&world, &admit, &pol, index.as_ref()));
     }
 }
 
 #[inline(never)]
-fn run_one(world: &World, i: &Intent, p: &Policy) -> concord_proto::preview::Preview {
-    preview(black_box(PreviewInput {
+fn run_one(world: &World, i: &Intent, p: &Policy, index: Option<&BudgetIndex>) -> concord_proto::preview::Preview {
+    let input = black_box(PreviewInput {
         world,
         intent: i,
         agent: "resource",
         policy: p,
         previous: None,
-    }))
+    });
+    match index {
+        Some(ix) => preview_on(input, Base::current(world).with_index(ix)),
+        None => preview(input),
+    }
 }

@@ -10,6 +10,13 @@
 //! Terms are path patterns whose `*` segments capture: `svc/*/pool_size` and
 //! `svc/*/replicas` pair up by the service name. A capture whose other terms
 //! are missing contributes nothing.
+//!
+//! The base sum is taken from the world alone, then corrected for the paths
+//! the base's overlay (the plans in flight) changes, then for each state's
+//! changes. The world's term values can come from a [`BudgetIndex`] that
+//! the coordinator keeps up to date as it applies steps, so a decision does
+//! not visit every service: with or without one, the same values are summed
+//! in the same order, and the figures agree to the bit.
 
 use std::collections::BTreeMap;
 
@@ -18,9 +25,9 @@ use concord_proto::preview::{RuleResult, RuleStatus};
 use concord_proto::{Value, Verdict};
 use serde::{Deserialize, Serialize};
 
-use crate::policy::{Outcome, PolicyError, Segment, segments_match, simple_segments};
+use crate::policy::{Outcome, Policy, PolicyError, Segment, segments_match, simple_segments};
 use crate::preview::Run;
-use crate::world::Overlay;
+use crate::world::{Overlay, World, scan_prefix};
 
 /// A budget rule as configured.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -55,6 +62,8 @@ pub struct Budget {
     stars: usize,
     /// Per term: whether it is `head*tail` with a single `*` segment.
     single: Vec<bool>,
+    /// The distinct term prefixes, sorted: where the rule's paths lie.
+    heads: Vec<String>,
 }
 
 /// Whether `text` ends with `tail`, compared from the last byte: most paths
@@ -105,7 +114,7 @@ impl Budget {
                 )));
             }
         }
-        let bounds = config
+        let bounds: Vec<(String, String)> = config
             .terms
             .iter()
             .map(|t| {
@@ -115,12 +124,16 @@ impl Budget {
             })
             .collect();
         let single = terms.iter().map(|t| n == 1 && t.len() > 1).collect();
+        let mut heads: Vec<String> = bounds.iter().map(|(h, _)| h.clone()).collect();
+        heads.sort_unstable();
+        heads.dedup();
         Ok(Budget {
             config,
             terms,
             bounds,
             stars: n,
             single,
+            heads,
         })
     }
 
@@ -169,6 +182,58 @@ impl Budget {
         true
     }
 
+    /// The distinct term prefixes.
+    fn heads(&self) -> impl Iterator<Item = &str> {
+        self.heads.iter().map(String::as_str)
+    }
+
+    /// The world's term values per capture: one visit per distinct term
+    /// prefix. Paths arrive in order, so a capture is usually the last one
+    /// seen or a new last one.
+    fn world_groups(&self, world: &World) -> Groups<Box<str>> {
+        let n = self.terms.len();
+        let mut groups: Groups<Box<str>> = Groups::new(self.stars, n);
+        let mut caps: Vec<&str> = Vec::new();
+        for head in self.heads() {
+            let under: Vec<usize> = (0..n).filter(|&t| self.bounds[t].0 == head).collect();
+            for (p, v) in world.scan_prefix(head) {
+                for &t in &under {
+                    // Most paths under the prefix end otherwise: reject them
+                    // on their last byte before anything else.
+                    if self.bounds[t]
+                        .1
+                        .as_bytes()
+                        .last()
+                        .is_some_and(|b| p.as_str().as_bytes().last() != Some(b))
+                        || !self.capture(t, p.as_str(), &mut caps)
+                    {
+                        continue;
+                    }
+                    let (i, _) = groups.entry(&caps);
+                    groups.vals_mut(i)[t] = v.as_f64();
+                }
+            }
+        }
+        groups.prune();
+        groups
+    }
+
+    /// Sets the value of `path` in the world's term values (`None`: removed
+    /// or not a number), if the rule reads it.
+    fn update(&self, groups: &mut Groups<Box<str>>, path: &ResourcePath, value: Option<f64>) {
+        let mut caps: Vec<&str> = Vec::new();
+        for t in 0..self.terms.len() {
+            if !self.capture(t, path.as_str(), &mut caps) {
+                continue;
+            }
+            let (i, _) = groups.entry(&caps);
+            groups.vals_mut(i)[t] = value;
+            if groups.vals(i).iter().all(Option::is_none) {
+                groups.remove(i);
+            }
+        }
+    }
+
     /// Whether `path` matches term `t`.
     fn matches(&self, t: usize, path: &str) -> bool {
         let (head, tail) = &self.bounds[t];
@@ -189,7 +254,7 @@ impl Budget {
     }
 
     /// Evaluates the rule in every distinct state of `run`.
-    pub(crate) fn evaluate(&self, run: &Run<'_>) -> RuleResult {
+    pub(crate) fn evaluate(&self, run: &Run<'_>, position: usize) -> RuleResult {
         let id = self.config.id.clone();
         let outcome = self.config.outcome.verdict();
         let result = |status, outcome, at: Option<String>, pre_existing, figures, message| RuleResult {
@@ -213,40 +278,67 @@ impl Budget {
         }
         let number = |v: Option<&Value>| v.and_then(Value::as_f64);
         let base = run.base;
-        // Base values per capture, from the world the plan starts in: one
-        // visit per distinct term prefix, captures borrowed from the paths,
-        // kept sorted by capture. Paths arrive in order, so a capture is
-        // usually the last one seen or a new last one.
         let n = self.terms.len();
-        let mut groups = Groups::new(self.stars, n);
-        let mut caps: Vec<&str> = Vec::new();
-        let mut heads: Vec<&str> = self.bounds.iter().map(|(h, _)| h.as_str()).collect();
-        heads.sort_unstable();
-        heads.dedup();
-        for head in heads {
-            let under: Vec<usize> = (0..n).filter(|&t| self.bounds[t].0 == head).collect();
-            base.visit_prefix(head, |p, v| {
-                for &t in &under {
-                    // Most paths under the prefix end otherwise: reject them
-                    // on their last byte before anything else.
-                    if self.bounds[t]
-                        .1
-                        .as_bytes()
-                        .last()
-                        .is_some_and(|b| p.as_str().as_bytes().last() != Some(b))
-                        || !self.capture(t, p.as_str(), &mut caps)
-                    {
-                        continue;
-                    }
-                    let i = groups.entry(&caps);
-                    groups.vals_mut(i)[t] = v.as_f64();
-                }
-            });
+        // The world's term values per capture: kept by the index, or found
+        // with one visit per distinct term prefix.
+        let built;
+        let world: &Groups<Box<str>> = match base.budget_index().and_then(|ix| ix.rule(position, self)) {
+            Some(g) => {
+                debug_assert!(
+                    *g == self.world_groups(base.world()),
+                    "budget index of `{}` is out of date",
+                    self.config.id
+                );
+                g
+            }
+            None => {
+                built = self.world_groups(base.world());
+                &built
+            }
+        };
+        // Either way the rule read these prefixes (the coordinator asks
+        // whether a preview read anything the plans in flight change).
+        for head in self.heads() {
+            base.note_scanned(head);
         }
-        let base_total: f64 = (0..groups.len)
-            .filter_map(|i| groups.vals(i).iter().copied().collect::<Option<Vec<f64>>>())
-            .map(|vals| vals.iter().product::<f64>())
-            .sum();
+        // The plans in flight change some of those values: their captures,
+        // with the values as the base holds them.
+        let mut patch: Groups<&str> = Groups::new(self.stars, n);
+        if let Some(overlay) = base.overlay() {
+            let mut caps: Vec<&str> = Vec::new();
+            for head in self.heads() {
+                for (p, v) in scan_prefix(overlay, head) {
+                    for t in (0..n).filter(|&t| self.bounds[t].0 == head) {
+                        if !self.capture(t, p.as_str(), &mut caps) {
+                            continue;
+                        }
+                        let (i, new) = patch.entry(&caps);
+                        if new && let Ok(g) = world.find(&caps) {
+                            patch.vals_mut(i).copy_from_slice(world.vals(g));
+                        }
+                        patch.vals_mut(i)[t] = number(v.as_ref());
+                    }
+                }
+            }
+        }
+        // A capture's values in the base: the overlay's, else the world's.
+        let base_vals = |caps: &[&str], out: &mut [Option<f64>]| match patch.find(caps) {
+            Ok(g) => out.copy_from_slice(patch.vals(g)),
+            Err(_) => match world.find(caps) {
+                Ok(g) => out.copy_from_slice(world.vals(g)),
+                Err(_) => out.fill(None),
+            },
+        };
+        let mut base_total = world.total();
+        let mut was: Vec<Option<f64>> = vec![None; n];
+        for i in 0..patch.len {
+            let caps = patch.key(i);
+            match world.find(caps) {
+                Ok(g) => was.copy_from_slice(world.vals(g)),
+                Err(_) => was.fill(None),
+            }
+            base_total += product(patch.vals(i)) - product(&was);
+        }
         let base_limit = number(base.get(&self.config.limit));
         // A state's changes to the paths this rule reads, in path order.
         type Restricted<'a> = Vec<(&'a ResourcePath, &'a Option<Value>)>;
@@ -273,10 +365,7 @@ impl Budget {
             let mut i = 0;
             while i < changed.len() {
                 let caps = key(changed[i].0);
-                match groups.find(caps) {
-                    Ok(g) => before.copy_from_slice(groups.vals(g)),
-                    Err(_) => before.fill(None),
-                }
+                base_vals(caps, &mut before);
                 now.copy_from_slice(&before);
                 while i < changed.len() && key(changed[i].0) == caps {
                     now[changed[i].1] = changed[i].2;
@@ -384,15 +473,18 @@ fn product(vals: &[Option<f64>]) -> f64 {
 
 /// Term values per capture, sorted by capture, stored flat (`k` captures
 /// and `n` values per group) so that a group costs no allocation of its own.
-struct Groups<'a> {
+/// Captures are borrowed (`&str`, for one evaluation) or owned (`Box<str>`,
+/// in the index).
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct Groups<S> {
     k: usize,
     n: usize,
     len: usize,
-    caps: Vec<&'a str>,
+    caps: Vec<S>,
     vals: Vec<Option<f64>>,
 }
 
-impl<'a> Groups<'a> {
+impl<S: AsRef<str>> Groups<S> {
     fn new(k: usize, n: usize) -> Self {
         Groups {
             k,
@@ -403,7 +495,7 @@ impl<'a> Groups<'a> {
         }
     }
 
-    fn key(&self, i: usize) -> &[&'a str] {
+    fn key(&self, i: usize) -> &[S] {
         &self.caps[i * self.k..(i + 1) * self.k]
     }
 
@@ -415,20 +507,27 @@ impl<'a> Groups<'a> {
         &mut self.vals[i * self.n..(i + 1) * self.n]
     }
 
+    fn cmp_key(&self, i: usize, caps: &[impl AsRef<str>]) -> std::cmp::Ordering {
+        self.key(i)
+            .iter()
+            .map(AsRef::as_ref)
+            .cmp(caps.iter().map(AsRef::as_ref))
+    }
+
     /// The group of `caps`, or where it would go. Paths arrive in order, so
     /// a capture is usually the last one or a new last one.
-    fn find(&self, caps: &[&str]) -> Result<usize, usize> {
+    fn find(&self, caps: &[impl AsRef<str>]) -> Result<usize, usize> {
         if self.len == 0 {
             return Err(0);
         }
-        match self.key(self.len - 1).cmp(caps) {
+        match self.cmp_key(self.len - 1, caps) {
             std::cmp::Ordering::Equal => Ok(self.len - 1),
             std::cmp::Ordering::Less => Err(self.len),
             std::cmp::Ordering::Greater => {
                 let (mut lo, mut hi) = (0, self.len - 1);
                 while lo < hi {
                     let mid = (lo + hi) / 2;
-                    match self.key(mid).cmp(caps) {
+                    match self.cmp_key(mid, caps) {
                         std::cmp::Ordering::Equal => return Ok(mid),
                         std::cmp::Ordering::Less => lo = mid + 1,
                         std::cmp::Ordering::Greater => hi = mid,
@@ -439,23 +538,98 @@ impl<'a> Groups<'a> {
         }
     }
 
-    /// The group of `caps`, added (with no values) if new.
-    fn entry(&mut self, caps: &[&'a str]) -> usize {
+    /// The group of `caps`, and whether it is new (added with no values).
+    fn entry<'a>(&mut self, caps: &[&'a str]) -> (usize, bool)
+    where
+        S: From<&'a str>,
+    {
         match self.find(caps) {
-            Ok(i) => i,
-            Err(i) if i == self.len => {
-                self.caps.extend_from_slice(caps);
-                self.vals.resize(self.vals.len() + self.n, None);
-                self.len += 1;
-                i
-            }
+            Ok(i) => (i, false),
             Err(i) => {
-                self.caps.splice(i * self.k..i * self.k, caps.iter().copied());
+                self.caps
+                    .splice(i * self.k..i * self.k, caps.iter().map(|c| S::from(*c)));
                 self.vals
                     .splice(i * self.n..i * self.n, std::iter::repeat_n(None, self.n));
                 self.len += 1;
-                i
+                (i, true)
             }
         }
+    }
+
+    /// Removes group `i`.
+    fn remove(&mut self, i: usize) {
+        self.caps.drain(i * self.k..(i + 1) * self.k);
+        self.vals.drain(i * self.n..(i + 1) * self.n);
+        self.len -= 1;
+    }
+
+    /// Removes the groups with no value: what [`Budget::update`] leaves
+    /// after a removal, so that a kept index and a fresh one are equal.
+    fn prune(&mut self) {
+        let mut i = 0;
+        while i < self.len {
+            if self.vals(i).iter().all(Option::is_none) {
+                self.remove(i);
+            } else {
+                i += 1;
+            }
+        }
+    }
+
+    /// The sum of the products, in capture order.
+    fn total(&self) -> f64 {
+        (0..self.len).map(|i| product(self.vals(i))).sum()
+    }
+}
+
+/// The world's term values for every budget rule of a policy. The
+/// coordinator keeps one, updated as it applies steps, so that a decision
+/// reads the values of the services a budget sums instead of visiting them
+/// all; with none, a preview visits them. Derived from the world and the
+/// policy alone, and rebuilt from them (it is not part of a snapshot).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct BudgetIndex {
+    /// Per budget rule, in policy order: its terms (what the values were
+    /// found for) and the values.
+    rules: Vec<(Vec<String>, Groups<Box<str>>)>,
+}
+
+impl BudgetIndex {
+    /// The index of `world` for `policy`'s budget rules.
+    pub fn build(policy: &Policy, world: &World) -> Self {
+        BudgetIndex {
+            rules: policy
+                .budgets
+                .iter()
+                .map(|b| (b.config.terms.clone(), b.world_groups(world)))
+                .collect(),
+        }
+    }
+
+    /// Whether this index was built for `policy`'s budget rules.
+    pub fn built_for(&self, policy: &Policy) -> bool {
+        self.rules.len() == policy.budgets.len()
+            && self
+                .rules
+                .iter()
+                .zip(&policy.budgets)
+                .all(|((terms, _), b)| *terms == b.config.terms)
+    }
+
+    /// Records that the world now holds `value` at `path` (`None`: removed).
+    /// `policy` must be the one the index was built for.
+    pub fn set(&mut self, policy: &Policy, path: &ResourcePath, value: Option<&Value>) {
+        let number = value.and_then(Value::as_f64);
+        for ((_, groups), b) in self.rules.iter_mut().zip(&policy.budgets) {
+            b.update(groups, path, number);
+        }
+    }
+
+    /// The values of budget rule `position`, if this index holds them for `rule`.
+    fn rule(&self, position: usize, rule: &Budget) -> Option<&Groups<Box<str>>> {
+        self.rules
+            .get(position)
+            .filter(|(terms, _)| *terms == rule.config.terms)
+            .map(|(_, g)| g)
     }
 }

@@ -396,7 +396,7 @@ pub(crate) fn judge(input: PreviewInput<'_>, run: &Run<'_>) -> Judged {
     invariants.extend(rules::rates(run, intent, policy));
     let (assumptions, assumption_rule) = rules::assumptions(world, intent, policy);
     invariants.push(assumption_rule);
-    invariants.extend(policy.budgets.iter().map(|b| b.evaluate(run)));
+    invariants.extend(policy.budgets.iter().enumerate().map(|(i, b)| b.evaluate(run, i)));
     if !policy.cel.is_empty() {
         // Built once, and only when some rule reads them; rules borrow them.
         let reads_plan = policy.cel.iter().any(|r| r.vars.plan);

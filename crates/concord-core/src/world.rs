@@ -9,6 +9,8 @@ use std::collections::BTreeMap;
 use std::ops::Bound;
 
 use concord_proto::{ResourcePath, Value};
+
+use crate::budget::BudgetIndex;
 use serde::{Deserialize, Serialize};
 
 /// Why a world document was refused.
@@ -132,6 +134,7 @@ pub struct Base<'w> {
     world: &'w World,
     overlay: Option<&'w Overlay>,
     memo: Option<&'w Memo<'w>>,
+    index: Option<&'w BudgetIndex>,
 }
 
 /// Lookups in a base, remembered for the length of one preview. A plan's
@@ -239,6 +242,7 @@ impl<'w> Base<'w> {
             world,
             overlay: None,
             memo: None,
+            index: None,
         }
     }
 
@@ -248,6 +252,7 @@ impl<'w> Base<'w> {
             world,
             overlay: Some(overlay),
             memo: None,
+            index: None,
         }
     }
 
@@ -260,6 +265,35 @@ impl<'w> Base<'w> {
             world: self.world,
             overlay: self.overlay,
             memo: Some(memo),
+            index: self.index,
+        }
+    }
+
+    /// The same base, reading budget rules' values of the world from
+    /// `index`, which must be `index` of this base's world (a stale one gives
+    /// wrong sums; debug builds check it at every use).
+    pub fn with_index(self, index: &'w BudgetIndex) -> Self {
+        Base {
+            index: Some(index),
+            ..self
+        }
+    }
+
+    /// The budget index of the world, if one was given.
+    pub(crate) fn budget_index(&self) -> Option<&'w BudgetIndex> {
+        self.index
+    }
+
+    /// The changes layered over the world, if any.
+    pub(crate) fn overlay(&self) -> Option<&'w Overlay> {
+        self.overlay
+    }
+
+    /// Notes that what lies under `prefix` was read, as a visit does, for a
+    /// reader that found it elsewhere (an index and the overlay).
+    pub(crate) fn note_scanned(&self, prefix: &str) {
+        if let Some(memo) = self.memo {
+            memo.scanned(prefix);
         }
     }
 

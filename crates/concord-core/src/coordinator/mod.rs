@@ -40,6 +40,7 @@ use concord_proto::{
 use serde::{Deserialize, Serialize};
 
 use crate::apply::{PathChange, apply};
+use crate::budget::BudgetIndex;
 use crate::policy::Policy;
 use crate::preview::{PreviewInput, preview_of_run};
 use crate::world::{Base, Memo, Overlay, State, World};
@@ -619,6 +620,10 @@ pub struct Coordinator {
     /// in order. Not state: empty outside [`Coordinator::recover_input`].
     #[serde(skip)]
     recorded: Option<VecDeque<Event>>,
+    /// The budget rules' values of `world`, kept with it; derived, so not
+    /// in a snapshot: built again when missing or when the policy changes.
+    #[serde(skip)]
+    budget_index: BudgetIndex,
 }
 
 /// A recently decided plan, for re-plan recognition.
@@ -734,6 +739,7 @@ impl Coordinator {
             queued: BTreeSet::new(),
             recent: BTreeMap::new(),
             recorded: None,
+            budget_index: BudgetIndex::default(),
         }
     }
 
@@ -1240,11 +1246,16 @@ impl Coordinator {
             _ => None,
         });
         let recorded = self.take_recorded_decision(&lineage, intent.version);
+        self.index_budgets();
         // One simulated run serves the preview on the projected world, the
         // conflicts and the compounding checks; its memo records what it read.
         let memo = Memo::default();
-        let mut run =
-            crate::preview::Run::simulate(Base::projected(&self.world, &self.projected).with_memo(&memo), &intent);
+        let mut run = crate::preview::Run::simulate(
+            Base::projected(&self.world, &self.projected)
+                .with_index(&self.budget_index)
+                .with_memo(&memo),
+            &intent,
+        );
         let mut touched: BTreeSet<ResourcePath> = run.touched.clone();
         touched.extend(intent.steps.iter().map(|s| s.path.clone()));
         let eval = match recorded {
@@ -1423,8 +1434,12 @@ impl Coordinator {
         // results, so it adds no reason and is not computed.
         if !self.projected.is_empty() && memo.read_any(&self.projected) {
             let current_memo = Memo::default();
-            let current_run =
-                crate::preview::Run::simulate(Base::current(&self.world).with_memo(&current_memo), intent);
+            let current_run = crate::preview::Run::simulate(
+                Base::current(&self.world)
+                    .with_index(&self.budget_index)
+                    .with_memo(&current_memo),
+                intent,
+            );
             // Only its reasons are used: the rules alone, not a whole preview.
             let current = crate::preview::judge(input, &current_run);
             for r in current.reasons {
@@ -1928,13 +1943,25 @@ impl Coordinator {
                 message: format!("world document: step {} not written: {e}", key.text()),
             });
         }
+        let indexed = self.budget_index.built_for(&self.policy);
         for c in changes {
+            if indexed {
+                self.budget_index.set(&self.policy, &c.path, c.after.as_ref());
+            }
             match &c.after {
                 Some(v) => self.world.resources.insert(c.path.clone(), v.clone()),
                 None => self.world.resources.remove(&c.path),
             };
         }
         self.rotate_if_due(now, fx);
+    }
+
+    /// Builds the budget index if it is missing (a new or restored
+    /// coordinator) or was built for another policy.
+    fn index_budgets(&mut self) {
+        if !self.budget_index.built_for(&self.policy) {
+            self.budget_index = BudgetIndex::build(&self.policy, &self.world);
+        }
     }
 
     /// Starts a fresh world document when the schedule calls for one.
