@@ -248,6 +248,14 @@ impl Budget {
         changes.iter().filter(|(p, _)| self.reads(p)).collect()
     }
 
+    /// Whether `overlay` changes a path this rule reads.
+    pub(crate) fn reads_any(&self, overlay: &Overlay) -> bool {
+        overlay.contains_key(&self.config.limit)
+            || self.heads().any(|head| {
+                scan_prefix(overlay, head).any(|(p, _)| (0..self.terms.len()).any(|t| self.matches(t, p.as_str())))
+            })
+    }
+
     /// Whether `path` is one this rule reads.
     pub fn reads(&self, path: &ResourcePath) -> bool {
         path == &self.config.limit || (0..self.terms.len()).any(|t| self.matches(t, path.as_str()))

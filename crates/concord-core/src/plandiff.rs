@@ -34,6 +34,12 @@ fn raised(op: &Op) -> Option<f64> {
 
 /// Compares `new` against `old` (an earlier version of the same lineage).
 pub fn plan_diff(old: &Intent, new: &Intent) -> PlanDiff {
+    plan_diff_hashed(old, crate::preview::plan_hash(old), new)
+}
+
+/// [`plan_diff`], with `old`'s content hash already known (the coordinator
+/// keeps the hash of every live plan).
+pub(crate) fn plan_diff_hashed(old: &Intent, old_hash: String, new: &Intent) -> PlanDiff {
     let old_steps: BTreeMap<&str, &Step> = old.steps.iter().map(|s| (s.id.as_str(), s)).collect();
     let new_ids: BTreeSet<&str> = new.steps.iter().map(|s| s.id.as_str()).collect();
     let mut added = Vec::new();
@@ -125,7 +131,7 @@ pub fn plan_diff(old: &Intent, new: &Intent) -> PlanDiff {
     PlanDiff {
         previous_lineage: old.lineage.clone(),
         previous_version: old.version,
-        previous_hash: crate::preview::plan_hash(old),
+        previous_hash: old_hash,
         added,
         removed,
         changed,

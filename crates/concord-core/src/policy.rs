@@ -468,6 +468,13 @@ impl Globs {
         })
     }
 
+    /// Whether any key of `map` matches a glob: one ordered scan per literal prefix.
+    pub(crate) fn any_key<V>(&self, map: &BTreeMap<concord_proto::ResourcePath, V>) -> bool {
+        self.prefixes
+            .iter()
+            .any(|prefix| crate::world::scan_prefix(map, prefix).any(|(p, _)| self.matches(p.as_str())))
+    }
+
     /// Whether `text` matches any glob.
     pub fn matches(&self, text: &str) -> bool {
         self.may_match(text)

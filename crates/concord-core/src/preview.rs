@@ -253,13 +253,20 @@ pub fn preview(input: PreviewInput<'_>) -> Preview {
 pub fn preview_on(input: PreviewInput<'_>, base: Base<'_>) -> Preview {
     let memo = Memo::default();
     let mut run = Run::simulate(base.with_memo(&memo), input.intent);
-    preview_of_run(input, &mut run, None)
+    let diff = input.previous.map(|p| plan_diff(p, input.intent));
+    preview_of_run(input, &mut run, None, diff)
 }
 
 /// The preview of a plan whose run is already simulated (the coordinator
 /// simulates it once for the preview, conflicts and compounding), with its
-/// content hash if already known. Takes the run's compensation entries.
-pub(crate) fn preview_of_run(input: PreviewInput<'_>, run: &mut Run<'_>, hash: Option<String>) -> Preview {
+/// content hash if already known, and the plan diff against
+/// `input.previous` (none without one). Takes the run's compensation entries.
+pub(crate) fn preview_of_run(
+    input: PreviewInput<'_>,
+    run: &mut Run<'_>,
+    hash: Option<String>,
+    plan_diff: Option<PlanDiff>,
+) -> Preview {
     let PreviewInput {
         world,
         intent,
@@ -318,7 +325,7 @@ pub(crate) fn preview_of_run(input: PreviewInput<'_>, run: &mut Run<'_>, hash: O
         invariants,
         assumptions,
         reasons,
-    } = judge(input, run);
+    } = judge(input, run, plan_diff, None);
     let verdict = reasons.first().map(|r| r.outcome).unwrap_or(Verdict::Admit);
 
     let steps = intent
@@ -378,38 +385,103 @@ pub(crate) struct Judged {
     pub reasons: Vec<Reason>,
 }
 
+/// The coordinator's second look at a plan: the same rules on the world as
+/// it is, when the projected preview read something the plans in flight
+/// change. A rule whose inputs are the same in both worlds gives the result
+/// it gave on the projected one, so it is not evaluated again.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct SecondLook<'o> {
+    /// What the plans in flight change: the projected world is the world
+    /// with it applied.
+    pub overlay: &'o Overlay,
+    /// Whether `overlay` changes no path the plan touches, nor an ancestor
+    /// or descendant of one: the simulated states, and every value the
+    /// built-in rules read, are then the same in both worlds.
+    pub states_same: bool,
+}
+
+impl<'o> SecondLook<'o> {
+    /// The second look of a plan touching `touched` (the paths it writes and
+    /// its steps' paths) with `overlay` in flight: the states are the same in
+    /// both worlds unless the overlay changes one of those paths, or one
+    /// above or below it.
+    pub(crate) fn new(overlay: &'o Overlay, touched: &BTreeSet<ResourcePath>) -> Self {
+        let states_same = !touched.iter().any(|t| {
+            overlay.contains_key(t)
+                || crate::world::scan_prefix(overlay, &t.descendant_prefix())
+                    .next()
+                    .is_some()
+                || std::iter::successors(t.parent(), ResourcePath::parent).any(|a| overlay.contains_key(&a))
+        });
+        SecondLook { overlay, states_same }
+    }
+}
+
 /// Evaluates every rule over a simulated run: the part of a preview the
 /// verdict comes from. The coordinator's second look (the world as it is,
 /// when plans are in flight) needs only this, not the diff, blast radius,
-/// risk and texts around it.
-pub(crate) fn judge(input: PreviewInput<'_>, run: &Run<'_>) -> Judged {
+/// risk and texts around it; it passes `second`, and the result then holds
+/// only the rules that may differ (and no assumptions: they are checked
+/// against the world as it is in both). `plan_diff` is the plan diff against
+/// `input.previous` (computed once by the caller, who may know its hash).
+pub(crate) fn judge(
+    input: PreviewInput<'_>,
+    run: &Run<'_>,
+    plan_diff: Option<PlanDiff>,
+    second: Option<SecondLook<'_>>,
+) -> Judged {
     let PreviewInput {
         world,
         intent,
         agent,
         policy,
-        previous,
+        previous: _,
     } = input;
-    let plan_diff = previous.map(|p| plan_diff(p, intent));
-    let mut invariants = rules::builtin(run, intent, agent, policy, plan_diff.as_ref());
-    invariants.extend(rules::ceilings(run, policy));
-    invariants.extend(rules::rates(run, intent, policy));
-    let (assumptions, assumption_rule) = rules::assumptions(world, intent, policy);
-    invariants.push(assumption_rule);
-    invariants.extend(policy.budgets.iter().enumerate().map(|(i, b)| b.evaluate(run, i)));
-    if !policy.cel.is_empty() {
+    let states_same = second.is_some_and(|s| s.states_same);
+    let mut invariants = Vec::new();
+    if !states_same {
+        invariants = rules::builtin(run, intent, agent, policy, plan_diff.as_ref());
+        invariants.extend(rules::ceilings(run, policy));
+        invariants.extend(rules::rates(run, intent, policy));
+    }
+    let mut assumptions = Vec::new();
+    if second.is_none() {
+        let (held, assumption_rule) = rules::assumptions(world, intent, policy);
+        assumptions = held;
+        invariants.push(assumption_rule);
+    }
+    invariants.extend(
+        policy
+            .budgets
+            .iter()
+            .enumerate()
+            .filter(|(_, b)| !(states_same && second.is_some_and(|s| !b.reads_any(s.overlay))))
+            .map(|(i, b)| b.evaluate(run, i)),
+    );
+    // The CEL rules to evaluate: on a second look, those whose bindings may
+    // differ (the paths they read changed by the overlay, or the states
+    // differing while they read some path).
+    let cel: Vec<&CelRule> = policy
+        .cel
+        .iter()
+        .filter(|rule| {
+            second
+                .is_none_or(|s| !((s.states_same || rule.reads.patterns.is_empty()) && !rule.reads.any_key(s.overlay)))
+        })
+        .collect();
+    if !cel.is_empty() {
         // Built once, and only when some rule reads them; rules borrow them.
-        let reads_plan = policy.cel.iter().any(|r| r.vars.plan);
+        let reads_plan = cel.iter().any(|r| r.vars.plan);
         let args: Vec<Option<Value>> = if reads_plan { step_args(intent) } else { Vec::new() };
         let plan_val = reads_plan.then(|| plan_val(intent, &args));
         let autonomy = policy.agent(agent).autonomy.name();
-        let agent_val = policy.cel.iter().any(|r| r.vars.agent).then(|| {
+        let agent_val = cel.iter().any(|r| r.vars.agent).then(|| {
             celx::record_val(vec![
                 ("id", celx::str_val(agent)),
                 ("autonomy", celx::str_val(autonomy)),
             ])
         });
-        for rule in &policy.cel {
+        for rule in cel {
             invariants.push(eval_cel(rule, policy, run, plan_val.as_ref(), agent_val.as_ref()));
         }
     }
@@ -858,4 +930,108 @@ pub(crate) fn outcome_verdict(o: Outcome) -> Verdict {
 /// A step's network preflight failed.
 pub(crate) fn preflight_failed(op: &Op) -> bool {
     matches!(op, Op::Network(a) if a.preflight.result == PreflightResult::Failed)
+}
+
+#[cfg(test)]
+mod second_look_tests {
+    use proptest::prelude::*;
+    use serde_json::json;
+
+    use super::*;
+
+    const POLICY: &str = r#"
+[defaults]
+autonomy = "bounded"
+[[rules.budget]]
+id = "budget"
+terms = ["app/*/workers", "app/*/threads"]
+limit = "db/main/max_connections"
+max_fraction = 0.75
+outcome = "reject"
+[[rules.ceiling]]
+id = "ceiling.workers"
+paths = ["app/*/workers"]
+approve_above = 12
+reject_above = 20
+[[rules.rate]]
+id = "rate.threads"
+paths = ["app/*/threads"]
+max_factor = 2.0
+outcome = "needs_approval"
+[[rules.cel]]
+id = "cel.workers"
+reads = ["app/*/workers"]
+expr = "keys(after.app).all(a, !('workers' in after.app[a]) || after.app[a].workers <= 15)"
+outcome = "needs_approval"
+[[rules.cel]]
+id = "cel.threads_left"
+reads = ["app/*/threads"]
+expr = "sum_product(after.app, ['threads']) >= 4"
+outcome = "reject"
+[[rules.cel]]
+id = "cel.plan"
+reads = []
+expr = "plan.steps.all(s, s.confidence >= 0.8)"
+outcome = "needs_approval"
+"#;
+
+    fn path(s: &str) -> ResourcePath {
+        ResourcePath::parse(s).unwrap()
+    }
+
+    fn app_path(app: usize, threads: bool) -> ResourcePath {
+        path(&format!("app/a{app}/{}", if threads { "threads" } else { "workers" }))
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 300, ..ProptestConfig::default() })]
+
+        /// The second look skips the rules whose inputs the plans in flight
+        /// leave alone; the reasons it adds to the projected preview's are
+        /// those a full evaluation on the world as it is would add.
+        #[test]
+        fn skipping_rules_adds_the_reasons_a_full_look_adds(
+            values in prop::collection::vec((1i64..20, 1i64..8), 4),
+            max in 20i64..200,
+            overlay in prop::collection::vec((0usize..4, any::<bool>(), prop::option::weighted(0.9, 0i64..25)), 0..5),
+            steps in prop::collection::vec((0usize..4, any::<bool>(), 0i64..25, prop::bool::weighted(0.8)), 1..4),
+        ) {
+            let mut world = World::default();
+            for (i, (w, t)) in values.iter().enumerate() {
+                world.resources.insert(app_path(i, false), Value::Int(*w));
+                world.resources.insert(app_path(i, true), Value::Int(*t));
+            }
+            world.resources.insert(path("db/main/max_connections"), Value::Int(max));
+            let overlay: Overlay = overlay
+                .into_iter()
+                .map(|(a, t, v)| (app_path(a, t), v.map(Value::Int)))
+                .collect();
+            let steps: Vec<serde_json::Value> = steps
+                .iter()
+                .enumerate()
+                .map(|(i, (a, t, v, sure))| json!({
+                    "id": format!("s{i}"), "kind": "set", "path": app_path(*a, *t).as_str(),
+                    "args": { "value": v }, "confidence": if *sure { 0.9 } else { 0.5 },
+                    "compensation": { "mode": "restore" } }))
+                .collect();
+            let intent = concord_proto::decode_intent(&serde_json::to_vec(&json!({
+                "protocol": 1, "lineage": "l", "version": 1, "goal": "g", "steps": steps })).unwrap()).unwrap();
+            let policy = Policy::from_toml_str(POLICY).unwrap();
+            let input = PreviewInput { world: &world, intent: &intent, agent: "x", policy: &policy, previous: None };
+            let projected = judge(input, &Run::simulate(Base::projected(&world, &overlay), &intent), None, None);
+            let current_run = Run::simulate(Base::current(&world), &intent);
+            let mut touched = current_run.touched.clone();
+            touched.extend(intent.steps.iter().map(|s| s.path.clone()));
+            let full = judge(input, &current_run, None, None);
+            let second = judge(input, &current_run, None, Some(SecondLook::new(&overlay, &touched)));
+            let added = |j: &Judged| -> Vec<(String, Verdict, String)> {
+                j.reasons
+                    .iter()
+                    .filter(|r| !projected.reasons.iter().any(|p| p.rule == r.rule))
+                    .map(|r| (r.rule.clone(), r.outcome, r.message.clone()))
+                    .collect()
+            };
+            prop_assert_eq!(added(&second), added(&full));
+        }
+    }
 }

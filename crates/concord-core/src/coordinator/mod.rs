@@ -1426,7 +1426,18 @@ impl Coordinator {
             policy: &self.policy,
             previous,
         };
-        let mut preview = preview_of_run(input, run, Some(hash));
+        // The plan diff, once for both previews; a live previous version's
+        // hash is known.
+        let plan_diff = previous.map(|p| {
+            let known = self
+                .plans
+                .get(&p.lineage)
+                .filter(|live| live.intent == *p)
+                .map(|live| live.hash.clone());
+            debug_assert!(known.as_ref().is_none_or(|h| *h == crate::preview::plan_hash(p)));
+            crate::plandiff::plan_diff_hashed(p, known.unwrap_or_else(|| crate::preview::plan_hash(p)), intent)
+        });
+        let mut preview = preview_of_run(input, run, Some(hash), plan_diff.clone());
         // The world as it is differs from the projected one only at the paths
         // the in-flight plans change: if the projected preview read none of
         // them (nor anything under a prefix it scanned), the preview on the
@@ -1441,7 +1452,8 @@ impl Coordinator {
                 intent,
             );
             // Only its reasons are used: the rules alone, not a whole preview.
-            let current = crate::preview::judge(input, &current_run);
+            let second = crate::preview::SecondLook::new(&self.projected, touched);
+            let current = crate::preview::judge(input, &current_run, plan_diff, Some(second));
             for r in current.reasons {
                 if !preview.reasons.iter().any(|p| p.rule == r.rule) {
                     extra.push(Reason {
