@@ -83,6 +83,12 @@ fn to_changes(changes: &[PathChange], step: &concord_proto::Id) -> Vec<Change> {
 }
 
 impl<'w> Run<'w> {
+    /// The paths some state changes that match `globs`: each glob matched
+    /// once per path, not once per state that changes it.
+    pub(crate) fn touched_matching(&self, globs: &crate::policy::Globs) -> Vec<&ResourcePath> {
+        self.touched.iter().filter(|p| globs.matches(p.as_str())).collect()
+    }
+
     pub(crate) fn simulate(base: Base<'w>, intent: &Intent) -> Run<'w> {
         let n = intent.steps.len();
         let mut apply_errors = Vec::new();

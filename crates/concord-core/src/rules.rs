@@ -235,9 +235,10 @@ pub(crate) fn builtin(
             ));
         }
     }
-    for state in &run.states {
+    let hits = run.touched_matching(&policy.permissions);
+    for state in run.states.iter().filter(|_| !hits.is_empty()) {
         for (path, after) in &state.changes {
-            if !policy.permissions.matches(path.as_str()) {
+            if !hits.contains(&path) {
                 continue;
             }
             let gained: Vec<String> = members(after.as_ref())
@@ -381,9 +382,10 @@ pub(crate) fn builtin(
 fn network_widen(run: &Run<'_>, globs: &Globs, outcome: Verdict) -> RuleResult {
     let mut violations = Vec::new();
     let mut reported: BTreeSet<(String, String)> = BTreeSet::new();
-    for state in &run.states {
+    let hits = run.touched_matching(globs);
+    for state in run.states.iter().filter(|_| !hits.is_empty()) {
         for (path, after) in &state.changes {
-            if !globs.matches(path.as_str()) {
+            if !hits.contains(&path) {
                 continue;
             }
             let parse = |v: Option<&Value>| -> Result<Vec<Rule>, String> {
@@ -466,9 +468,10 @@ pub(crate) fn ceilings(run: &Run<'_>, policy: &Policy) -> Vec<RuleResult> {
         .map(|(cfg, globs)| {
             let mut worst: Option<(Verdict, String, BTreeMap<String, Value>, String)> = None;
             let mut matched = false;
-            for state in &run.states {
+            let hits = run.touched_matching(globs);
+            for state in run.states.iter().filter(|_| !hits.is_empty()) {
                 for (path, after) in &state.changes {
-                    if !globs.matches(path.as_str()) {
+                    if !hits.contains(&path) {
                         continue;
                     }
                     matched = true;
