@@ -7,7 +7,7 @@
 //! ```text
 //! cargo build --release --example prof_preview -p concord-core
 //! valgrind --tool=callgrind --toggle-collect='*run_one*' \
-//!     target/release/examples/prof_preview native 100   # or cel, builtin, indexed
+//!     target/release/examples/prof_preview native 100   # or cel, sum_product, builtin, indexed
 //! ```
 //! Instructions per preview = the collected total / N.
 
@@ -69,6 +69,7 @@ fn main() {
     let pol = match which {
         "cel" => policy(POLICY_20, 20),
         "builtin" => policy(POLICY_BUILTIN, 9),
+        "sum_product" => policy(&policy_20_sum_product(), 20),
         // `native`, and `indexed`: the same with the budget index the coordinator keeps.
         _ => policy(&policy_20_native(), 20),
     };

@@ -334,6 +334,50 @@ impl<'v> Tree<'v> {
         })
     }
 
+    /// [`sum_product`] over this map, read in place: per key (in order) the
+    /// product of its `fields`, summed as [`Total`] does. `None` where the
+    /// general path must answer (a field that is a subtree or not a number,
+    /// an entry that is a map value, an overflow): it gives the same answer
+    /// or error, value by value, and only this common case is made fast.
+    fn sum_product(&self, fields: &[&str]) -> Option<Number> {
+        let mut total = Total::default();
+        'entries: for c in self.keys() {
+            let at = self.at + c.text.len() + 1;
+            if c.to == c.from + 1 && self.rest(c.from).len() == c.text.len() {
+                // A leaf: not a map (skipped), unless it holds a map value.
+                match self.entries[c.from].1 {
+                    Value::Map(_) => return None,
+                    _ => continue,
+                }
+            }
+            let run = &self.entries[c.from..c.to];
+            let mut product = Number::Int(1);
+            for field in fields {
+                let found = run.iter().find_map(|e| {
+                    let rest = &e.0.as_str()[at..];
+                    let tail = rest.strip_prefix(*field)?;
+                    Some((tail.is_empty(), e.1))
+                });
+                let v = match found {
+                    None => continue 'entries,
+                    Some((true, v)) => v,
+                    // `field/...`, or a longer key sharing its start: the
+                    // general path tells a subtree from a missing field.
+                    Some((false, _)) => return None,
+                };
+                product = match (product, v) {
+                    (Number::Int(a), Value::Int(b)) => Number::Int(a.checked_mul(*b)?),
+                    (Number::Int(a), Value::Float(b)) => Number::Float(a as f64 * b),
+                    (Number::Float(a), Value::Int(b)) => Number::Float(a * *b as f64),
+                    (Number::Float(a), Value::Float(b)) => Number::Float(a * b),
+                    _ => return None,
+                };
+            }
+            total.add(product, "sum_product").ok()?;
+        }
+        Some(total.number())
+    }
+
     /// The same map, built: for equality with other maps.
     fn built(&self) -> Val<'v> {
         let mut root: BTreeMap<&'v str, Node<'v>> = BTreeMap::new();
@@ -430,6 +474,13 @@ impl<'t> cel::common::traits::Indexer for Tree<'t> {
                 },
             });
         };
+        if let Some(fields) = k.strip_prefix(TREE_SUM_KEY) {
+            let fields: Vec<&str> = fields.split('\0').collect();
+            return match self.sum_product(&fields) {
+                Some(n) => Ok(CowVal::owned(TreeSum(n))),
+                None => Err(ExecutionError::no_such_key(k)),
+            };
+        }
         match self.child(k) {
             Some(v) => Ok(CowVal::Owned(v)),
             None => Err(ExecutionError::no_such_key(k)),
@@ -554,22 +605,72 @@ impl Total {
         Ok(())
     }
 
-    fn value<'c, 'a>(mut self) -> CowVal<'c, 'a> {
+    fn number(mut self) -> Number {
         if self.floats.is_empty() {
-            return CowVal::owned(CelInt::from(self.ints));
+            return Number::Int(self.ints);
         }
         self.floats.sort_by(f64::total_cmp);
-        CowVal::owned(CelDouble::from(
-            self.floats.into_iter().fold(self.ints as f64, |a, b| a + b),
-        ))
+        Number::Float(self.floats.into_iter().fold(self.ints as f64, |a, b| a + b))
+    }
+
+    fn value<'c, 'a>(self) -> CowVal<'c, 'a> {
+        self.number().value()
     }
 }
 
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 enum Number {
     Int(i64),
     Float(f64),
 }
+
+impl Number {
+    fn value<'c, 'a>(self) -> CowVal<'c, 'a> {
+        match self {
+            Number::Int(i) => CowVal::owned(CelInt::from(i)),
+            Number::Float(f) => CowVal::owned(CelDouble::from(f)),
+        }
+    }
+}
+
+/// What `sum_product` asks a [`Tree`] for, to have it summed in place: this
+/// prefix, then the field names separated by NUL (no path segment holds one).
+const TREE_SUM_KEY: &str = "\0sum_product\0";
+
+/// A [`Tree`]'s answer to [`TREE_SUM_KEY`]: the sum, handed straight back to
+/// `sum_product`. A map built by an expression never holds one, so an answer
+/// of another type (a user's map with such a key) is not taken for it.
+#[derive(Clone, Debug)]
+struct TreeSum(Number);
+
+static TREE_SUM: cel::common::types::Type = cel::common::types::Type::new_unspecified_type("concord.tree_sum");
+
+impl CelVal for TreeSum {
+    fn get_type(&self) -> &cel::common::types::Type {
+        <Self as CelVal>::cel_type()
+    }
+
+    fn cel_type() -> &'static cel::common::types::Type
+    where
+        Self: Sized,
+    {
+        &TREE_SUM
+    }
+
+    fn equals(&self, other: &dyn CelVal) -> bool {
+        other.downcast_ref::<TreeSum>().is_some_and(|o| o.0 == self.0)
+    }
+
+    fn clone_as_boxed<'w>(&self) -> Box<dyn CelVal + 'w> {
+        Box::new(self.clone())
+    }
+
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        Some(self)
+    }
+}
+
+impl cel::common::value::StaticVal for TreeSum {}
 
 /// A CEL number as an int (a uint that fits) or a float.
 fn number(v: &dyn CelVal, name: &str) -> Result<Number, ExecutionError> {
@@ -582,9 +683,11 @@ fn number(v: &dyn CelVal, name: &str) -> Result<Number, ExecutionError> {
     } else if let Some(f) = v.downcast_ref::<CelDouble>() {
         Ok(Number::Float(*f.inner()))
     } else {
+        // Named by type: a map read in place and the same map built are
+        // different values in Rust, not in CEL.
         Err(ExecutionError::function_error(
             name,
-            format!("{name} takes numbers, not {v:?}"),
+            format!("{name} takes numbers, not a {}", v.get_type().name()),
         ))
     }
 }
@@ -639,8 +742,22 @@ fn sum_product<'b, 'v>(args: Args<'b, 'v>) -> Result<CowVal<'b, 'v>, ExecutionEr
     if fields.is_empty() {
         return Err(ExecutionError::function_error(NAME, "name at least one field"));
     }
+    // A map read in place sums itself without a value per entry and field.
+    if fields.iter().all(|f| !f.inner().contains('\0')) {
+        let names: Vec<&str> = fields.iter().map(|f| f.inner()).collect();
+        let key = CelString::from(format!("{TREE_SUM_KEY}{}", names.join("\0")));
+        if let Ok(v) = entries.get(&key)
+            && let Some(TreeSum(n)) = v.downcast_ref::<TreeSum>()
+        {
+            return Ok(n.value());
+        }
+    }
+    // In key order, as `keys` gives them: the sum does not depend on it, but
+    // which entry's error is reported does.
+    let mut keys = map_keys(m, NAME)?;
+    keys.sort_by(|a, b| key_order(*a).cmp(&key_order(*b)));
     let mut total = Total::default();
-    'entries: for key in map_keys(m, NAME)? {
+    'entries: for key in keys {
         let entry = entries.get(key)?;
         // Entries that are not maps hold no fields.
         let Some(entry) = entry
@@ -786,6 +903,60 @@ mod tests {
             let read = run(Box::new(Tree::new(&sorted)));
             let whole = run(built.clone());
             assert_eq!(read, whole, "{e}");
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig { cases: 300, ..Default::default() })]
+
+        /// `sum_product` over a tree read in place (summed by the tree
+        /// itself) gives what it gives over the same map built (entry by
+        /// entry, field by field): value, type and error.
+        #[test]
+        fn a_tree_sums_as_the_built_map(
+            shapes in proptest::collection::vec((0u8..4, proptest::collection::vec((0u8..4, 0u8..5), 0..4)), 0..5),
+            fields in proptest::sample::subsequence(vec!["x", "y", "x_max"], 1..3),
+        ) {
+            let p = |s: String| ResourcePath::parse(&s).unwrap();
+            let value = |v: u8| match v {
+                0 => Value::Int(3),
+                1 => Value::Float(0.5),
+                2 => Value::Int(1 << 40),
+                3 => Value::Str("s".into()),
+                _ => Value::Map(BTreeMap::from([("x".to_string(), Value::Int(2))])),
+            };
+            let mut paths: BTreeMap<ResourcePath, Value> = BTreeMap::new();
+            for (i, (shape, leaves)) in shapes.iter().enumerate() {
+                match shape {
+                    // A leaf: a number, or a map value.
+                    0 => { paths.insert(p(format!("a/k{i}")), Value::Int(7)); }
+                    1 => { paths.insert(p(format!("a/k{i}")), value(4)); }
+                    // A subtree of fields, some deeper.
+                    _ => {
+                        for (f, v) in leaves {
+                            let name = ["x", "y", "x_max", "x/z"][usize::from(*f)];
+                            if name == "x/z" && paths.contains_key(&p(format!("a/k{i}/x"))) { continue; }
+                            if name == "x" && paths.contains_key(&p(format!("a/k{i}/x/z"))) { continue; }
+                            paths.insert(p(format!("a/k{i}/{name}")), value(*v));
+                        }
+                    }
+                }
+            }
+            let sorted: Vec<(&ResourcePath, &Value)> = paths.iter().collect();
+            let tree = Tree::new(&sorted);
+            let list = fields.iter().map(|f| format!("'{f}'")).collect::<Vec<_>>().join(", ");
+            for e in [format!("sum_product(after.a, [{list}])"), format!("sum_product(after.a, [{list}]) * 2")] {
+                let program = Program::compile(&e).unwrap();
+                let run = |after: Val<'_>| -> Result<CelValue, String> {
+                    let mut ctx = Context::with_env(std::sync::Arc::new(env()));
+                    ctx.add_variable_as_val("after", after);
+                    program.execute(&ctx).map_err(|e| e.to_string())
+                };
+                if paths.is_empty() {
+                    continue;
+                }
+                proptest::prop_assert_eq!(run(Box::new(Tree::new(&sorted))), run(tree.built()), "{}", e);
+            }
         }
     }
 
