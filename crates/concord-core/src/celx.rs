@@ -365,13 +365,12 @@ impl<'v> Tree<'v> {
                     // general path tells a subtree from a missing field.
                     Some((false, _)) => return None,
                 };
-                product = match (product, v) {
-                    (Number::Int(a), Value::Int(b)) => Number::Int(a.checked_mul(*b)?),
-                    (Number::Int(a), Value::Float(b)) => Number::Float(a as f64 * b),
-                    (Number::Float(a), Value::Int(b)) => Number::Float(a * *b as f64),
-                    (Number::Float(a), Value::Float(b)) => Number::Float(a * b),
+                let factor = match v {
+                    Value::Int(i) => Number::Int(*i),
+                    Value::Float(f) => Number::Float(*f),
                     _ => return None,
                 };
+                product = product.times(factor)?;
             }
             total.add(product, "sum_product").ok()?;
         }
@@ -625,6 +624,16 @@ enum Number {
 }
 
 impl Number {
+    /// The product: an int while both are (`None` on overflow), else a float.
+    fn times(self, other: Number) -> Option<Number> {
+        Some(match (self, other) {
+            (Number::Int(a), Number::Int(b)) => Number::Int(a.checked_mul(b)?),
+            (Number::Int(a), Number::Float(b)) => Number::Float(a as f64 * b),
+            (Number::Float(a), Number::Int(b)) => Number::Float(a * b as f64),
+            (Number::Float(a), Number::Float(b)) => Number::Float(a * b),
+        })
+    }
+
     fn value<'c, 'a>(self) -> CowVal<'c, 'a> {
         match self {
             Number::Int(i) => CowVal::owned(CelInt::from(i)),
@@ -773,15 +782,9 @@ fn sum_product<'b, 'v>(args: Args<'b, 'v>) -> Result<CowVal<'b, 'v>, ExecutionEr
                 Err(ExecutionError::NoSuchKey(_)) => continue 'entries,
                 Err(e) => return Err(e),
             };
-            product = match (product, number(v.as_ref(), NAME)?) {
-                (Number::Int(a), Number::Int(b)) => Number::Int(
-                    a.checked_mul(b)
-                        .ok_or_else(|| ExecutionError::function_error(NAME, "integer overflow"))?,
-                ),
-                (Number::Int(a), Number::Float(b)) => Number::Float(a as f64 * b),
-                (Number::Float(a), Number::Int(b)) => Number::Float(a * b as f64),
-                (Number::Float(a), Number::Float(b)) => Number::Float(a * b),
-            };
+            product = product
+                .times(number(v.as_ref(), NAME)?)
+                .ok_or_else(|| ExecutionError::function_error(NAME, "integer overflow"))?;
         }
         total.add(product, NAME)?;
     }
