@@ -251,9 +251,9 @@ impl Budget {
     /// Whether `overlay` changes a path this rule reads.
     pub(crate) fn reads_any(&self, overlay: &Overlay) -> bool {
         overlay.contains_key(&self.config.limit)
-            || self.heads().any(|head| {
-                scan_prefix(overlay, head).any(|(p, _)| (0..self.terms.len()).any(|t| self.matches(t, p.as_str())))
-            })
+            || self
+                .heads()
+                .any(|head| scan_prefix(overlay, head).any(|(p, _)| self.reads(p)))
     }
 
     /// Whether `path` is one this rule reads.
@@ -321,8 +321,8 @@ impl Budget {
                             continue;
                         }
                         let (i, new) = patch.entry(&caps);
-                        if new && let Ok(g) = world.find(&caps) {
-                            patch.vals_mut(i).copy_from_slice(world.vals(g));
+                        if new {
+                            world.copy_vals(&caps, patch.vals_mut(i));
                         }
                         patch.vals_mut(i)[t] = number(v.as_ref());
                     }
@@ -330,21 +330,15 @@ impl Budget {
             }
         }
         // A capture's values in the base: the overlay's, else the world's.
-        let base_vals = |caps: &[&str], out: &mut [Option<f64>]| match patch.find(caps) {
-            Ok(g) => out.copy_from_slice(patch.vals(g)),
-            Err(_) => match world.find(caps) {
-                Ok(g) => out.copy_from_slice(world.vals(g)),
-                Err(_) => out.fill(None),
-            },
+        let base_vals = |caps: &[&str], out: &mut [Option<f64>]| {
+            if !patch.copy_vals(caps, out) {
+                world.copy_vals(caps, out);
+            }
         };
         let mut base_total = world.total();
         let mut was: Vec<Option<f64>> = vec![None; n];
         for i in 0..patch.len {
-            let caps = patch.key(i);
-            match world.find(caps) {
-                Ok(g) => was.copy_from_slice(world.vals(g)),
-                Err(_) => was.fill(None),
-            }
+            world.copy_vals(patch.key(i), &mut was);
             base_total += product(patch.vals(i)) - product(&was);
         }
         let base_limit = number(base.get(&self.config.limit));
@@ -542,6 +536,21 @@ impl<S: AsRef<str>> Groups<S> {
                     }
                 }
                 Err(lo)
+            }
+        }
+    }
+
+    /// Copies the values of `caps` into `out` (all `None` if it has no
+    /// group); whether it has one.
+    fn copy_vals(&self, caps: &[impl AsRef<str>], out: &mut [Option<f64>]) -> bool {
+        match self.find(caps) {
+            Ok(g) => {
+                out.copy_from_slice(self.vals(g));
+                true
+            }
+            Err(_) => {
+                out.fill(None);
+                false
             }
         }
     }

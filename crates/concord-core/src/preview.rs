@@ -412,14 +412,20 @@ impl<'o> SecondLook<'o> {
     /// both worlds unless the overlay changes one of those paths, or one
     /// above or below it.
     pub(crate) fn new(overlay: &'o Overlay, touched: &BTreeSet<ResourcePath>) -> Self {
-        let states_same = !touched.iter().any(|t| {
-            overlay.contains_key(t)
-                || crate::world::scan_prefix(overlay, &t.descendant_prefix())
-                    .next()
-                    .is_some()
-                || std::iter::successors(t.parent(), ResourcePath::parent).any(|a| overlay.contains_key(&a))
-        });
+        let states_same = touched.iter().all(|t| crate::world::overlapping(overlay, t).is_empty());
         SecondLook { overlay, states_same }
+    }
+
+    /// Whether a budget rule's inputs are the same in both worlds.
+    fn keeps_budget(&self, budget: &crate::budget::Budget) -> bool {
+        self.states_same && !budget.reads_any(self.overlay)
+    }
+
+    /// Whether a CEL rule's bindings are the same in both worlds: the paths
+    /// it reads are unchanged by the overlay, and the states are the same or
+    /// it reads no path at all.
+    fn keeps_cel(&self, rule: &CelRule) -> bool {
+        (self.states_same || rule.reads.patterns.is_empty()) && !rule.reads.any_key(self.overlay)
     }
 }
 
@@ -461,7 +467,7 @@ pub(crate) fn judge(
             .budgets
             .iter()
             .enumerate()
-            .filter(|(_, b)| !(states_same && second.is_some_and(|s| !b.reads_any(s.overlay))))
+            .filter(|(_, b)| !second.is_some_and(|s| s.keeps_budget(b)))
             .map(|(i, b)| b.evaluate(run, i)),
     );
     // The CEL rules to evaluate: on a second look, those whose bindings may
@@ -470,10 +476,7 @@ pub(crate) fn judge(
     let cel: Vec<&CelRule> = policy
         .cel
         .iter()
-        .filter(|rule| {
-            second
-                .is_none_or(|s| !((s.states_same || rule.reads.patterns.is_empty()) && !rule.reads.any_key(s.overlay)))
-        })
+        .filter(|rule| !second.is_some_and(|s| s.keeps_cel(rule)))
         .collect();
     if !cel.is_empty() {
         // Built once, and only when some rule reads them; rules borrow them.

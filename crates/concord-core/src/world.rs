@@ -123,6 +123,22 @@ fn first_descendant<V>(map: &BTreeMap<ResourcePath, V>, path: &ResourcePath) -> 
     scan_prefix(map, &prefix).next().map(|(p, _)| p.clone())
 }
 
+/// Entries of a path-keyed map at `path`, at its ancestors and under it:
+/// those a change at `path` overlaps. Ancestors are looked up by their text
+/// (no path is built), descendants found by one ordered scan.
+pub(crate) fn overlapping<'a, V>(
+    map: &'a BTreeMap<ResourcePath, V>,
+    path: &ResourcePath,
+) -> Vec<(&'a ResourcePath, &'a V)> {
+    let text = path.as_str();
+    let mut out: Vec<(&ResourcePath, &V)> = std::iter::once(text.len())
+        .chain(text.rmatch_indices('/').map(|(i, _)| i))
+        .filter_map(|end| map.get_key_value(&text[..end]))
+        .collect();
+    out.extend(scan_prefix(map, &path.descendant_prefix()));
+    out
+}
+
 /// Changes layered over a world: path -> new value (`None`: removed).
 pub type Overlay = BTreeMap<ResourcePath, Option<Value>>;
 
@@ -289,8 +305,8 @@ impl<'w> Base<'w> {
         self.overlay
     }
 
-    /// Notes that what lies under `prefix` was read, as a visit does, for a
-    /// reader that found it elsewhere (an index and the overlay).
+    /// Notes that what lies under `prefix` was read: by a visit or a scan,
+    /// or by a reader that found it elsewhere (an index and the overlay).
     pub(crate) fn note_scanned(&self, prefix: &str) {
         if let Some(memo) = self.memo {
             memo.scanned(prefix);
@@ -355,9 +371,7 @@ impl<'w> Base<'w> {
     /// `prefix`, without copying: world entries first (those the overlay does
     /// not change), then the overlay's values, each run in path order.
     pub fn visit_prefix(&self, prefix: &str, mut f: impl FnMut(&'w ResourcePath, &'w Value)) {
-        if let Some(memo) = self.memo {
-            memo.scanned(prefix);
-        }
+        self.note_scanned(prefix);
         // Both runs are in path order: walk the overlay's alongside the
         // world's instead of searching the overlay for every world path.
         let mut changed = self.overlay.map(|o| scan_prefix(o, prefix).peekable());
@@ -381,9 +395,7 @@ impl<'w> Base<'w> {
 
     /// Every existing (path, value) whose path text starts with `prefix`, in order.
     pub fn scan_prefix(&self, prefix: &str) -> Vec<(ResourcePath, Value)> {
-        if let Some(memo) = self.memo {
-            memo.scanned(prefix);
-        }
+        self.note_scanned(prefix);
         let base = self.world.scan_prefix(prefix).map(|(p, v)| (p.clone(), v.clone()));
         let Some(overlay) = self.overlay else {
             return base.collect();

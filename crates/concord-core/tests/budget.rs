@@ -56,6 +56,20 @@ fn world_of(apps: &[(i64, Option<i64>)], max: i64) -> concord_core::world::World
     world(&t)
 }
 
+/// A plan of `set` steps, each (app, threads or workers, value), on apps
+/// `a0` to `a{apps - 1}` (the app index taken modulo `apps`).
+fn app_plan(steps: &[(usize, bool, i64)], apps: usize) -> concord_proto::Intent {
+    let steps: Vec<Json> = steps
+        .iter()
+        .enumerate()
+        .map(|(i, (app, threads, v))| {
+            let field = if *threads { "threads" } else { "workers" };
+            set(&format!("s{i}"), &format!("app/a{}/{field}", app % apps), json!(v))
+        })
+        .collect();
+    plan(Json::Array(steps))
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 200, ..ProptestConfig::default() })]
 
@@ -67,15 +81,7 @@ proptest! {
     ) {
         let w = world_of(&apps, max);
         let p = policy(POLICY);
-        let steps: Vec<Json> = steps
-            .iter()
-            .enumerate()
-            .map(|(i, (app, threads, v))| {
-                let field = if *threads { "threads" } else { "workers" };
-                set(&format!("s{i}"), &format!("app/a{}/{field}", app % apps.len()), json!(v))
-            })
-            .collect();
-        let pv = run(&w, &p, "x", &plan(Json::Array(steps)));
+        let pv = run(&w, &p, "x", &app_plan(&steps, apps.len()));
         let native = rule(&pv, "native");
         // The comprehension, and the same with the `sum_product` helper.
         for cel in [rule(&pv, "cel"), rule(&pv, "cel_helper")] {
@@ -139,15 +145,7 @@ proptest! {
         }
         prop_assert_eq!(&ix, &BudgetIndex::build(&p, &w));
         let overlay: Overlay = overlay.into_iter().map(|(a, f, v)| change(a, f, v)).collect();
-        let steps: Vec<Json> = steps
-            .iter()
-            .enumerate()
-            .map(|(i, (app, threads, v))| {
-                let field = if *threads { "threads" } else { "workers" };
-                set(&format!("s{i}"), &format!("app/a{app}/{field}"), json!(v))
-            })
-            .collect();
-        let intent = plan(Json::Array(steps));
+        let intent = app_plan(&steps, 7);
         let input = PreviewInput { world: &w, intent: &intent, agent: "x", policy: &p, previous: None };
         let visited = preview_on(input, Base::projected(&w, &overlay));
         let indexed = preview_on(input, Base::projected(&w, &overlay).with_index(&ix));

@@ -1657,17 +1657,7 @@ impl Coordinator {
 
     /// In-flight index entries for `path`, its ancestors and its descendants.
     fn inflight_overlapping(&self, path: &ResourcePath) -> Vec<(&ResourcePath, &Vec<Id>)> {
-        let mut out: Vec<(&ResourcePath, &Vec<Id>)> = Vec::new();
-        // The path and its ancestors, looked up by their text (no path built).
-        let text = path.as_str();
-        for end in std::iter::once(text.len()).chain(text.rmatch_indices('/').map(|(i, _)| i)) {
-            if let Some((k, o)) = self.inflight.get_key_value(&text[..end]) {
-                out.push((k, o));
-            }
-        }
-        let prefix = path.descendant_prefix();
-        out.extend(crate::world::scan_prefix(&self.inflight, &prefix));
-        out
+        crate::world::overlapping(&self.inflight, path)
     }
 
     // ---- sagas -------------------------------------------------------------
