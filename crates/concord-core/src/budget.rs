@@ -243,11 +243,6 @@ impl Budget {
         segments_match(&self.terms[t], path)
     }
 
-    /// The changes to paths this rule reads, in path order.
-    fn restrict<'a>(&self, changes: &'a Overlay) -> Vec<(&'a ResourcePath, &'a Option<Value>)> {
-        changes.iter().filter(|(p, _)| self.reads(p)).collect()
-    }
-
     /// Whether `overlay` changes a path this rule reads.
     pub(crate) fn reads_any(&self, overlay: &Overlay) -> bool {
         overlay.contains_key(&self.config.limit)
@@ -342,44 +337,73 @@ impl Budget {
             base_total += product(patch.vals(i)) - product(&was);
         }
         let base_limit = number(base.get(&self.config.limit));
-        // A state's changes to the paths this rule reads, in path order.
-        type Restricted<'a> = Vec<(&'a ResourcePath, &'a Option<Value>)>;
-        let evaluate_state = |changes: &Restricted<'_>| -> Result<(f64, f64), String> {
-            // The changed terms: (capture, term, new value), captures flat.
-            let mut caps: Vec<&str> = Vec::new();
-            let mut flat: Vec<&str> = Vec::new();
-            let mut changed: Vec<(usize, usize, Option<f64>)> = Vec::new();
-            for (p, v) in changes {
-                for t in 0..n {
-                    if self.capture(t, p.as_str(), &mut caps) {
-                        changed.push((flat.len(), t, number(v.as_ref())));
-                        flat.extend_from_slice(&caps);
-                    }
+        // What the states can change, found once: the touched paths this
+        // rule reads (a state changes only touched paths), each with the
+        // (capture, term) pairs it holds, and each capture's values in the
+        // base. Captures are kept in key order, the order the sum runs in.
+        let mut caps: Vec<&str> = Vec::new();
+        let mut keys: Vec<Vec<&str>> = Vec::new();
+        let mut read: Vec<(&ResourcePath, Vec<(usize, usize)>)> = Vec::new();
+        for p in &run.touched {
+            let mut terms = Vec::new();
+            for t in 0..n {
+                if self.capture(t, p.as_str(), &mut caps) {
+                    let c = match keys.iter().position(|k| *k == caps) {
+                        Some(c) => c,
+                        None => {
+                            keys.push(caps.clone());
+                            keys.len() - 1
+                        }
+                    };
+                    terms.push((c, t));
                 }
             }
-            let k = self.stars;
-            let key = |at: usize| &flat[at..at + k];
-            // Stable: a path's terms keep their order within a capture.
-            changed.sort_by(|a, b| key(a.0).cmp(key(b.0)));
+            if !terms.is_empty() || *p == self.config.limit {
+                read.push((p, terms));
+            }
+        }
+        let mut order: Vec<usize> = (0..keys.len()).collect();
+        order.sort_by(|&a, &b| keys[a].cmp(&keys[b]));
+        let mut rank = vec![0; keys.len()];
+        for (r, &c) in order.iter().enumerate() {
+            rank[c] = r;
+        }
+        for (_, terms) in &mut read {
+            for (c, _) in terms.iter_mut() {
+                *c = rank[*c];
+            }
+        }
+        let mut before: Vec<Option<f64>> = vec![None; n * keys.len()];
+        for (&c, vals) in order.iter().zip(before.chunks_mut(n.max(1))) {
+            base_vals(&keys[c], vals);
+        }
+        let before_product: Vec<f64> = before.chunks(n.max(1)).map(product).collect();
+        let limit_at = read.iter().position(|(p, _)| **p == self.config.limit);
+        // A state's changes to the paths this rule reads, as (position in
+        // `read`, new value), in path order.
+        type Restricted<'a> = Vec<(usize, &'a Option<Value>)>;
+        let restrict = |changes| restrict(&read, changes);
+        let mut now: Vec<Option<f64>> = Vec::with_capacity(before.len());
+        let mut changed: Vec<bool> = vec![false; keys.len()];
+        let mut evaluate_state = |changes: &Restricted<'_>| -> Result<(f64, f64), String> {
+            now.clear();
+            now.extend_from_slice(&before);
+            changed.fill(false);
+            let mut limit = base_limit;
+            for &(i, v) in changes {
+                for &(c, t) in &read[i].1 {
+                    now[c * n + t] = number(v.as_ref());
+                    changed[c] = true;
+                }
+                if Some(i) == limit_at {
+                    limit = number(v.as_ref());
+                }
+            }
             let mut total = base_total;
-            let mut before: Vec<Option<f64>> = vec![None; n];
-            let mut now: Vec<Option<f64>> = vec![None; n];
-            let mut i = 0;
-            while i < changed.len() {
-                let caps = key(changed[i].0);
-                base_vals(caps, &mut before);
-                now.copy_from_slice(&before);
-                while i < changed.len() && key(changed[i].0) == caps {
-                    now[changed[i].1] = changed[i].2;
-                    i += 1;
-                }
-                total += product(&now) - product(&before);
+            for c in (0..keys.len()).filter(|&c| changed[c]) {
+                total += product(&now[c * n..(c + 1) * n]) - before_product[c];
             }
-            let limit = match changes.binary_search_by(|(k, _)| (*k).cmp(&self.config.limit)) {
-                Ok(i) => number(changes[i].1.as_ref()),
-                Err(_) => base_limit,
-            }
-            .ok_or_else(|| format!("the limit `{}` holds no number", self.config.limit))?;
+            let limit = limit.ok_or_else(|| format!("the limit `{}` holds no number", self.config.limit))?;
             Ok((total, limit))
         };
         let figures = |total: f64, limit: f64| {
@@ -403,7 +427,7 @@ impl Budget {
         };
         let mut seen: Vec<Restricted<'_>> = Vec::new();
         for state in &run.states {
-            let restricted = self.restrict(&state.changes);
+            let restricted = restrict(&state.changes);
             if seen.contains(&restricted) {
                 continue;
             }
@@ -447,7 +471,7 @@ impl Budget {
             }
             seen.push(restricted);
         }
-        let end = self.restrict(&run.final_changes);
+        let end = restrict(&run.final_changes);
         let f = evaluate_state(&end).map(|(t, l)| figures(t, l)).unwrap_or_default();
         result(
             RuleStatus::Pass,
@@ -458,6 +482,22 @@ impl Budget {
             format!("holds in every state: {}", describe()),
         )
     }
+}
+
+/// `changes` to the paths of `read` (both in path order), as (position in
+/// `read`, new value).
+fn restrict<'c, T>(read: &[(&ResourcePath, T)], changes: &'c Overlay) -> Vec<(usize, &'c Option<Value>)> {
+    let mut out = Vec::new();
+    let mut at = 0;
+    for (p, v) in changes {
+        while at < read.len() && read[at].0 < p {
+            at += 1;
+        }
+        if at < read.len() && read[at].0 == p {
+            out.push((at, v));
+        }
+    }
+    out
 }
 
 /// A capture's product, multiplied in term order; a missing or non-numeric

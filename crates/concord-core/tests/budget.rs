@@ -59,7 +59,17 @@ fn world_of(apps: &[(i64, Option<i64>)], max: i64) -> concord_core::world::World
 /// A plan of `set` steps, each (app, threads or workers, value), on apps
 /// `a0` to `a{apps - 1}` (the app index taken modulo `apps`).
 fn app_plan(steps: &[(usize, bool, i64)], apps: usize) -> concord_proto::Intent {
-    let steps: Vec<Json> = steps
+    app_plan_with_limit(steps, apps, None)
+}
+
+/// [`app_plan`], with a step setting the limit (`db/main/max_connections`)
+/// to `limit.1` inserted before step `limit.0` (or last).
+fn app_plan_with_limit(
+    steps: &[(usize, bool, i64)],
+    apps: usize,
+    limit: Option<(usize, i64)>,
+) -> concord_proto::Intent {
+    let mut steps: Vec<Json> = steps
         .iter()
         .enumerate()
         .map(|(i, (app, threads, v))| {
@@ -67,6 +77,10 @@ fn app_plan(steps: &[(usize, bool, i64)], apps: usize) -> concord_proto::Intent 
             set(&format!("s{i}"), &format!("app/a{}/{field}", app % apps), json!(v))
         })
         .collect();
+    if let Some((at, max)) = limit {
+        let at = at.min(steps.len());
+        steps.insert(at, set("limit", "db/main/max_connections", json!(max)));
+    }
     plan(Json::Array(steps))
 }
 
@@ -78,10 +92,11 @@ proptest! {
         apps in prop::collection::vec((1i64..20, prop::option::weighted(0.8, 1i64..10)), 1..6),
         max in 50i64..600,
         steps in prop::collection::vec((0usize..6, any::<bool>(), 0i64..25), 1..5),
+        limit in prop::option::weighted(0.3, (0usize..5, 20i64..600)),
     ) {
         let w = world_of(&apps, max);
         let p = policy(POLICY);
-        let pv = run(&w, &p, "x", &app_plan(&steps, apps.len()));
+        let pv = run(&w, &p, "x", &app_plan_with_limit(&steps, apps.len(), limit));
         let native = rule(&pv, "native");
         // The comprehension, and the same with the `sum_product` helper.
         for cel in [rule(&pv, "cel"), rule(&pv, "cel_helper")] {
