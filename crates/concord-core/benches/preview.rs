@@ -28,11 +28,13 @@
 //! Group `preview/5-step/20-rules-sum-product` is the same 20 rules with the
 //! connection budget written as the shipped policy writes it (the
 //! `sum_product` helper, not a comprehension); `20-rules-native-budget` has
-//! it as a native rule. Its cases also run `indexed`: with the budget index
-//! the coordinator keeps beside its world (built before timing, as the
-//! coordinator has it when a plan arrives), so the budget reads the terms of
-//! the services a plan touches instead of visiting all 40. Without the
-//! suffix they are what `concord check` does.
+//! it as a native rule. Its cases also run `indexed`: with the indexes the
+//! coordinator keeps beside its world (built before timing, as the
+//! coordinator has them when a plan arrives): the budget index, so the budget
+//! reads the terms of the services a plan touches instead of visiting all 40,
+//! and the path index, so point lookups into the world hash the path instead
+//! of descending the ordered map. Without the suffix they are what
+//! `concord check` does.
 //!
 //! Group `preview/5-step/9-builtin-rules` runs the admitted plan under the
 //! built-ins alone at 100k paths; its difference from the 20-rule figure is
@@ -45,7 +47,7 @@ use std::time::Duration;
 
 use concord_core::budget::BudgetIndex;
 use concord_core::preview::{PreviewInput, preview, preview_on};
-use concord_core::world::Base;
+use concord_core::world::{Base, PathIndex};
 use concord_proto::Verdict;
 use criterion::{BenchmarkId, Criterion, SamplingMode, criterion_group, criterion_main};
 
@@ -118,7 +120,8 @@ fn bench_preview(c: &mut Criterion) {
                 });
                 if indexed {
                     let index = BudgetIndex::build(policy, &world);
-                    let base = Base::current(&world).with_index(&index);
+                    let paths = PathIndex::build(&world);
+                    let base = Base::current(&world).with_index(&index).with_paths(&paths);
                     assert_eq!(preview_on(input, base), preview(input), "an index changes no report");
                     group.bench_function(BenchmarkId::new(format!("{}-indexed", case.name), label), |b| {
                         b.iter(|| preview_on(black_box(input), base))

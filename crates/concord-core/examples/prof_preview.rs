@@ -7,7 +7,7 @@
 //! ```text
 //! cargo build --release --example prof_preview -p concord-core
 //! valgrind --tool=callgrind --toggle-collect='*run_one*' \
-//!     target/release/examples/prof_preview native 100   # or cel, sum_product, builtin, indexed
+//!     target/release/examples/prof_preview native 100   # or cel, sum_product, builtin, indexed, budget-indexed
 //! ```
 //! Instructions per preview = the collected total / N.
 
@@ -51,7 +51,7 @@ use std::hint::black_box;
 use concord_core::budget::BudgetIndex;
 use concord_core::policy::Policy;
 use concord_core::preview::{PreviewInput, preview, preview_on};
-use concord_core::world::{Base, World};
+use concord_core::world::{Base, PathIndex, World};
 use concord_proto::{Intent, Verdict};
 
 #[path = "../benches/workload/preview.rs"]
@@ -70,7 +70,7 @@ fn main() {
         "cel" => policy(POLICY_20, 20),
         "builtin" => policy(POLICY_BUILTIN, 9),
         "sum_product" => policy(&policy_20_sum_product(), 20),
-        // `native`, and `indexed`: the same with the budget index the coordinator keeps.
+        // `native`, and `indexed` and `budget-indexed`: the same with indexes.
         _ => policy(&policy_20_native(), 20),
     };
     let admit = intent(PLAN_ADMIT);
@@ -83,14 +83,27 @@ fn main() {
         because: None,
     };
     check(&world, &admit, &pol, Verdict::Admit, None);
-    let index = (which == "indexed").then(|| BudgetIndex::build(&pol, &world));
+    // `indexed`: the budget and path indexes the coordinator keeps;
+    // `budget-indexed`: the budget index alone.
+    let index = matches!(which, "indexed" | "budget-indexed").then(|| BudgetIndex::build(&pol, &world));
+    let paths = if which == "indexed" {
+        PathIndex::build(&world)
+    } else {
+        PathIndex::default()
+    };
     for _ in 0..n {
-        black_box(run_one(&world, &admit, &pol, index.as_ref()));
+        black_box(run_one(&world, &admit, &pol, index.as_ref(), &paths));
     }
 }
 
 #[inline(never)]
-fn run_one(world: &World, i: &Intent, p: &Policy, index: Option<&BudgetIndex>) -> concord_proto::preview::Preview {
+fn run_one(
+    world: &World,
+    i: &Intent,
+    p: &Policy,
+    index: Option<&BudgetIndex>,
+    paths: &PathIndex,
+) -> concord_proto::preview::Preview {
     let input = black_box(PreviewInput {
         world,
         intent: i,
@@ -99,7 +112,7 @@ fn run_one(world: &World, i: &Intent, p: &Policy, index: Option<&BudgetIndex>) -
         previous: None,
     });
     match index {
-        Some(ix) => preview_on(input, Base::current(world).with_index(ix)),
+        Some(ix) => preview_on(input, Base::current(world).with_index(ix).with_paths(paths)),
         None => preview(input),
     }
 }

@@ -84,98 +84,6 @@ fn record_map<'v>(entries: Vec<(&'v str, Val<'v>)>) -> CelMap<'v> {
     )
 }
 
-/// A map from string keys, shared rather than copied when the interpreter
-/// clones it: it clones a value to bind it to a comprehension's variable
-/// (`plan.steps.all(s, ..)` binds each step), and cloning a built map
-/// rebuilds its table where cloning this counts a reference.
-pub fn shared_record_val<'v>(entries: Vec<(&'v str, Val<'v>)>) -> Val<'v> {
-    Box::new(Shared(std::sync::Arc::new(record_map(entries))))
-}
-
-/// A built map behind a shared reference: every operation is the map's.
-#[derive(Clone, Debug)]
-struct Shared<'v>(std::sync::Arc<CelMap<'v>>);
-
-impl<'v> CelVal for Shared<'v> {
-    fn get_type(&self) -> &cel::common::types::Type {
-        self.0.get_type()
-    }
-
-    fn cel_type() -> &'static cel::common::types::Type
-    where
-        Self: Sized,
-    {
-        <CelMap<'_> as CelVal>::cel_type()
-    }
-
-    fn as_container(&self) -> Option<&dyn cel::common::traits::Container> {
-        self.0.as_container()
-    }
-
-    fn as_indexer<'b, 'w>(&'b self) -> Option<&'b (dyn cel::common::traits::Indexer + 'w)>
-    where
-        Self: 'w,
-    {
-        Some(self)
-    }
-
-    fn into_indexer<'w>(self: Box<Self>) -> Option<Box<dyn cel::common::traits::Indexer + 'w>>
-    where
-        Self: 'w,
-    {
-        Some(self)
-    }
-
-    fn as_iterable<'b, 'w>(&'b self) -> Option<&'b (dyn cel::common::traits::Iterable + 'w)>
-    where
-        Self: 'w,
-    {
-        self.0.as_iterable()
-    }
-
-    fn as_sizer(&self) -> Option<&dyn cel::common::traits::Sizer> {
-        self.0.as_sizer()
-    }
-
-    fn equals(&self, other: &dyn CelVal) -> bool {
-        self.0.equals(other)
-    }
-
-    fn clone_as_boxed<'w>(&self) -> Box<dyn CelVal + 'w>
-    where
-        Self: 'w,
-    {
-        Box::new(self.clone())
-    }
-
-    fn as_builtin<'b, 'w>(&'b self) -> cel::common::value::BuiltinRef<'b, 'w>
-    where
-        Self: 'w,
-    {
-        // Downcasts (and other maps' equality) see the map itself.
-        self.0.as_builtin()
-    }
-}
-
-impl cel::common::traits::Indexer for Shared<'_> {
-    fn get<'b, 'w>(&'b self, key: &dyn CelVal) -> Result<CowVal<'b, 'w>, ExecutionError>
-    where
-        Self: 'w,
-    {
-        match self.0.as_indexer() {
-            Some(map) => map.get(key),
-            None => Err(ExecutionError::function_error("index", "a map indexes")),
-        }
-    }
-
-    fn steal<'w>(self: Box<Self>, key: &dyn CelVal) -> Result<Box<dyn CelVal + 'w>, ExecutionError>
-    where
-        Self: 'w,
-    {
-        self.get(key).map(CowVal::into_owned)
-    }
-}
-
 enum Node<'v> {
     Leaf(&'v Value),
     Branch(BTreeMap<&'v str, Node<'v>>),
@@ -450,6 +358,168 @@ fn key_str(key: &dyn CelVal) -> Option<&str> {
     key.downcast_ref::<CelString>().map(|s| s.inner())
 }
 
+/// Indexing a map of text keys with another key: other key types are
+/// valid map keys that it does not hold; anything else is no key at all.
+fn not_a_text_key(key: &dyn CelVal) -> ExecutionError {
+    match key_order(key) {
+        Some(KeyOrder::Int(i)) => ExecutionError::no_such_key(&i.to_string()),
+        Some(KeyOrder::UInt(u)) => ExecutionError::no_such_key(&u.to_string()),
+        Some(KeyOrder::Bool(b)) => ExecutionError::no_such_key(&b.to_string()),
+        _ => ExecutionError::UnexpectedType {
+            got: key.get_type().name().to_owned(),
+            want: "map key".to_owned(),
+        },
+    }
+}
+
+/// A record whose fields are converted when a rule reads them: a plan's
+/// step, say, of which a rule reads one or two fields. Indexing converts
+/// the one field; anything that needs the whole map (iterating, counting,
+/// comparing) builds it once, as [`record_val`] would have.
+pub trait Fields<'v>: Copy + std::fmt::Debug + Send + Sync + 'v {
+    /// The field names, in the order the built map is given them.
+    const NAMES: &'static [&'static str];
+    /// The value of field `name`, one of [`Fields::NAMES`].
+    fn field(self, name: &str) -> Option<Val<'v>>;
+}
+
+/// A [`Fields`] record as a CEL map.
+pub fn lazy_record_val<'v, F: Fields<'v>>(fields: F) -> Val<'v> {
+    Box::new(Lazy {
+        fields,
+        built: std::sync::OnceLock::new(),
+    })
+}
+
+#[derive(Debug)]
+struct Lazy<'v, F> {
+    fields: F,
+    built: std::sync::OnceLock<std::sync::Arc<CelMap<'v>>>,
+}
+
+impl<'v, F: Fields<'v>> Lazy<'v, F> {
+    fn built(&self) -> &CelMap<'v> {
+        self.built.get_or_init(|| {
+            let fields = self.fields;
+            std::sync::Arc::new(record_map(
+                F::NAMES
+                    .iter()
+                    .filter_map(|name| fields.field(name).map(|v| (*name, v)))
+                    .collect(),
+            ))
+        })
+    }
+}
+
+impl<'v, F: Fields<'v>> CelVal for Lazy<'v, F> {
+    fn get_type(&self) -> &cel::common::types::Type {
+        <Self as CelVal>::cel_type()
+    }
+
+    fn cel_type() -> &'static cel::common::types::Type
+    where
+        Self: Sized,
+    {
+        <CelMap<'_> as CelVal>::cel_type()
+    }
+
+    fn as_container(&self) -> Option<&dyn cel::common::traits::Container> {
+        Some(self)
+    }
+
+    fn as_indexer<'b, 'w>(&'b self) -> Option<&'b (dyn cel::common::traits::Indexer + 'w)>
+    where
+        Self: 'w,
+    {
+        Some(self)
+    }
+
+    fn into_indexer<'w>(self: Box<Self>) -> Option<Box<dyn cel::common::traits::Indexer + 'w>>
+    where
+        Self: 'w,
+    {
+        Some(self)
+    }
+
+    fn as_iterable<'b, 'w>(&'b self) -> Option<&'b (dyn cel::common::traits::Iterable + 'w)>
+    where
+        Self: 'w,
+    {
+        self.built().as_iterable()
+    }
+
+    fn as_sizer(&self) -> Option<&dyn cel::common::traits::Sizer> {
+        self.built().as_sizer()
+    }
+
+    fn equals(&self, other: &dyn CelVal) -> bool {
+        // Any map with the same keys and equal values: read through the
+        // map traits, so another lazily read map compares too.
+        let (Some(size), Some(index)) = (other.as_sizer(), other.as_indexer()) else {
+            return false;
+        };
+        if other.get_type() != <CelMap<'_> as CelVal>::cel_type() {
+            return false;
+        }
+        let fields = self.fields;
+        let mut count = 0;
+        let same = F::NAMES.iter().all(|name| match fields.field(name) {
+            None => true,
+            Some(mine) => {
+                count += 1;
+                index
+                    .get(&CelString::from(*name))
+                    .is_ok_and(|theirs| mine.equals(theirs.as_ref()))
+            }
+        });
+        same && size.size() == CelInt::from(count)
+    }
+
+    fn clone_as_boxed<'w>(&self) -> Box<dyn CelVal + 'w>
+    where
+        Self: 'w,
+    {
+        Box::new(Lazy {
+            fields: self.fields,
+            built: self.built.clone(),
+        })
+    }
+
+    // No `as_builtin`: the interpreter asks for it before every index into
+    // an owned value (a comprehension's variable is one), and answering it
+    // would build the map. As with [`Tree`], a map compares equal to this
+    // record only with the record on the left: cel's own map downcasts the
+    // right side.
+}
+
+impl<'v, F: Fields<'v>> cel::common::traits::Container for Lazy<'v, F> {
+    fn contains(&self, key: &dyn CelVal) -> Result<bool, ExecutionError> {
+        Ok(key_str(key).is_some_and(|k| F::NAMES.contains(&k) && self.fields.field(k).is_some()))
+    }
+}
+
+impl<'v, F: Fields<'v>> cel::common::traits::Indexer for Lazy<'v, F> {
+    fn get<'b, 'w>(&'b self, key: &dyn CelVal) -> Result<CowVal<'b, 'w>, ExecutionError>
+    where
+        Self: 'w,
+    {
+        let Some(k) = key_str(key) else {
+            return Err(not_a_text_key(key));
+        };
+        match F::NAMES.contains(&k).then(|| self.fields.field(k)).flatten() {
+            Some(v) => Ok(CowVal::Owned(v)),
+            None => Err(ExecutionError::no_such_key(k)),
+        }
+    }
+
+    fn steal<'w>(self: Box<Self>, key: &dyn CelVal) -> Result<Box<dyn CelVal + 'w>, ExecutionError>
+    where
+        Self: 'w,
+    {
+        self.get(key).map(CowVal::into_owned)
+    }
+}
+
 impl cel::common::traits::Container for Tree<'_> {
     fn contains(&self, key: &dyn CelVal) -> Result<bool, ExecutionError> {
         Ok(key_str(key).is_some_and(|k| self.child(k).is_some()))
@@ -462,16 +532,7 @@ impl<'t> cel::common::traits::Indexer for Tree<'t> {
         Self: 'w,
     {
         let Some(k) = key_str(key) else {
-            // Other key types are valid map keys that no path holds.
-            return Err(match key_order(key) {
-                Some(KeyOrder::Int(i)) => ExecutionError::no_such_key(&i.to_string()),
-                Some(KeyOrder::UInt(u)) => ExecutionError::no_such_key(&u.to_string()),
-                Some(KeyOrder::Bool(b)) => ExecutionError::no_such_key(&b.to_string()),
-                _ => ExecutionError::UnexpectedType {
-                    got: key.get_type().name().to_owned(),
-                    want: "map key".to_owned(),
-                },
-            });
+            return Err(not_a_text_key(key));
         };
         if let Some(fields) = k.strip_prefix(TREE_SUM_KEY) {
             let fields: Vec<&str> = fields.split('\0').collect();
@@ -909,6 +970,80 @@ mod tests {
         }
     }
 
+    /// A record of every kind of field, one of them absent.
+    #[derive(Clone, Copy, Debug)]
+    struct Sample<'v>(&'v Value);
+
+    impl<'v> Fields<'v> for Sample<'v> {
+        const NAMES: &'static [&'static str] = &["n", "s", "m", "gone"];
+
+        fn field(self, name: &str) -> Option<Val<'v>> {
+            match name {
+                "n" => Some(Box::new(CelInt::from(1))),
+                "s" => Some(str_val("text")),
+                "m" => Some(to_val(self.0)),
+                _ => None,
+            }
+        }
+    }
+
+    /// Every expression gives the same result on a record whose fields are
+    /// converted when read as on the same record built whole.
+    #[test]
+    fn a_lazy_record_reads_as_the_built_map() {
+        let m = Value::Map(BTreeMap::from([("x".to_string(), Value::Int(2))]));
+        let fields = Sample(&m);
+        let built = record_val(
+            Sample::NAMES
+                .iter()
+                .filter_map(|n| fields.field(n).map(|v| (*n, v)))
+                .collect(),
+        );
+        let exprs = [
+            "r.n",
+            "r.s",
+            "r.m.x",
+            "r['s']",
+            "'n' in r",
+            "'gone' in r",
+            "'z' in r",
+            "has(r.n)",
+            "has(r.gone)",
+            "size(r)",
+            "keys(r)",
+            "r.all(k, k != 'z')",
+            "r.exists(k, k == 'm')",
+            "r == {'n': 1, 's': 'text', 'm': {'x': 2}}",
+            "r == {'n': 1}",
+            "r == {'n': 1, 's': 'text', 'm': {'x': 2}, 'gone': 0}",
+            // Not `{...} == r`: cel's own map, on the left, downcasts the
+            // right side and finds no map (see `Lazy`).
+            "r.gone",
+            "r.z",
+            "r[1]",
+            "r[true]",
+            "r[[1]]",
+            "[r, r].all(e, e.n == 1 && e.m.x == 2)",
+            "[r].map(e, e.s + '!')",
+            "[r].filter(e, e.s == 'text').size()",
+            "[r] == [r]",
+            "[r] == [{'n': 1, 's': 'text', 'm': {'x': 2}}]",
+            "type(r) == map",
+            "sum_product({'k': r}, ['n'])",
+        ];
+        for e in exprs {
+            let program = Program::compile(e).unwrap();
+            let run = |r: Val<'_>| -> Result<CelValue, String> {
+                let mut ctx = Context::with_env(std::sync::Arc::new(env()));
+                ctx.add_variable_as_val("r", r);
+                program.execute(&ctx).map_err(|e| e.to_string())
+            };
+            let read = run(lazy_record_val(fields));
+            let whole = run(built.clone());
+            assert_eq!(read, whole, "{e}");
+        }
+    }
+
     proptest::proptest! {
         #![proptest_config(proptest::prelude::ProptestConfig { cases: 300, ..Default::default() })]
 
@@ -960,51 +1095,6 @@ mod tests {
                 }
                 proptest::prop_assert_eq!(run(Box::new(Tree::new(&sorted))), run(tree.built()), "{}", e);
             }
-        }
-    }
-
-    /// A shared map answers every expression as the same map built does,
-    /// also inside comprehensions (which clone it) and compared either way.
-    #[test]
-    fn a_shared_map_reads_as_the_built_map() {
-        let entries = || -> Vec<(&str, Val<'_>)> {
-            vec![
-                ("a", Box::new(CelInt::from(1))),
-                ("b", str_val("x")),
-                ("c", record_val(vec![("d", Box::new(CelBool::from(true)))])),
-            ]
-        };
-        let exprs = [
-            "s.a",
-            "s['b']",
-            "s.c.d",
-            "'a' in s",
-            "'z' in s",
-            "has(s.a)",
-            "has(s.z)",
-            "size(s)",
-            "s == {'a': 1, 'b': 'x', 'c': {'d': true}}",
-            "{'a': 1, 'b': 'x', 'c': {'d': true}} == s",
-            "s == {'a': 1}",
-            "[s, s].all(x, x.a == 1)",
-            "[s].map(x, x.b)",
-            "[s] == [{'a': 1, 'b': 'x', 'c': {'d': true}}]",
-            "s.all(k, k != 'z')",
-            "s.exists(k, k == 'c')",
-            "type(s) == map",
-            "keys(s)",
-            "sum_product({'k': s}, ['a'])",
-            "s.zz",
-            "s[1]",
-        ];
-        for e in exprs {
-            let program = Program::compile(e).unwrap();
-            let run = |s: Val<'_>| -> Result<CelValue, String> {
-                let mut ctx = Context::with_env(std::sync::Arc::new(env()));
-                ctx.add_variable_as_val("s", s);
-                program.execute(&ctx).map_err(|e| e.to_string())
-            };
-            assert_eq!(run(shared_record_val(entries())), run(record_val(entries())), "{e}");
         }
     }
 

@@ -34,7 +34,7 @@ fn raised(op: &Op) -> Option<f64> {
 
 /// Compares `new` against `old` (an earlier version of the same lineage).
 pub fn plan_diff(old: &Intent, new: &Intent) -> PlanDiff {
-    plan_diff_hashed(old, crate::preview::plan_hash(old), new)
+    plan_diff_hashed(old, old.content_hash(), new)
 }
 
 /// [`plan_diff`], with `old`'s content hash already known (the coordinator

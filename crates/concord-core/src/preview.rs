@@ -361,7 +361,7 @@ pub(crate) fn preview_of_run(
             agent: agent.to_string(),
             lineage: intent.lineage.clone(),
             version: intent.version,
-            hash: hash.unwrap_or_else(|| plan_hash(intent)),
+            hash: hash.unwrap_or_else(|| intent.content_hash()),
             goal: intent.goal.to_string(),
         },
         verdict,
@@ -573,26 +573,6 @@ fn overlaps(a: &ResourcePath, b: &ResourcePath) -> bool {
     long.starts_with(short) && (long.len() == short.len() || long.as_bytes()[short.len()] == b'/')
 }
 
-/// The plan's content hash, [`Intent::content_hash`]: without an idempotency
-/// key the intent is its own content, so it is serialized without a copy.
-/// The bytes go to a buffer and then to the hasher in one piece: fed to the
-/// hasher as serde writes them (a few bytes at a time), hashing cost more
-/// than serializing.
-pub(crate) fn plan_hash(intent: &Intent) -> String {
-    if intent.idempotency_key.is_some() {
-        return intent.content_hash();
-    }
-    let mut bytes = Vec::with_capacity(PLAN_JSON_BYTES_HINT);
-    match serde_json::to_writer(&mut bytes, intent) {
-        Ok(()) => blake3::hash(&bytes).to_hex().to_string(),
-        Err(_) => intent.content_hash(),
-    }
-}
-
-/// A plan's usual size as JSON: the buffer it is serialized into starts
-/// this large (it grows past it if it must).
-const PLAN_JSON_BYTES_HINT: usize = 2048;
-
 /// Risk from what the plan does, how far it reaches, how sure the agent is,
 /// and which rules it breaks.
 fn risk(intent: &Intent, blast: &[Affected], reasons: &[Reason]) -> Risk {
@@ -667,25 +647,14 @@ fn step_args(intent: &Intent) -> Vec<Option<Value>> {
         .collect()
 }
 
-/// `plan`: lineage, version, goal and steps (id, kind, path, confidence, args).
+/// `plan`: lineage, version, goal and steps (id, kind, path, confidence,
+/// args), each step's fields converted only when a rule reads them.
 fn plan_val<'v>(intent: &'v Intent, args: &'v [Option<Value>]) -> celx::Val<'v> {
     let steps: Vec<celx::Val<'v>> = intent
         .steps
         .iter()
         .zip(args)
-        .map(|(s, a)| {
-            celx::shared_record_val(vec![
-                ("id", celx::str_val(s.id.as_str())),
-                ("kind", celx::str_val(s.kind().name())),
-                ("path", celx::str_val(s.path.as_str())),
-                ("confidence", Box::new(CelDouble::from(s.confidence))),
-                (
-                    "args",
-                    a.as_ref()
-                        .map_or_else(|| Box::new(CelNull) as celx::Val<'v>, celx::to_val),
-                ),
-            ])
-        })
+        .map(|(step, args)| celx::lazy_record_val(StepFields { step, args }))
         .collect();
     celx::record_val(vec![
         ("lineage", celx::str_val(intent.lineage.as_str())),
@@ -693,6 +662,32 @@ fn plan_val<'v>(intent: &'v Intent, args: &'v [Option<Value>]) -> celx::Val<'v> 
         ("goal", celx::str_val(intent.goal.as_str())),
         ("steps", Box::new(CelList::from(steps))),
     ])
+}
+
+/// A step as `plan.steps` shows it to CEL.
+#[derive(Clone, Copy, Debug)]
+struct StepFields<'v> {
+    step: &'v concord_proto::Step,
+    args: &'v Option<Value>,
+}
+
+impl<'v> celx::Fields<'v> for StepFields<'v> {
+    const NAMES: &'static [&'static str] = &["id", "kind", "path", "confidence", "args"];
+
+    fn field(self, name: &str) -> Option<celx::Val<'v>> {
+        let s = self.step;
+        Some(match name {
+            "id" => celx::str_val(s.id.as_str()),
+            "kind" => celx::str_val(s.kind().name()),
+            "path" => celx::str_val(s.path.as_str()),
+            "confidence" => Box::new(CelDouble::from(s.confidence)),
+            "args" => self
+                .args
+                .as_ref()
+                .map_or_else(|| Box::new(CelNull) as celx::Val<'v>, celx::to_val),
+            _ => return None,
+        })
+    }
 }
 
 enum Eval {

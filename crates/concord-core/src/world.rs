@@ -139,6 +139,87 @@ pub(crate) fn overlapping<'a, V>(
     out
 }
 
+/// Point lookups into a world without descending its ordered map: each
+/// path's value by the hash of its text, and each descendant prefix (`a/`,
+/// `a/b/`) with how many values lie under it. In a large world a lookup in
+/// the ordered map is a descent through a B-tree of text keys, comparing long
+/// shared prefixes at every level; here it is one hash of the text.
+///
+/// The coordinator keeps one beside its world, updated as it applies steps;
+/// previews that are given one read the world through it. Derived from the
+/// world alone (not part of a snapshot), and only ever equal to a fresh
+/// build: debug builds check every answer against the ordered map.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct PathIndex {
+    /// Whether it was built (an empty world also has an empty index).
+    built: bool,
+    values: rustc_hash::FxHashMap<ResourcePath, Value>,
+    /// Descendant prefix -> number of values under it (never zero).
+    under: rustc_hash::FxHashMap<Box<str>, u32>,
+}
+
+impl PathIndex {
+    /// The index of `world`.
+    pub fn build(world: &World) -> Self {
+        let mut index = PathIndex {
+            built: true,
+            values: rustc_hash::FxHashMap::default(),
+            under: rustc_hash::FxHashMap::default(),
+        };
+        index.values.reserve(world.resources.len());
+        for (path, value) in &world.resources {
+            index.set(path, Some(value));
+        }
+        index
+    }
+
+    /// Whether it was built (a default one is not, and answers nothing).
+    pub fn is_built(&self) -> bool {
+        self.built
+    }
+
+    /// Records that the world now holds `value` at `path` (`None`: removed).
+    pub fn set(&mut self, path: &ResourcePath, value: Option<&Value>) {
+        let existed = match value {
+            Some(v) => self.values.insert(path.clone(), v.clone()).is_some(),
+            None => self.values.remove(path.as_str()).is_some(),
+        };
+        let added = match (existed, value.is_some()) {
+            (false, true) => true,
+            (true, false) => false,
+            _ => return,
+        };
+        let text = path.as_str();
+        for (end, _) in text.match_indices('/') {
+            let prefix = &text[..=end];
+            if added {
+                match self.under.get_mut(prefix) {
+                    Some(n) => *n += 1,
+                    None => {
+                        self.under.insert(prefix.into(), 1);
+                    }
+                }
+            } else if let Some(n) = self.under.get_mut(prefix) {
+                *n -= 1;
+                if *n == 0 {
+                    self.under.remove(prefix);
+                }
+            }
+        }
+    }
+
+    /// The value at `path`.
+    fn get(&self, path: &str) -> Option<&Value> {
+        self.values.get(path)
+    }
+
+    /// Whether anything lies under `prefix`, if the index can tell: it
+    /// knows descendant prefixes (text ending in `/`), not arbitrary text.
+    fn holds_under(&self, prefix: &str) -> Option<bool> {
+        prefix.ends_with('/').then(|| self.under.contains_key(prefix))
+    }
+}
+
 /// Changes layered over a world: path -> new value (`None`: removed).
 pub type Overlay = BTreeMap<ResourcePath, Option<Value>>;
 
@@ -151,6 +232,7 @@ pub struct Base<'w> {
     overlay: Option<&'w Overlay>,
     memo: Option<&'w Memo<'w>>,
     index: Option<&'w BudgetIndex>,
+    paths: Option<&'w PathIndex>,
 }
 
 /// Lookups in a base, remembered for the length of one preview. A plan's
@@ -259,6 +341,7 @@ impl<'w> Base<'w> {
             overlay: None,
             memo: None,
             index: None,
+            paths: None,
         }
     }
 
@@ -269,6 +352,7 @@ impl<'w> Base<'w> {
             overlay: Some(overlay),
             memo: None,
             index: None,
+            paths: None,
         }
     }
 
@@ -282,6 +366,7 @@ impl<'w> Base<'w> {
             overlay: self.overlay,
             memo: Some(memo),
             index: self.index,
+            paths: self.paths,
         }
     }
 
@@ -291,6 +376,16 @@ impl<'w> Base<'w> {
     pub fn with_index(self, index: &'w BudgetIndex) -> Self {
         Base {
             index: Some(index),
+            ..self
+        }
+    }
+
+    /// The same base, reading the world's values through `paths`, which
+    /// must be the index of this base's world (debug builds check every
+    /// answer against the world). An index not built is not used.
+    pub fn with_paths(self, paths: &'w PathIndex) -> Self {
+        Base {
+            paths: paths.is_built().then_some(paths),
             ..self
         }
     }
@@ -340,7 +435,29 @@ impl<'w> Base<'w> {
     fn lookup(&self, path: &str) -> Option<&'w Value> {
         match self.overlay.and_then(|o| o.get(path)) {
             Some(v) => v.as_ref(),
-            None => self.world.resources.get(path),
+            None => self.world_get(path),
+        }
+    }
+
+    /// The world's value at `path`, through the path index if there is one.
+    fn world_get(&self, path: &str) -> Option<&'w Value> {
+        let Some(paths) = self.paths else {
+            return self.world.resources.get(path);
+        };
+        let v = paths.get(path);
+        debug_assert_eq!(v, self.world.resources.get(path), "path index stale at `{path}`");
+        v
+    }
+
+    /// Whether the world holds any path whose text starts with `prefix`.
+    fn world_holds_under(&self, prefix: &str) -> bool {
+        let scan = || scan_prefix(&self.world.resources, prefix).next().is_some();
+        match self.paths.and_then(|p| p.holds_under(prefix)) {
+            Some(held) => {
+                debug_assert_eq!(held, scan(), "path index stale under `{prefix}`");
+                held
+            }
+            None => scan(),
         }
     }
 
@@ -349,7 +466,7 @@ impl<'w> Base<'w> {
     pub(crate) fn holds_under(&self, prefix: &str) -> (bool, bool) {
         let look = || {
             (
-                scan_prefix(&self.world.resources, prefix).next().is_some(),
+                self.world_holds_under(prefix),
                 self.overlay.is_some_and(|o| scan_prefix(o, prefix).next().is_some()),
             )
         };
@@ -578,5 +695,70 @@ mod tests {
             assert_eq!(base.get_str(&format!("a/p{i}")), None);
         }
         assert!(memo.read_any(&overlay(&["z/elsewhere"])));
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig { cases: 200, ..Default::default() })]
+
+        /// A path index kept through writes and removals is the one built
+        /// fresh from the world they leave, and a base reading through it
+        /// answers every lookup and prefix test as the world itself does.
+        #[test]
+        fn a_kept_path_index_is_the_fresh_one(
+            start in proptest::collection::vec((0usize..4, 0usize..4, 0usize..3), 0..12),
+            writes in proptest::collection::vec((0usize..4, 0usize..4, 0usize..3, proptest::option::of(0i64..3)), 0..24),
+        ) {
+            // Paths of depth 1 to 3 (`a0`, `a0/b1`, `a0/b1/c2`): a write
+            // above or below an existing value takes its place, as steps do.
+            let name = |a: usize, b: usize, depth: usize| match depth {
+                0 => format!("a{a}"),
+                1 => format!("a{a}/b{b}"),
+                _ => format!("a{a}/b{b}/c{}", (a + b) % 3),
+            };
+            let mut world = World::default();
+            let put = |world: &mut World, index: Option<&mut PathIndex>, p: ResourcePath, v: Option<Value>| {
+                // Values live only at leaves: clear what the write overlaps.
+                let overlapping: Vec<ResourcePath> = world
+                    .resources
+                    .keys()
+                    .filter(|q| *q != &p && (q.as_str().starts_with(&p.descendant_prefix()) || p.as_str().starts_with(&q.descendant_prefix())))
+                    .cloned()
+                    .collect();
+                let mut index = index;
+                for q in overlapping {
+                    world.resources.remove(&q);
+                    if let Some(ix) = index.as_deref_mut() {
+                        ix.set(&q, None);
+                    }
+                }
+                if let Some(ix) = index {
+                    ix.set(&p, v.as_ref());
+                }
+                match v {
+                    Some(v) => world.resources.insert(p, v),
+                    None => world.resources.remove(&p),
+                };
+            };
+            for (a, b, d) in start {
+                put(&mut world, None, path(&name(a, b, d)), Some(Value::Int(0)));
+            }
+            let mut index = PathIndex::build(&world);
+            for (a, b, d, v) in writes {
+                put(&mut world, Some(&mut index), path(&name(a, b, d)), v.map(Value::Int));
+            }
+            proptest::prop_assert_eq!(&index, &PathIndex::build(&world));
+            let base = Base::current(&world).with_paths(&index);
+            for a in 0..4 {
+                for b in 0..4 {
+                    for d in 0..3 {
+                        let p = name(a, b, d);
+                        proptest::prop_assert_eq!(base.get_str(&p), world.resources.get(p.as_str()));
+                        let prefix = format!("{p}/");
+                        let held = scan_prefix(&world.resources, &prefix).next().is_some();
+                        proptest::prop_assert_eq!(base.holds_under(&prefix), (held, false));
+                    }
+                }
+            }
+        }
     }
 }

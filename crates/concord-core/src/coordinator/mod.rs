@@ -43,7 +43,7 @@ use crate::apply::{PathChange, apply};
 use crate::budget::BudgetIndex;
 use crate::policy::Policy;
 use crate::preview::{PreviewInput, preview_of_run};
-use crate::world::{Base, Memo, Overlay, State, World};
+use crate::world::{Base, Memo, Overlay, PathIndex, State, World};
 pub use crate::worlddoc::ObservationRecord;
 use crate::worlddoc::{Identity, Provenance, WorldDoc, WorldDocConfig, WorldDocError, needs_write};
 pub use compounding::{Breaker, HISTORY_MAX, HistoryEntry};
@@ -624,6 +624,9 @@ pub struct Coordinator {
     /// in a snapshot: built again when missing or when the policy changes.
     #[serde(skip)]
     budget_index: BudgetIndex,
+    /// Point lookups into `world` (derived from it, rebuilt when missing).
+    #[serde(skip)]
+    path_index: PathIndex,
 }
 
 /// A recently decided plan, for re-plan recognition.
@@ -740,6 +743,7 @@ impl Coordinator {
             recent: BTreeMap::new(),
             recorded: None,
             budget_index: BudgetIndex::default(),
+            path_index: PathIndex::default(),
         }
     }
 
@@ -1189,7 +1193,7 @@ impl Coordinator {
 
     fn on_intent(&mut self, now: u64, request: RequestId, agent: &str, intent: Intent, fx: &mut Vec<Effect>) {
         // The same value as `Intent::content_hash`, without copying the intent.
-        let hash = crate::preview::plan_hash(&intent);
+        let hash = intent.content_hash();
         if let Some(d) = self
             .decisions
             .get(&(Arc::from(agent), Arc::from(dedupe_key(&intent, &hash))))
@@ -1246,13 +1250,14 @@ impl Coordinator {
             _ => None,
         });
         let recorded = self.take_recorded_decision(&lineage, intent.version);
-        self.index_budgets();
+        self.index_world();
         // One simulated run serves the preview on the projected world, the
         // conflicts and the compounding checks; its memo records what it read.
         let memo = Memo::default();
         let mut run = crate::preview::Run::simulate(
             Base::projected(&self.world, &self.projected)
                 .with_index(&self.budget_index)
+                .with_paths(&self.path_index)
                 .with_memo(&memo),
             &intent,
         );
@@ -1261,7 +1266,7 @@ impl Coordinator {
         let eval = match recorded {
             Some(e) => e,
             None => {
-                let hash = hash.unwrap_or_else(|| crate::preview::plan_hash(&intent));
+                let hash = hash.unwrap_or_else(|| intent.content_hash());
                 let previous = previous.as_ref();
                 self.evaluate(now, agent, &intent, previous, hash, &mut run, &memo, &touched)
             }
@@ -1434,8 +1439,8 @@ impl Coordinator {
                 .get(&p.lineage)
                 .filter(|live| live.intent == *p)
                 .map(|live| live.hash.clone());
-            debug_assert!(known.as_ref().is_none_or(|h| *h == crate::preview::plan_hash(p)));
-            crate::plandiff::plan_diff_hashed(p, known.unwrap_or_else(|| crate::preview::plan_hash(p)), intent)
+            debug_assert!(known.as_ref().is_none_or(|h| *h == p.content_hash()));
+            crate::plandiff::plan_diff_hashed(p, known.unwrap_or_else(|| p.content_hash()), intent)
         });
         let mut preview = preview_of_run(input, run, Some(hash), plan_diff.clone());
         // The world as it is differs from the projected one only at the paths
@@ -1448,6 +1453,7 @@ impl Coordinator {
             let current_run = crate::preview::Run::simulate(
                 Base::current(&self.world)
                     .with_index(&self.budget_index)
+                    .with_paths(&self.path_index)
                     .with_memo(&current_memo),
                 intent,
             );
@@ -1950,6 +1956,9 @@ impl Coordinator {
             if indexed {
                 self.budget_index.set(&self.policy, &c.path, c.after.as_ref());
             }
+            if self.path_index.is_built() {
+                self.path_index.set(&c.path, c.after.as_ref());
+            }
             match &c.after {
                 Some(v) => self.world.resources.insert(c.path.clone(), v.clone()),
                 None => self.world.resources.remove(&c.path),
@@ -1958,11 +1967,14 @@ impl Coordinator {
         self.rotate_if_due(now, fx);
     }
 
-    /// Builds the budget index if it is missing (a new or restored
-    /// coordinator) or was built for another policy.
-    fn index_budgets(&mut self) {
+    /// Builds the world's indexes if they are missing (a new or restored
+    /// coordinator), the budget index also if it was built for another policy.
+    fn index_world(&mut self) {
         if !self.budget_index.built_for(&self.policy) {
             self.budget_index = BudgetIndex::build(&self.policy, &self.world);
+        }
+        if !self.path_index.is_built() {
+            self.path_index = PathIndex::build(&self.world);
         }
     }
 
