@@ -555,7 +555,7 @@ fn blast_radius(world: &World, touched: &[&ResourcePath]) -> Vec<Affected> {
         out.push(Affected {
             service: name.clone(),
             via: via.clone(),
-            relation: relation.into(),
+            relation: std::borrow::Cow::Borrowed(relation),
             through,
         });
     }
@@ -570,7 +570,13 @@ fn overlaps(a: &ResourcePath, b: &ResourcePath) -> bool {
     } else {
         (b.as_str(), a.as_str())
     };
-    long.starts_with(short) && (long.len() == short.len() || long.as_bytes()[short.len()] == b'/')
+    // Sibling paths usually differ near the end of the shorter one (`svc/a`,
+    // `svc/b/pool_size`): its last byte rejects most pairs without a call
+    // to compare the whole prefix.
+    let (s, l) = (short.as_bytes(), long.as_bytes());
+    s.last().is_none_or(|b| l.get(s.len() - 1) == Some(b))
+        && long.starts_with(short)
+        && (long.len() == short.len() || l[short.len()] == b'/')
 }
 
 /// Risk from what the plan does, how far it reaches, how sure the agent is,

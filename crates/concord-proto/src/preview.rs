@@ -142,7 +142,8 @@ pub struct Affected {
     /// `owns` (the path is under the service), `depends_on` (a declared
     /// dependency covers the path), or `shares_dependency` (the service
     /// depends on what the owner of the path depends on).
-    pub relation: String,
+    // Borrowed when concord writes it (one of three words), owned when read.
+    pub relation: std::borrow::Cow<'static, str>,
     /// For `shares_dependency`: the shared dependency.
     pub through: Option<ResourcePath>,
 }
