@@ -718,6 +718,10 @@ impl Coordinator {
     /// as `identity`, the document created at `now_ms`.
     pub fn with_identity(config: Config, policy: Policy, world: World, identity: Identity, now_ms: u64) -> Self {
         let doc = WorldDoc::new(identity, config.world_doc.clone(), &world, now_ms);
+        // The world's indexes are built here, with the world (a restored
+        // coordinator builds them at its first decision).
+        let budget_index = BudgetIndex::build(&policy, &world);
+        let path_index = PathIndex::build(&world);
         Coordinator {
             doc,
             config,
@@ -742,8 +746,8 @@ impl Coordinator {
             queued: BTreeSet::new(),
             recent: BTreeMap::new(),
             recorded: None,
-            budget_index: BudgetIndex::default(),
-            path_index: PathIndex::default(),
+            budget_index,
+            path_index,
         }
     }
 
