@@ -21,7 +21,7 @@ use crate::celx;
 use crate::plandiff::plan_diff;
 use crate::policy::{CelRule, Outcome, Policy};
 use crate::rules;
-use crate::world::{Base, Memo, Overlay, State, World};
+use crate::world::{Base, Keyed, Memo, Overlay, State, World};
 
 /// Most world paths one CEL rule's `reads` may reach (scanned by prefix):
 /// the rule's evaluation budget.
@@ -411,9 +411,12 @@ impl<'o> SecondLook<'o> {
     /// its steps' paths) with `overlay` in flight: the states are the same in
     /// both worlds unless the overlay changes one of those paths, or one
     /// above or below it.
-    pub(crate) fn new(overlay: &'o Overlay, touched: &BTreeSet<ResourcePath>) -> Self {
+    pub(crate) fn new(overlay: Keyed<'o, Option<Value>>, touched: &BTreeSet<ResourcePath>) -> Self {
         let states_same = touched.iter().all(|t| crate::world::overlapping(overlay, t).is_empty());
-        SecondLook { overlay, states_same }
+        SecondLook {
+            overlay: overlay.map,
+            states_same,
+        }
     }
 
     /// Whether a budget rule's inputs are the same in both worlds.
@@ -1033,7 +1036,8 @@ outcome = "needs_approval"
             let mut touched = current_run.touched.clone();
             touched.extend(intent.steps.iter().map(|s| s.path.clone()));
             let full = judge(input, &current_run, None, None);
-            let second = judge(input, &current_run, None, Some(SecondLook::new(&overlay, &touched)));
+            let keys = crate::world::PathKeys::build(&overlay);
+            let second = judge(input, &current_run, None, Some(SecondLook::new(Keyed::new(&overlay, &keys), &touched)));
             let added = |j: &Judged| -> Vec<(String, Verdict, String)> {
                 j.reasons
                     .iter()

@@ -125,18 +125,150 @@ fn first_descendant<V>(map: &BTreeMap<ResourcePath, V>, path: &ResourcePath) -> 
 
 /// Entries of a path-keyed map at `path`, at its ancestors and under it:
 /// those a change at `path` overlaps. Ancestors are looked up by their text
-/// (no path is built), descendants found by one ordered scan.
-pub(crate) fn overlapping<'a, V>(
-    map: &'a BTreeMap<ResourcePath, V>,
-    path: &ResourcePath,
-) -> Vec<(&'a ResourcePath, &'a V)> {
+/// (no path is built), descendants found by one ordered scan; with the
+/// map's keys by hash, only where something is.
+pub(crate) fn overlapping<'a, V>(map: Keyed<'a, V>, path: &ResourcePath) -> Vec<(&'a ResourcePath, &'a V)> {
     let text = path.as_str();
     let mut out: Vec<(&ResourcePath, &V)> = std::iter::once(text.len())
         .chain(text.rmatch_indices('/').map(|(i, _)| i))
         .filter_map(|end| map.get_key_value(&text[..end]))
         .collect();
-    out.extend(scan_prefix(map, &path.descendant_prefix()));
+    let prefix = path.descendant_prefix();
+    if map.any_under(&prefix) {
+        out.extend(scan_prefix(map.map, &prefix));
+    }
     out
+}
+
+/// The keys of a path-keyed map by the hash of their text, and each
+/// descendant prefix (`a/`, `a/b/`) with how many keys lie under it: it tells
+/// that a map holds nothing at or under a path without descending it. Kept
+/// beside the map by whoever changes it, derived from it (not part of a
+/// snapshot), and only ever equal to a fresh build: debug builds check every
+/// answer against the map.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct PathKeys {
+    /// Whether it was built (an empty map also has empty keys).
+    built: bool,
+    keys: rustc_hash::FxHashSet<Box<str>>,
+    /// Descendant prefix -> number of keys under it (never zero).
+    under: rustc_hash::FxHashMap<Box<str>, u32>,
+}
+
+impl PathKeys {
+    /// The keys of `map`.
+    pub fn build<V>(map: &BTreeMap<ResourcePath, V>) -> Self {
+        let mut keys = PathKeys {
+            built: true,
+            ..PathKeys::default()
+        };
+        for path in map.keys() {
+            keys.insert(path);
+        }
+        keys
+    }
+
+    /// Whether it was built (a default one is not, and is not used).
+    pub fn is_built(&self) -> bool {
+        self.built
+    }
+
+    /// Records that the map now holds `path`.
+    pub fn insert(&mut self, path: &ResourcePath) {
+        if self.keys.insert(path.as_str().into()) {
+            count_prefixes(&mut self.under, path.as_str(), true);
+        }
+    }
+
+    /// Records that the map no longer holds `path`.
+    pub fn remove(&mut self, path: &ResourcePath) {
+        if self.keys.remove(path.as_str()) {
+            count_prefixes(&mut self.under, path.as_str(), false);
+        }
+    }
+}
+
+/// Counts `text` in (or out of) each of its descendant prefixes.
+fn count_prefixes(under: &mut rustc_hash::FxHashMap<Box<str>, u32>, text: &str, added: bool) {
+    for (end, _) in text.match_indices('/') {
+        let prefix = &text[..=end];
+        if added {
+            match under.get_mut(prefix) {
+                Some(n) => *n += 1,
+                None => {
+                    under.insert(prefix.into(), 1);
+                }
+            }
+        } else if let Some(n) = under.get_mut(prefix) {
+            *n -= 1;
+            if *n == 0 {
+                under.remove(prefix);
+            }
+        }
+    }
+}
+
+/// A path-keyed map, with its [`PathKeys`] if they are kept.
+#[derive(Debug)]
+pub(crate) struct Keyed<'a, V> {
+    /// The map.
+    pub map: &'a BTreeMap<ResourcePath, V>,
+    keys: Option<&'a PathKeys>,
+}
+
+impl<V> Clone for Keyed<'_, V> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<V> Copy for Keyed<'_, V> {}
+
+impl<'a, V> Keyed<'a, V> {
+    /// `map`, with `keys` if they were built (they must be `map`'s).
+    pub fn new(map: &'a BTreeMap<ResourcePath, V>, keys: &'a PathKeys) -> Self {
+        Keyed {
+            map,
+            keys: keys.is_built().then_some(keys),
+        }
+    }
+
+    /// `map` alone.
+    #[cfg(test)]
+    pub fn plain(map: &'a BTreeMap<ResourcePath, V>) -> Self {
+        Keyed { map, keys: None }
+    }
+
+    /// The entry whose path text is `text`.
+    pub fn get_key_value(&self, text: &str) -> Option<(&'a ResourcePath, &'a V)> {
+        if let Some(keys) = self.keys
+            && !keys.keys.contains(text)
+        {
+            debug_assert!(!self.map.contains_key(text), "path keys stale at `{text}`");
+            return None;
+        }
+        self.map.get_key_value(text)
+    }
+
+    /// Whether the map holds the path whose text is `text`.
+    pub fn contains(&self, text: &str) -> bool {
+        self.get_key_value(text).is_some()
+    }
+
+    /// Whether the map holds a path whose text starts with `prefix`.
+    pub fn any_under(&self, prefix: &str) -> bool {
+        let scan = || scan_prefix(self.map, prefix).next().is_some();
+        match self
+            .keys
+            .and_then(|k| prefix.ends_with('/').then(|| k.under.contains_key(prefix)))
+        {
+            Some(held) => {
+                debug_assert_eq!(held, scan(), "path keys stale under `{prefix}`");
+                held
+            }
+            None => scan(),
+        }
+    }
 }
 
 /// Point lookups into a world without descending its ordered map: each
@@ -189,23 +321,7 @@ impl PathIndex {
             (true, false) => false,
             _ => return,
         };
-        let text = path.as_str();
-        for (end, _) in text.match_indices('/') {
-            let prefix = &text[..=end];
-            if added {
-                match self.under.get_mut(prefix) {
-                    Some(n) => *n += 1,
-                    None => {
-                        self.under.insert(prefix.into(), 1);
-                    }
-                }
-            } else if let Some(n) = self.under.get_mut(prefix) {
-                *n -= 1;
-                if *n == 0 {
-                    self.under.remove(prefix);
-                }
-            }
-        }
+        count_prefixes(&mut self.under, path.as_str(), added);
     }
 
     /// The value at `path`.
@@ -321,15 +437,14 @@ impl<'w> Memo<'w> {
     /// seen (a path looked up, or one under a prefix scanned or tested), or
     /// whether what was read is not known. When it is false, the same reads
     /// against a base with or without `overlay` gave the same answers.
-    pub(crate) fn read_any(&self, overlay: &Overlay) -> bool {
+    pub(crate) fn read_any(&self, overlay: Keyed<'_, Option<Value>>) -> bool {
         if self.overflowed.get() {
             return true;
         }
-        let under = |prefix: &str| scan_prefix(overlay, prefix).next().is_some();
         self.entries.borrow().iter().any(|e| match e.kind {
-            MemoKind::Get(_) => overlay.contains_key(&*e.text),
-            MemoKind::Under { .. } => under(&e.text),
-        }) || self.scans.borrow().iter().any(|p| under(p))
+            MemoKind::Get(_) => overlay.contains(&e.text),
+            MemoKind::Under { .. } => overlay.any_under(&e.text),
+        }) || self.scans.borrow().iter().any(|p| overlay.any_under(p))
     }
 }
 
@@ -650,6 +765,15 @@ mod tests {
         ResourcePath::parse(s).unwrap_or_else(|(_, e)| panic!("`{s}`: {e}"))
     }
 
+    /// What `memo` says of `overlay`, read plainly and through the
+    /// overlay's keys: the two must agree.
+    fn read_any(memo: &Memo<'_>, overlay: &Overlay) -> bool {
+        let keys = PathKeys::build(overlay);
+        let plain = memo.read_any(Keyed::plain(overlay));
+        assert_eq!(plain, memo.read_any(Keyed::new(overlay, &keys)));
+        plain
+    }
+
     fn overlay(paths: &[&str]) -> Overlay {
         paths.iter().map(|p| (path(p), Some(Value::Int(1)))).collect()
     }
@@ -675,14 +799,14 @@ mod tests {
         base.visit_prefix("svc/", |_, _| seen += 1);
         assert_eq!(seen, 2);
         // Looked up, tested, scanned: each is read.
-        assert!(memo.read_any(&overlay(&["db/max"])));
-        assert!(memo.read_any(&overlay(&["svc/api/pool_size/x"])));
-        assert!(memo.read_any(&overlay(&["svc/new/replicas"])));
+        assert!(read_any(&memo, &overlay(&["db/max"])));
+        assert!(read_any(&memo, &overlay(&["svc/api/pool_size/x"])));
+        assert!(read_any(&memo, &overlay(&["svc/new/replicas"])));
         // Beside them, an ancestor of a looked-up path, or elsewhere: not read.
-        assert!(!memo.read_any(&overlay(&["db/max2"])));
-        assert!(!memo.read_any(&overlay(&["db/other"])));
-        assert!(!memo.read_any(&overlay(&["fleet/node-2/cpu", "volumes/v/size"])));
-        assert!(!memo.read_any(&Overlay::new()));
+        assert!(!read_any(&memo, &overlay(&["db/max2"])));
+        assert!(!read_any(&memo, &overlay(&["db/other"])));
+        assert!(!read_any(&memo, &overlay(&["fleet/node-2/cpu", "volumes/v/size"])));
+        assert!(!read_any(&memo, &Overlay::new()));
     }
 
     /// A memo that could not record every read says so: anything may have been read.
@@ -694,17 +818,17 @@ mod tests {
         for i in 0..=MEMO_ENTRIES_MAX {
             assert_eq!(base.get_str(&format!("a/p{i}")), None);
         }
-        assert!(memo.read_any(&overlay(&["z/elsewhere"])));
+        assert!(read_any(&memo, &overlay(&["z/elsewhere"])));
     }
 
     proptest::proptest! {
         #![proptest_config(proptest::prelude::ProptestConfig { cases: 200, ..Default::default() })]
 
-        /// A path index kept through writes and removals is the one built
-        /// fresh from the world they leave, and a base reading through it
-        /// answers every lookup and prefix test as the world itself does.
+        /// A path index and path keys kept through writes and removals are
+        /// the ones built fresh from the world they leave, and answer every
+        /// lookup, prefix test and overlap as the world itself does.
         #[test]
-        fn a_kept_path_index_is_the_fresh_one(
+        fn kept_path_indexes_are_the_fresh_ones(
             start in proptest::collection::vec((0usize..4, 0usize..4, 0usize..3), 0..12),
             writes in proptest::collection::vec((0usize..4, 0usize..4, 0usize..3, proptest::option::of(0i64..3)), 0..24),
         ) {
@@ -716,7 +840,7 @@ mod tests {
                 _ => format!("a{a}/b{b}/c{}", (a + b) % 3),
             };
             let mut world = World::default();
-            let put = |world: &mut World, index: Option<&mut PathIndex>, p: ResourcePath, v: Option<Value>| {
+            let put = |world: &mut World, index: Option<&mut (PathIndex, PathKeys)>, p: ResourcePath, v: Option<Value>| {
                 // Values live only at leaves: clear what the write overlaps.
                 let overlapping: Vec<ResourcePath> = world
                     .resources
@@ -727,12 +851,17 @@ mod tests {
                 let mut index = index;
                 for q in overlapping {
                     world.resources.remove(&q);
-                    if let Some(ix) = index.as_deref_mut() {
+                    if let Some((ix, keys)) = index.as_deref_mut() {
                         ix.set(&q, None);
+                        keys.remove(&q);
                     }
                 }
-                if let Some(ix) = index {
+                if let Some((ix, keys)) = index {
                     ix.set(&p, v.as_ref());
+                    match v {
+                        Some(_) => keys.insert(&p),
+                        None => keys.remove(&p),
+                    }
                 }
                 match v {
                     Some(v) => world.resources.insert(p, v),
@@ -742,11 +871,14 @@ mod tests {
             for (a, b, d) in start {
                 put(&mut world, None, path(&name(a, b, d)), Some(Value::Int(0)));
             }
-            let mut index = PathIndex::build(&world);
+            let mut kept = (PathIndex::build(&world), PathKeys::build(&world.resources));
             for (a, b, d, v) in writes {
-                put(&mut world, Some(&mut index), path(&name(a, b, d)), v.map(Value::Int));
+                put(&mut world, Some(&mut kept), path(&name(a, b, d)), v.map(Value::Int));
             }
+            let (index, keys) = kept;
             proptest::prop_assert_eq!(&index, &PathIndex::build(&world));
+            proptest::prop_assert_eq!(&keys, &PathKeys::build(&world.resources));
+            let keyed = Keyed::new(&world.resources, &keys);
             let base = Base::current(&world).with_paths(&index);
             for a in 0..4 {
                 for b in 0..4 {
@@ -756,6 +888,10 @@ mod tests {
                         let prefix = format!("{p}/");
                         let held = scan_prefix(&world.resources, &prefix).next().is_some();
                         proptest::prop_assert_eq!(base.holds_under(&prefix), (held, false));
+                        proptest::prop_assert_eq!(keyed.any_under(&prefix), held);
+                        proptest::prop_assert_eq!(keyed.contains(&p), world.resources.contains_key(p.as_str()));
+                        let plain = overlapping(Keyed::plain(&world.resources), &path(&p));
+                        proptest::prop_assert_eq!(overlapping(keyed, &path(&p)), plain);
                     }
                 }
             }

@@ -43,7 +43,7 @@ use crate::apply::{PathChange, apply};
 use crate::budget::BudgetIndex;
 use crate::policy::Policy;
 use crate::preview::{PreviewInput, preview_of_run};
-use crate::world::{Base, Memo, Overlay, PathIndex, State, World};
+use crate::world::{Base, Keyed, Memo, Overlay, PathIndex, PathKeys, State, World};
 pub use crate::worlddoc::ObservationRecord;
 use crate::worlddoc::{Identity, Provenance, WorldDoc, WorldDocConfig, WorldDocError, needs_write};
 pub use compounding::{Breaker, HISTORY_MAX, HistoryEntry};
@@ -627,6 +627,12 @@ pub struct Coordinator {
     /// Point lookups into `world` (derived from it, rebuilt when missing).
     #[serde(skip)]
     path_index: PathIndex,
+    /// The keys of `inflight` and of `projected` by hash (derived, rebuilt
+    /// when missing): most lookups there find nothing, and say so at once.
+    #[serde(skip)]
+    inflight_keys: PathKeys,
+    #[serde(skip)]
+    projected_keys: PathKeys,
 }
 
 /// A recently decided plan, for re-plan recognition.
@@ -748,6 +754,8 @@ impl Coordinator {
             recorded: None,
             budget_index,
             path_index,
+            inflight_keys: PathKeys::build(&BTreeMap::<ResourcePath, Vec<Id>>::new()),
+            projected_keys: PathKeys::build(&Overlay::new()),
         }
     }
 
@@ -1452,7 +1460,7 @@ impl Coordinator {
         // them (nor anything under a prefix it scanned), the preview on the
         // world as it is would read the same values and reach the same
         // results, so it adds no reason and is not computed.
-        if !self.projected.is_empty() && memo.read_any(&self.projected) {
+        if !self.projected.is_empty() && memo.read_any(Keyed::new(&self.projected, &self.projected_keys)) {
             let current_memo = Memo::default();
             let current_run = crate::preview::Run::simulate(
                 Base::current(&self.world)
@@ -1462,7 +1470,7 @@ impl Coordinator {
                 intent,
             );
             // Only its reasons are used: the rules alone, not a whole preview.
-            let second = crate::preview::SecondLook::new(&self.projected, touched);
+            let second = crate::preview::SecondLook::new(Keyed::new(&self.projected, &self.projected_keys), touched);
             let current = crate::preview::judge(input, &current_run, plan_diff, Some(second));
             for r in current.reasons {
                 if !preview.reasons.iter().any(|p| p.rule == r.rule) {
@@ -1667,7 +1675,7 @@ impl Coordinator {
 
     /// In-flight index entries for `path`, its ancestors and its descendants.
     fn inflight_overlapping(&self, path: &ResourcePath) -> Vec<(&ResourcePath, &Vec<Id>)> {
-        crate::world::overlapping(&self.inflight, path)
+        crate::world::overlapping(Keyed::new(&self.inflight, &self.inflight_keys), path)
     }
 
     // ---- sagas -------------------------------------------------------------
@@ -1690,9 +1698,15 @@ impl Coordinator {
             if let Err(i) = owners.binary_search(lineage) {
                 owners.insert(i, lineage.clone());
             }
+            if self.inflight_keys.is_built() {
+                self.inflight_keys.insert(p);
+            }
         }
         for (p, v) in &plan.effects {
             self.projected.insert(p.clone(), v.clone());
+            if self.projected_keys.is_built() {
+                self.projected_keys.insert(p);
+            }
         }
         let (agent, intent, changes) = (plan.agent.clone(), plan.intent.clone(), plan.step_changes.clone());
         self.remember_history(now, &agent, &intent, &changes);
@@ -1980,6 +1994,12 @@ impl Coordinator {
         if !self.path_index.is_built() {
             self.path_index = PathIndex::build(&self.world);
         }
+        if !self.inflight_keys.is_built() {
+            self.inflight_keys = PathKeys::build(&self.inflight);
+        }
+        if !self.projected_keys.is_built() {
+            self.projected_keys = PathKeys::build(&self.projected);
+        }
     }
 
     /// Starts a fresh world document when the schedule calls for one.
@@ -2048,6 +2068,7 @@ impl Coordinator {
         // The plan will not reach its final state: drop it from the projection.
         for p in plan.effects.keys() {
             self.projected.remove(p);
+            self.projected_keys.remove(p);
         }
         self.advance(now, lineage, fx);
     }
@@ -2061,11 +2082,13 @@ impl Coordinator {
                 set.retain(|l| l != lineage);
                 if set.is_empty() {
                     self.inflight.remove(p);
+                    self.inflight_keys.remove(p);
                 }
             }
         }
         for p in plan.effects.keys() {
             self.projected.remove(p);
+            self.projected_keys.remove(p);
         }
         self.requeue(now, fx);
     }
