@@ -36,6 +36,15 @@ fn bench(c: &mut Criterion) {
         p.rule_count(),
         w.resources.len()
     );
+    // What the coordinator keeps beside its world: the world itself, and its
+    // path index (the budget index is a few values per service).
+    let before = LIVE.load(std::sync::atomic::Ordering::Relaxed);
+    let copy = w.clone();
+    let world_bytes = LIVE.load(std::sync::atomic::Ordering::Relaxed) - before;
+    let index = concord_core::world::PathIndex::build(&copy);
+    let index_bytes = LIVE.load(std::sync::atomic::Ordering::Relaxed) - before - world_bytes;
+    eprintln!("memory of the world: {world_bytes} bytes; of its path index: {index_bytes} bytes");
+    drop((copy, index));
     let mut group = c.benchmark_group("coordinator/admission/5-step/100k-paths");
     group.sample_size(30);
     // `cargo test` runs each bench once as a check: there, 10k plans in

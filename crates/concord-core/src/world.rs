@@ -140,19 +140,26 @@ pub(crate) fn overlapping<'a, V>(map: Keyed<'a, V>, path: &ResourcePath) -> Vec<
     out
 }
 
-/// The keys of a path-keyed map by the hash of their text, and each
-/// descendant prefix (`a/`, `a/b/`) with how many keys lie under it: it tells
-/// that a map holds nothing at or under a path without descending it. Kept
-/// beside the map by whoever changes it, derived from it (not part of a
-/// snapshot), and only ever equal to a fresh build: debug builds check every
-/// answer against the map.
+/// A filter over the keys of a path-keyed map: the hashes of the
+/// descendant prefixes its keys lie under (`a/` and `a/b/` for `a/b/c`),
+/// each counted, and the number of keys with no `/`. It tells that a map
+/// holds nothing under a prefix, nor a key whose parent holds nothing,
+/// without descending the map; a hash it holds means "maybe", answered by
+/// the map. Prefix hashes only: a few bytes per directory, not per key
+/// (memory per plan in flight is a target). Kept beside the map by whoever
+/// changes it (one [`PathKeys::insert`] when the map gains a key, one
+/// [`PathKeys::remove`] when it loses one), derived from it (not part of a
+/// snapshot). Keys of a larger map filter a smaller one too (the paths in
+/// flight filter their projected changes). Debug builds check every "no"
+/// against the map.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct PathKeys {
     /// Whether it was built (an empty map also has empty keys).
     built: bool,
-    keys: rustc_hash::FxHashSet<Box<str>>,
-    /// Descendant prefix -> number of keys under it (never zero).
-    under: rustc_hash::FxHashMap<Box<str>, u32>,
+    /// Hash of a descendant prefix -> how many keys lie under it (never zero).
+    under: rustc_hash::FxHashMap<u64, u32>,
+    /// How many keys have no `/` (no prefix to count them under).
+    top: u32,
 }
 
 impl PathKeys {
@@ -173,19 +180,56 @@ impl PathKeys {
         self.built
     }
 
-    /// Records that the map now holds `path`.
+    /// Records that the map gained `path`.
     pub fn insert(&mut self, path: &ResourcePath) {
-        if self.keys.insert(path.as_str().into()) {
-            count_prefixes(&mut self.under, path.as_str(), true);
+        self.count(path.as_str(), true);
+    }
+
+    /// Records that the map lost `path`.
+    pub fn remove(&mut self, path: &ResourcePath) {
+        self.count(path.as_str(), false);
+    }
+
+    fn count(&mut self, text: &str, added: bool) {
+        if !text.contains('/') {
+            self.top = if added {
+                self.top + 1
+            } else {
+                self.top.saturating_sub(1)
+            };
+        }
+        for (end, _) in text.match_indices('/') {
+            let h = key_hash(&text[..=end]);
+            if added {
+                *self.under.entry(h).or_insert(0) += 1;
+            } else if let Some(n) = self.under.get_mut(&h) {
+                *n -= 1;
+                if *n == 0 {
+                    self.under.remove(&h);
+                }
+            }
         }
     }
 
-    /// Records that the map no longer holds `path`.
-    pub fn remove(&mut self, path: &ResourcePath) {
-        if self.keys.remove(path.as_str()) {
-            count_prefixes(&mut self.under, path.as_str(), false);
+    /// Whether the map may hold a key under `prefix` (text ending in `/`).
+    fn may_hold_under(&self, prefix: &str) -> bool {
+        self.under.contains_key(&key_hash(prefix))
+    }
+
+    /// Whether the map may hold the key whose text is `text`: only if its
+    /// parent holds something.
+    fn may_hold(&self, text: &str) -> bool {
+        match text.rfind('/') {
+            Some(i) => self.may_hold_under(&text[..=i]),
+            None => self.top > 0,
         }
     }
+}
+
+/// The hash [`PathKeys`] keeps of a text: fixed, seedless.
+fn key_hash(text: &str) -> u64 {
+    use std::hash::BuildHasher;
+    rustc_hash::FxBuildHasher.hash_one(text)
 }
 
 /// Counts `text` in (or out of) each of its descendant prefixes.
@@ -242,7 +286,7 @@ impl<'a, V> Keyed<'a, V> {
     /// The entry whose path text is `text`.
     pub fn get_key_value(&self, text: &str) -> Option<(&'a ResourcePath, &'a V)> {
         if let Some(keys) = self.keys
-            && !keys.keys.contains(text)
+            && !keys.may_hold(text)
         {
             debug_assert!(!self.map.contains_key(text), "path keys stale at `{text}`");
             return None;
@@ -257,17 +301,17 @@ impl<'a, V> Keyed<'a, V> {
 
     /// Whether the map holds a path whose text starts with `prefix`.
     pub fn any_under(&self, prefix: &str) -> bool {
-        let scan = || scan_prefix(self.map, prefix).next().is_some();
-        match self
-            .keys
-            .and_then(|k| prefix.ends_with('/').then(|| k.under.contains_key(prefix)))
+        if let Some(keys) = self.keys
+            && prefix.ends_with('/')
+            && !keys.may_hold_under(prefix)
         {
-            Some(held) => {
-                debug_assert_eq!(held, scan(), "path keys stale under `{prefix}`");
-                held
-            }
-            None => scan(),
+            debug_assert!(
+                scan_prefix(self.map, prefix).next().is_none(),
+                "path keys stale under `{prefix}`"
+            );
+            return false;
         }
+        scan_prefix(self.map, prefix).next().is_some()
     }
 }
 
@@ -858,9 +902,11 @@ mod tests {
                 }
                 if let Some((ix, keys)) = index {
                     ix.set(&p, v.as_ref());
-                    match v {
-                        Some(_) => keys.insert(&p),
-                        None => keys.remove(&p),
+                    // Keys change when the map gains or loses one.
+                    match (world.resources.contains_key(&p), v.is_some()) {
+                        (false, true) => keys.insert(&p),
+                        (true, false) => keys.remove(&p),
+                        _ => {}
                     }
                 }
                 match v {

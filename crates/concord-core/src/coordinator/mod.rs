@@ -627,12 +627,12 @@ pub struct Coordinator {
     /// Point lookups into `world` (derived from it, rebuilt when missing).
     #[serde(skip)]
     path_index: PathIndex,
-    /// The keys of `inflight` and of `projected` by hash (derived, rebuilt
-    /// when missing): most lookups there find nothing, and say so at once.
+    /// The keys of `inflight` by hash (derived, rebuilt when missing): most
+    /// lookups there find nothing, and say so at once. They filter
+    /// `projected` too, whose keys are among them (a running plan's effects
+    /// are at paths it touches).
     #[serde(skip)]
     inflight_keys: PathKeys,
-    #[serde(skip)]
-    projected_keys: PathKeys,
 }
 
 /// A recently decided plan, for re-plan recognition.
@@ -755,7 +755,6 @@ impl Coordinator {
             budget_index,
             path_index,
             inflight_keys: PathKeys::build(&BTreeMap::<ResourcePath, Vec<Id>>::new()),
-            projected_keys: PathKeys::build(&Overlay::new()),
         }
     }
 
@@ -1460,7 +1459,7 @@ impl Coordinator {
         // them (nor anything under a prefix it scanned), the preview on the
         // world as it is would read the same values and reach the same
         // results, so it adds no reason and is not computed.
-        if !self.projected.is_empty() && memo.read_any(Keyed::new(&self.projected, &self.projected_keys)) {
+        if !self.projected.is_empty() && memo.read_any(Keyed::new(&self.projected, &self.inflight_keys)) {
             let current_memo = Memo::default();
             let current_run = crate::preview::Run::simulate(
                 Base::current(&self.world)
@@ -1470,7 +1469,7 @@ impl Coordinator {
                 intent,
             );
             // Only its reasons are used: the rules alone, not a whole preview.
-            let second = crate::preview::SecondLook::new(Keyed::new(&self.projected, &self.projected_keys), touched);
+            let second = crate::preview::SecondLook::new(Keyed::new(&self.projected, &self.inflight_keys), touched);
             let current = crate::preview::judge(input, &current_run, plan_diff, Some(second));
             for r in current.reasons {
                 if !preview.reasons.iter().any(|p| p.rule == r.rule) {
@@ -1695,20 +1694,18 @@ impl Coordinator {
         };
         for p in &plan.touched {
             let owners = self.inflight.entry(p.clone()).or_default();
+            if owners.is_empty() && self.inflight_keys.is_built() {
+                self.inflight_keys.insert(p);
+            }
             if let Err(i) = owners.binary_search(lineage) {
                 owners.insert(i, lineage.clone());
-            }
-            if self.inflight_keys.is_built() {
-                self.inflight_keys.insert(p);
             }
         }
         for (p, v) in &plan.effects {
             self.projected.insert(p.clone(), v.clone());
-            if self.projected_keys.is_built() {
-                self.projected_keys.insert(p);
-            }
         }
         let (agent, intent, changes) = (plan.agent.clone(), plan.intent.clone(), plan.step_changes.clone());
+        self.check_inflight_keys();
         self.remember_history(now, &agent, &intent, &changes);
         let Some(plan) = self.plans.get(lineage) else { return };
         fx.push(Effect::Event(Event::Admitted {
@@ -1997,9 +1994,6 @@ impl Coordinator {
         if !self.inflight_keys.is_built() {
             self.inflight_keys = PathKeys::build(&self.inflight);
         }
-        if !self.projected_keys.is_built() {
-            self.projected_keys = PathKeys::build(&self.projected);
-        }
     }
 
     /// Starts a fresh world document when the schedule calls for one.
@@ -2068,7 +2062,6 @@ impl Coordinator {
         // The plan will not reach its final state: drop it from the projection.
         for p in plan.effects.keys() {
             self.projected.remove(p);
-            self.projected_keys.remove(p);
         }
         self.advance(now, lineage, fx);
     }
@@ -2082,15 +2075,29 @@ impl Coordinator {
                 set.retain(|l| l != lineage);
                 if set.is_empty() {
                     self.inflight.remove(p);
-                    self.inflight_keys.remove(p);
+                    if self.inflight_keys.is_built() {
+                        self.inflight_keys.remove(p);
+                    }
                 }
             }
         }
         for p in plan.effects.keys() {
             self.projected.remove(p);
-            self.projected_keys.remove(p);
         }
+        self.check_inflight_keys();
         self.requeue(now, fx);
+    }
+
+    /// Debug builds: the in-flight keys are those of the in-flight index
+    /// (checked while it is small: the check builds them afresh).
+    fn check_inflight_keys(&self) {
+        if cfg!(debug_assertions) && self.inflight_keys.is_built() && self.inflight.len() <= 64 {
+            debug_assert_eq!(
+                self.inflight_keys,
+                PathKeys::build(&self.inflight),
+                "in-flight keys stale"
+            );
+        }
     }
 
     /// Re-decides queued plans, oldest lineage first.
