@@ -163,12 +163,17 @@ pub struct PathKeys {
 }
 
 impl PathKeys {
-    /// The keys of `map`.
-    pub fn build<V>(map: &BTreeMap<ResourcePath, V>) -> Self {
-        let mut keys = PathKeys {
+    /// The keys of an empty map.
+    pub fn empty() -> Self {
+        PathKeys {
             built: true,
             ..PathKeys::default()
-        };
+        }
+    }
+
+    /// The keys of `map`.
+    pub fn build<V>(map: &BTreeMap<ResourcePath, V>) -> Self {
+        let mut keys = PathKeys::empty();
         for path in map.keys() {
             keys.insert(path);
         }
@@ -230,26 +235,6 @@ impl PathKeys {
 fn key_hash(text: &str) -> u64 {
     use std::hash::BuildHasher;
     rustc_hash::FxBuildHasher.hash_one(text)
-}
-
-/// Counts `text` in (or out of) each of its descendant prefixes.
-fn count_prefixes(under: &mut rustc_hash::FxHashMap<Box<str>, u32>, text: &str, added: bool) {
-    for (end, _) in text.match_indices('/') {
-        let prefix = &text[..=end];
-        if added {
-            match under.get_mut(prefix) {
-                Some(n) => *n += 1,
-                None => {
-                    under.insert(prefix.into(), 1);
-                }
-            }
-        } else if let Some(n) = under.get_mut(prefix) {
-            *n -= 1;
-            if *n == 0 {
-                under.remove(prefix);
-            }
-        }
-    }
 }
 
 /// A path-keyed map, with its [`PathKeys`] if they are kept.
@@ -316,10 +301,10 @@ impl<'a, V> Keyed<'a, V> {
 }
 
 /// Point lookups into a world without descending its ordered map: each
-/// path's value by the hash of its text, and each descendant prefix (`a/`,
-/// `a/b/`) with how many values lie under it. In a large world a lookup in
-/// the ordered map is a descent through a B-tree of text keys, comparing long
-/// shared prefixes at every level; here it is one hash of the text.
+/// path's value by the hash of its text, and the world's [`PathKeys`]. In a
+/// large world a lookup in the ordered map is a descent through a B-tree of
+/// text keys, comparing long shared prefixes at every level; here it is one
+/// hash of the text.
 ///
 /// The coordinator keeps one beside its world, updated as it applies steps;
 /// previews that are given one read the world through it. Derived from the
@@ -327,20 +312,17 @@ impl<'a, V> Keyed<'a, V> {
 /// build: debug builds check every answer against the ordered map.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct PathIndex {
-    /// Whether it was built (an empty world also has an empty index).
-    built: bool,
     values: rustc_hash::FxHashMap<ResourcePath, Value>,
-    /// Descendant prefix -> number of values under it (never zero).
-    under: rustc_hash::FxHashMap<Box<str>, u32>,
+    /// The world's keys (built exactly when the index is).
+    keys: PathKeys,
 }
 
 impl PathIndex {
     /// The index of `world`.
     pub fn build(world: &World) -> Self {
         let mut index = PathIndex {
-            built: true,
             values: rustc_hash::FxHashMap::default(),
-            under: rustc_hash::FxHashMap::default(),
+            keys: PathKeys::empty(),
         };
         index.values.reserve(world.resources.len());
         for (path, value) in &world.resources {
@@ -351,7 +333,7 @@ impl PathIndex {
 
     /// Whether it was built (a default one is not, and answers nothing).
     pub fn is_built(&self) -> bool {
-        self.built
+        self.keys.is_built()
     }
 
     /// Records that the world now holds `value` at `path` (`None`: removed).
@@ -360,23 +342,16 @@ impl PathIndex {
             Some(v) => self.values.insert(path.clone(), v.clone()).is_some(),
             None => self.values.remove(path.as_str()).is_some(),
         };
-        let added = match (existed, value.is_some()) {
-            (false, true) => true,
-            (true, false) => false,
-            _ => return,
-        };
-        count_prefixes(&mut self.under, path.as_str(), added);
+        match (existed, value.is_some()) {
+            (false, true) => self.keys.insert(path),
+            (true, false) => self.keys.remove(path),
+            _ => {}
+        }
     }
 
     /// The value at `path`.
     fn get(&self, path: &str) -> Option<&Value> {
         self.values.get(path)
-    }
-
-    /// Whether anything lies under `prefix`, if the index can tell: it
-    /// knows descendant prefixes (text ending in `/`), not arbitrary text.
-    fn holds_under(&self, prefix: &str) -> Option<bool> {
-        prefix.ends_with('/').then(|| self.under.contains_key(prefix))
     }
 }
 
@@ -610,14 +585,11 @@ impl<'w> Base<'w> {
 
     /// Whether the world holds any path whose text starts with `prefix`.
     fn world_holds_under(&self, prefix: &str) -> bool {
-        let scan = || scan_prefix(&self.world.resources, prefix).next().is_some();
-        match self.paths.and_then(|p| p.holds_under(prefix)) {
-            Some(held) => {
-                debug_assert_eq!(held, scan(), "path index stale under `{prefix}`");
-                held
-            }
-            None => scan(),
-        }
+        let keyed = Keyed {
+            map: &self.world.resources,
+            keys: self.paths.map(|p| &p.keys),
+        };
+        keyed.any_under(prefix)
     }
 
     /// Whether the world, and the overlay, hold any path whose text starts

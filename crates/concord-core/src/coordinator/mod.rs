@@ -754,7 +754,7 @@ impl Coordinator {
             recorded: None,
             budget_index,
             path_index,
-            inflight_keys: PathKeys::build(&BTreeMap::<ResourcePath, Vec<Id>>::new()),
+            inflight_keys: PathKeys::empty(),
         }
     }
 
@@ -1203,7 +1203,6 @@ impl Coordinator {
     // ---- intents ---------------------------------------------------------
 
     fn on_intent(&mut self, now: u64, request: RequestId, agent: &str, intent: Intent, fx: &mut Vec<Effect>) {
-        // The same value as `Intent::content_hash`, without copying the intent.
         let hash = intent.content_hash();
         if let Some(d) = self
             .decisions
