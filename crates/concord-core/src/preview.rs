@@ -83,10 +83,26 @@ fn to_changes(changes: &[PathChange], step: &concord_proto::Id) -> Vec<Change> {
 }
 
 impl<'w> Run<'w> {
-    /// The paths some state changes that match `globs`: each glob matched
-    /// once per path, not once per state that changes it.
-    pub(crate) fn touched_matching(&self, globs: &crate::policy::Globs) -> Vec<&ResourcePath> {
-        self.touched.iter().filter(|p| globs.matches(p.as_str())).collect()
+    /// Every change of a state to a path matching `globs`, as (state, path,
+    /// value after), states in order: the globs are matched once per touched
+    /// path, not once per state that changes it.
+    pub(crate) fn changes_matching(
+        &self,
+        globs: &crate::policy::Globs,
+    ) -> Vec<(&EvalState, &ResourcePath, &Option<Value>)> {
+        let hits: Vec<&ResourcePath> = self.touched.iter().filter(|p| globs.matches(p.as_str())).collect();
+        if hits.is_empty() {
+            return Vec::new();
+        }
+        self.states
+            .iter()
+            .flat_map(|s| {
+                s.changes
+                    .iter()
+                    .filter(|(p, _)| hits.contains(p))
+                    .map(move |(p, v)| (s, p, v))
+            })
+            .collect()
     }
 
     pub(crate) fn simulate(base: Base<'w>, intent: &Intent) -> Run<'w> {

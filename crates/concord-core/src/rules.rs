@@ -235,23 +235,17 @@ pub(crate) fn builtin(
             ));
         }
     }
-    let hits = run.touched_matching(&policy.permissions);
-    for state in run.states.iter().filter(|_| !hits.is_empty()) {
-        for (path, after) in &state.changes {
-            if !hits.contains(&path) {
-                continue;
-            }
-            let gained: Vec<String> = members(after.as_ref())
-                .difference(&members(run.base.get(path)))
-                .filter(|m| reported.insert((path.to_string(), m.to_string())))
-                .cloned()
-                .collect();
-            if !gained.is_empty() {
-                violations.push(violation(
-                    &state.label,
-                    format!("`{path}` gains {} {}", gained.join(", "), state.label),
-                ));
-            }
+    for (state, path, after) in run.changes_matching(&policy.permissions) {
+        let gained: Vec<String> = members(after.as_ref())
+            .difference(&members(run.base.get(path)))
+            .filter(|m| reported.insert((path.to_string(), m.to_string())))
+            .cloned()
+            .collect();
+        if !gained.is_empty() {
+            violations.push(violation(
+                &state.label,
+                format!("`{path}` gains {} {}", gained.join(", "), state.label),
+            ));
         }
     }
     out.push(verdict_of(
@@ -382,41 +376,35 @@ pub(crate) fn builtin(
 fn network_widen(run: &Run<'_>, globs: &Globs, outcome: Verdict) -> RuleResult {
     let mut violations = Vec::new();
     let mut reported: BTreeSet<(String, String)> = BTreeSet::new();
-    let hits = run.touched_matching(globs);
-    for state in run.states.iter().filter(|_| !hits.is_empty()) {
-        for (path, after) in &state.changes {
-            if !hits.contains(&path) {
-                continue;
+    for (state, path, after) in run.changes_matching(globs) {
+        let parse = |v: Option<&Value>| -> Result<Vec<Rule>, String> {
+            match v {
+                None => Ok(Vec::new()),
+                Some(Value::List(items)) => items.iter().map(Rule::parse).collect(),
+                Some(other) => Err(format!("`{path}` holds {other}, not a list of network rules")),
             }
-            let parse = |v: Option<&Value>| -> Result<Vec<Rule>, String> {
-                match v {
-                    None => Ok(Vec::new()),
-                    Some(Value::List(items)) => items.iter().map(Rule::parse).collect(),
-                    Some(other) => Err(format!("`{path}` holds {other}, not a list of network rules")),
-                }
-            };
-            let (before, after) = match (parse(run.base.get(path)), parse(after.as_ref())) {
-                (Ok(b), Ok(a)) => (b, a),
-                (Err(e), _) | (_, Err(e)) => {
-                    return RuleResult {
-                        id: "network.no_widen".into(),
-                        status: RuleStatus::Error,
-                        outcome,
-                        at: Some(state.label.clone()),
-                        pre_existing: false,
-                        figures: BTreeMap::new(),
-                        message: format!("cannot read network rules (fails closed): {e}"),
-                    };
-                }
-            };
-            for rule in after.iter().filter(|r| !before.iter().any(|b| b.covers(r))) {
-                // Each widening rule is reported once, at the first state that admits it.
-                if reported.insert((path.to_string(), rule.text.clone())) {
-                    violations.push(violation(
-                        &state.label,
-                        format!("`{path}` admits {} not admitted before, {}", rule.text, state.label),
-                    ));
-                }
+        };
+        let (before, after) = match (parse(run.base.get(path)), parse(after.as_ref())) {
+            (Ok(b), Ok(a)) => (b, a),
+            (Err(e), _) | (_, Err(e)) => {
+                return RuleResult {
+                    id: "network.no_widen".into(),
+                    status: RuleStatus::Error,
+                    outcome,
+                    at: Some(state.label.clone()),
+                    pre_existing: false,
+                    figures: BTreeMap::new(),
+                    message: format!("cannot read network rules (fails closed): {e}"),
+                };
+            }
+        };
+        for rule in after.iter().filter(|r| !before.iter().any(|b| b.covers(r))) {
+            // Each widening rule is reported once, at the first state that admits it.
+            if reported.insert((path.to_string(), rule.text.clone())) {
+                violations.push(violation(
+                    &state.label,
+                    format!("`{path}` admits {} not admitted before, {}", rule.text, state.label),
+                ));
             }
         }
     }
@@ -468,55 +456,49 @@ pub(crate) fn ceilings(run: &Run<'_>, policy: &Policy) -> Vec<RuleResult> {
         .map(|(cfg, globs)| {
             let mut worst: Option<(Verdict, String, BTreeMap<String, Value>, String)> = None;
             let mut matched = false;
-            let hits = run.touched_matching(globs);
-            for state in run.states.iter().filter(|_| !hits.is_empty()) {
-                for (path, after) in &state.changes {
-                    if !hits.contains(&path) {
-                        continue;
+            for (state, path, after) in run.changes_matching(globs) {
+                matched = true;
+                let Some(after) = after.as_ref().filter(|v| v.as_f64().is_some()) else {
+                    continue;
+                };
+                let v = after.as_f64().unwrap_or_default();
+                let before_value = run.base.get(path);
+                let before = before_value.and_then(Value::as_f64);
+                // Lowering a value that is already too high is always allowed.
+                if before.is_some_and(|b| v <= b) {
+                    continue;
+                }
+                let hit = match (cfg.reject_above, cfg.approve_above) {
+                    (Some(r), _) if v > r => Some((Verdict::Reject, r)),
+                    (_, Some(a)) if v > a => Some((Verdict::NeedsApproval, a)),
+                    _ => None,
+                };
+                if let Some((verdict, limit)) = hit
+                    && worst.as_ref().is_none_or(|w| verdict > w.0)
+                {
+                    let mut f = BTreeMap::new();
+                    f.insert("path".into(), figure(path.as_str()));
+                    f.insert("value".into(), after.clone());
+                    if let Some(b) = before_value {
+                        f.insert("before".into(), b.clone());
                     }
-                    matched = true;
-                    let Some(after) = after.as_ref().filter(|v| v.as_f64().is_some()) else {
-                        continue;
+                    if let Some(a) = cfg.approve_above {
+                        f.insert("approve_above".into(), Value::Float(a));
+                    }
+                    if let Some(r) = cfg.reject_above {
+                        f.insert("reject_above".into(), Value::Float(r));
+                    }
+                    let what = if verdict == Verdict::Reject {
+                        "reject"
+                    } else {
+                        "approval"
                     };
-                    let v = after.as_f64().unwrap_or_default();
-                    let before_value = run.base.get(path);
-                    let before = before_value.and_then(Value::as_f64);
-                    // Lowering a value that is already too high is always allowed.
-                    if before.is_some_and(|b| v <= b) {
-                        continue;
-                    }
-                    let hit = match (cfg.reject_above, cfg.approve_above) {
-                        (Some(r), _) if v > r => Some((Verdict::Reject, r)),
-                        (_, Some(a)) if v > a => Some((Verdict::NeedsApproval, a)),
-                        _ => None,
-                    };
-                    if let Some((verdict, limit)) = hit
-                        && worst.as_ref().is_none_or(|w| verdict > w.0)
-                    {
-                        let mut f = BTreeMap::new();
-                        f.insert("path".into(), figure(path.as_str()));
-                        f.insert("value".into(), after.clone());
-                        if let Some(b) = before_value {
-                            f.insert("before".into(), b.clone());
-                        }
-                        if let Some(a) = cfg.approve_above {
-                            f.insert("approve_above".into(), Value::Float(a));
-                        }
-                        if let Some(r) = cfg.reject_above {
-                            f.insert("reject_above".into(), Value::Float(r));
-                        }
-                        let what = if verdict == Verdict::Reject {
-                            "reject"
-                        } else {
-                            "approval"
-                        };
-                        worst = Some((
-                            verdict,
-                            format!("`{path}` = {v} is above the {what} ceiling {limit}, {}", state.label),
-                            f,
-                            state.label.clone(),
-                        ));
-                    }
+                    worst = Some((
+                        verdict,
+                        format!("`{path}` = {v} is above the {what} ceiling {limit}, {}", state.label),
+                        f,
+                        state.label.clone(),
+                    ));
                 }
             }
             match worst {
