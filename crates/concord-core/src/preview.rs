@@ -89,20 +89,18 @@ impl<'w> Run<'w> {
     pub(crate) fn changes_matching(
         &self,
         globs: &crate::policy::Globs,
-    ) -> Vec<(&EvalState, &ResourcePath, &Option<Value>)> {
+    ) -> impl Iterator<Item = (&EvalState, &ResourcePath, &Option<Value>)> {
         let hits: Vec<&ResourcePath> = self.touched.iter().filter(|p| globs.matches(p.as_str())).collect();
-        if hits.is_empty() {
-            return Vec::new();
-        }
-        self.states
+        // No state changes a matching path when no touched path matches.
+        let states = if hits.is_empty() {
+            &self.states[..0]
+        } else {
+            &self.states[..]
+        };
+        states
             .iter()
-            .flat_map(|s| {
-                s.changes
-                    .iter()
-                    .filter(|(p, _)| hits.contains(p))
-                    .map(move |(p, v)| (s, p, v))
-            })
-            .collect()
+            .flat_map(|s| s.changes.iter().map(move |(p, v)| (s, p, v)))
+            .filter(move |(_, p, _)| hits.contains(p))
     }
 
     pub(crate) fn simulate(base: Base<'w>, intent: &Intent) -> Run<'w> {
