@@ -84,11 +84,14 @@ fn record_map<'v>(entries: Vec<(&'v str, Val<'v>)>) -> CelMap<'v> {
     )
 }
 
+/// The built form of a tree, for the tests' comparisons.
+#[cfg(test)]
 enum Node<'v> {
     Leaf(&'v Value),
     Branch(BTreeMap<&'v str, Node<'v>>),
 }
 
+#[cfg(test)]
 fn insert_all<'v>(root: &mut BTreeMap<&'v str, Node<'v>>, entries: impl Iterator<Item = (&'v str, &'v Value)>) {
     for (path, value) in entries {
         let mut segs = path.split('/').peekable();
@@ -109,6 +112,7 @@ fn insert_all<'v>(root: &mut BTreeMap<&'v str, Node<'v>>, entries: impl Iterator
     }
 }
 
+#[cfg(test)]
 fn build_node<'v>(m: &BTreeMap<&'v str, Node<'v>>) -> Val<'v> {
     Box::new(CelMap::from(
         m.iter()
@@ -285,7 +289,8 @@ impl<'v> Tree<'v> {
         Some(total.number())
     }
 
-    /// The same map, built: for equality with other maps.
+    /// The same map, built: what the tests compare it with.
+    #[cfg(test)]
     fn built(&self) -> Val<'v> {
         let mut root: BTreeMap<&'v str, Node<'v>> = BTreeMap::new();
         insert_all(
@@ -338,7 +343,10 @@ impl<'v> CelVal for Tree<'v> {
     }
 
     fn equals(&self, other: &dyn CelVal) -> bool {
-        self.built().equals(other)
+        equals_map(
+            self.keys().iter().map(|c| (c.text, self.node(c.text, c.from, c.to))),
+            other,
+        )
     }
 
     fn clone_as_boxed<'w>(&self) -> Box<dyn CelVal + 'w>
@@ -356,6 +364,32 @@ impl<'v> CelVal for Tree<'v> {
 /// A map key as text: the tree's keys are strings.
 fn key_str(key: &dyn CelVal) -> Option<&str> {
     key.downcast_ref::<CelString>().map(|s| s.inner())
+}
+
+/// Whether the map of entries `mine` equals `other`: `other` is a map with
+/// as many keys, each of `mine` found there with an equal value. Read
+/// through `other`'s map traits, so a map read in place (a [`Tree`], a lazy
+/// record) compares with any map, built or read in place. (cel's own map
+/// downcasts the other side: with a map literal on the left, only a built
+/// map compares equal.)
+fn equals_map<'v>(mine: impl Iterator<Item = (&'v str, Val<'v>)>, other: &dyn CelVal) -> bool {
+    let (Some(size), Some(index)) = (other.as_sizer(), other.as_indexer()) else {
+        return false;
+    };
+    if other.get_type() != <CelMap<'_> as CelVal>::cel_type() {
+        return false;
+    }
+    let mut count = 0;
+    for (key, mine) in mine {
+        count += 1;
+        if !index
+            .get(&CelString::from(key))
+            .is_ok_and(|theirs| mine.equals(theirs.as_ref()))
+        {
+            return false;
+        }
+    }
+    size.size() == CelInt::from(count)
 }
 
 /// Indexing a map of text keys with another key: other key types are
@@ -453,26 +487,8 @@ impl<'v, F: Fields<'v>> CelVal for Lazy<'v, F> {
     }
 
     fn equals(&self, other: &dyn CelVal) -> bool {
-        // Any map with the same keys and equal values: read through the
-        // map traits, so another lazily read map compares too.
-        let (Some(size), Some(index)) = (other.as_sizer(), other.as_indexer()) else {
-            return false;
-        };
-        if other.get_type() != <CelMap<'_> as CelVal>::cel_type() {
-            return false;
-        }
         let fields = self.fields;
-        let mut count = 0;
-        let same = F::NAMES.iter().all(|name| match fields.field(name) {
-            None => true,
-            Some(mine) => {
-                count += 1;
-                index
-                    .get(&CelString::from(*name))
-                    .is_ok_and(|theirs| mine.equals(theirs.as_ref()))
-            }
-        });
-        same && size.size() == CelInt::from(count)
+        equals_map(F::NAMES.iter().filter_map(|n| fields.field(n).map(|v| (*n, v))), other)
     }
 
     fn clone_as_boxed<'w>(&self) -> Box<dyn CelVal + 'w>
@@ -944,6 +960,11 @@ mod tests {
             "after.f",
             "after.a.b == {'c': 1, 'd': 2}",
             "after.a.b == {'c': 1}",
+            "after.a == after.a",
+            "after.a.b == after.a['b-x']",
+            // In a list, equality is the elements' own.
+            "[after.a] == [after.a]",
+            "[after.a.b] == [{'c': 1, 'd': 2}]",
             "keys(after.a.b).map(k, after.a.b[k])",
             "after.a.b.all(k, after.a.b[k] > 0)",
             "after.a.exists(k, k == 'e')",
