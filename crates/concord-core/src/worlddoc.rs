@@ -784,7 +784,9 @@ pub const PENDING_WRITES_MAX: usize = 1 << 16;
 /// A write the coordinator accepted and has not yet applied to the
 /// Automerge document. Applying it later, in order, makes exactly the
 /// change an immediate write would have made (same ops, time and actor).
-#[derive(Debug)]
+/// A snapshot keeps the writes still held as they are (see [`serde_doc`]).
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 enum Pending {
     /// A step's (or compensation's) changes with their provenance (JSON).
     Step {
@@ -799,7 +801,22 @@ enum Pending {
         written: Option<ObservationRecord>,
     },
     /// A new incarnation writes from here on.
-    Actor(ActorId),
+    Actor(#[serde(with = "actor_hex")] ActorId),
+}
+
+/// An Automerge actor id as hex text.
+mod actor_hex {
+    use automerge::ActorId;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(a: &ActorId, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&a.to_hex_string())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<ActorId, D::Error> {
+        let text = String::deserialize(d)?;
+        ActorId::try_from(text.as_str()).map_err(|e| serde::de::Error::custom(format!("actor id `{text}`: {e}")))
+    }
 }
 
 /// The Automerge document and the writes not yet applied to it.
@@ -1067,6 +1084,13 @@ impl WorldDoc {
         lazy.pending.len()
     }
 
+    /// How many held writes [`WorldDoc::apply_held`] would apply now: none
+    /// while a rotation's fresh document is not built.
+    pub fn held_applicable(&self) -> usize {
+        let lazy = self.lazy.lock().unwrap_or_else(PoisonError::into_inner);
+        if lazy.create.is_some() { 0 } else { lazy.pending.len() }
+    }
+
     /// Holds a write until the document is read.
     fn defer(&mut self, write: Pending) {
         let lazy = self.lazy.get_mut().unwrap_or_else(PoisonError::into_inner);
@@ -1169,6 +1193,26 @@ impl WorldDoc {
         resources_of(&l.doc, &l.roots)
     }
 
+    /// The resources as [`WorldDoc::resources`] gives them, without applying
+    /// the held writes: the applied document's, then the held steps' changes
+    /// over them.
+    fn resources_held(&self) -> BTreeMap<ResourcePath, Value> {
+        let mut l = self.lazy.lock().unwrap_or_else(PoisonError::into_inner);
+        l.create();
+        let mut out = resources_of(&l.doc, &l.roots);
+        for p in &l.pending {
+            if let Pending::Step { changes, .. } = p {
+                for (path, after) in changes {
+                    match after {
+                        Some(v) => out.insert(path.clone(), v.clone()),
+                        None => out.remove(path),
+                    };
+                }
+            }
+        }
+        out
+    }
+
     /// Resources whose path text starts with `prefix`, in order.
     pub fn scan_prefix(&self, prefix: &str) -> Vec<(ResourcePath, Value)> {
         let l = self.doc();
@@ -1216,7 +1260,7 @@ impl WorldDoc {
     /// Checks that the document's resources equal `world`'s (cold path: after
     /// a load, in tests).
     pub fn check_view(&self, world: &World) -> Result<(), WorldDocError> {
-        let mine = self.resources();
+        let mine = self.resources_held();
         let first = mine
             .iter()
             .zip(world.resources.iter())
@@ -1667,33 +1711,96 @@ fn provenance_json(by: &Provenance) -> String {
 /// and saved bytes (hex). Sync sessions are not state: after a restore,
 /// replicas say hello again and catch up from what they hold.
 pub mod serde_doc {
+    use std::collections::BTreeMap;
+
+    use concord_proto::ResourcePath;
     use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-    use super::{Identity, WorldDoc, WorldDocConfig, hex, unhex};
+    use super::{
+        Identity, ObservationRecord, Pending, PoisonError, Provenance, WorldDoc, WorldDocConfig, actor_hex, hex, unhex,
+    };
 
-    #[derive(Serialize, Deserialize)]
+    /// What the document holds beside its bytes while writes are held: they
+    /// are saved as they are, not applied (each would cost an Automerge
+    /// change that nobody may ever read; a rotation retires them unapplied).
+    #[derive(Serialize)]
+    struct HeldOut<'a> {
+        #[serde(with = "actor_hex")]
+        actor: &'a automerge::ActorId,
+        writes: &'a [Pending],
+        changes: u64,
+        observations: &'a BTreeMap<ResourcePath, ObservationRecord>,
+        provenance: &'a BTreeMap<ResourcePath, Provenance>,
+    }
+
+    #[derive(Deserialize)]
+    struct Held {
+        /// The actor the first held write is made with.
+        #[serde(with = "actor_hex")]
+        actor: automerge::ActorId,
+        /// The writes not applied to `bytes`, in order.
+        writes: Vec<Pending>,
+        /// The epoch's changes, applied or held.
+        changes: u64,
+        /// The views, with the held writes.
+        observations: BTreeMap<ResourcePath, ObservationRecord>,
+        provenance: BTreeMap<ResourcePath, Provenance>,
+    }
+
+    #[derive(Serialize)]
+    struct SavedOut<'a> {
+        identity: &'a Identity,
+        config: &'a WorldDocConfig,
+        bytes: String,
+        history: String,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        held: Option<HeldOut<'a>>,
+    }
+
+    #[derive(Deserialize)]
     struct Saved {
         identity: Identity,
         config: WorldDocConfig,
+        /// The document as applied.
         bytes: String,
         /// The history digest (absent in older snapshots: then it starts
         /// from the saved heads).
-        #[serde(default, skip_serializing_if = "Option::is_none")]
+        #[serde(default)]
         history: Option<String>,
+        /// Writes accepted and not yet applied to `bytes` (absent when none).
+        #[serde(default)]
+        held: Option<Held>,
     }
 
-    /// Writes the document as its identity, bounds, bytes and history digest.
+    /// Writes the document as its identity, bounds, bytes as applied, the
+    /// writes it still holds, and its history digest. A rotation's fresh
+    /// document not yet built is built first (one change, however large
+    /// the world); held writes are not applied.
     pub fn serialize<S: Serializer>(d: &WorldDoc, s: S) -> Result<S::Ok, S::Error> {
-        Saved {
-            identity: d.identity.clone(),
-            config: d.config.clone(),
-            bytes: hex(&d.save()),
-            history: Some(d.history_digest()),
+        let mut lazy = d.lazy.lock().unwrap_or_else(PoisonError::into_inner);
+        lazy.create();
+        let bytes = hex(&lazy.doc.save());
+        let actor = lazy.doc.get_actor().clone();
+        let held = (!lazy.pending.is_empty()).then(|| HeldOut {
+            actor: &actor,
+            writes: &lazy.pending,
+            changes: d.changes,
+            observations: &d.observations_view,
+            provenance: &d.provenance_view,
+        });
+        SavedOut {
+            identity: &d.identity,
+            config: &d.config,
+            bytes,
+            history: d.history_digest(),
+            held,
         }
         .serialize(s)
     }
 
-    /// Loads the document with the saved identity's actor.
+    /// Loads the document with the saved identity's actor (or, while writes
+    /// are held, the actor the first of them is made with), holding the
+    /// saved writes as they were.
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<WorldDoc, D::Error> {
         let saved = Saved::deserialize(d)?;
         let bytes = unhex(&saved.bytes).ok_or_else(|| serde::de::Error::custom("world document bytes: not hex"))?;
@@ -1703,6 +1810,14 @@ pub mod serde_doc {
                 .and_then(|b| b.try_into().ok())
                 .ok_or_else(|| serde::de::Error::custom("world document history: not a 32-byte hex digest"))?;
             doc.history = h;
+        }
+        if let Some(held) = saved.held {
+            let lazy = doc.lazy.get_mut().unwrap_or_else(PoisonError::into_inner);
+            lazy.doc.set_actor(held.actor);
+            lazy.pending = held.writes;
+            doc.changes = held.changes;
+            doc.observations_view = held.observations;
+            doc.provenance_view = held.provenance;
         }
         Ok(doc)
     }
@@ -1989,6 +2104,74 @@ mod tests {
         assert_eq!(lazy.world(), changed);
         assert_eq!(lazy.provenance("svc/api/pool_size"), Some(by("s1", 3_000)));
         assert_eq!(lazy.change_count(), eager.change_count());
+    }
+
+    /// A snapshot keeps held writes held: saving does not apply them, and
+    /// the document restored from it holds them still, with the views and
+    /// change count they make; applied later (after a new incarnation's
+    /// writes too), they give the bytes of a document that never stopped.
+    #[test]
+    fn a_snapshot_keeps_held_writes_held() {
+        #[derive(Serialize, Deserialize)]
+        struct Wrapped(#[serde(with = "serde_doc")] WorldDoc);
+        let w = world();
+        let pool = ResourcePath::parse("svc/api/pool_size").unwrap();
+        let tags = ResourcePath::parse("svc/api/tags").unwrap();
+        let cpu = ResourcePath::parse("host/a/cpu").unwrap();
+        let obs = |v: f64, at_ms| ObservationRecord {
+            kind: ObservationKind::Metric,
+            value: Value::Float(v),
+            agent: "probe".into(),
+            at_ms,
+        };
+        let id = Identity {
+            coordinator: "c1".into(),
+            incarnation: 1,
+        };
+        // One write applied, then held: an observation, a step, a new
+        // incarnation (its actor), a deletion under it.
+        let build = || {
+            let mut d = WorldDoc::new(id.clone(), WorldDocConfig::default(), &w, 1_000);
+            d.apply_step(2_000, &[(pool.clone(), Some(Value::Int(60)))], &by("s1", 2_000))
+                .unwrap();
+            assert_eq!(d.apply_held(usize::MAX), 0);
+            d.put_observation(&cpu, &obs(0.5, 2_500), None).unwrap();
+            d.apply_step(3_000, &[(pool.clone(), Some(Value::Int(70)))], &by("s2", 3_000))
+                .unwrap();
+            d.set_incarnation(2).unwrap();
+            d.apply_step(3_500, &[(tags.clone(), None)], &by("s3", 3_500)).unwrap();
+            d
+        };
+        let mut d = build();
+        assert_eq!(d.held_applicable(), 4);
+        let saved = Wrapped(build());
+        let json = serde_json::to_vec(&saved).unwrap();
+        assert_eq!(saved.0.held_applicable(), 4, "saving applied the held writes");
+        let Wrapped(mut restored) = serde_json::from_slice(&json).unwrap();
+        assert_eq!(restored.held_applicable(), 4, "the restored document applied them");
+        assert_eq!(restored.change_count(), d.change_count());
+        assert_eq!(restored.history_digest(), d.history_digest());
+        assert_eq!(restored.observations_view, d.observations_view);
+        assert_eq!(restored.provenance_view, d.provenance_view);
+        let mut expected = w.clone();
+        expected.resources.insert(pool.clone(), Value::Int(70));
+        expected.resources.remove(&tags);
+        restored.check_view(&expected).unwrap();
+        assert!(restored.check_view(&w).is_err(), "the held writes are not in the check");
+        assert_eq!(restored.held_applicable(), 4, "the check applied the held writes");
+        // A new incarnation writes on both, then everything is applied.
+        for doc in [&mut d, &mut restored] {
+            doc.set_incarnation(3).unwrap();
+            doc.apply_step(4_000, &[(pool.clone(), Some(Value::Int(80)))], &by("s4", 4_000))
+                .unwrap();
+        }
+        assert_eq!(restored.save(), d.save());
+        assert_eq!(restored.heads(), d.heads());
+        assert_eq!(restored.observation("host/a/cpu"), Some(obs(0.5, 2_500)));
+        assert_eq!(restored.provenance("svc/api/tags"), Some(by("s3", 3_500)));
+        // The saved form without held writes is the older one, and loads.
+        let again = serde_json::to_value(Wrapped(restored)).unwrap();
+        assert!(again.get("held").is_none());
     }
 
     #[test]
