@@ -1029,6 +1029,38 @@ async fn the_world_replica_converges_to_the_coordinators_world_after_plans_run()
     assert_eq!(w2.observations(), w.observations());
 }
 
+/// With no replica connected the document's writes are held; a status
+/// query and a replica that come when more are held than
+/// `sync_catch_up_held_max` (0 here: any) wait while the loop applies them,
+/// then are served, and the replica converges.
+#[tokio::test(flavor = "multi_thread")]
+async fn readers_that_find_held_writes_wait_for_them_and_are_served() {
+    let live = Live::start_with(|c| {
+        c.log.max_bytes = 256 * 1024 * 1024;
+        c.limits.sync_catch_up_held_max = 0;
+    })
+    .await;
+    let ops = live.client("alice").await;
+    let values = Values::new(&world(), &[]);
+    let _exec = executor(&live, &values).await;
+    let resource = agent(&live, "resource").await;
+    for (n, size) in [60, 70, 80].into_iter().enumerate() {
+        let p = pool_plan(&format!("pool-{n}"), size);
+        assert_eq!(resource.propose(&p).await.unwrap().verdict, Verdict::Admit);
+        assert_eq!(
+            resource.await_saga(&p.lineage, 1, WAIT).await.unwrap(),
+            SagaEnd::Completed
+        );
+    }
+    let before = world_status(&ops).await;
+    assert_eq!(before.replicas, 0);
+    let w = resource.world().await.unwrap();
+    let s = converged(&ops, &w).await;
+    assert_eq!(s.changes, before.changes);
+    assert_eq!(w.resource("svc/api/pool_size"), Some(Value::Int(80)));
+    assert_eq!(w.provenance("svc/api/pool_size").unwrap().lineage, "pool-2");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_replica_cut_off_catches_up_with_only_what_it_missed() {
     // A world of a few thousand paths, so the whole document is far larger

@@ -194,6 +194,12 @@ pub struct Limits {
     /// Replicas' frames waiting for the core (a lane of their own); beyond
     /// it a frame is dropped (`busy`) and the replica's next `hello` resumes.
     pub sync_inbound_max: usize,
+    /// The world document holds its writes until something reads it (each
+    /// is an Automerge change, tens of µs). A replica's frame or a status
+    /// query that finds more than this many held waits, while the loop
+    /// applies a few per turn, so that no read applies a long backlog in one
+    /// go on the loop.
+    pub sync_catch_up_held_max: usize,
 }
 
 impl Default for Limits {
@@ -213,6 +219,7 @@ impl Default for Limits {
             sync_push_interval_ms: 20,
             sync_outbound_max: 16_384,
             sync_inbound_max: 4_096,
+            sync_catch_up_held_max: 256,
         }
     }
 }

@@ -4,8 +4,10 @@
 //! The loop, in priority order: operators' commands (a lane of their own, so
 //! a halt overtakes queued intents), the log's acks, executors' outcomes,
 //! timers, then agents' requests and replicas' world sync frames (two lanes
-//! that take turns). Each input is handled at once (the core is
-//! fast) and its record joins the *open batch*; while one batch is being
+//! that take turns). The world document's writes are held until something
+//! reads it (each costs an Automerge change): a replica's frame or a status
+//! query that finds many held waits while the loop applies a few per turn.
+//! Each input is handled at once (the core is fast) and its record joins the *open batch*; while one batch is being
 //! appended the next one fills (group commit: one append, one ack, one fsync
 //! carries many decisions). When an append is acknowledged its replies and
 //! dispatches go out; nothing leaves before its events are in the log. An
@@ -27,7 +29,7 @@ use bytes::Bytes;
 use concord_core::coordinator::{Coordinator, Effect, Event, Genesis, Input, RECORD_VERSION, Record, Reply};
 use concord_core::policy::Policy;
 use concord_core::world::World;
-use concord_core::worlddoc::{Frame, SyncError};
+use concord_core::worlddoc::{Frame, PENDING_WRITES_MAX, SyncError};
 use concord_proto::coord::{Notice, StepDispatch, StepOutcome, StepResult};
 use concord_proto::{Short, decode_intent, decode_observation};
 use futures::StreamExt;
@@ -666,6 +668,9 @@ struct State {
     /// When the last push went out, and when a held-back one is due.
     last_push: Option<Instant>,
     push_due: Option<Instant>,
+    /// Readers of the world document waiting for it to catch up with its
+    /// held writes (see [`Daemon::park`]).
+    parked: Vec<Inbound>,
 }
 
 struct Waiter {
@@ -686,9 +691,16 @@ struct OpenBatch {
     bytes: usize,
 }
 
-/// World document writes applied per sealed batch while no replica reads
-/// the document: more than a batch makes, so the backlog stays short.
-const HELD_WRITES_PER_BATCH: usize = 4096;
+/// Held writes applied per loop turn while a reader of the world document
+/// waits (each is one Automerge change, some tens of µs); see
+/// `limits.sync_catch_up_held_max`.
+const CATCH_UP_WRITES: usize = 32;
+
+/// Held writes past which the loop applies some per turn even with no
+/// reader: below the core's [`PENDING_WRITES_MAX`], which would apply them
+/// all in one go. With the default rotation (every 50,000 changes) an
+/// epoch nobody reads is retired before, and never built.
+const HELD_HIGH_WATER: usize = PENDING_WRITES_MAX - 8192;
 
 struct Append {
     done: oneshot::Receiver<Result<u64, StoreError>>,
@@ -837,6 +849,7 @@ impl Daemon {
             pushed: None,
             last_push: None,
             push_due: None,
+            parked: Vec::new(),
         };
         state.notifier = Notifier::from_coordinator(&state.coord);
         self.recent_notices = backlog;
@@ -949,6 +962,7 @@ impl Daemon {
             };
             let room = state.open.records.len() < self.cfg.log.batch_records_max
                 && state.open.bytes < self.cfg.log.batch_bytes_max;
+            let catching_up = !state.parked.is_empty();
             tokio::select! {
                 biased;
                 _ = shutdown.as_mut() => {
@@ -974,7 +988,10 @@ impl Daemon {
                     self.accept(state, m)
                 }
                 _ = beat.tick() => self.sweep_replicas(state),
+                // Frames wait for the document to catch up: a turn for it.
+                _ = std::future::ready(()), if catching_up => {}
             }
+            self.catch_up(state);
             self.log_drops(state);
             if state.inflight.is_none() && !state.open.records.is_empty() {
                 self.push_world(state);
@@ -1029,6 +1046,7 @@ impl Daemon {
     }
 
     fn accept(&mut self, state: &mut State, m: Inbound) {
+        let Some(m) = self.park(state, m) else { return };
         match m {
             Inbound::Input {
                 input,
@@ -1046,6 +1064,64 @@ impl Daemon {
                 }
             }
             Inbound::Sync { agent, payload, reply } => self.sync_in(state, agent, &payload, reply),
+        }
+    }
+
+    /// Whether `m` reads the world document (a replica's frame, a status
+    /// query) while it holds too many unapplied writes to apply them at
+    /// once: then it waits, in arrival order, while [`Daemon::catch_up`]
+    /// applies them a few per turn. Returns `m` if it may go on now.
+    fn park(&mut self, state: &mut State, m: Inbound) -> Option<Inbound> {
+        let reads_document = matches!(
+            m,
+            Inbound::Sync { .. }
+                | Inbound::Query {
+                    query: Query::Status,
+                    ..
+                }
+        );
+        if !reads_document
+            || (state.parked.is_empty()
+                && state.coord.world_doc().held_applicable() <= self.cfg.limits.sync_catch_up_held_max)
+        {
+            return Some(m);
+        }
+        if state.parked.len() < self.cfg.limits.sync_inbound_max {
+            state.parked.push(m);
+            return None;
+        }
+        let err = ErrorReply::retry(
+            "busy",
+            "the world document is catching up with held writes",
+            self.cfg.limits.retry_after_ms,
+        );
+        match m {
+            Inbound::Sync { agent, reply, .. } => self.sync_refused(&reply, "catching_up", &agent, err),
+            Inbound::Query { reply: Some(r), .. } | Inbound::Input { reply: Some(r), .. } => {
+                let client = self.client.clone();
+                tokio::spawn(async move {
+                    let _ = client.publish(r, err.to_bytes().into()).await;
+                });
+            }
+            _ => {}
+        }
+        None
+    }
+
+    /// The world document's held writes cost an Automerge change each and
+    /// are applied only for a reader: while readers wait (see
+    /// [`Daemon::park`]), or when so many are held that the core would
+    /// apply them all in one go, a few are applied per turn. Once few are
+    /// left, the waiting readers are served in the order they came.
+    fn catch_up(&mut self, state: &mut State) {
+        let doc = state.coord.world_doc_mut();
+        let held = doc.held_applicable();
+        if held > HELD_HIGH_WATER || (!state.parked.is_empty() && held > self.cfg.limits.sync_catch_up_held_max) {
+            doc.apply_held(CATCH_UP_WRITES);
+            return;
+        }
+        for m in std::mem::take(&mut state.parked) {
+            self.accept(state, m);
         }
     }
 
@@ -1163,12 +1239,10 @@ impl Daemon {
     /// `limits.sync_push_interval_ms` apart; one held back is due later.
     fn push_world(&mut self, state: &mut State) {
         // Nobody to push to: the document's held writes stay held (reading
-        // its heads would apply them). A replica that connects asks first.
+        // its heads would apply them); the loop applies them in its spare
+        // turns. A replica that connects asks first.
         if self.replicas.is_empty() {
             state.push_due = None;
-            // Apply some of them now, so a snapshot or a replica's first
-            // sync never applies a long backlog in one go on the loop.
-            state.coord.world_doc_mut().apply_held(HELD_WRITES_PER_BATCH);
             return;
         }
         // Within the push interval the heads are not even read: the push
