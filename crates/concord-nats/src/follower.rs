@@ -160,6 +160,7 @@ impl Follower {
                     }
                 };
                 let mut since = 0u64;
+                let mut last_size = 0usize;
                 while let Some((seq, payload)) = rx.blocking_recv() {
                     if seq <= r.verifier.head().0 {
                         continue;
@@ -179,8 +180,13 @@ impl Follower {
                     }
                     let Some(c) = r.coord.as_ref() else { continue };
                     since = 0;
-                    let snapshot = match (c.snapshot(), serde_json::to_vec(&r.backlog)) {
-                        (Ok(coordinator), Ok(notices)) => Snapshot { coordinator, notices },
+                    // A little over the last one's size: the state grows.
+                    let sized = last_size + last_size / 8;
+                    let snapshot = match (c.snapshot_sized(sized), serde_json::to_vec(&r.backlog)) {
+                        (Ok(coordinator), Ok(notices)) => {
+                            last_size = coordinator.len();
+                            Snapshot { coordinator, notices }
+                        }
                         (Err(e), _) | (_, Err(e)) => {
                             metrics::counter!("concord_snapshot_failures_total").increment(1);
                             warn!("snapshot not made: {e}");

@@ -8,8 +8,11 @@
 //! (previous hash, records), signed with the coordinator's nkey; the latest
 //! hash is also kept in a KV key, so a rewritten or truncated chain shows.
 
+use std::borrow::Cow;
+
 use concord_core::coordinator::{Event, Input, Record};
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 
 /// Shape version of log messages.
 pub const BATCH_VERSION: u32 = 1;
@@ -153,6 +156,46 @@ impl Signer {
             records,
         }
     }
+
+    /// The next message after `prev` from its records' JSON array as
+    /// already written (each record serialized once, by whoever collected
+    /// them): its hash and its bytes, the same bytes [`Signer::seal`] gives.
+    pub fn seal_json(&self, coordinator: &str, incarnation: u64, prev: &str, records_json: &[u8]) -> (String, Vec<u8>) {
+        let records: &RawValue = serde_json::from_slice(records_json).expect("a JSON array of records");
+        let hash = chain_hash(prev, records_json);
+        let sig = self.key.sign(hash.as_bytes()).expect("a seeded key signs");
+        let payload = serde_json::to_vec(&BatchRaw {
+            v: BATCH_VERSION,
+            coordinator: coordinator.into(),
+            incarnation,
+            prev: prev.into(),
+            hash: hash.as_str().into(),
+            signer: self.key.public_key().into(),
+            sig: hex(&sig).into(),
+            records,
+        })
+        .expect("batches serialize");
+        (hash, payload)
+    }
+}
+
+/// A log message with its records as they were written: what is hashed.
+#[derive(Serialize, Deserialize)]
+struct BatchRaw<'a> {
+    v: u32,
+    #[serde(borrow)]
+    coordinator: Cow<'a, str>,
+    incarnation: u64,
+    #[serde(borrow)]
+    prev: Cow<'a, str>,
+    #[serde(borrow)]
+    hash: Cow<'a, str>,
+    #[serde(borrow)]
+    signer: Cow<'a, str>,
+    #[serde(borrow)]
+    sig: Cow<'a, str>,
+    #[serde(borrow)]
+    records: &'a RawValue,
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -215,35 +258,43 @@ impl Verifier {
                 after: seq,
             });
         }
-        let batch: Batch = serde_json::from_slice(payload).map_err(|e| ChainError::Malformed {
+        let malformed = |e: serde_json::Error| ChainError::Malformed {
             seq,
             detail: e.to_string(),
-        })?;
-        if batch.prev != self.prev {
+        };
+        // The records are hashed as they were written, then decoded once.
+        let raw: BatchRaw = serde_json::from_slice(payload).map_err(malformed)?;
+        if raw.prev != self.prev {
             return Err(ChainError::Broken {
                 seq,
-                found: batch.prev,
+                found: raw.prev.into_owned(),
                 expected: self.prev.clone(),
             });
         }
-        let json = serde_json::to_vec(&batch.records).map_err(|e| ChainError::Malformed {
-            seq,
-            detail: e.to_string(),
-        })?;
-        if chain_hash(&batch.prev, &json) != batch.hash {
+        if chain_hash(&raw.prev, raw.records.get().as_bytes()) != raw.hash {
             return Err(ChainError::Tampered { seq });
         }
-        let signed = (self.signers.is_empty() || self.signers.contains(&batch.signer))
-            && nkeys::KeyPair::from_public_key(&batch.signer)
+        let signed = (self.signers.is_empty() || self.signers.iter().any(|s| *s == raw.signer))
+            && nkeys::KeyPair::from_public_key(&raw.signer)
                 .ok()
-                .zip(unhex(&batch.sig))
-                .is_some_and(|(k, sig)| k.verify(batch.hash.as_bytes(), &sig).is_ok());
+                .zip(unhex(&raw.sig))
+                .is_some_and(|(k, sig)| k.verify(raw.hash.as_bytes(), &sig).is_ok());
         if !signed {
             return Err(ChainError::Signature {
                 seq,
-                signer: batch.signer,
+                signer: raw.signer.into_owned(),
             });
         }
+        let batch = Batch {
+            records: serde_json::from_str(raw.records.get()).map_err(malformed)?,
+            v: raw.v,
+            coordinator: raw.coordinator.into_owned(),
+            incarnation: raw.incarnation,
+            prev: raw.prev.into_owned(),
+            hash: raw.hash.into_owned(),
+            signer: raw.signer.into_owned(),
+            sig: raw.sig.into_owned(),
+        };
         self.prev = batch.hash.clone();
         self.prev_seq = seq;
         self.checked += 1;
@@ -300,6 +351,27 @@ mod tests {
             input: Box::new(Input::Tick),
             events: Vec::new(),
         }
+    }
+
+    /// Sealing records already written as JSON gives the bytes and hash of
+    /// sealing the records; the verifier hashes the records as written, so
+    /// the same records re-spaced are a rewrite.
+    #[test]
+    fn sealed_json_is_sealed_records_and_is_hashed_as_written() {
+        let s = Signer::generate();
+        let records = vec![tick(1), tick(2)];
+        let json = serde_json::to_vec(&records).unwrap();
+        let (hash, payload) = s.seal_json("c", 1, GENESIS_PREV, &json);
+        let b = s.seal("c", 1, GENESIS_PREV, records);
+        assert_eq!(hash, b.hash);
+        assert_eq!(payload, serde_json::to_vec(&b).unwrap());
+        let mut v = Verifier::new(vec![s.public_key()]);
+        assert_eq!(v.check(1, &payload).unwrap(), b);
+        let text = String::from_utf8(payload).unwrap();
+        let spaced = text.replacen("[{", "[ {", 1);
+        assert_ne!(spaced, text);
+        let mut v = Verifier::new(vec![s.public_key()]);
+        assert_eq!(v.check(1, spaced.as_bytes()), Err(ChainError::Tampered { seq: 1 }));
     }
 
     #[test]

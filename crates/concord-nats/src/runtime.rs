@@ -688,7 +688,18 @@ struct OpenBatch {
     /// World sync frames to replicas (agent, frame), made from a document
     /// that holds this batch's writes: sent once the batch is in the log.
     frames: Vec<(String, Vec<u8>)>,
-    bytes: usize,
+    /// The records' JSON array as the log message will carry it (without
+    /// its closing bracket): each record is serialized once, here.
+    json: Vec<u8>,
+}
+
+impl OpenBatch {
+    /// Adds a record to the batch.
+    fn push(&mut self, record: Record) {
+        self.json.push(if self.records.is_empty() { b'[' } else { b',' });
+        serde_json::to_writer(&mut self.json, &record).expect("records serialize");
+        self.records.push(record);
+    }
 }
 
 /// Held writes applied per loop turn while a reader of the world document
@@ -878,7 +889,9 @@ impl Daemon {
                 state.coord.set_policy(policy);
             }
         }
-        state.open.records = state_records;
+        for r in state_records {
+            state.open.push(r);
+        }
         self.seal(&mut state);
         let append = state
             .inflight
@@ -961,7 +974,7 @@ impl Daemon {
                 }
             };
             let room = state.open.records.len() < self.cfg.log.batch_records_max
-                && state.open.bytes < self.cfg.log.batch_bytes_max;
+                && state.open.json.len() < self.cfg.log.batch_bytes_max;
             let catching_up = !state.parked.is_empty();
             tokio::select! {
                 biased;
@@ -1022,8 +1035,7 @@ impl Daemon {
                 self.cfg.limits.subscription_capacity
             ),
         };
-        state.open.bytes += serde_json::to_vec(&record).map(|b| b.len()).unwrap_or(0);
-        state.open.records.push(record);
+        state.open.push(record);
     }
 
     /// Appends what is open and waits for every append to be acknowledged.
@@ -1329,8 +1341,7 @@ impl Daemon {
             input: Box::new(input),
             events,
         };
-        state.open.bytes += serde_json::to_vec(&record).map(|b| b.len()).unwrap_or(0);
-        state.open.records.push(record);
+        state.open.push(record);
     }
 
     /// Seals the open batch and starts appending it.
@@ -1347,10 +1358,13 @@ impl Daemon {
             _ => false,
         });
         let subject = batch_subject(&self.subjects, &self.cfg.coordinator, &open.records);
-        let batch = self
+        drop(open.records);
+        let mut json = open.json;
+        json.push(b']');
+        let (hash, payload) = self
             .signer
-            .seal(&self.cfg.coordinator, state.incarnation, &state.hash, open.records);
-        let payload: Bytes = serde_json::to_vec(&batch).expect("batches serialize").into();
+            .seal_json(&self.cfg.coordinator, state.incarnation, &state.hash, &json);
+        let payload: Bytes = payload.into();
         let appended = payload.clone();
         state.batches += 1;
         let msg_id = format!("{}-{}-{}", self.cfg.coordinator, state.incarnation, state.batches);
@@ -1364,10 +1378,10 @@ impl Daemon {
         });
         metrics::histogram!("concord_batch_records").record(n as f64);
         // The chain moves on now: the next batch links to this one.
-        state.hash = batch.hash.clone();
+        state.hash = hash.clone();
         state.inflight = Some(Append {
             done: rx,
-            hash: batch.hash,
+            hash,
             effects: open.effects,
             halts_changed,
             payload,

@@ -1159,7 +1159,16 @@ impl Coordinator {
 
     /// The coordinator's whole state as JSON: its snapshot.
     pub fn snapshot(&self) -> Result<Vec<u8>, serde_json::Error> {
-        serde_json::to_vec(self)
+        self.snapshot_sized(0)
+    }
+
+    /// [`Coordinator::snapshot`] into a buffer of `capacity` bytes to begin
+    /// with (say, the last snapshot's size): a large state is then written
+    /// without growing its buffer step by step.
+    pub fn snapshot_sized(&self, capacity: usize) -> Result<Vec<u8>, serde_json::Error> {
+        let mut out = Vec::with_capacity(capacity);
+        serde_json::to_writer(&mut out, self)?;
+        Ok(out)
     }
 
     /// A coordinator restored from [`Coordinator::snapshot`] bytes.
