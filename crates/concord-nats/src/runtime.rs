@@ -33,7 +33,7 @@ use concord_core::worlddoc::{Frame, PENDING_WRITES_MAX, SyncError};
 use concord_proto::coord::{Notice, StepDispatch, StepOutcome, StepResult};
 use concord_proto::{Short, decode_intent, decode_observation};
 use futures::StreamExt;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 use tracing::{debug, error, info, warn};
 
 use crate::config::RuntimeConfig;
@@ -714,7 +714,9 @@ const CATCH_UP_WRITES: usize = 32;
 const HELD_HIGH_WATER: usize = PENDING_WRITES_MAX - 8192;
 
 struct Append {
-    done: oneshot::Receiver<Result<u64, StoreError>>,
+    /// The append itself, polled by the loop (no task of its own: its ack
+    /// wakes the loop directly).
+    done: std::pin::Pin<Box<dyn Future<Output = Result<u64, StoreError>> + Send>>,
     hash: String,
     effects: Vec<Effect>,
     halts_changed: bool,
@@ -788,6 +790,28 @@ async fn next_agent_input(
     };
     *sync_first = !matches!(m, Inbound::Sync { .. });
     Some(m)
+}
+
+/// Publishes at once when the client's queue has room (the usual case: no
+/// task to schedule), else from a task of its own.
+fn publish_now(client: &Client, subject: Subject, headers: Option<async_nats::HeaderMap>, payload: Bytes) {
+    use futures::FutureExt;
+    let sent = match &headers {
+        Some(h) => client
+            .publish_with_headers(subject.clone(), h.clone(), payload.clone())
+            .now_or_never(),
+        None => client.publish(subject.clone(), payload.clone()).now_or_never(),
+    };
+    if sent.is_none() {
+        // Not sent (a publish dropped before it completes sends nothing).
+        let client = client.clone();
+        tokio::spawn(async move {
+            let _ = match headers {
+                Some(h) => client.publish_with_headers(subject, h, payload).await,
+                None => client.publish(subject, payload).await,
+            };
+        });
+    }
 }
 
 fn wall_ms() -> u64 {
@@ -897,12 +921,7 @@ impl Daemon {
             .inflight
             .take()
             .expect("sealing a non-empty batch starts an append");
-        let new_seq = append.done.await.unwrap_or_else(|_| {
-            Err(StoreError::JetStream {
-                what: "append to the log",
-                detail: "the append task ended".into(),
-            })
-        })?;
+        let new_seq = append.done.await?;
         // The follower rebuilds what this recovery did (up to `seq`), then
         // follows every batch from this one on.
         self.follower = (self.cfg.snapshots.every_records > 0).then(|| {
@@ -984,10 +1003,7 @@ impl Daemon {
                     return Ok(());
                 }
                 Some(m) = self.ctl_rx.recv(), if room => self.accept(state, m),
-                result = appended => {
-                    let result = result.unwrap_or_else(|_| Err(StoreError::JetStream { what: "append to the log", detail: "the append task ended".into() }));
-                    self.acked(state, result)?;
-                }
+                result = appended => self.acked(state, result)?,
                 Some(input) = self.out_rx.recv(), if room => {
                     self.handle(state, input, None, None, None);
                 }
@@ -1042,12 +1058,7 @@ impl Daemon {
     async fn drain(&mut self, state: &mut State) -> Result<(), RuntimeError> {
         loop {
             if let Some(a) = state.inflight.as_mut() {
-                let r = (&mut a.done).await.unwrap_or_else(|_| {
-                    Err(StoreError::JetStream {
-                        what: "append to the log",
-                        detail: "the append task ended".into(),
-                    })
-                });
+                let r = (&mut a.done).await;
                 self.acked(state, r)?;
             }
             if state.open.records.is_empty() {
@@ -1368,19 +1379,15 @@ impl Daemon {
         let appended = payload.clone();
         state.batches += 1;
         let msg_id = format!("{}-{}-{}", self.cfg.coordinator, state.incarnation, state.batches);
-        let (tx, rx) = oneshot::channel();
         let store = self.store.clone();
         let expected = state.seq;
         let timeout = Duration::from_millis(self.cfg.log.append_timeout_ms);
-        tokio::spawn(async move {
-            let r = store.append(subject, &msg_id, expected, appended, timeout).await;
-            let _ = tx.send(r);
-        });
+        let done = Box::pin(async move { store.append(subject, &msg_id, expected, appended, timeout).await });
         metrics::histogram!("concord_batch_records").record(n as f64);
         // The chain moves on now: the next batch links to this one.
         state.hash = hash.clone();
         state.inflight = Some(Append {
-            done: rx,
+            done,
             hash,
             effects: open.effects,
             halts_changed,
@@ -1491,13 +1498,7 @@ impl Daemon {
                     };
                     telemetry::finish(cx, attrs)
                 });
-                let client = self.client.clone();
-                tokio::spawn(async move {
-                    let _ = match headers {
-                        Some(h) => client.publish_with_headers(w.reply, h, bytes.into()).await,
-                        None => client.publish(w.reply, bytes.into()).await,
-                    };
-                });
+                publish_now(&self.client, w.reply, headers, bytes.into());
             }
             Effect::Dispatch(d) => self.spawn_dispatch(*d),
             Effect::Alert { message } => {
