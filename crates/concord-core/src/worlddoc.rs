@@ -44,7 +44,7 @@
 //! changes is refused ([`SyncError::ChangesRefused`]) and counted, and the
 //! document is unchanged. [`WorldReplica`] is the agent's side.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::fmt;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
@@ -776,9 +776,10 @@ pub enum SyncReceipt {
     OtherDocument,
 }
 
-/// Most accepted writes held before they are applied to the Automerge
-/// document even though nothing read it (each holds a copy of what it
-/// writes; rotation, every 50,000 changes by default, drops them sooner).
+/// Most accepted writes held unapplied while nothing reads the Automerge
+/// document (each holds a copy of what it writes; rotation, every 50,000
+/// changes by default, drops them sooner). Past it, each new write applies
+/// the oldest: the backlog is never applied in one go.
 pub const PENDING_WRITES_MAX: usize = 1 << 16;
 
 /// A write the coordinator accepted and has not yet applied to the
@@ -829,7 +830,7 @@ struct Lazy {
     /// large world is the costliest write there is (about 100 ms at 100k
     /// paths on an idle machine), and nobody may ever read this epoch.
     create: Option<Box<Creation>>,
-    pending: Vec<Pending>,
+    pending: VecDeque<Pending>,
 }
 
 /// What a fresh document is built from.
@@ -847,7 +848,7 @@ impl Lazy {
             doc,
             roots,
             create: None,
-            pending: Vec::new(),
+            pending: VecDeque::new(),
         }
     }
 
@@ -864,7 +865,14 @@ impl Lazy {
     /// order, one change each.
     fn materialize(&mut self) {
         self.create();
-        for p in std::mem::take(&mut self.pending) {
+        self.apply_oldest(usize::MAX);
+    }
+
+    /// Applies the oldest `n` pending writes, in order, one change each (the
+    /// document is built).
+    fn apply_oldest(&mut self, n: usize) {
+        for _ in 0..n {
+            let Some(p) = self.pending.pop_front() else { break };
             // Each write goes to a root map this document made, with keys and
             // values Automerge accepts: it cannot fail. Should it, its
             // transaction is dropped (rolled back), as an immediate write's was.
@@ -910,7 +918,8 @@ fn apply_pending(doc: &mut Automerge, roots: &Roots, p: Pending) -> Result<(), W
 /// Writes are accepted at once (the deadband, the change count that drives
 /// rotation, the latest observations and provenance are kept beside the
 /// document) and applied to Automerge when something reads the document:
-/// a sync step, a save, a read, or [`PENDING_WRITES_MAX`]. Each write is
+/// a sync step, a save (but a snapshot's: it keeps them held), a read, or
+/// one write past [`PENDING_WRITES_MAX`] (the oldest). Each write is
 /// still its own change, applied in order with its own time and actor, so
 /// every reader sees the bytes and heads an immediate write would have made.
 /// What is saved is the Automerge work for a history nobody reads: a replay
@@ -1071,15 +1080,11 @@ impl WorldDoc {
     ///
     /// While a rotation's fresh document is not built, nothing is applied:
     /// building it is the one write that cannot be split, and it waits for
-    /// a reader (or for [`PENDING_WRITES_MAX`] held writes).
+    /// a reader (or for a write past [`PENDING_WRITES_MAX`]).
     pub fn apply_held(&mut self, max: usize) -> usize {
         let lazy = self.lazy.get_mut().unwrap_or_else(PoisonError::into_inner);
-        if lazy.create.is_some() {
-            return lazy.pending.len();
-        }
-        let n = max.min(lazy.pending.len());
-        for p in lazy.pending.drain(..n).collect::<Vec<_>>() {
-            let _ = apply_pending(&mut lazy.doc, &lazy.roots, p);
+        if lazy.create.is_none() {
+            lazy.apply_oldest(max);
         }
         lazy.pending.len()
     }
@@ -1094,9 +1099,10 @@ impl WorldDoc {
     /// Holds a write until the document is read.
     fn defer(&mut self, write: Pending) {
         let lazy = self.lazy.get_mut().unwrap_or_else(PoisonError::into_inner);
-        lazy.pending.push(write);
-        if lazy.pending.len() >= PENDING_WRITES_MAX {
-            lazy.materialize();
+        lazy.pending.push_back(write);
+        if lazy.pending.len() > PENDING_WRITES_MAX {
+            lazy.create();
+            lazy.apply_oldest(lazy.pending.len() - PENDING_WRITES_MAX);
         }
     }
 
@@ -1424,7 +1430,7 @@ impl WorldDoc {
                 state,
                 now_ms,
             })),
-            pending: Vec::new(),
+            pending: VecDeque::new(),
         });
         for peer in self.peers.values_mut() {
             peer.state = sync::State::new_read_only();
@@ -1711,7 +1717,7 @@ fn provenance_json(by: &Provenance) -> String {
 /// and saved bytes (hex). Sync sessions are not state: after a restore,
 /// replicas say hello again and catch up from what they hold.
 pub mod serde_doc {
-    use std::collections::BTreeMap;
+    use std::collections::{BTreeMap, VecDeque};
 
     use concord_proto::ResourcePath;
     use serde::{Deserialize, Deserializer, Serialize, Serializer};
@@ -1727,7 +1733,7 @@ pub mod serde_doc {
     struct HeldOut<'a> {
         #[serde(with = "actor_hex")]
         actor: &'a automerge::ActorId,
-        writes: &'a [Pending],
+        writes: &'a VecDeque<Pending>,
         changes: u64,
         observations: &'a BTreeMap<ResourcePath, ObservationRecord>,
         provenance: &'a BTreeMap<ResourcePath, Provenance>,
@@ -1739,7 +1745,7 @@ pub mod serde_doc {
         #[serde(with = "actor_hex")]
         actor: automerge::ActorId,
         /// The writes not applied to `bytes`, in order.
-        writes: Vec<Pending>,
+        writes: VecDeque<Pending>,
         /// The epoch's changes, applied or held.
         changes: u64,
         /// The views, with the held writes.
@@ -2172,6 +2178,25 @@ mod tests {
         // The saved form without held writes is the older one, and loads.
         let again = serde_json::to_value(Wrapped(restored)).unwrap();
         assert!(again.get("held").is_none());
+    }
+
+    /// Past the bound, each new write applies the oldest held one: the
+    /// backlog stays at the bound and is never applied in one go.
+    #[test]
+    fn past_the_bound_each_write_applies_the_oldest() {
+        let w = world();
+        let mut d = WorldDoc::new(Identity::default(), WorldDocConfig::default(), &w, 1_000);
+        let pool = ResourcePath::parse("svc/api/pool_size").unwrap();
+        let changes_before = d.change_count();
+        for n in 0..=PENDING_WRITES_MAX as i64 {
+            d.apply_step(2_000, &[(pool.clone(), Some(Value::Int(n)))], &by("s", 2_000))
+                .unwrap();
+        }
+        assert_eq!(d.held_applicable(), PENDING_WRITES_MAX);
+        assert_eq!(d.change_count(), changes_before + PENDING_WRITES_MAX as u64 + 1);
+        // The applied one is the oldest: the document holds the first value.
+        let l = d.lazy.get_mut().unwrap();
+        assert_eq!(resources_of(&l.doc, &l.roots).get(&pool), Some(&Value::Int(0)));
     }
 
     #[test]

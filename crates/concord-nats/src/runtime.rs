@@ -7,8 +7,8 @@
 //! that take turns). The world document's writes are held until something
 //! reads it (each costs an Automerge change): a replica's frame or a status
 //! query that finds many held waits while the loop applies a few per turn.
-//! Each input is handled at once (the core is fast) and its record joins the *open batch*; while one batch is being
-//! appended the next one fills (group commit: one append, one ack, one fsync
+//! Each input is handled at once (the core is fast) and its record joins the
+//! *open batch*; while one batch is being appended the next one fills (group commit: one append, one ack, one fsync
 //! carries many decisions). When an append is acknowledged its replies and
 //! dispatches go out; nothing leaves before its events are in the log. An
 //! append that fails (a deposed writer, a lost connection, a full stream)
@@ -29,7 +29,7 @@ use bytes::Bytes;
 use concord_core::coordinator::{Coordinator, Effect, Event, Genesis, Input, RECORD_VERSION, Record, Reply};
 use concord_core::policy::Policy;
 use concord_core::world::World;
-use concord_core::worlddoc::{Frame, PENDING_WRITES_MAX, SyncError};
+use concord_core::worlddoc::{Frame, SyncError};
 use concord_proto::coord::{Notice, StepDispatch, StepOutcome, StepResult};
 use concord_proto::{Short, decode_intent, decode_observation};
 use futures::StreamExt;
@@ -707,12 +707,6 @@ impl OpenBatch {
 /// `limits.sync_catch_up_held_max`.
 const CATCH_UP_WRITES: usize = 32;
 
-/// Held writes past which the loop applies some per turn even with no
-/// reader: below the core's [`PENDING_WRITES_MAX`], which would apply them
-/// all in one go. With the default rotation (every 50,000 changes) an
-/// epoch nobody reads is retired before, and never built.
-const HELD_HIGH_WATER: usize = PENDING_WRITES_MAX - 8192;
-
 struct Append {
     /// The append itself, polled by the loop (no task of its own: its ack
     /// wakes the loop directly).
@@ -1080,10 +1074,7 @@ impl Daemon {
             Inbound::Query { caller, query, reply } => {
                 let bytes = self.answer(state, &caller, query);
                 if let Some(r) = reply {
-                    let client = self.client.clone();
-                    tokio::spawn(async move {
-                        let _ = client.publish(r, bytes.into()).await;
-                    });
+                    publish_now(&self.client, r, None, bytes.into());
                 }
             }
             Inbound::Sync { agent, payload, reply } => self.sync_in(state, agent, &payload, reply),
@@ -1120,12 +1111,7 @@ impl Daemon {
         );
         match m {
             Inbound::Sync { agent, reply, .. } => self.sync_refused(&reply, "catching_up", &agent, err),
-            Inbound::Query { reply: Some(r), .. } | Inbound::Input { reply: Some(r), .. } => {
-                let client = self.client.clone();
-                tokio::spawn(async move {
-                    let _ = client.publish(r, err.to_bytes().into()).await;
-                });
-            }
+            Inbound::Query { reply: Some(r), .. } => publish_now(&self.client, r, None, err.to_bytes().into()),
             _ => {}
         }
         None
@@ -1133,13 +1119,14 @@ impl Daemon {
 
     /// The world document's held writes cost an Automerge change each and
     /// are applied only for a reader: while readers wait (see
-    /// [`Daemon::park`]), or when so many are held that the core would
-    /// apply them all in one go, a few are applied per turn. Once few are
-    /// left, the waiting readers are served in the order they came.
+    /// [`Daemon::park`]), a few are applied per turn. Once few are left, the
+    /// waiting readers are served in the order they came.
     fn catch_up(&mut self, state: &mut State) {
+        if state.parked.is_empty() {
+            return;
+        }
         let doc = state.coord.world_doc_mut();
-        let held = doc.held_applicable();
-        if held > HELD_HIGH_WATER || (!state.parked.is_empty() && held > self.cfg.limits.sync_catch_up_held_max) {
+        if doc.held_applicable() > self.cfg.limits.sync_catch_up_held_max {
             doc.apply_held(CATCH_UP_WRITES);
             return;
         }
@@ -1211,11 +1198,7 @@ impl Daemon {
         metrics::counter!("concord_world_sync_dropped_total", "reason" => reason).increment(1);
         warn!(agent, reason, "world sync frame refused: {}", err.error.message);
         if let Some(r) = reply {
-            let client = self.client.clone();
-            let r = r.clone();
-            tokio::spawn(async move {
-                let _ = client.publish(r, err.to_bytes().into()).await;
-            });
+            publish_now(&self.client, r.clone(), None, err.to_bytes().into());
         }
     }
 
@@ -1262,8 +1245,7 @@ impl Daemon {
     /// `limits.sync_push_interval_ms` apart; one held back is due later.
     fn push_world(&mut self, state: &mut State) {
         // Nobody to push to: the document's held writes stay held (reading
-        // its heads would apply them); the loop applies them in its spare
-        // turns. A replica that connects asks first.
+        // its heads would apply them). A replica that connects asks first.
         if self.replicas.is_empty() {
             state.push_due = None;
             return;
@@ -1369,7 +1351,6 @@ impl Daemon {
             _ => false,
         });
         let subject = batch_subject(&self.subjects, &self.cfg.coordinator, &open.records);
-        drop(open.records);
         let mut json = open.json;
         json.push(b']');
         let (hash, payload) = self
@@ -1425,13 +1406,7 @@ impl Daemon {
                             .trace
                             .as_ref()
                             .map(|cx| telemetry::finish(cx, vec![KeyValue::new("concord.error", "unavailable")]));
-                        let client = self.client.clone();
-                        tokio::spawn(async move {
-                            let _ = match headers {
-                                Some(h) => client.publish_with_headers(w.reply, h, err.to_bytes().into()).await,
-                                None => client.publish(w.reply, err.to_bytes().into()).await,
-                            };
-                        });
+                        publish_now(&self.client, w.reply, headers, err.to_bytes().into());
                     }
                 }
                 return Err(e.into());
