@@ -143,8 +143,7 @@ impl Signer {
     /// Builds the next message after `prev`.
     pub fn seal(&self, coordinator: &str, incarnation: u64, prev: &str, records: Vec<Record>) -> Batch {
         let json = serde_json::to_vec(&records).expect("records serialize");
-        let hash = chain_hash(prev, &json);
-        let sig = self.key.sign(hash.as_bytes()).expect("a seeded key signs");
+        let (hash, sig) = self.sign(prev, &json);
         Batch {
             v: BATCH_VERSION,
             coordinator: coordinator.to_string(),
@@ -152,35 +151,58 @@ impl Signer {
             prev: prev.to_string(),
             hash,
             signer: self.key.public_key(),
-            sig: hex(&sig),
+            sig,
             records,
         }
+    }
+
+    /// The chain hash of records (their JSON array) after `prev`, and its
+    /// signature (hex).
+    fn sign(&self, prev: &str, records_json: &[u8]) -> (String, String) {
+        let hash = chain_hash(prev, records_json);
+        let sig = self.key.sign(hash.as_bytes()).expect("a seeded key signs");
+        (hash, hex(&sig))
     }
 
     /// The next message after `prev` from its records' JSON array as
     /// already written (each record serialized once, by whoever collected
     /// them): its hash and its bytes, the same bytes [`Signer::seal`] gives.
     pub fn seal_json(&self, coordinator: &str, incarnation: u64, prev: &str, records_json: &[u8]) -> (String, Vec<u8>) {
-        let records: &RawValue = serde_json::from_slice(records_json).expect("a JSON array of records");
-        let hash = chain_hash(prev, records_json);
-        let sig = self.key.sign(hash.as_bytes()).expect("a seeded key signs");
-        let payload = serde_json::to_vec(&BatchRaw {
+        let (hash, sig) = self.sign(prev, records_json);
+        let mut payload = serde_json::to_vec(&BatchHead {
             v: BATCH_VERSION,
-            coordinator: coordinator.into(),
+            coordinator,
             incarnation,
-            prev: prev.into(),
-            hash: hash.as_str().into(),
-            signer: self.key.public_key().into(),
-            sig: hex(&sig).into(),
-            records,
+            prev,
+            hash: &hash,
+            signer: &self.key.public_key(),
+            sig: &sig,
         })
         .expect("batches serialize");
+        // The records go last, as `Batch` writes them, in place of the
+        // head's closing brace.
+        payload.pop();
+        payload.extend_from_slice(b",\"records\":");
+        payload.extend_from_slice(records_json);
+        payload.push(b'}');
         (hash, payload)
     }
 }
 
+/// A log message's fields but its records, in [`Batch`]'s order.
+#[derive(Serialize)]
+struct BatchHead<'a> {
+    v: u32,
+    coordinator: &'a str,
+    incarnation: u64,
+    prev: &'a str,
+    hash: &'a str,
+    signer: &'a str,
+    sig: &'a str,
+}
+
 /// A log message with its records as they were written: what is hashed.
-#[derive(Serialize, Deserialize)]
+#[derive(Deserialize)]
 struct BatchRaw<'a> {
     v: u32,
     #[serde(borrow)]
