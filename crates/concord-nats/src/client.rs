@@ -102,7 +102,11 @@ impl ConcordClient {
                 async_nats::RequestErrorKind::TimedOut => ClientError::TimedOut(subject.clone()),
                 _ => ClientError::Nats(e.to_string()),
             })?;
-        if let Ok(err) = serde_json::from_slice::<ErrorReply>(&msg.payload) {
+        // An error reply is `{"error": ...}`: only a reply that opens so is
+        // decoded as one (a decision is read once, not twice).
+        if opens_with_error(&msg.payload)
+            && let Ok(err) = serde_json::from_slice::<ErrorReply>(&msg.payload)
+        {
             return Err(ClientError::Bus(err.error));
         }
         serde_json::from_slice(&msg.payload).map_err(|e| ClientError::Decode(e.to_string()))
@@ -255,6 +259,13 @@ pub async fn read_log(
     }
 }
 
+/// Whether a JSON reply's first key is `error`.
+fn opens_with_error(payload: &[u8]) -> bool {
+    let rest = payload.trim_ascii_start();
+    rest.strip_prefix(b"{")
+        .is_some_and(|r| r.trim_ascii_start().starts_with(b"\"error\""))
+}
+
 /// The outcome of `concord log verify`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct VerifyReport {
@@ -347,4 +358,20 @@ pub async fn verify_log(
         error_seq,
         signers: seen,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_replies_are_told_from_answers_by_their_first_key() {
+        let err = ErrorReply::retry("busy", "the coordinator is busy", 50);
+        assert!(opens_with_error(&err.to_bytes()));
+        assert!(opens_with_error(b" {\n  \"error\": {\"code\": \"busy\"}}"));
+        assert!(!opens_with_error(br#"{"verdict":"admit","error":null}"#));
+        assert!(!opens_with_error(br#"{"ok":true,"message":"halted"}"#));
+        assert!(!opens_with_error(b"[]"));
+        assert!(!opens_with_error(b""));
+    }
 }

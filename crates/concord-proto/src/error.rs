@@ -249,6 +249,11 @@ pub(crate) fn join(base: &str, tail: &str) -> String {
 /// Parses JSON bytes into `T`, turning any serde error into a [`DecodeError`]
 /// that names the field path and the rule. Trailing bytes are an error.
 pub fn decode_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, DecodeError> {
+    // Most input is good: decode it without tracking the path, and decode
+    // again, tracking it, only to name the field of an error.
+    if let Ok(value) = serde_json::from_slice(bytes) {
+        return Ok(value);
+    }
     let mut de = serde_json::Deserializer::from_slice(bytes);
     let value: T = serde_path_to_error::deserialize(&mut de).map_err(|e| {
         let inner = e.inner();
