@@ -1602,6 +1602,90 @@ async fn an_agent_back_before_the_coordinator_catches_up_once_the_coordinator_is
     assert!(matches!(decision, HumanDecision::Approved { .. }), "{decision:?}");
 }
 
+/// The snapshot thread applies the batches the loop sealed, as the loop
+/// had them in memory: its snapshot must hold the state the log itself
+/// rebuilds, record for record.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_snapshot_holds_the_state_the_log_rebuilds() {
+    let live = start_snapshotting_every(1).await;
+    let values = Values::new(&world(), &[]);
+    let _exec = executor(&live, &values).await;
+    let resource = agent(&live, "resource").await;
+    // One plan admitted and run to its end, one held for a human and approved.
+    let p = concord_proto::decode_intent(&example("pool-60")).unwrap();
+    assert_eq!(resource.propose(&p).await.unwrap().verdict, Verdict::Admit);
+    let end = resource.await_saga(&p.lineage, p.version, WAIT).await.unwrap();
+    assert_eq!(end, SagaEnd::Completed);
+    let held = pool_plan("held-for-snapshot", 130);
+    let d = resource.propose(&held).await.unwrap();
+    assert_eq!(d.verdict, Verdict::NeedsApproval, "{:?}", d.reasons);
+    assert!(approve(&live, "held-for-snapshot", 1).await);
+    resource.await_decision(&held.lineage, 1, WAIT).await.unwrap();
+
+    let nats = live.nats().await;
+    let js = async_nats::jetstream::new(nats.clone());
+    let last = js
+        .get_stream(&live.cfg.log.stream)
+        .await
+        .unwrap()
+        .info()
+        .await
+        .unwrap()
+        .state
+        .last_sequence;
+    let store = concord_nats::store::Store::open(js, &live.cfg).await.unwrap();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let (meta, snapshot) = loop {
+        if let Ok(Some((meta, snapshot))) = store.snapshot().await
+            && meta.seq >= last
+        {
+            break (meta, snapshot);
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no snapshot of the whole log");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let mut records = Vec::new();
+    concord_nats::client::read_log(&nats, &live.cfg.log.stream, 1, false, |seq, payload| {
+        if seq <= meta.seq {
+            records.extend(
+                serde_json::from_slice::<concord_nats::log::Batch>(payload)
+                    .unwrap()
+                    .records,
+            );
+        }
+        seq < meta.seq
+    })
+    .await
+    .unwrap();
+    // As a restarted process rebuilds it: the genesis, each incarnation,
+    // policy and input record (decisions taken from the record).
+    use concord_core::coordinator::{Coordinator, Record};
+    let Some(Record::Genesis(g)) = records.first() else {
+        panic!("the log opens with its genesis")
+    };
+    let mut from_log = Coordinator::from_genesis(g).unwrap();
+    for r in &records[1..] {
+        match r {
+            Record::Genesis(_) => panic!("a second genesis"),
+            Record::Incarnation { incarnation, .. } => from_log.incarnate(*incarnation).unwrap(),
+            Record::Policy { policy, .. } => {
+                from_log.set_policy(concord_core::policy::Policy::compile((**policy).clone()).unwrap())
+            }
+            Record::Notice { .. } => {}
+            Record::Input { now_ms, input, events } => {
+                from_log.recover_input(*now_ms, (**input).clone(), events);
+            }
+        }
+    }
+    let from_snapshot = Coordinator::restore(&snapshot.coordinator).unwrap();
+    assert!(
+        records.len() >= 6,
+        "the plans' records are in the log: {}",
+        records.len()
+    );
+    assert_eq!(from_snapshot.state_digest(), from_log.state_digest());
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn notices_missed_while_away_survive_a_coordinator_restart_from_a_snapshot() {
     let mut live = start_snapshotting_every(1).await;

@@ -9,9 +9,10 @@
 //! it stores a snapshot of its copy every `snapshots.every_records` records.
 //! The loop never serializes its state, so a snapshot costs it nothing but
 //! the hand-over; the follower's copy is the state a recovery to that point
-//! would rebuild, by the same code.
+//! would rebuild, by the same code. The loop hands over the records it
+//! sealed, not the message's bytes: they are not decoded or checked again
+//! (recovery and `concord log verify` check the chain as stored).
 
-use bytes::Bytes;
 use concord_core::coordinator::{Coordinator, Record, first_divergence};
 use concord_core::policy::Policy;
 use tokio::sync::mpsc;
@@ -95,9 +96,27 @@ impl Rebuilt {
     /// returns how many it held.
     pub fn apply(&mut self, seq: u64, payload: &[u8]) -> Result<u64, String> {
         let batch = self.verifier.check(seq, payload).map_err(|e| e.to_string())?;
-        self.incarnation = self.incarnation.max(batch.incarnation);
-        let n = batch.records.len() as u64;
-        for record in batch.records {
+        self.apply_records(seq, batch.incarnation, batch.records)
+    }
+
+    /// Applies the records of log message `seq`, which the loop had in
+    /// memory and the log acknowledged with hash `hash`: the same records
+    /// the message holds, without decoding and checking them again.
+    pub fn apply_appended(
+        &mut self,
+        seq: u64,
+        hash: String,
+        incarnation: u64,
+        records: Vec<Record>,
+    ) -> Result<u64, String> {
+        self.verifier.advance(seq, hash).map_err(|e| e.to_string())?;
+        self.apply_records(seq, incarnation, records)
+    }
+
+    fn apply_records(&mut self, seq: u64, incarnation: u64, records: Vec<Record>) -> Result<u64, String> {
+        self.incarnation = self.incarnation.max(incarnation);
+        let n = records.len() as u64;
+        for record in records {
             self.last_now = self.last_now.max(record.now_ms());
             self.applied += 1;
             match record {
@@ -135,10 +154,20 @@ impl Rebuilt {
     }
 }
 
+/// A batch the log acknowledged, as the loop had it.
+struct Appended {
+    seq: u64,
+    hash: String,
+    incarnation: u64,
+    records: Vec<Record>,
+}
+
 /// Hands acknowledged batches to the snapshot thread. Dropping it ends the
-/// thread (after the snapshot it may be storing).
+/// thread (after the snapshot it may be storing); [`Follower::stop`] also
+/// waits for it.
 pub(crate) struct Follower {
-    tx: mpsc::UnboundedSender<(u64, Bytes)>,
+    tx: mpsc::UnboundedSender<Appended>,
+    thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Follower {
@@ -146,11 +175,22 @@ impl Follower {
     /// `upto` (as recovery did), then applies what [`Follower::follow`]
     /// hands it and stores a snapshot every `every_records` records.
     pub fn spawn(store: Store, upto: u64, every_records: u64, crash: Option<std::sync::Arc<CrashHook>>) -> Follower {
-        let (tx, mut rx) = mpsc::unbounded_channel::<(u64, Bytes)>();
-        let rt = tokio::runtime::Handle::current();
+        let (tx, mut rx) = mpsc::unbounded_channel::<Appended>();
         let spawned = std::thread::Builder::new()
             .name("concord-snapshots".into())
             .spawn(move || {
+                // A runtime of its own for its reads and uploads (the NATS
+                // client is a handle to the connection's task, wherever it
+                // runs): when the coordinator's runtime goes away first, the
+                // thread's requests fail instead of panicking on a driver
+                // that shut down.
+                let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        warn!("snapshots off: no runtime for the snapshot thread ({e})");
+                        return;
+                    }
+                };
                 let mut r = match rt.block_on(Rebuilt::from_store(&store, upto)) {
                     Ok(r) => r,
                     Err(e) => {
@@ -161,11 +201,12 @@ impl Follower {
                 };
                 let mut since = 0u64;
                 let mut last_size = 0usize;
-                while let Some((seq, payload)) = rx.blocking_recv() {
+                while let Some(a) = rx.blocking_recv() {
+                    let seq = a.seq;
                     if seq <= r.verifier.head().0 {
                         continue;
                     }
-                    match r.apply(seq, &payload) {
+                    match r.apply_appended(seq, a.hash, a.incarnation, a.records) {
                         Ok(n) => since += n,
                         Err(e) => {
                             metrics::counter!("concord_snapshot_failures_total").increment(1);
@@ -221,14 +262,48 @@ impl Follower {
                     });
                 }
             });
-        if let Err(e) = spawned {
-            warn!("snapshots off: the snapshot thread does not start ({e})");
-        }
-        Follower { tx }
+        let thread = match spawned {
+            Ok(t) => Some(t),
+            Err(e) => {
+                warn!("snapshots off: the snapshot thread does not start ({e})");
+                None
+            }
+        };
+        Follower { tx, thread }
     }
 
-    /// Log message `seq` (its payload as appended) is in the log.
-    pub fn follow(&self, seq: u64, payload: Bytes) {
-        let _ = self.tx.send((seq, payload));
+    /// Lets the thread apply what it was handed and finish the snapshot it
+    /// may be storing, waiting at most `wait` for it.
+    pub async fn stop(self, wait: std::time::Duration) {
+        let Follower { tx, thread } = self;
+        drop(tx);
+        let Some(thread) = thread else { return };
+        // Polled, not joined on a blocking task: a runtime shutting down
+        // waits for its blocking tasks, and this one must not hold it.
+        let deadline = tokio::time::Instant::now() + wait;
+        while !thread.is_finished() {
+            if tokio::time::Instant::now() >= deadline {
+                warn!(
+                    "the snapshot thread is still busy after {} ms; leaving it",
+                    wait.as_millis()
+                );
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        if thread.join().is_err() {
+            warn!("the snapshot thread ended abnormally");
+        }
+    }
+
+    /// Log message `seq`, with hash `hash`, holding `records` of
+    /// `incarnation`, is in the log.
+    pub fn follow(&self, seq: u64, hash: String, incarnation: u64, records: Vec<Record>) {
+        let _ = self.tx.send(Appended {
+            seq,
+            hash,
+            incarnation,
+            records,
+        });
     }
 }

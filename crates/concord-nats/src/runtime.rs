@@ -311,6 +311,9 @@ pub async fn run(
     for r in readers {
         r.abort();
     }
+    if let Some(f) = daemon.follower.take() {
+        f.stop(Duration::from_secs(5)).await;
+    }
     drop(daemon.frames_tx);
     let _ = tokio::time::timeout(Duration::from_secs(2), sender).await;
     let _ = daemon.client.flush().await;
@@ -714,9 +717,9 @@ struct Append {
     hash: String,
     effects: Vec<Effect>,
     halts_changed: bool,
-    /// The batch as appended, for the snapshot follower once it is in.
-    payload: Bytes,
-    records: u64,
+    /// The batch's records, for the snapshot follower once it is in.
+    records: Vec<Record>,
+    incarnation: u64,
     notices: Vec<(String, Notice)>,
     frames: Vec<(String, Vec<u8>)>,
 }
@@ -927,7 +930,7 @@ impl Daemon {
             )
         });
         if let Some(f) = &self.follower {
-            f.follow(new_seq, append.payload.clone());
+            f.follow(new_seq, append.hash.clone(), append.incarnation, append.records);
         }
         state.seq = new_seq;
         state.hash = append.hash;
@@ -1356,8 +1359,7 @@ impl Daemon {
         let (hash, payload) = self
             .signer
             .seal_json(&self.cfg.coordinator, state.incarnation, &state.hash, &json);
-        let payload: Bytes = payload.into();
-        let appended = payload.clone();
+        let appended: Bytes = payload.into();
         state.batches += 1;
         let msg_id = format!("{}-{}-{}", self.cfg.coordinator, state.incarnation, state.batches);
         let store = self.store.clone();
@@ -1372,8 +1374,8 @@ impl Daemon {
             hash,
             effects: open.effects,
             halts_changed,
-            payload,
-            records: n,
+            records: open.records,
+            incarnation: state.incarnation,
             notices: open.notices,
             frames: open.frames,
         });
@@ -1415,8 +1417,7 @@ impl Daemon {
         state.seq = seq;
         CrashHook::reached(&self.crash, CrashPoint::AfterAppend);
         self.health.log_seq.store(seq, Ordering::Relaxed);
-        metrics::counter!("concord_log_records_total").increment(append.records);
-        self.spawn_head(seq, append.hash.clone());
+        metrics::counter!("concord_log_records_total").increment(append.records.len() as u64);
         if append.halts_changed {
             let store = self.store.clone();
             let halts = state.coord.halts().to_vec();
@@ -1427,11 +1428,18 @@ impl Daemon {
                 }
             });
         }
-        if let Some(f) = &self.follower {
-            f.follow(seq, append.payload.clone());
-        }
-        for e in append.effects {
+        // Replies first: they are what a waiting caller measures. The rest
+        // (dispatches, the head, the follower) leaves right after.
+        let (replies, rest): (Vec<Effect>, Vec<Effect>) = append
+            .effects
+            .into_iter()
+            .partition(|e| matches!(e, Effect::Reply { .. }));
+        for e in replies.into_iter().chain(rest) {
             self.perform(state, e);
+        }
+        self.spawn_head(seq, append.hash.clone());
+        if let Some(f) = &self.follower {
+            f.follow(seq, append.hash, append.incarnation, append.records);
         }
         self.remember(&append.notices);
         self.notify(append.notices);

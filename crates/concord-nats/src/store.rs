@@ -44,6 +44,25 @@ pub enum StoreError {
     },
 }
 
+/// How long a snapshot read may wait for its next chunk.
+pub const SNAPSHOT_READ_STALL: Duration = Duration::from_secs(5);
+
+/// Reads of the snapshot before giving up on stalls.
+const SNAPSHOT_READ_ATTEMPTS: u32 = 3;
+
+/// Why one read of the snapshot ended without it.
+enum SnapshotRead {
+    /// No chunk arrived for [`SNAPSHOT_READ_STALL`].
+    Stalled,
+    Failed(StoreError),
+}
+
+impl From<StoreError> for SnapshotRead {
+    fn from(e: StoreError) -> Self {
+        SnapshotRead::Failed(e)
+    }
+}
+
 fn js_err<E: std::fmt::Display>(what: &'static str) -> impl Fn(E) -> StoreError {
     move |e| StoreError::JetStream {
         what,
@@ -322,16 +341,38 @@ impl Store {
     }
 
     /// The latest snapshot, if any.
+    ///
+    /// A snapshot replaced while it is read loses its chunks under the
+    /// reader, which would then wait for them forever: a read that stalls
+    /// for [`SNAPSHOT_READ_STALL`] starts over from the newer snapshot, a
+    /// few times, then fails.
     pub async fn snapshot(&self) -> Result<Option<(SnapshotMeta, Snapshot)>, StoreError> {
+        for attempt in 1..=SNAPSHOT_READ_ATTEMPTS {
+            match self.snapshot_read().await {
+                Ok(s) => return Ok(s),
+                Err(SnapshotRead::Failed(e)) => return Err(e),
+                Err(SnapshotRead::Stalled) => {
+                    tracing::warn!(
+                        attempt,
+                        "the snapshot read stalled (replaced while read?); reading the latest one"
+                    );
+                }
+            }
+        }
+        Err(StoreError::JetStream {
+            what: "read the snapshot",
+            detail: format!(
+                "the read stalled {SNAPSHOT_READ_ATTEMPTS} times for {} s",
+                SNAPSHOT_READ_STALL.as_secs()
+            ),
+        })
+    }
+
+    async fn snapshot_read(&self) -> Result<Option<(SnapshotMeta, Snapshot)>, SnapshotRead> {
         let mut obj = match self.snapshots.get("latest").await {
             Ok(o) => o,
             Err(e) if e.kind() == object_store::GetErrorKind::NotFound => return Ok(None),
-            Err(e) => {
-                return Err(StoreError::JetStream {
-                    what: "read the snapshot",
-                    detail: e.to_string(),
-                });
-            }
+            Err(e) => return Err(SnapshotRead::Failed(js_err("read the snapshot")(e))),
         };
         let meta: SnapshotMeta = obj
             .info()
@@ -342,8 +383,16 @@ impl Store {
                 what: "read the snapshot",
                 detail: "its metadata is missing".into(),
             })?;
-        let mut bytes = Vec::new();
-        obj.read_to_end(&mut bytes).await.map_err(js_err("read the snapshot"))?;
+        let mut bytes = Vec::with_capacity(obj.info().size);
+        let mut chunk = vec![0u8; 256 * 1024];
+        loop {
+            match tokio::time::timeout(SNAPSHOT_READ_STALL, obj.read(&mut chunk)).await {
+                Err(_) => return Err(SnapshotRead::Stalled),
+                Ok(Err(e)) => return Err(SnapshotRead::Failed(js_err("read the snapshot")(e))),
+                Ok(Ok(0)) => break,
+                Ok(Ok(n)) => bytes.extend_from_slice(&chunk[..n]),
+            }
+        }
         let split = usize::try_from(meta.notices_bytes)
             .ok()
             .and_then(|n| bytes.len().checked_sub(n))
