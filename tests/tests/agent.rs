@@ -1634,7 +1634,8 @@ async fn a_snapshot_holds_the_state_the_log_rebuilds() {
         .state
         .last_sequence;
     let store = concord_nats::store::Store::open(js, &live.cfg).await.unwrap();
-    let deadline = tokio::time::Instant::now() + WAIT;
+    // Each record makes a snapshot, so reads race with replacements.
+    let deadline = tokio::time::Instant::now() + SLOW_WAIT;
     let (meta, snapshot) = loop {
         if let Ok(Some((meta, snapshot))) = store.snapshot().await
             && meta.seq >= last
@@ -1645,18 +1646,21 @@ async fn a_snapshot_holds_the_state_the_log_rebuilds() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     let mut records = Vec::new();
+    let mut chain = concord_nats::log::Verifier::new(Vec::new());
+    let mut incarnation = 0;
     concord_nats::client::read_log(&nats, &live.cfg.log.stream, 1, false, |seq, payload| {
         if seq <= meta.seq {
-            records.extend(
-                serde_json::from_slice::<concord_nats::log::Batch>(payload)
-                    .unwrap()
-                    .records,
-            );
+            let batch = chain.check(seq, payload).unwrap();
+            incarnation = incarnation.max(batch.incarnation);
+            records.extend(batch.records);
         }
         seq < meta.seq
     })
     .await
     .unwrap();
+    // The snapshot names the message it follows as the log has it.
+    assert_eq!(chain.head(), (meta.seq, meta.hash.as_str()));
+    assert_eq!(meta.incarnation, incarnation);
     // As a restarted process rebuilds it: the genesis, each incarnation,
     // policy and input record (decisions taken from the record).
     use concord_core::coordinator::{Coordinator, Record};

@@ -27,7 +27,8 @@ use crate::store::{Snapshot, SnapshotMeta, Store, StoreError};
 pub(crate) struct Rebuilt {
     /// `None` until a genesis record (or a snapshot) made one.
     pub coord: Option<Coordinator>,
-    /// The chain checked so far; its head is the last message applied.
+    /// The chain so far (checked, or advanced through batches this
+    /// process sealed); its head is the last message applied.
     pub verifier: Verifier,
     /// The highest incarnation seen.
     pub incarnation: u64,
@@ -105,11 +106,12 @@ impl Rebuilt {
     pub fn apply_appended(
         &mut self,
         seq: u64,
+        prev: &str,
         hash: String,
         incarnation: u64,
         records: Vec<Record>,
     ) -> Result<u64, String> {
-        self.verifier.advance(seq, hash).map_err(|e| e.to_string())?;
+        self.verifier.advance(seq, prev, hash).map_err(|e| e.to_string())?;
         self.apply_records(seq, incarnation, records)
     }
 
@@ -157,6 +159,7 @@ impl Rebuilt {
 /// A batch the log acknowledged, as the loop had it.
 struct Appended {
     seq: u64,
+    prev: String,
     hash: String,
     incarnation: u64,
     records: Vec<Record>,
@@ -206,7 +209,7 @@ impl Follower {
                     if seq <= r.verifier.head().0 {
                         continue;
                     }
-                    match r.apply_appended(seq, a.hash, a.incarnation, a.records) {
+                    match r.apply_appended(seq, &a.prev, a.hash, a.incarnation, a.records) {
                         Ok(n) => since += n,
                         Err(e) => {
                             metrics::counter!("concord_snapshot_failures_total").increment(1);
@@ -296,11 +299,12 @@ impl Follower {
         }
     }
 
-    /// Log message `seq`, with hash `hash`, holding `records` of
+    /// Log message `seq`, after `prev`, with hash `hash`, holding `records` of
     /// `incarnation`, is in the log.
-    pub fn follow(&self, seq: u64, hash: String, incarnation: u64, records: Vec<Record>) {
+    pub fn follow(&self, seq: u64, prev: String, hash: String, incarnation: u64, records: Vec<Record>) {
         let _ = self.tx.send(Appended {
             seq,
+            prev,
             hash,
             incarnation,
             records,

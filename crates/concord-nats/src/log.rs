@@ -266,19 +266,27 @@ impl Verifier {
         }
     }
 
-    /// The hash of the last message checked.
+    /// The last message checked (or advanced to) and its hash.
     pub fn head(&self) -> (u64, &str) {
         (self.prev_seq, &self.prev)
     }
 
-    /// Moves the head to message `seq` with hash `hash` without checking
-    /// it: for a message this process sealed itself. Refuses a gap.
-    pub fn advance(&mut self, seq: u64, hash: String) -> Result<(), ChainError> {
+    /// Moves the head to message `seq`, sealed by this process after
+    /// `prev` with hash `hash`, without hashing or decoding it again. Refuses
+    /// a gap, and a `prev` that is not the head.
+    pub(crate) fn advance(&mut self, seq: u64, prev: &str, hash: String) -> Result<(), ChainError> {
         if seq != self.prev_seq + 1 {
             return Err(ChainError::Gap {
                 seq: self.prev_seq + 1,
                 before: self.prev_seq,
                 after: seq,
+            });
+        }
+        if prev != self.prev {
+            return Err(ChainError::Broken {
+                seq,
+                found: prev.to_string(),
+                expected: self.prev.clone(),
             });
         }
         self.prev = hash;

@@ -719,6 +719,8 @@ struct Append {
     halts_changed: bool,
     /// The batch's records, for the snapshot follower once it is in.
     records: Vec<Record>,
+    /// The hash of the message before it.
+    prev: String,
     incarnation: u64,
     notices: Vec<(String, Notice)>,
     frames: Vec<(String, Vec<u8>)>,
@@ -920,7 +922,11 @@ impl Daemon {
             .expect("sealing a non-empty batch starts an append");
         let new_seq = append.done.await?;
         // The follower rebuilds what this recovery did (up to `seq`), then
-        // follows every batch from this one on.
+        // follows every batch from this one on. A follower from before a
+        // restore stops first: two would race to store snapshots.
+        if let Some(old) = self.follower.take() {
+            old.stop(Duration::from_secs(5)).await;
+        }
         self.follower = (self.cfg.snapshots.every_records > 0).then(|| {
             Follower::spawn(
                 self.store.clone(),
@@ -930,7 +936,13 @@ impl Daemon {
             )
         });
         if let Some(f) = &self.follower {
-            f.follow(new_seq, append.hash.clone(), append.incarnation, append.records);
+            f.follow(
+                new_seq,
+                append.prev,
+                append.hash.clone(),
+                append.incarnation,
+                append.records,
+            );
         }
         state.seq = new_seq;
         state.hash = append.hash;
@@ -1368,13 +1380,14 @@ impl Daemon {
         let done = Box::pin(async move { store.append(subject, &msg_id, expected, appended, timeout).await });
         metrics::histogram!("concord_batch_records").record(n as f64);
         // The chain moves on now: the next batch links to this one.
-        state.hash = hash.clone();
+        let prev = std::mem::replace(&mut state.hash, hash.clone());
         state.inflight = Some(Append {
             done,
             hash,
             effects: open.effects,
             halts_changed,
             records: open.records,
+            prev,
             incarnation: state.incarnation,
             notices: open.notices,
             frames: open.frames,
@@ -1439,7 +1452,7 @@ impl Daemon {
         }
         self.spawn_head(seq, append.hash.clone());
         if let Some(f) = &self.follower {
-            f.follow(seq, append.hash, append.incarnation, append.records);
+            f.follow(seq, append.prev, append.hash, append.incarnation, append.records);
         }
         self.remember(&append.notices);
         self.notify(append.notices);

@@ -52,8 +52,9 @@ const SNAPSHOT_READ_ATTEMPTS: u32 = 3;
 
 /// Why one read of the snapshot ended without it.
 enum SnapshotRead {
-    /// No chunk arrived for [`SNAPSHOT_READ_STALL`].
-    Stalled,
+    /// No chunk arrived for [`SNAPSHOT_READ_STALL`], or the read failed
+    /// part way: worth reading the latest snapshot again.
+    Broken(String),
     Failed(StoreError),
 }
 
@@ -343,18 +344,18 @@ impl Store {
     /// The latest snapshot, if any.
     ///
     /// A snapshot replaced while it is read loses its chunks under the
-    /// reader, which would then wait for them forever: a read that stalls
-    /// for [`SNAPSHOT_READ_STALL`] starts over from the newer snapshot, a
-    /// few times, then fails.
+    /// reader, which would then wait for them forever or fail: a read that
+    /// stalls for [`SNAPSHOT_READ_STALL`] or breaks off starts over from
+    /// the newer snapshot, a few times, then fails.
     pub async fn snapshot(&self) -> Result<Option<(SnapshotMeta, Snapshot)>, StoreError> {
         for attempt in 1..=SNAPSHOT_READ_ATTEMPTS {
             match self.snapshot_read().await {
                 Ok(s) => return Ok(s),
                 Err(SnapshotRead::Failed(e)) => return Err(e),
-                Err(SnapshotRead::Stalled) => {
+                Err(SnapshotRead::Broken(why)) => {
                     tracing::warn!(
                         attempt,
-                        "the snapshot read stalled (replaced while read?); reading the latest one"
+                        "the snapshot read {why} (replaced while read?); reading the latest one"
                     );
                 }
             }
@@ -362,7 +363,7 @@ impl Store {
         Err(StoreError::JetStream {
             what: "read the snapshot",
             detail: format!(
-                "the read stalled {SNAPSHOT_READ_ATTEMPTS} times for {} s",
+                "{SNAPSHOT_READ_ATTEMPTS} reads stalled (for {} s) or broke off",
                 SNAPSHOT_READ_STALL.as_secs()
             ),
         })
@@ -383,12 +384,13 @@ impl Store {
                 what: "read the snapshot",
                 detail: "its metadata is missing".into(),
             })?;
-        let mut bytes = Vec::with_capacity(obj.info().size);
+        // Sized from the metadata, within reason.
+        let mut bytes = Vec::with_capacity(obj.info().size.min(1 << 30));
         let mut chunk = vec![0u8; 256 * 1024];
         loop {
             match tokio::time::timeout(SNAPSHOT_READ_STALL, obj.read(&mut chunk)).await {
-                Err(_) => return Err(SnapshotRead::Stalled),
-                Ok(Err(e)) => return Err(SnapshotRead::Failed(js_err("read the snapshot")(e))),
+                Err(_) => return Err(SnapshotRead::Broken("stalled".into())),
+                Ok(Err(e)) => return Err(SnapshotRead::Broken(format!("broke off ({e})"))),
                 Ok(Ok(0)) => break,
                 Ok(Ok(n)) => bytes.extend_from_slice(&chunk[..n]),
             }
