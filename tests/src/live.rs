@@ -367,3 +367,14 @@ pub async fn decisions_per_plan(
     .unwrap();
     (decided, last)
 }
+
+/// Waits until the server has read everything `nats` sent before, its
+/// subscriptions included (`flush` only writes them out): a request nobody
+/// answers comes back as "no responders" only after that.
+pub async fn synced(nats: &async_nats::Client) {
+    let r = nats.request("concord-tests.synced", "".into()).await;
+    assert!(
+        matches!(&r, Err(e) if e.kind() == async_nats::RequestErrorKind::NoResponders),
+        "a request nobody answers: {r:?}"
+    );
+}

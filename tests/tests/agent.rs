@@ -1378,7 +1378,9 @@ async fn a_plans_trace_runs_from_the_agent_through_the_decision_to_its_executor(
     // What the agent sends, as the server relays it.
     let nats = live.nats().await;
     let mut sent = nats.subscribe("concord.v1.default.intent.resource").await.unwrap();
-    nats.flush().await.unwrap();
+    // A flush only writes the subscription out; the agent publishes on
+    // another connection, so wait until the server has taken it.
+    concord_tests::live::synced(&nats).await;
     let mut proposal_span = async || {
         let m = tokio::time::timeout(WAIT, futures::StreamExt::next(&mut sent))
             .await
