@@ -5,7 +5,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use concord_core::coordinator::{Event, Record};
+use concord_core::coordinator::{Event, Input, Record};
 use concord_nats::client::{ClientError, read_log, verify_log};
 use concord_nats::log::Batch;
 use concord_nats::wire::{Answer, Query};
@@ -854,6 +854,29 @@ async fn operators_commands_amid_a_stream_of_intents_keep_the_log_whole() {
     };
     assert!(s.halts.is_empty(), "{:?}", s.halts);
     assert_eq!(commands, 50);
+    // Commands go ahead of queued input: once a command is in a batch, no
+    // other input joins that batch after it.
+    let mut behind = Vec::new();
+    read_log(&nats, &live.cfg.log.stream, 1, false, |seq, payload| {
+        let b: Batch = serde_json::from_slice(payload).unwrap();
+        let mut command_seen = false;
+        for r in &b.records {
+            if let Record::Input { input, .. } = r {
+                let command = matches!(**input, Input::Control { .. });
+                if command_seen && !command {
+                    behind.push(seq);
+                }
+                command_seen |= command;
+            }
+        }
+        true
+    })
+    .await
+    .unwrap();
+    assert!(
+        behind.is_empty(),
+        "input after a command in the same batch, at {behind:?}"
+    );
 }
 
 /// `concord record` writes the live log as a recording that `concord replay`

@@ -694,6 +694,9 @@ struct OpenBatch {
     /// The records' JSON array as the log message will carry it (without
     /// its closing bracket): each record is serialized once, here.
     json: Vec<u8>,
+    /// It holds an operator's command (a halt, say): it is sealed as soon as
+    /// the append before it is in, without taking more agents' input.
+    urgent: bool,
 }
 
 impl OpenBatch {
@@ -1003,6 +1006,9 @@ impl Daemon {
             };
             let room = state.open.records.len() < self.cfg.log.batch_records_max
                 && state.open.json.len() < self.cfg.log.batch_bytes_max;
+            // Operators' commands go ahead of queued input: once one waits in
+            // the open batch, only more commands join it.
+            let more = room && !state.open.urgent;
             let catching_up = !state.parked.is_empty();
             tokio::select! {
                 biased;
@@ -1013,16 +1019,16 @@ impl Daemon {
                 }
                 Some(m) = self.ctl_rx.recv(), if room => self.accept(state, m),
                 result = appended => self.acked(state, result)?,
-                Some(input) = self.out_rx.recv(), if room => {
+                Some(input) = self.out_rx.recv(), if more => {
                     self.handle(state, input, None, None, None);
                 }
-                _ = sleep, if room => {
+                _ = sleep, if more => {
                     let now = timer_at.unwrap_or(0).max(wall_ms());
                     state.last_now = state.last_now.max(now);
                     self.handle(state, Input::Tick, None, None, None);
                 }
                 _ = push => self.push_world(state),
-                Some(m) = next_agent_input(&mut self.in_rx, &mut self.sync_rx, &mut self.sync_first), if room => {
+                Some(m) = next_agent_input(&mut self.in_rx, &mut self.sync_rx, &mut self.sync_first), if more => {
                     self.accept(state, m)
                 }
                 _ = beat.tick() => self.sweep_replicas(state),
@@ -1344,6 +1350,9 @@ impl Daemon {
         }
         let notices = state.notifier.notices(&events, &state.coord);
         state.open.notices.extend(notices);
+        if matches!(input, Input::Control { .. }) {
+            state.open.urgent = true;
+        }
         let record = Record::Input {
             now_ms: now,
             input: Box::new(input),
