@@ -1604,6 +1604,18 @@ async fn an_agent_back_before_the_coordinator_catches_up_once_the_coordinator_is
     assert!(matches!(decision, HumanDecision::Approved { .. }), "{decision:?}");
 }
 
+/// The log stream's last sequence now.
+async fn log_last_seq(js: &async_nats::jetstream::Context, live: &Live) -> u64 {
+    js.get_stream(&live.cfg.log.stream)
+        .await
+        .unwrap()
+        .info()
+        .await
+        .unwrap()
+        .state
+        .last_sequence
+}
+
 /// The snapshot thread applies the batches the loop sealed, as the loop
 /// had them in memory: its snapshot must hold the state the log itself
 /// rebuilds, record for record.
@@ -1626,15 +1638,7 @@ async fn a_snapshot_holds_the_state_the_log_rebuilds() {
 
     let nats = live.nats().await;
     let js = async_nats::jetstream::new(nats.clone());
-    let last = js
-        .get_stream(&live.cfg.log.stream)
-        .await
-        .unwrap()
-        .info()
-        .await
-        .unwrap()
-        .state
-        .last_sequence;
+    let last = log_last_seq(&js, &live).await;
     let store = concord_nats::store::Store::open(js, &live.cfg).await.unwrap();
     // Each record makes a snapshot, so reads race with replacements.
     let deadline = tokio::time::Instant::now() + SLOW_WAIT;
@@ -1699,15 +1703,7 @@ async fn notices_missed_while_away_survive_a_coordinator_restart_from_a_snapshot
         // Wait for a snapshot that holds the approval: recovery then starts
         // after it, so the notice can only come from the snapshot's backlog.
         let js = async_nats::jetstream::new(live.nats().await);
-        let last = js
-            .get_stream(&live.cfg.log.stream)
-            .await
-            .unwrap()
-            .info()
-            .await
-            .unwrap()
-            .state
-            .last_sequence;
+        let last = log_last_seq(&js, live).await;
         let snapshots = js.get_object_store(&live.cfg.snapshots.bucket).await.unwrap();
         let deadline = tokio::time::Instant::now() + WAIT;
         loop {
