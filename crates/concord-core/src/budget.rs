@@ -437,7 +437,7 @@ impl Budget {
                     return result(
                         RuleStatus::Error,
                         outcome,
-                        Some(state.label.clone()),
+                        Some(state.label.to_string()),
                         false,
                         BTreeMap::new(),
                         format!("evaluation failed {} (fails closed): {e}", state.label),
@@ -457,7 +457,7 @@ impl Budget {
                     } else {
                         outcome
                     },
-                    Some(state.label.clone()),
+                    Some(state.label.to_string()),
                     pre_existing,
                     figures(total, limit),
                     if pre_existing {

@@ -48,8 +48,32 @@ pub struct PreviewInput<'a> {
 /// One state the world may pass through.
 #[derive(Clone, Debug)]
 pub(crate) struct EvalState {
-    pub label: String,
+    pub label: StateLabel,
     pub changes: BTreeMap<ResourcePath, Option<Value>>,
+}
+
+/// A state's name in reports (`after step s2`), written only when a rule
+/// reports the state.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) enum StateLabel {
+    /// After the plan's step `0` (and the steps before it).
+    AfterStep(concord_proto::Id),
+    /// After undoing `step`, in the rollback after step `after`.
+    Undoing {
+        step: concord_proto::Id,
+        after: concord_proto::Id,
+    },
+}
+
+impl std::fmt::Display for StateLabel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StateLabel::AfterStep(id) => write!(f, "after step {id}"),
+            StateLabel::Undoing { step, after } => {
+                write!(f, "after undoing step {step} (rollback after step {after})")
+            }
+        }
+    }
 }
 
 /// The simulated run of a plan and of its compensations.
@@ -110,7 +134,7 @@ impl<'w> Run<'w> {
         let mut states: Vec<EvalState> = Vec::new();
         // A state is kept only if it is new; its label is written only then
         // (most compensation states repeat forward ones). Returns its index.
-        let find_or_push = |states: &mut Vec<EvalState>, changes: &Overlay, label: &dyn Fn() -> String| {
+        let find_or_push = |states: &mut Vec<EvalState>, changes: &Overlay, label: &dyn Fn() -> StateLabel| {
             states.iter().position(|e| &e.changes == changes).unwrap_or_else(|| {
                 states.push(EvalState {
                     label: label(),
@@ -136,7 +160,7 @@ impl<'w> Run<'w> {
                     failed.push(step_changes.len() - 1);
                 }
             }
-            let at = find_or_push(&mut states, s.changes(), &|| format!("after step {}", step.id));
+            let at = find_or_push(&mut states, s.changes(), &|| StateLabel::AfterStep(step.id.clone()));
             forward_at.push(Some(at));
         }
         let final_changes = s.changes().clone();
@@ -215,12 +239,9 @@ impl<'w> Run<'w> {
                         note,
                     });
                 }
-                let label = || {
-                    format!(
-                        "after undoing step {} (rollback after step {})",
-                        step.id,
-                        intent.steps[f - 1].id
-                    )
+                let label = || StateLabel::Undoing {
+                    step: step.id.clone(),
+                    after: intent.steps[f - 1].id.clone(),
                 };
                 match (track, &cur) {
                     // A forward state after at least one step is already kept.
@@ -498,7 +519,12 @@ pub(crate) fn judge(
     if !cel.is_empty() {
         // Built once, and only when some rule reads them; rules borrow them.
         let reads_plan = cel.iter().any(|r| r.vars.plan);
-        let args: Vec<Option<Value>> = if reads_plan { step_args(intent) } else { Vec::new() };
+        // Each step's `args`, converted only if a rule reads them.
+        let args: Vec<StepArgs> = if reads_plan {
+            intent.steps.iter().map(|_| StepArgs::new()).collect()
+        } else {
+            Vec::new()
+        };
         let plan_val = reads_plan.then(|| plan_val(intent, &args));
         let autonomy = policy.agent(agent).autonomy.name();
         let agent_val = cel.iter().any(|r| r.vars.agent).then(|| {
@@ -658,21 +684,19 @@ fn risk(intent: &Intent, blast: &[Affected], reasons: &[Reason]) -> Risk {
 
 /// Each step's arguments as a concord value (`None` when they have no such
 /// form), as `plan.steps[i].args` shows them.
-fn step_args(intent: &Intent) -> Vec<Option<Value>> {
-    intent
-        .steps
-        .iter()
-        .map(|s| {
-            serde_json::to_value(&s.op)
-                .ok()
-                .and_then(|v| serde_json::from_value::<Value>(v).ok())
-        })
-        .collect()
+/// A step's `args` as CEL reads them (its operation's fields as a map),
+/// converted at the first read: most rules read a step's kind or path only.
+type StepArgs = std::sync::OnceLock<Option<Value>>;
+
+fn step_args(op: &Op) -> Option<Value> {
+    serde_json::to_value(op)
+        .ok()
+        .and_then(|v| serde_json::from_value::<Value>(v).ok())
 }
 
 /// `plan`: lineage, version, goal and steps (id, kind, path, confidence,
 /// args), each step's fields converted only when a rule reads them.
-fn plan_val<'v>(intent: &'v Intent, args: &'v [Option<Value>]) -> celx::Val<'v> {
+fn plan_val<'v>(intent: &'v Intent, args: &'v [StepArgs]) -> celx::Val<'v> {
     let steps: Vec<celx::Val<'v>> = intent
         .steps
         .iter()
@@ -691,7 +715,7 @@ fn plan_val<'v>(intent: &'v Intent, args: &'v [Option<Value>]) -> celx::Val<'v> 
 #[derive(Clone, Copy, Debug)]
 struct StepFields<'v> {
     step: &'v concord_proto::Step,
-    args: &'v Option<Value>,
+    args: &'v StepArgs,
 }
 
 impl<'v> celx::Fields<'v> for StepFields<'v> {
@@ -706,6 +730,7 @@ impl<'v> celx::Fields<'v> for StepFields<'v> {
             "confidence" => Box::new(CelDouble::from(s.confidence)),
             "args" => self
                 .args
+                .get_or_init(|| step_args(&s.op))
                 .as_ref()
                 .map_or_else(|| Box::new(CelNull) as celx::Val<'v>, celx::to_val),
             _ => return None,
@@ -861,7 +886,7 @@ fn eval_cel<'r>(
                         outcome
                     },
                     // A rule over the plan alone is not about any one state.
-                    at: (!restricted.is_empty() || !rule.reads_plan_or_agent).then(|| state.label.clone()),
+                    at: (!restricted.is_empty() || !rule.reads_plan_or_agent).then(|| state.label.to_string()),
                     pre_existing,
                     figures: figs,
                     message: if pre_existing {
@@ -884,7 +909,7 @@ fn eval_cel<'r>(
                     id: rule.config.id.clone(),
                     status: RuleStatus::Error,
                     outcome,
-                    at: Some(state.label.clone()),
+                    at: Some(state.label.to_string()),
                     pre_existing: false,
                     figures: BTreeMap::new(),
                     message: format!("evaluation failed {} (fails closed): {e}", state.label),
@@ -1061,5 +1086,69 @@ outcome = "needs_approval"
             };
             prop_assert_eq!(added(&second), added(&full));
         }
+    }
+}
+
+#[cfg(test)]
+mod plan_binding_tests {
+    use serde_json::json;
+
+    use super::*;
+
+    const POLICY: &str = r#"
+[defaults]
+autonomy = "bounded"
+[[rules.cel]]
+id = "cel.args"
+reads = []
+expr = "plan.steps.all(s, s.kind != 'set' || s.args.value <= 10) && plan.steps.all(s, s.kind != 'deploy' || s.args.version.startsWith('v2'))"
+outcome = "needs_approval"
+"#;
+
+    fn verdict(steps: serde_json::Value) -> (Verdict, Vec<String>) {
+        let mut world = World::default();
+        world
+            .resources
+            .insert(ResourcePath::parse("app/a/workers").unwrap(), Value::Int(4));
+        let intent = concord_proto::decode_intent(
+            &serde_json::to_vec(&json!({ "protocol": 1, "lineage": "l", "version": 1, "goal": "g", "steps": steps }))
+                .unwrap(),
+        )
+        .unwrap();
+        let policy = Policy::from_toml_str(POLICY).unwrap();
+        let p = preview(PreviewInput {
+            world: &world,
+            intent: &intent,
+            agent: "x",
+            policy: &policy,
+            previous: None,
+        });
+        (p.verdict, p.reasons.iter().map(|r| r.rule.clone()).collect())
+    }
+
+    fn set(value: i64) -> serde_json::Value {
+        json!({ "id": "s1", "kind": "set", "path": "app/a/workers", "args": { "value": value },
+                "confidence": 0.9, "compensation": { "mode": "restore" } })
+    }
+
+    fn deploy(version: &str) -> serde_json::Value {
+        json!({ "id": "s2", "kind": "deploy", "path": "app/a", "args": { "version": version, "artifact": "reg/a:1" },
+                "confidence": 0.9, "compensation": { "mode": "irreversible", "reason": "test" } })
+    }
+
+    /// `plan.steps[i].args` holds the step's operation fields, converted when
+    /// a rule first reads them.
+    #[test]
+    fn a_rule_reads_a_steps_args() {
+        assert_eq!(verdict(json!([set(8)])), (Verdict::Admit, vec![]));
+        assert_eq!(
+            verdict(json!([set(12)])),
+            (Verdict::NeedsApproval, vec!["cel.args".to_string()])
+        );
+        assert_eq!(verdict(json!([set(8), deploy("v2.1")])), (Verdict::Admit, vec![]));
+        assert_eq!(
+            verdict(json!([set(8), deploy("v1.9")])),
+            (Verdict::NeedsApproval, vec!["cel.args".to_string()])
+        );
     }
 }

@@ -243,7 +243,7 @@ pub(crate) fn builtin(
             .collect();
         if !gained.is_empty() {
             violations.push(violation(
-                &state.label,
+                &state.label.to_string(),
                 format!("`{path}` gains {} {}", gained.join(", "), state.label),
             ));
         }
@@ -391,7 +391,7 @@ fn network_widen(run: &Run<'_>, globs: &Globs, outcome: Verdict) -> RuleResult {
                     id: "network.no_widen".into(),
                     status: RuleStatus::Error,
                     outcome,
-                    at: Some(state.label.clone()),
+                    at: Some(state.label.to_string()),
                     pre_existing: false,
                     figures: BTreeMap::new(),
                     message: format!("cannot read network rules (fails closed): {e}"),
@@ -402,7 +402,7 @@ fn network_widen(run: &Run<'_>, globs: &Globs, outcome: Verdict) -> RuleResult {
             // Each widening rule is reported once, at the first state that admits it.
             if reported.insert((path.to_string(), rule.text.clone())) {
                 violations.push(violation(
-                    &state.label,
+                    &state.label.to_string(),
                     format!("`{path}` admits {} not admitted before, {}", rule.text, state.label),
                 ));
             }
@@ -497,7 +497,7 @@ pub(crate) fn ceilings(run: &Run<'_>, policy: &Policy) -> Vec<RuleResult> {
                         verdict,
                         format!("`{path}` = {v} is above the {what} ceiling {limit}, {}", state.label),
                         f,
-                        state.label.clone(),
+                        state.label.to_string(),
                     ));
                 }
             }

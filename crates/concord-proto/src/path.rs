@@ -90,7 +90,23 @@ impl ResourcePath {
 
     /// The child path `self/name`, if `name` is a valid segment and the result fits the limits.
     pub fn child(&self, name: &str) -> Result<ResourcePath, (Rule, String)> {
-        ResourcePath::parse(&format!("{}/{}", self.0, name))
+        let mut text = String::with_capacity(self.0.len() + 1 + name.len());
+        text.push_str(&self.0);
+        text.push('/');
+        text.push_str(name);
+        // `self` is valid, so the child is when `name` is a valid segment and
+        // the whole fits the limits; otherwise `parse` says what is wrong.
+        let valid = text.len() <= PATH_BYTES_MAX
+            && !name.is_empty()
+            && name != "."
+            && name != ".."
+            && name.chars().all(is_path_char)
+            && self.depth() < PATH_DEPTH_MAX;
+        if valid {
+            Ok(ResourcePath(Arc::from(text)))
+        } else {
+            ResourcePath::parse(&text)
+        }
     }
 
     /// The parent path, or `None` for a one-segment path.
@@ -105,7 +121,10 @@ impl ResourcePath {
 
     /// The prefix under which every descendant's text starts (`self/`).
     pub fn descendant_prefix(&self) -> String {
-        format!("{}/", self.0)
+        let mut prefix = String::with_capacity(self.0.len() + 1);
+        prefix.push_str(&self.0);
+        prefix.push('/');
+        prefix
     }
 }
 

@@ -313,6 +313,16 @@ proptest! {
         prop_assert_eq!(decoded.unwrap().content_hash(), intent.content_hash());
     }
 
+    /// A child is the path its text parses to, and refused as that text is.
+    #[test]
+    fn a_child_is_its_parsed_text(
+        parent in resource_path(),
+        name in prop_oneof![segment(), "[A-Za-z0-9/. ]{0,4}", "[a-z]{200,260}"],
+    ) {
+        let text = format!("{parent}/{name}");
+        prop_assert_eq!(parent.child(&name), ResourcePath::parse(&text));
+    }
+
     #[test]
     fn pretty_printed_intents_decode_the_same(intent in intent()) {
         let bytes = serde_json::to_vec_pretty(&intent).unwrap();
