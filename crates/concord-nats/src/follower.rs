@@ -103,15 +103,14 @@ impl Rebuilt {
     /// Applies the records of log message `seq`, which the loop had in
     /// memory and the log acknowledged with hash `hash`: the same records
     /// the message holds, without decoding and checking them again.
-    pub fn apply_appended(
-        &mut self,
-        seq: u64,
-        prev: &str,
-        hash: String,
-        incarnation: u64,
-        records: Vec<Record>,
-    ) -> Result<u64, String> {
-        self.verifier.advance(seq, prev, hash).map_err(|e| e.to_string())?;
+    pub fn apply_appended(&mut self, seq: u64, sealed: Sealed) -> Result<u64, String> {
+        let Sealed {
+            prev,
+            hash,
+            incarnation,
+            records,
+        } = sealed;
+        self.verifier.advance(seq, &prev, hash).map_err(|e| e.to_string())?;
         self.apply_records(seq, incarnation, records)
     }
 
@@ -156,20 +155,25 @@ impl Rebuilt {
     }
 }
 
-/// A batch the log acknowledged, as the loop had it.
-struct Appended {
-    seq: u64,
-    prev: String,
-    hash: String,
-    incarnation: u64,
-    records: Vec<Record>,
+/// A batch as the loop sealed it: its link in the chain and its records.
+/// The loop keeps it while the log takes the batch, then hands it to the
+/// follower with the sequence the log gave it.
+pub(crate) struct Sealed {
+    /// The hash of the message before it.
+    pub prev: String,
+    /// Its own hash.
+    pub hash: String,
+    /// The coordinator's incarnation that wrote it.
+    pub incarnation: u64,
+    /// Its records.
+    pub records: Vec<Record>,
 }
 
 /// Hands acknowledged batches to the snapshot thread. Dropping it ends the
 /// thread (after the snapshot it may be storing); [`Follower::stop`] also
 /// waits for it.
 pub(crate) struct Follower {
-    tx: mpsc::UnboundedSender<Appended>,
+    tx: mpsc::UnboundedSender<(u64, Sealed)>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -178,7 +182,7 @@ impl Follower {
     /// `upto` (as recovery did), then applies what [`Follower::follow`]
     /// hands it and stores a snapshot every `every_records` records.
     pub fn spawn(store: Store, upto: u64, every_records: u64, crash: Option<std::sync::Arc<CrashHook>>) -> Follower {
-        let (tx, mut rx) = mpsc::unbounded_channel::<Appended>();
+        let (tx, mut rx) = mpsc::unbounded_channel::<(u64, Sealed)>();
         let spawned = std::thread::Builder::new()
             .name("concord-snapshots".into())
             .spawn(move || {
@@ -204,12 +208,11 @@ impl Follower {
                 };
                 let mut since = 0u64;
                 let mut last_size = 0usize;
-                while let Some(a) = rx.blocking_recv() {
-                    let seq = a.seq;
+                while let Some((seq, sealed)) = rx.blocking_recv() {
                     if seq <= r.verifier.head().0 {
                         continue;
                     }
-                    match r.apply_appended(seq, &a.prev, a.hash, a.incarnation, a.records) {
+                    match r.apply_appended(seq, sealed) {
                         Ok(n) => since += n,
                         Err(e) => {
                             metrics::counter!("concord_snapshot_failures_total").increment(1);
@@ -299,15 +302,8 @@ impl Follower {
         }
     }
 
-    /// Log message `seq`, after `prev`, with hash `hash`, holding `records` of
-    /// `incarnation`, is in the log.
-    pub fn follow(&self, seq: u64, prev: String, hash: String, incarnation: u64, records: Vec<Record>) {
-        let _ = self.tx.send(Appended {
-            seq,
-            prev,
-            hash,
-            incarnation,
-            records,
-        });
+    /// The batch `sealed` is in the log as message `seq`.
+    pub fn follow(&self, seq: u64, sealed: Sealed) {
+        let _ = self.tx.send((seq, sealed));
     }
 }

@@ -37,7 +37,7 @@ use tokio::sync::mpsc;
 use tracing::{debug, error, info, warn};
 
 use crate::config::RuntimeConfig;
-use crate::follower::{Follower, Rebuilt};
+use crate::follower::{Follower, Rebuilt, Sealed};
 use crate::log::{GENESIS_PREV, Signer, batch_subject};
 use crate::notify::{NoticeBacklog, Notifier};
 use crate::store::{Head, Store, StoreError};
@@ -717,14 +717,11 @@ struct Append {
     /// The append itself, polled by the loop (no task of its own: its ack
     /// wakes the loop directly).
     done: std::pin::Pin<Box<dyn Future<Output = Result<u64, StoreError>> + Send>>,
-    hash: String,
     effects: Vec<Effect>,
     halts_changed: bool,
-    /// The batch's records, for the snapshot follower once it is in.
-    records: Vec<Record>,
-    /// The hash of the message before it.
-    prev: String,
-    incarnation: u64,
+    /// Its link in the chain and its records: the snapshot follower's, once
+    /// the batch is in.
+    sealed: Sealed,
     notices: Vec<(String, Notice)>,
     frames: Vec<(String, Vec<u8>)>,
 }
@@ -938,17 +935,12 @@ impl Daemon {
                 self.crash.clone(),
             )
         });
+        let hash = append.sealed.hash.clone();
         if let Some(f) = &self.follower {
-            f.follow(
-                new_seq,
-                append.prev,
-                append.hash.clone(),
-                append.incarnation,
-                append.records,
-            );
+            f.follow(new_seq, append.sealed);
         }
         state.seq = new_seq;
-        state.hash = append.hash;
+        state.hash = hash;
         self.health.log_seq.store(new_seq, Ordering::SeqCst);
         self.spawn_head(new_seq, state.hash.clone());
         let store = self.store.clone();
@@ -1392,12 +1384,14 @@ impl Daemon {
         let prev = std::mem::replace(&mut state.hash, hash.clone());
         state.inflight = Some(Append {
             done,
-            hash,
             effects: open.effects,
             halts_changed,
-            records: open.records,
-            prev,
-            incarnation: state.incarnation,
+            sealed: Sealed {
+                prev,
+                hash,
+                incarnation: state.incarnation,
+                records: open.records,
+            },
             notices: open.notices,
             frames: open.frames,
         });
@@ -1439,7 +1433,7 @@ impl Daemon {
         state.seq = seq;
         CrashHook::reached(&self.crash, CrashPoint::AfterAppend);
         self.health.log_seq.store(seq, Ordering::Relaxed);
-        metrics::counter!("concord_log_records_total").increment(append.records.len() as u64);
+        metrics::counter!("concord_log_records_total").increment(append.sealed.records.len() as u64);
         if append.halts_changed {
             let store = self.store.clone();
             let halts = state.coord.halts().to_vec();
@@ -1459,9 +1453,9 @@ impl Daemon {
         for e in replies.into_iter().chain(rest) {
             self.perform(state, e);
         }
-        self.spawn_head(seq, append.hash.clone());
+        self.spawn_head(seq, append.sealed.hash.clone());
         if let Some(f) = &self.follower {
-            f.follow(seq, append.prev, append.hash, append.incarnation, append.records);
+            f.follow(seq, append.sealed);
         }
         self.remember(&append.notices);
         self.notify(append.notices);
