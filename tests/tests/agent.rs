@@ -1621,7 +1621,28 @@ async fn log_last_seq(js: &async_nats::jetstream::Context, live: &Live) -> u64 {
 /// rebuilds, record for record.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_snapshot_holds_the_state_the_log_rebuilds() {
-    let live = start_snapshotting_every(1).await;
+    snapshot_matches_the_log(
+        concord_nats::config::SnapshotConfig::default().follower_records_max,
+        SLOW_WAIT,
+    )
+    .await;
+}
+
+/// A follower handed no records (as one that fell too far behind) reads the
+/// batches from the log, up to its end: its snapshot holds the same state,
+/// and reaches the last batch without waiting for a later one.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_follower_that_reads_the_log_snapshots_the_state_the_log_rebuilds() {
+    snapshot_matches_the_log(0, WAIT).await;
+}
+
+async fn snapshot_matches_the_log(follower_records_max: usize, wait: Duration) {
+    let live = Live::start_with(|c| {
+        c.log.max_bytes = 256 * 1024 * 1024;
+        c.snapshots.every_records = 1;
+        c.snapshots.follower_records_max = follower_records_max;
+    })
+    .await;
     let values = Values::new(&world(), &[]);
     let _exec = executor(&live, &values).await;
     let resource = agent(&live, "resource").await;
@@ -1641,7 +1662,7 @@ async fn a_snapshot_holds_the_state_the_log_rebuilds() {
     let last = log_last_seq(&js, &live).await;
     let store = concord_nats::store::Store::open(js, &live.cfg).await.unwrap();
     // Each record makes a snapshot, so reads race with replacements.
-    let deadline = tokio::time::Instant::now() + SLOW_WAIT;
+    let deadline = tokio::time::Instant::now() + wait;
     let (meta, snapshot) = loop {
         if let Ok(Some((meta, snapshot))) = store.snapshot().await
             && meta.seq >= last

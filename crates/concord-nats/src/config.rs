@@ -145,6 +145,11 @@ pub struct SnapshotConfig {
     pub bucket: String,
     /// Take one after this many log records (0: never).
     pub every_records: u64,
+    /// Most records handed to the snapshot follower and not yet applied by
+    /// it. A follower further behind is handed no more: it reads the batches
+    /// it was not handed from the log instead (0: it reads every batch from
+    /// the log). Bounds the memory a lagging follower holds.
+    pub follower_records_max: usize,
 }
 
 impl Default for SnapshotConfig {
@@ -152,6 +157,7 @@ impl Default for SnapshotConfig {
         SnapshotConfig {
             bucket: "CONCORD_SNAPSHOTS".into(),
             every_records: 50_000,
+            follower_records_max: 262_144,
         }
     }
 }
@@ -372,4 +378,18 @@ pub fn url_list<S: AsRef<str>>(urls: &[S]) -> Vec<String> {
         .filter(|u| !u.is_empty())
         .map(str::to_string)
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The shipped configuration loads, and says what the defaults say
+    /// where it names a setting.
+    #[test]
+    fn the_shipped_configuration_loads() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../config/concord.toml");
+        let cfg = RuntimeConfig::load(&path).unwrap();
+        assert_eq!(cfg.snapshots, SnapshotConfig::default());
+    }
 }

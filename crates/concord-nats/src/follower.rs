@@ -11,7 +11,13 @@
 //! the hand-over; the follower's copy is the state a recovery to that point
 //! would rebuild, by the same code. The loop hands over the records it
 //! sealed, not the message's bytes: they are not decoded or checked again
-//! (recovery and `concord log verify` check the chain as stored).
+//! (recovery and `concord log verify` check the chain as stored). What it
+//! holds is bounded (`snapshots.follower_records_max`): a follower that far
+//! behind is handed no more records, only told to read the batches it
+//! missed from the log, as recovery does.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use concord_core::coordinator::{Coordinator, Record, first_divergence};
 use concord_core::policy::Policy;
@@ -173,7 +179,14 @@ pub(crate) struct Sealed {
 /// thread (after the snapshot it may be storing); [`Follower::stop`] also
 /// waits for it.
 pub(crate) struct Follower {
-    tx: mpsc::UnboundedSender<(u64, Sealed)>,
+    /// A batch with its records, or `None`: "read it from the log".
+    tx: mpsc::UnboundedSender<(u64, Option<Sealed>)>,
+    /// Records handed over and not yet taken up by the thread.
+    queued: Arc<AtomicUsize>,
+    /// Set while a "read it from the log" is on its way; cleared by the
+    /// thread before it reads, so one such message stands for many batches.
+    behind: Arc<AtomicBool>,
+    records_max: usize,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -181,8 +194,17 @@ impl Follower {
     /// Starts a follower that first rebuilds the state up to log message
     /// `upto` (as recovery did), then applies what [`Follower::follow`]
     /// hands it and stores a snapshot every `every_records` records.
-    pub fn spawn(store: Store, upto: u64, every_records: u64, crash: Option<std::sync::Arc<CrashHook>>) -> Follower {
-        let (tx, mut rx) = mpsc::unbounded_channel::<(u64, Sealed)>();
+    pub fn spawn(
+        store: Store,
+        upto: u64,
+        every_records: u64,
+        records_max: usize,
+        crash: Option<Arc<CrashHook>>,
+    ) -> Follower {
+        let (tx, mut rx) = mpsc::unbounded_channel::<(u64, Option<Sealed>)>();
+        let queued = Arc::new(AtomicUsize::new(0));
+        let behind = Arc::new(AtomicBool::new(false));
+        let (queued_t, behind_t) = (queued.clone(), behind.clone());
         let spawned = std::thread::Builder::new()
             .name("concord-snapshots".into())
             .spawn(move || {
@@ -209,15 +231,41 @@ impl Follower {
                 let mut since = 0u64;
                 let mut last_size = 0usize;
                 while let Some((seq, sealed)) = rx.blocking_recv() {
-                    if seq <= r.verifier.head().0 {
+                    if let Some(s) = &sealed {
+                        queued_t.fetch_sub(s.records.len(), Ordering::AcqRel);
+                    } else {
+                        // Before reading: a batch sealed from now on asks again.
+                        behind_t.swap(false, Ordering::AcqRel);
+                    }
+                    let head = r.verifier.head().0;
+                    // A batch handed over that is already applied (read from
+                    // the log) is skipped; "read the log" never is: it also
+                    // stands for batches after `seq`.
+                    if sealed.is_some() && seq <= head {
                         continue;
                     }
-                    match r.apply_appended(seq, sealed) {
-                        Ok(n) => since += n,
-                        Err(e) => {
+                    // Batches it was not handed come from the log: up to this
+                    // one's predecessor, or up to the log's end when this one
+                    // was not handed either.
+                    let read_to = if sealed.is_some() { seq - 1 } else { u64::MAX };
+                    if read_to > head {
+                        let read = rt.block_on(
+                            store.read(head + 1, read_to, |s, payload| r.apply(s, payload).map(|n| since += n)),
+                        );
+                        if let Err(e) = read {
                             metrics::counter!("concord_snapshot_failures_total").increment(1);
-                            warn!(seq, "snapshots stop: a logged batch does not apply ({e})");
+                            warn!(seq, "snapshots stop: the log after {head} cannot be read ({e})");
                             return;
+                        }
+                    }
+                    if let Some(sealed) = sealed {
+                        match r.apply_appended(seq, sealed) {
+                            Ok(n) => since += n,
+                            Err(e) => {
+                                metrics::counter!("concord_snapshot_failures_total").increment(1);
+                                warn!(seq, "snapshots stop: a logged batch does not apply ({e})");
+                                return;
+                            }
                         }
                     }
                     // Behind the loop: catch up first, snapshot after (but
@@ -275,13 +323,19 @@ impl Follower {
                 None
             }
         };
-        Follower { tx, thread }
+        Follower {
+            tx,
+            queued,
+            behind,
+            records_max,
+            thread,
+        }
     }
 
     /// Lets the thread apply what it was handed and finish the snapshot it
     /// may be storing, waiting at most `wait` for it.
     pub async fn stop(self, wait: std::time::Duration) {
-        let Follower { tx, thread } = self;
+        let Follower { tx, thread, .. } = self;
         drop(tx);
         let Some(thread) = thread else { return };
         // Polled, not joined on a blocking task: a runtime shutting down
@@ -302,8 +356,22 @@ impl Follower {
         }
     }
 
-    /// The batch `sealed` is in the log as message `seq`.
+    /// The batch `sealed` is in the log as message `seq`. Handed over with
+    /// its records while the thread holds fewer than the limit (or none);
+    /// beyond it the thread is only told to read the log, once for however
+    /// many batches it was not handed.
     pub fn follow(&self, seq: u64, sealed: Sealed) {
-        let _ = self.tx.send((seq, sealed));
+        let n = sealed.records.len();
+        let queued = self.queued.load(Ordering::Acquire);
+        let fits = self.records_max > 0 && (queued == 0 || queued + n <= self.records_max);
+        if fits {
+            self.queued.fetch_add(n, Ordering::AcqRel);
+            let _ = self.tx.send((seq, Some(sealed)));
+            return;
+        }
+        metrics::counter!("concord_snapshot_follower_batches_read_total").increment(1);
+        if !self.behind.swap(true, Ordering::AcqRel) {
+            let _ = self.tx.send((seq, None));
+        }
     }
 }

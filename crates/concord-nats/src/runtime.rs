@@ -932,6 +932,7 @@ impl Daemon {
                 self.store.clone(),
                 seq,
                 self.cfg.snapshots.every_records,
+                self.cfg.snapshots.follower_records_max,
                 self.crash.clone(),
             )
         });
