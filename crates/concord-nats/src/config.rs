@@ -145,10 +145,11 @@ pub struct SnapshotConfig {
     pub bucket: String,
     /// Take one after this many log records (0: never).
     pub every_records: u64,
-    /// Most records handed to the snapshot follower and not yet applied by
-    /// it. A follower further behind is handed no more: it reads the batches
-    /// it was not handed from the log instead (0: it reads every batch from
-    /// the log). Bounds the memory a lagging follower holds.
+    /// Most records handed to the snapshot follower and not yet taken up by
+    /// it (a batch of any size is handed when none are). A follower further
+    /// behind is handed no more: it reads the batches it was not handed from
+    /// the log instead (0: it reads every batch from the log). Bounds the
+    /// memory a lagging follower holds, in records.
     pub follower_records_max: usize,
 }
 

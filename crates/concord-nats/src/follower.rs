@@ -252,10 +252,23 @@ impl Follower {
                         let read = rt.block_on(
                             store.read(head + 1, read_to, |s, payload| r.apply(s, payload).map(|n| since += n)),
                         );
-                        if let Err(e) = read {
-                            metrics::counter!("concord_snapshot_failures_total").increment(1);
-                            warn!(seq, "snapshots stop: the log after {head} cannot be read ({e})");
-                            return;
+                        match read {
+                            Ok(()) => {}
+                            // A batch in the log that does not apply: the
+                            // chain is broken, and no snapshot could be trusted.
+                            Err(StoreError::Apply(e)) => {
+                                metrics::counter!("concord_snapshot_failures_total").increment(1);
+                                warn!(seq, "snapshots stop: a logged batch does not apply ({e})");
+                                return;
+                            }
+                            // The server is away or electing: what was read
+                            // is applied; the rest is read again at the next
+                            // batch, and this one waits for that read.
+                            Err(e) => {
+                                metrics::counter!("concord_snapshot_failures_total").increment(1);
+                                warn!(seq, "the snapshot follower could not read the log after {head}; trying again at the next batch ({e})");
+                                continue;
+                            }
                         }
                     }
                     if let Some(sealed) = sealed {
@@ -357,8 +370,9 @@ impl Follower {
     }
 
     /// The batch `sealed` is in the log as message `seq`. Handed over with
-    /// its records while the thread holds fewer than the limit (or none);
-    /// beyond it the thread is only told to read the log, once for however
+    /// its records while the records handed and not yet taken up stay
+    /// within the limit with it (a batch of any size when there are none);
+    /// otherwise the thread is only told to read the log, once for however
     /// many batches it was not handed.
     pub fn follow(&self, seq: u64, sealed: Sealed) {
         let n = sealed.records.len();

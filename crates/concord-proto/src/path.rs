@@ -88,14 +88,15 @@ impl ResourcePath {
         self.covers(other) || other.covers(self)
     }
 
-    /// The child path `self/name`, if `name` is a valid segment and the result fits the limits.
+    /// The path `self/name` (a `name` of several segments adds them all), if it is a valid path.
     pub fn child(&self, name: &str) -> Result<ResourcePath, (Rule, String)> {
         let mut text = String::with_capacity(self.0.len() + 1 + name.len());
         text.push_str(&self.0);
         text.push('/');
         text.push_str(name);
         // `self` is valid, so the child is when `name` is a valid segment and
-        // the whole fits the limits; otherwise `parse` says what is wrong.
+        // the whole fits the limits; anything else (a `name` of several
+        // segments included) is left to `parse`, which decides as before.
         let valid = text.len() <= PATH_BYTES_MAX
             && !name.is_empty()
             && name != "."
