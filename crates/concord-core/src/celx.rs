@@ -1084,19 +1084,22 @@ mod tests {
                 3 => Value::Str("s".into()),
                 _ => Value::Map(BTreeMap::from([("x".to_string(), Value::Int(2))])),
             };
+            // Keys that sort otherwise than their entries (`k` before `k-b`,
+            // whose entries come first), so the tree's key order is tested.
+            const KEYS: [&str; 5] = ["k", "k-b", "k.c", "kb", "k-b-c"];
             let mut paths: BTreeMap<ResourcePath, Value> = BTreeMap::new();
             for (i, (shape, leaves)) in shapes.iter().enumerate() {
                 match shape {
                     // A leaf: a number, or a map value.
-                    0 => { paths.insert(p(format!("a/k{i}")), Value::Int(7)); }
-                    1 => { paths.insert(p(format!("a/k{i}")), value(4)); }
+                    0 => { paths.insert(p(format!("a/{}", KEYS[i])), Value::Int(7)); }
+                    1 => { paths.insert(p(format!("a/{}", KEYS[i])), value(4)); }
                     // A subtree of fields, some deeper.
                     _ => {
                         for (f, v) in leaves {
                             let name = ["x", "y", "x_max", "x/z"][usize::from(*f)];
-                            if name == "x/z" && paths.contains_key(&p(format!("a/k{i}/x"))) { continue; }
-                            if name == "x" && paths.contains_key(&p(format!("a/k{i}/x/z"))) { continue; }
-                            paths.insert(p(format!("a/k{i}/{name}")), value(*v));
+                            if name == "x/z" && paths.contains_key(&p(format!("a/{}/x", KEYS[i]))) { continue; }
+                            if name == "x" && paths.contains_key(&p(format!("a/{}/x/z", KEYS[i]))) { continue; }
+                            paths.insert(p(format!("a/{}/{name}", KEYS[i])), value(*v));
                         }
                     }
                 }
