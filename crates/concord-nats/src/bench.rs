@@ -9,7 +9,9 @@
 //! - **Durable**: the same two on a server that syncs every write
 //!   (`sync_interval: always`), with the raw per-message durable rate.
 //! - **Halt**: an operator's halt under an intent flood, until its reply
-//!   (the halt is in the log and in force).
+//!   (the halt is in the log and in force). The operator sends from a
+//!   thread and runtime of its own, as `concord halt` runs in a process of
+//!   its own, not as one more task among the flood's.
 //! - **Recovery**: a generated log of about a million events, rebuilt
 //!   without a snapshot and with one.
 //!
@@ -379,7 +381,7 @@ pub async fn run_bench(bin: std::path::PathBuf, opts: BenchOptions) -> Result<Re
     report.reject_share = share;
 
     eprintln!("bench: halt under an intent flood");
-    report.halt_under_flood = halt_under_flood(&url, &client, &opts).await?;
+    report.halt_under_flood = halt_under_flood(&url, &opts).await?;
     let _ = stop.send(());
     let _ = task.await;
     drop(server);
@@ -418,7 +420,7 @@ pub async fn run_bench(bin: std::path::PathBuf, opts: BenchOptions) -> Result<Re
     Ok(report)
 }
 
-async fn halt_under_flood(url: &str, client: &ConcordClient, opts: &BenchOptions) -> Result<Latency, BoxError> {
+async fn halt_under_flood(url: &str, opts: &BenchOptions) -> Result<Latency, BoxError> {
     let flood_client = ConcordClient::connect(url, &Credentials::default(), "default", None).await?;
     let stop = Arc::new(AtomicBool::new(false));
     let mut flood = Vec::new();
@@ -434,24 +436,47 @@ async fn halt_under_flood(url: &str, client: &ConcordClient, opts: &BenchOptions
         }));
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let mut v = Vec::new();
-    for i in 0..100 {
-        let halt = concord_proto::coord::Control::Halt {
-            scope: concord_proto::coord::HaltScope::Agent(format!("nobody-{i}")),
-            grade: concord_proto::coord::HaltGrade::Freeze,
-            reason: concord_proto::Short::parse("bench").expect("short"),
-        };
-        let t = Instant::now();
-        if client.control("op", &halt).await.is_ok() {
-            v.push(t.elapsed());
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    // The operator is a process of its own (`concord halt`), not one more
+    // task among the flood's on the agents' workers: its halts are sent and
+    // their replies read on a thread and runtime of their own.
+    let operator_url = url.to_string();
+    let operator = std::thread::Builder::new()
+        .name("concord-bench-operator".into())
+        .spawn(move || -> Result<Vec<Duration>, String> {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| e.to_string())?;
+            rt.block_on(async {
+                let client = ConcordClient::connect(&operator_url, &Credentials::default(), "default", None)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let mut v = Vec::new();
+                for i in 0..100 {
+                    let halt = concord_proto::coord::Control::Halt {
+                        scope: concord_proto::coord::HaltScope::Agent(format!("nobody-{i}")),
+                        grade: concord_proto::coord::HaltGrade::Freeze,
+                        reason: concord_proto::Short::parse("bench").expect("short"),
+                    };
+                    let t = Instant::now();
+                    if client.control("op", &halt).await.is_ok() {
+                        v.push(t.elapsed());
+                    }
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                Ok(v)
+            })
+        })?;
+    // Waited for off the agents' workers, which keep flooding meanwhile.
+    let halts = tokio::task::spawn_blocking(move || operator.join())
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|_| "the operator's thread panicked".to_string())??;
     stop.store(true, Ordering::Relaxed);
     for f in flood {
         let _ = f.await;
     }
-    Ok(Latency::of(v))
+    Ok(Latency::of(halts))
 }
 
 /// Generates a log of about `opts.recovery_events` events by driving a core
