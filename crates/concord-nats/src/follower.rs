@@ -249,6 +249,12 @@ impl Follower {
                     // was not handed either.
                     let read_to = if sealed.is_some() { seq - 1 } else { u64::MAX };
                     if read_to > head {
+                        // Stopping: it applies what it was handed, but reads
+                        // no more of the log (a restore starts a follower of
+                        // its own, which this one must not hold up or race).
+                        if rx.is_closed() {
+                            break;
+                        }
                         let read = rt.block_on(
                             store.read(head + 1, read_to, |s, payload| r.apply(s, payload).map(|n| since += n)),
                         );
