@@ -28,13 +28,14 @@
 //! Group `preview/5-step/20-rules-sum-product` is the same 20 rules with the
 //! connection budget written as the shipped policy writes it (the
 //! `sum_product` helper, not a comprehension); `20-rules-native-budget` has
-//! it as a native rule. Its cases also run `indexed`: with the indexes the
-//! coordinator keeps beside its world (built before timing, as the
-//! coordinator has them when a plan arrives): the budget index, so the budget
-//! reads the terms of the services a plan touches instead of visiting all 40,
-//! and the path index, so point lookups into the world hash the path instead
-//! of descending the ordered map. Without the suffix they are what
-//! `concord check` does.
+//! it as a native rule. The cases of both also run `indexed`: with the
+//! indexes the coordinator keeps beside its world (built before timing, as
+//! the coordinator has them when a plan arrives): the budget index, so the
+//! budget reads the terms of the services a plan touches instead of visiting
+//! all 40; the path index, so point lookups into the world hash the path
+//! instead of descending the ordered map; and the CEL index, so a CEL rule's
+//! `reads` come from it instead of a visit of every path under their
+//! prefixes. Without the suffix they are what `concord check` does.
 //!
 //! Group `preview/5-step/9-builtin-rules` runs the admitted plan under the
 //! built-ins alone at 100k paths; its difference from the 20-rule figure is
@@ -46,6 +47,7 @@ use std::hint::black_box;
 use std::time::Duration;
 
 use concord_core::budget::BudgetIndex;
+use concord_core::celindex::CelIndex;
 use concord_core::preview::{PreviewInput, preview, preview_on};
 use concord_core::world::{Base, PathIndex};
 use concord_proto::Verdict;
@@ -96,7 +98,7 @@ fn bench_preview(c: &mut Criterion) {
     // The same cases under each way of writing the 20 rules.
     let groups = [
         ("preview/5-step/20-rules", &policy_20, false),
-        ("preview/5-step/20-rules-sum-product", &policy_helper, false),
+        ("preview/5-step/20-rules-sum-product", &policy_helper, true),
         ("preview/5-step/20-rules-native-budget", &policy_native, true),
     ];
     for (name, policy, indexed) in groups {
@@ -121,7 +123,11 @@ fn bench_preview(c: &mut Criterion) {
                 if indexed {
                     let index = BudgetIndex::build(policy, &world);
                     let paths = PathIndex::build(&world);
-                    let base = Base::current(&world).with_index(&index).with_paths(&paths);
+                    let cel = CelIndex::build(policy, &world);
+                    let base = Base::current(&world)
+                        .with_index(&index)
+                        .with_paths(&paths)
+                        .with_cel(&cel);
                     assert_eq!(preview_on(input, base), preview(input), "an index changes no report");
                     group.bench_function(BenchmarkId::new(format!("{}-indexed", case.name), label), |b| {
                         b.iter(|| preview_on(black_box(input), base))

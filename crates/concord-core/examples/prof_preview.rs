@@ -7,7 +7,7 @@
 //! ```text
 //! cargo build --release --example prof_preview -p concord-core
 //! valgrind --tool=callgrind --toggle-collect='*run_one*' \
-//!     target/release/examples/prof_preview native 100   # or cel, sum_product, builtin, indexed, budget-indexed
+//!     target/release/examples/prof_preview native 100   # or cel, sum_product, builtin, indexed, budget-indexed, sum_product-indexed
 //! ```
 //! Instructions per preview = the collected total / N.
 
@@ -49,6 +49,7 @@
 use std::hint::black_box;
 
 use concord_core::budget::BudgetIndex;
+use concord_core::celindex::CelIndex;
 use concord_core::policy::Policy;
 use concord_core::preview::{PreviewInput, preview, preview_on};
 use concord_core::world::{Base, PathIndex, World};
@@ -69,7 +70,7 @@ fn main() {
     let pol = match which {
         "cel" => policy(POLICY_20, 20),
         "builtin" => policy(POLICY_BUILTIN, 9),
-        "sum_product" => policy(&policy_20_sum_product(), 20),
+        "sum_product" | "sum_product-indexed" => policy(&policy_20_sum_product(), 20),
         // `native`, and `indexed` and `budget-indexed`: the same with indexes.
         _ => policy(&policy_20_native(), 20),
     };
@@ -83,16 +84,22 @@ fn main() {
         because: None,
     };
     check(&world, &admit, &pol, Verdict::Admit, None);
-    // `indexed`: the budget and path indexes the coordinator keeps;
-    // `budget-indexed`: the budget index alone.
-    let index = matches!(which, "indexed" | "budget-indexed").then(|| BudgetIndex::build(&pol, &world));
-    let paths = if which == "indexed" {
+    // `indexed` (and `sum_product-indexed`): the budget, path and CEL
+    // indexes the coordinator keeps; `budget-indexed`: the budget index alone.
+    let all = matches!(which, "indexed" | "sum_product-indexed");
+    let index = (all || which == "budget-indexed").then(|| BudgetIndex::build(&pol, &world));
+    let paths = if all {
         PathIndex::build(&world)
     } else {
         PathIndex::default()
     };
+    let cel = if all {
+        CelIndex::build(&pol, &world)
+    } else {
+        CelIndex::default()
+    };
     for _ in 0..n {
-        black_box(run_one(&world, &admit, &pol, index.as_ref(), &paths));
+        black_box(run_one(&world, &admit, &pol, index.as_ref(), &paths, &cel));
     }
 }
 
@@ -103,6 +110,7 @@ fn run_one(
     p: &Policy,
     index: Option<&BudgetIndex>,
     paths: &PathIndex,
+    cel: &CelIndex,
 ) -> concord_proto::preview::Preview {
     let input = black_box(PreviewInput {
         world,
@@ -112,7 +120,10 @@ fn run_one(
         previous: None,
     });
     match index {
-        Some(ix) => preview_on(input, Base::current(world).with_index(ix).with_paths(paths)),
+        Some(ix) => preview_on(
+            input,
+            Base::current(world).with_index(ix).with_paths(paths).with_cel(cel),
+        ),
         None => preview(input),
     }
 }

@@ -39,6 +39,7 @@
 
 pub mod apply;
 pub mod budget;
+pub mod celindex;
 mod celx;
 pub mod coordinator;
 pub mod plandiff;

@@ -511,14 +511,15 @@ pub(crate) fn judge(
     // The CEL rules to evaluate: on a second look, those whose bindings may
     // differ (the paths they read changed by the overlay, or the states
     // differing while they read some path).
-    let cel: Vec<&CelRule> = policy
+    let cel: Vec<(usize, &CelRule)> = policy
         .cel
         .iter()
-        .filter(|rule| !second.is_some_and(|s| s.keeps_cel(rule)))
+        .enumerate()
+        .filter(|(_, rule)| !second.is_some_and(|s| s.keeps_cel(rule)))
         .collect();
     if !cel.is_empty() {
         // Built once, and only when some rule reads them; rules borrow them.
-        let reads_plan = cel.iter().any(|r| r.vars.plan);
+        let reads_plan = cel.iter().any(|(_, r)| r.vars.plan);
         // Each step's `args`, converted only if a rule reads them.
         let args: Vec<StepArgs> = if reads_plan {
             intent.steps.iter().map(|_| StepArgs::new()).collect()
@@ -527,14 +528,21 @@ pub(crate) fn judge(
         };
         let plan_val = reads_plan.then(|| plan_val(intent, &args));
         let autonomy = policy.agent(agent).autonomy.name();
-        let agent_val = cel.iter().any(|r| r.vars.agent).then(|| {
+        let agent_val = cel.iter().any(|(_, r)| r.vars.agent).then(|| {
             celx::record_val(vec![
                 ("id", celx::str_val(agent)),
                 ("autonomy", celx::str_val(autonomy)),
             ])
         });
-        for rule in cel {
-            invariants.push(eval_cel(rule, policy, run, plan_val.as_ref(), agent_val.as_ref()));
+        for (position, rule) in cel {
+            invariants.push(eval_cel(
+                rule,
+                position,
+                policy,
+                run,
+                plan_val.as_ref(),
+                agent_val.as_ref(),
+            ));
         }
     }
 
@@ -746,6 +754,7 @@ enum Eval {
 
 fn eval_cel<'r>(
     rule: &CelRule,
+    position: usize,
     policy: &Policy,
     run: &'r Run<'_>,
     plan: Option<&celx::Val<'_>>,
@@ -767,16 +776,79 @@ fn eval_cel<'r>(
     // The paths the rule reads, borrowed from the base, in path order.
     let mut base: Vec<(&'r ResourcePath, &'r Value)> = Vec::new();
     let mut scanned = 0usize;
-    for prefix in &rule.reads.prefixes {
-        let from = base.len();
+    // The rule's evaluation budget: CEL has no step counter, so bound what a
+    // rule may bind (and what concord scans to find it). A visit counts every
+    // path under the prefix: the world's the overlay leaves, then the
+    // overlay's values.
+    let visit = |prefix: &str, scanned: &mut usize, base: &mut Vec<(&'r ResourcePath, &'r Value)>| {
         run.base.visit_prefix(prefix, |p, v| {
-            // The rule's evaluation budget: CEL has no step counter, so bound
-            // what a rule may bind (and what concord scans to find it).
-            scanned += 1;
-            if scanned <= CEL_SCAN_PATHS_MAX && rule.reads.matches(p.as_str()) {
+            *scanned += 1;
+            if *scanned <= CEL_SCAN_PATHS_MAX && rule.reads.matches(p.as_str()) {
                 base.push((p, v));
             }
         });
+    };
+    let indexed = run.base.cel_index().and_then(|ix| ix.rule(position, rule));
+    for (k, prefix) in rule.reads.prefixes.iter().enumerate() {
+        let from = base.len();
+        match indexed
+            .and_then(|unders| unders.get(k))
+            .and_then(|u| Some((u.count, u.matching.as_ref()?)))
+        {
+            // What the visit finds, from the index: its counts and matching
+            // paths, corrected for what the plans in flight change.
+            Some((count, matching)) => {
+                run.base.note_scanned(prefix);
+                let overlay = run.base.overlay();
+                let mut under = count;
+                if let Some(o) = overlay {
+                    for (p, v) in crate::world::scan_prefix(o, prefix) {
+                        under -= usize::from(run.base.world().resources.contains_key(p));
+                        under += usize::from(v.is_some());
+                    }
+                }
+                scanned += under;
+                if scanned <= CEL_SCAN_PATHS_MAX {
+                    // The overlay's run walked alongside (both in path
+                    // order), not searched for every path.
+                    let mut over = overlay.map(|o| crate::world::scan_prefix(o, prefix).peekable());
+                    base.extend(
+                        matching
+                            .iter()
+                            .filter(|(p, _)| {
+                                !over.as_mut().is_some_and(|o| {
+                                    while o.next_if(|(q, _)| *q < p).is_some() {}
+                                    o.peek().is_some_and(|(q, _)| *q == p)
+                                })
+                            })
+                            .map(|(p, v)| (p, v)),
+                    );
+                    if let Some(o) = overlay {
+                        base.extend(crate::world::scan_prefix(o, prefix).filter_map(|(p, v)| {
+                            v.as_ref().filter(|_| rule.reads.matches(p.as_str())).map(|v| (p, v))
+                        }));
+                    }
+                }
+                if cfg!(debug_assertions) {
+                    let (mut visited, mut counted) = (Vec::new(), scanned - under);
+                    visit(prefix, &mut counted, &mut visited);
+                    debug_assert_eq!(
+                        counted, scanned,
+                        "CEL index of `{}`: count under `{prefix}`",
+                        rule.config.id
+                    );
+                    if scanned <= CEL_SCAN_PATHS_MAX {
+                        debug_assert_eq!(
+                            &base[from..],
+                            &visited[..],
+                            "CEL index of `{}` is out of date",
+                            rule.config.id
+                        );
+                    }
+                }
+            }
+            None => visit(prefix, &mut scanned, &mut base),
+        }
         if scanned > CEL_SCAN_PATHS_MAX {
             return RuleResult {
                 id: rule.config.id.clone(),

@@ -11,6 +11,7 @@ use std::ops::Bound;
 use concord_proto::{ResourcePath, Value};
 
 use crate::budget::BudgetIndex;
+use crate::celindex::CelIndex;
 use serde::{Deserialize, Serialize};
 
 /// Why a world document was refused.
@@ -368,6 +369,7 @@ pub struct Base<'w> {
     memo: Option<&'w Memo<'w>>,
     index: Option<&'w BudgetIndex>,
     paths: Option<&'w PathIndex>,
+    cel: Option<&'w CelIndex>,
 }
 
 /// Lookups in a base, remembered for the length of one preview. A plan's
@@ -476,6 +478,7 @@ impl<'w> Base<'w> {
             memo: None,
             index: None,
             paths: None,
+            cel: None,
         }
     }
 
@@ -487,6 +490,7 @@ impl<'w> Base<'w> {
             memo: None,
             index: None,
             paths: None,
+            cel: None,
         }
     }
 
@@ -501,6 +505,7 @@ impl<'w> Base<'w> {
             memo: Some(memo),
             index: self.index,
             paths: self.paths,
+            cel: self.cel,
         }
     }
 
@@ -524,9 +529,24 @@ impl<'w> Base<'w> {
         }
     }
 
+    /// The same base, reading what CEL rules read of the world from `cel`,
+    /// which must be the index of this base's world (debug builds check it
+    /// at every use). An index not built is not used.
+    pub fn with_cel(self, cel: &'w CelIndex) -> Self {
+        Base {
+            cel: cel.is_built().then_some(cel),
+            ..self
+        }
+    }
+
     /// The budget index of the world, if one was given.
     pub(crate) fn budget_index(&self) -> Option<&'w BudgetIndex> {
         self.index
+    }
+
+    /// The CEL rules' index of the world, if one was given.
+    pub(crate) fn cel_index(&self) -> Option<&'w CelIndex> {
+        self.cel
     }
 
     /// The changes layered over the world, if any.

@@ -41,6 +41,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::apply::{PathChange, apply};
 use crate::budget::BudgetIndex;
+use crate::celindex::CelIndex;
 use crate::policy::Policy;
 use crate::preview::{PreviewInput, preview_of_run};
 use crate::world::{Base, Keyed, Memo, Overlay, PathIndex, PathKeys, State, World};
@@ -627,6 +628,10 @@ pub struct Coordinator {
     /// Point lookups into `world` (derived from it, rebuilt when missing).
     #[serde(skip)]
     path_index: PathIndex,
+    /// What the CEL rules read of `world` (derived, rebuilt when missing or
+    /// when the policy changes).
+    #[serde(skip)]
+    cel_index: CelIndex,
     /// The keys of `inflight` by hash (derived, rebuilt when missing): most
     /// lookups there find nothing, and say so at once. They filter
     /// `projected` too, whose keys are among them (a running plan's effects
@@ -728,6 +733,7 @@ impl Coordinator {
         // coordinator builds them at its first decision).
         let budget_index = BudgetIndex::build(&policy, &world);
         let path_index = PathIndex::build(&world);
+        let cel_index = CelIndex::build(&policy, &world);
         Coordinator {
             doc,
             config,
@@ -754,6 +760,7 @@ impl Coordinator {
             recorded: None,
             budget_index,
             path_index,
+            cel_index,
             inflight_keys: PathKeys::empty(),
         }
     }
@@ -1277,6 +1284,7 @@ impl Coordinator {
             Base::projected(&self.world, &self.projected)
                 .with_index(&self.budget_index)
                 .with_paths(&self.path_index)
+                .with_cel(&self.cel_index)
                 .with_memo(&memo),
             &intent,
         );
@@ -1473,6 +1481,7 @@ impl Coordinator {
                 Base::current(&self.world)
                     .with_index(&self.budget_index)
                     .with_paths(&self.path_index)
+                    .with_cel(&self.cel_index)
                     .with_memo(&current_memo),
                 intent,
             );
@@ -1975,9 +1984,14 @@ impl Coordinator {
             });
         }
         let indexed = self.budget_index.built_for(&self.policy);
+        let cel_indexed = self.cel_index.built_for(&self.policy);
         for c in changes {
             if indexed {
                 self.budget_index.set(&self.policy, &c.path, c.after.as_ref());
+            }
+            if cel_indexed {
+                let existed = self.world.resources.contains_key(&c.path);
+                self.cel_index.set(&self.policy, &c.path, existed, c.after.as_ref());
             }
             if self.path_index.is_built() {
                 self.path_index.set(&c.path, c.after.as_ref());
@@ -1998,6 +2012,9 @@ impl Coordinator {
         }
         if !self.path_index.is_built() {
             self.path_index = PathIndex::build(&self.world);
+        }
+        if !self.cel_index.built_for(&self.policy) {
+            self.cel_index = CelIndex::build(&self.policy, &self.world);
         }
         if !self.inflight_keys.is_built() {
             self.inflight_keys = PathKeys::build(&self.inflight);
