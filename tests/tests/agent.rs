@@ -1688,26 +1688,11 @@ async fn snapshot_matches_the_log(follower_records_max: usize, wait: Duration) {
     // The snapshot names the message it follows as the log has it.
     assert_eq!(chain.head(), (meta.seq, meta.hash.as_str()));
     assert_eq!(meta.incarnation, incarnation);
-    // As a restarted process rebuilds it: the genesis, each incarnation,
-    // policy and input record (decisions taken from the record).
-    use concord_core::coordinator::{Coordinator, Record};
-    let Some(Record::Genesis(g)) = records.first() else {
-        panic!("the log opens with its genesis")
-    };
-    let mut from_log = Coordinator::from_genesis(g).unwrap();
-    for r in &records[1..] {
-        match r {
-            Record::Genesis(_) => panic!("a second genesis"),
-            Record::Incarnation { incarnation, .. } => from_log.incarnate(*incarnation).unwrap(),
-            Record::Policy { policy, .. } => {
-                from_log.set_policy(concord_core::policy::Policy::compile((**policy).clone()).unwrap())
-            }
-            Record::Notice { .. } => {}
-            Record::Input { now_ms, input, events } => {
-                from_log.recover_input(*now_ms, (**input).clone(), events);
-            }
-        }
-    }
+    // As a restarted process rebuilds it (the simulator's rebuild: the
+    // genesis, each incarnation, policy and input record, decisions taken
+    // from the record and the events it gives checked against it).
+    use concord_core::coordinator::Coordinator;
+    let from_log = concord_sim::replay::rebuild(&records).unwrap();
     let from_snapshot = Coordinator::restore(&snapshot.coordinator).unwrap();
     assert!(
         records.len() >= 6,

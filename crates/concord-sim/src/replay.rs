@@ -174,12 +174,28 @@ fn compile(line: usize, config: &PolicyConfig, recorded: &str) -> Result<Policy,
     Ok(p)
 }
 
+/// The coordinator the genesis record starts, as the live runtime starts it:
+/// its world document written under the coordinator's id and incarnation 1,
+/// created at the genesis time (the same document bytes as the live run's).
 fn genesis(records: &[Record]) -> Result<Coordinator, ReplayError> {
     let Some(Record::Genesis(g)) = records.first() else {
         return Err(ReplayError::NoGenesis);
     };
-    let policy = compile(1, &g.policy, &g.policy_hash)?;
-    Ok(Coordinator::new(g.config.clone(), policy, g.world.clone()))
+    // Checks the recorded hash too, which starting from the record does not.
+    compile(1, &g.policy, &g.policy_hash)?;
+    Coordinator::from_genesis(g).map_err(|e| ReplayError::Policy {
+        line: 1,
+        detail: e.to_string(),
+    })
+}
+
+/// An incarnation record: the world document is written under the new
+/// incarnation from here on, as the restarted process wrote it.
+fn incarnate(c: &mut Coordinator, line: usize, incarnation: u64) -> Result<(), ReplayError> {
+    c.incarnate(incarnation).map_err(|e| ReplayError::Decode {
+        line,
+        detail: format!("incarnation {incarnation}: {e}"),
+    })
 }
 
 fn events(fx: Vec<Effect>) -> Vec<Event> {
@@ -269,7 +285,11 @@ fn step(c: &mut Coordinator, line: usize, r: &Record) -> Result<Option<Vec<Event
             line,
             detail: "a second genesis record".into(),
         }),
-        Record::Incarnation { .. } | Record::Notice { .. } => Ok(None),
+        Record::Incarnation { incarnation, .. } => {
+            incarnate(c, line, *incarnation)?;
+            Ok(None)
+        }
+        Record::Notice { .. } => Ok(None),
         Record::Policy {
             policy, policy_hash, ..
         } => {

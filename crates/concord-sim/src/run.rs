@@ -355,23 +355,29 @@ pub fn run(s: &Scenario, mode: Mode) -> Result<Run, RunError> {
         operator_globs: s.file.operator.as_ref().map(|o| (globs(&o.approve), globs(&o.reject))),
     };
     if mode == Mode::Coordinated {
-        let config = Config::default();
-        e.records.push(Record::Genesis(Box::new(Genesis {
+        let genesis = Genesis {
             record_version: RECORD_VERSION,
             now_ms: 0,
             coordinator: COORDINATOR_ID.into(),
-            config: config.clone(),
+            config: Config::default(),
             policy: s.policy.clone(),
             policy_hash: policy.hash.clone(),
             world: s.world.clone(),
-        })));
+        };
+        // Started from its genesis record, as the live runtime starts it (the
+        // world document under the coordinator's id and incarnation 1), so a
+        // replay of the recording rebuilds the same document.
+        e.coord = Some(Coordinator::from_genesis(&genesis).map_err(|err| RunError::Rebuild {
+            at_ms: 0,
+            detail: format!("the scenario's policy: {err}"),
+        })?);
+        e.records.push(Record::Genesis(Box::new(genesis)));
         e.records.push(Record::Incarnation {
             now_ms: 0,
             coordinator: COORDINATOR_ID.into(),
             incarnation: 1,
             core_version: CORE_VERSION.into(),
         });
-        e.coord = Some(Coordinator::new(config, policy, s.world.clone()));
         if let Some(op) = &s.file.operator {
             for (i, a) in op.actions.iter().enumerate() {
                 e.push(a.at.ms(), Ev::OperatorAction(i));
@@ -743,7 +749,7 @@ impl Engine<'_> {
         let Some(old) = self.coord.take() else { return Ok(()) };
         let before = old.state_digest();
         drop(old);
-        let rebuilt = crate::replay::rebuild(&self.records).map_err(|e| RunError::Rebuild {
+        let mut rebuilt = crate::replay::rebuild(&self.records).map_err(|e| RunError::Rebuild {
             at_ms: self.now,
             detail: e.to_string(),
         })?;
@@ -761,6 +767,12 @@ impl Engine<'_> {
             incarnation: self.incarnation,
             core_version: CORE_VERSION.into(),
         });
+        // As the restarted runtime does: its document's writes go under the
+        // new incarnation, never reusing what the lost process wrote.
+        rebuilt.incarnate(self.incarnation).map_err(|e| RunError::Rebuild {
+            at_ms: self.now,
+            detail: e.to_string(),
+        })?;
         self.metrics.crashes += 1;
         // As the live runtime does after a restart: dispatches sent and not
         // yet answered go out again; the executor dedupes them on their key.

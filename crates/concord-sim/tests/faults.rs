@@ -63,6 +63,30 @@ fn a_crash_at_every_point_of_a_run_rebuilds_the_same_state() {
     );
 }
 
+#[test]
+fn a_rebuilt_coordinator_writes_its_world_document_as_the_live_runtime_does() {
+    // Started from the genesis record (the coordinator's id, incarnation 1),
+    // then each incarnation record as the restarted process wrote it: the
+    // replay's document identity is the one the log names.
+    let s = racing_with("\n[[faults]]\nkind = \"crash\"\nat = \"650s\"\n");
+    let r = run(&s, Mode::Coordinated).unwrap();
+    assert_eq!(r.violation_count, 0, "{:?}", r.violations);
+    let c = concord_sim::replay::rebuild(&r.records).unwrap();
+    let id = c.world_doc().identity();
+    assert_eq!(
+        (id.coordinator.as_str(), id.incarnation),
+        (concord_sim::run::COORDINATOR_ID, 2)
+    );
+    // Up to before the crash's incarnation record, the first incarnation's.
+    let crash = r
+        .records
+        .iter()
+        .rposition(|rec| matches!(rec, concord_core::coordinator::Record::Incarnation { .. }))
+        .unwrap();
+    let before = concord_sim::replay::rebuild(&r.records[..crash]).unwrap();
+    assert_eq!(before.world_doc().identity().incarnation, 1);
+}
+
 fn err(text: &str) -> String {
     match Scenario::parse(text, "bad.toml", &dir()) {
         Err(ScenarioError::Field { field, detail, .. }) => format!("{field}: {detail}"),
