@@ -104,7 +104,12 @@ impl Latency {
             return Latency::default();
         }
         v.sort();
-        let at = |q: f64| v[((v.len() as f64 * q) as usize).min(v.len() - 1)].as_secs_f64() * 1e6;
+        // Nearest rank: the smallest sample with at least a fraction `q` of
+        // all at or below it (of 100, the p99 is the 99th, not the largest).
+        let at = |q: f64| {
+            let rank = (v.len() as f64 * q).ceil() as usize;
+            v[rank.clamp(1, v.len()) - 1].as_secs_f64() * 1e6
+        };
         Latency {
             n: v.len(),
             p50_us: at(0.5),
@@ -420,6 +425,10 @@ pub async fn run_bench(bin: std::path::PathBuf, opts: BenchOptions) -> Result<Re
     Ok(report)
 }
 
+/// Halts sent under the flood, 10 ms apart: enough that the p99 is not
+/// one or two samples.
+const HALTS: usize = 400;
+
 async fn halt_under_flood(url: &str, opts: &BenchOptions) -> Result<Latency, BoxError> {
     let flood_client = ConcordClient::connect(url, &Credentials::default(), "default", None).await?;
     let stop = Arc::new(AtomicBool::new(false));
@@ -452,7 +461,7 @@ async fn halt_under_flood(url: &str, opts: &BenchOptions) -> Result<Latency, Box
                     .await
                     .map_err(|e| e.to_string())?;
                 let mut v = Vec::new();
-                for i in 0..100 {
+                for i in 0..HALTS {
                     let halt = concord_proto::coord::Control::Halt {
                         scope: concord_proto::coord::HaltScope::Agent(format!("nobody-{i}")),
                         grade: concord_proto::coord::HaltGrade::Freeze,
@@ -685,6 +694,22 @@ pub fn render(r: &Report, opts: &BenchOptions) -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
+    use super::Latency;
+
+    /// Percentiles by nearest rank: of 100 samples the p99 is the 99th
+    /// smallest, the p50 the 50th; the maximum is the largest.
+    #[test]
+    fn percentiles_are_nearest_ranks() {
+        let l = Latency::of((1..=100).rev().map(Duration::from_micros).collect());
+        assert_eq!((l.n, l.p50_us, l.p99_us, l.max_us), (100, 50.0, 99.0, 100.0));
+        let one = Latency::of(vec![Duration::from_micros(7)]);
+        assert_eq!((one.p50_us, one.p99_us, one.max_us), (7.0, 7.0, 7.0));
+        let l = Latency::of((1..=1000).map(Duration::from_micros).collect());
+        assert_eq!((l.p50_us, l.p99_us), (500.0, 990.0));
+    }
+
     #[test]
     fn the_bench_policy_compiles_and_decides_the_stated_mix() {
         let p = concord_core::policy::Policy::from_toml_str(super::BENCH_POLICY).unwrap();
