@@ -169,15 +169,21 @@ impl Signer {
     /// them): its hash and its bytes, the same bytes [`Signer::seal`] gives.
     pub fn seal_json(&self, coordinator: &str, incarnation: u64, prev: &str, records_json: &[u8]) -> (String, Vec<u8>) {
         let (hash, sig) = self.sign(prev, records_json);
-        let mut payload = serde_json::to_vec(&BatchHead {
-            v: BATCH_VERSION,
-            coordinator,
-            incarnation,
-            prev,
-            hash: &hash,
-            signer: &self.key.public_key(),
-            sig: &sig,
-        })
+        // Sized for the head and the records at once: the records are most
+        // of a batch, and growing into them would copy the head's buffer.
+        let mut payload = Vec::with_capacity(records_json.len() + BATCH_HEAD_BYTES);
+        serde_json::to_writer(
+            &mut payload,
+            &BatchHead {
+                v: BATCH_VERSION,
+                coordinator,
+                incarnation,
+                prev,
+                hash: &hash,
+                signer: &self.key.public_key(),
+                sig: &sig,
+            },
+        )
         .expect("batches serialize");
         // The records go last, as `Batch` writes them, in place of the
         // head's closing brace.
@@ -188,6 +194,9 @@ impl Signer {
         (hash, payload)
     }
 }
+
+/// About the size of a batch's head as JSON (hashes, key and signature).
+const BATCH_HEAD_BYTES: usize = 512;
 
 /// A log message's fields but its records, in [`Batch`]'s order.
 #[derive(Serialize)]
