@@ -34,9 +34,9 @@ pub(crate) struct Under {
     /// visit of the prefix counts against the rule's scan budget.
     pub count: usize,
     /// The paths under the prefix that the rule's globs match, with their
-    /// values, in path order; `None` when the prefix held more paths than a
-    /// rule may scan when the index was built (a preview then visits the
-    /// world, as it would without an index).
+    /// values, in path order; `None` once the prefix held more paths than a
+    /// rule may scan, from then until the index is built again (a preview
+    /// then visits the world, as it would without an index).
     pub matching: Option<Vec<(ResourcePath, Value)>>,
 }
 
@@ -101,6 +101,12 @@ impl CelIndex {
                     (false, true) => under.count += 1,
                     (true, false) => under.count -= 1,
                     _ => {}
+                }
+                // Past what a rule may scan, the paths are no longer held (as
+                // a build would not hold them); previews then visit the world
+                // until the index is built again.
+                if under.count > crate::preview::CEL_SCAN_PATHS_MAX {
+                    under.matching = None;
                 }
                 let Some(matching) = under.matching.as_mut() else {
                     continue;

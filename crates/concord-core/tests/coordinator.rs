@@ -1192,3 +1192,37 @@ fn a_policy_can_require_two_approvers() {
     assert!(control_reply(&fx).0);
     assert_eq!(dispatches(&fx)[0].key.lineage.as_str(), "p");
 }
+
+/// A policy change drops the world's indexes built for the policy before
+/// it: changing back must not bring back an index that missed the steps
+/// applied in between (a stale index gives CEL rules and budgets old values;
+/// debug builds check every use of an index against the world).
+#[test]
+fn a_policy_changed_and_changed_back_judges_the_world_as_it_is() {
+    let mut h = H::new();
+    let fx = h.propose(
+        "resource",
+        plan("web", 1, json!([set("s1", "svc/web/pool_size", json!(60))])),
+    );
+    assert_eq!(decision(&fx).verdict, Verdict::Admit);
+    let key = dispatches(&fx)[0].key.clone();
+    // The step succeeds under another policy, with no CEL rule and no budget.
+    h.c.set_policy(Policy::from_toml_str("[defaults]\nautonomy = \"bounded\"\n").unwrap());
+    h.outcome(&key, StepResult::Succeeded);
+    h.c.set_policy(Policy::from_toml_str(POLICY).unwrap());
+    // api 50 x 4 + web 60 x 2 = 320 connections, within 800. Raising the
+    // api's pool to 170 makes 800: within; to 171, 804: over. Both judged on
+    // the web pool of 60 the step left.
+    let fx = h.propose(
+        "resource",
+        plan("api", 1, json!([set("s1", "svc/api/pool_size", json!(170))])),
+    );
+    assert_eq!(decision(&fx).verdict, Verdict::Admit, "{:?}", decision(&fx).reasons);
+    let key = dispatches(&fx)[0].key.clone();
+    h.outcome(&key, StepResult::Succeeded);
+    let fx = h.propose(
+        "resource",
+        plan("api", 2, json!([set("s1", "svc/api/pool_size", json!(171))])),
+    );
+    assert_eq!(decision(&fx).verdict, Verdict::Reject, "{:?}", decision(&fx).reasons);
+}

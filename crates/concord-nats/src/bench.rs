@@ -477,14 +477,15 @@ async fn halt_under_flood(url: &str, opts: &BenchOptions) -> Result<Latency, Box
             })
         })?;
     // Waited for off the agents' workers, which keep flooding meanwhile.
-    let halts = tokio::task::spawn_blocking(move || operator.join())
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|_| "the operator's thread panicked".to_string())??;
+    let halts = tokio::task::spawn_blocking(move || operator.join()).await;
+    // The flood stops whatever became of the operator.
     stop.store(true, Ordering::Relaxed);
     for f in flood {
         let _ = f.await;
     }
+    let halts = halts
+        .map_err(|e| e.to_string())?
+        .map_err(|_| "the operator's thread panicked".to_string())??;
     Ok(Latency::of(halts))
 }
 

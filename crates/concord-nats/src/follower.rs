@@ -249,9 +249,10 @@ impl Follower {
                     // was not handed either.
                     let read_to = if sealed.is_some() { seq - 1 } else { u64::MAX };
                     if read_to > head {
-                        // Stopping: it applies what it was handed, but reads
-                        // no more of the log (a restore starts a follower of
-                        // its own, which this one must not hold up or race).
+                        // Stopping: it reads no more of the log (a restore
+                        // starts a follower of its own, which this one must
+                        // not hold up or race), so it ends here; what it was
+                        // still handed would not link without the read.
                         if rx.is_closed() {
                             break;
                         }

@@ -779,6 +779,15 @@ impl Coordinator {
     /// decided keep their decisions. Log it as a [`Record::Policy`].
     pub fn set_policy(&mut self, policy: Policy) {
         self.policy = policy;
+        // An index built for another policy is dropped, not kept aside: it is
+        // not updated while this policy holds, so a later change back to its
+        // policy must build it again, not use it as it was.
+        if !self.budget_index.built_for(&self.policy) {
+            self.budget_index = BudgetIndex::default();
+        }
+        if !self.cel_index.built_for(&self.policy) {
+            self.cel_index = CelIndex::default();
+        }
     }
 
     /// The tripped circuit breakers.
