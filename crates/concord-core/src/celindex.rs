@@ -24,7 +24,6 @@ pub struct CelIndex {
     /// per literal prefix of them (in `reads.prefixes` order) the world's
     /// paths under it.
     rules: Vec<(Vec<String>, Vec<Under>)>,
-    built: bool,
 }
 
 /// The world's paths under one literal prefix of a rule's globs.
@@ -69,18 +68,13 @@ impl CelIndex {
                 (rule.reads.patterns.clone(), unders)
             })
             .collect();
-        CelIndex { rules, built: true }
+        CelIndex { rules }
     }
 
-    /// Whether this index was built (a default one is not).
-    pub fn is_built(&self) -> bool {
-        self.built
-    }
-
-    /// Whether this index was built for `policy`'s CEL rules.
+    /// Whether this index was built for `policy`'s CEL rules (an empty one
+    /// is, for a policy without any).
     pub fn built_for(&self, policy: &Policy) -> bool {
-        self.built
-            && self.rules.len() == policy.cel.len()
+        self.rules.len() == policy.cel.len()
             && self
                 .rules
                 .iter()

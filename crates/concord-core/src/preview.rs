@@ -690,12 +690,12 @@ fn risk(intent: &Intent, blast: &[Affected], reasons: &[Reason]) -> Risk {
     }
 }
 
-/// Each step's arguments as a concord value (`None` when they have no such
-/// form), as `plan.steps[i].args` shows them.
 /// A step's `args` as CEL reads them (its operation's fields as a map),
 /// converted at the first read: most rules read a step's kind or path only.
 type StepArgs = std::sync::OnceLock<Option<Value>>;
 
+/// A step's arguments as a concord value (`None` when they have no such
+/// form), as `plan.steps[i].args` shows them.
 fn step_args(op: &Op) -> Option<Value> {
     serde_json::to_value(op)
         .ok()
@@ -791,53 +791,28 @@ fn eval_cel<'r>(
     let indexed = run.base.cel_index().and_then(|ix| ix.rule(position, rule));
     for (k, prefix) in rule.reads.prefixes.iter().enumerate() {
         let from = base.len();
-        match indexed
-            .and_then(|unders| unders.get(k))
-            .and_then(|u| Some((u.count, u.matching.as_ref()?)))
-        {
-            // What the visit finds, from the index: its counts and matching
-            // paths, corrected for what the plans in flight change.
-            Some((count, matching)) => {
-                run.base.note_scanned(prefix);
-                let overlay = run.base.overlay();
-                let mut under = count;
-                if let Some(o) = overlay {
-                    for (p, v) in crate::world::scan_prefix(o, prefix) {
-                        under -= usize::from(run.base.world().resources.contains_key(p));
-                        under += usize::from(v.is_some());
-                    }
-                }
-                scanned += under;
-                if scanned <= CEL_SCAN_PATHS_MAX {
-                    // The overlay's run walked alongside (both in path
-                    // order), not searched for every path.
-                    let mut over = overlay.map(|o| crate::world::scan_prefix(o, prefix).peekable());
-                    base.extend(
-                        matching
-                            .iter()
-                            .filter(|(p, _)| {
-                                !over.as_mut().is_some_and(|o| {
-                                    while o.next_if(|(q, _)| *q < p).is_some() {}
-                                    o.peek().is_some_and(|(q, _)| *q == p)
-                                })
-                            })
-                            .map(|(p, v)| (p, v)),
-                    );
-                    if let Some(o) = overlay {
-                        base.extend(crate::world::scan_prefix(o, prefix).filter_map(|(p, v)| {
-                            v.as_ref().filter(|_| rule.reads.matches(p.as_str())).map(|v| (p, v))
-                        }));
-                    }
-                }
+        match indexed.and_then(|unders| unders.get(k)) {
+            // What the visit finds, from the index: what it kept of the
+            // world under the prefix, corrected for the plans in flight (a
+            // rule over the scan budget fails below, whatever it bound).
+            Some(crate::celindex::Under {
+                count,
+                matching: Some(kept),
+            }) => {
+                let wanted = |p: &ResourcePath| rule.reads.matches(p.as_str());
+                let n = run
+                    .base
+                    .visit_kept(prefix, *count, kept, wanted, |p, v| base.push((p, v)));
                 if cfg!(debug_assertions) {
-                    let (mut visited, mut counted) = (Vec::new(), scanned - under);
+                    let (mut visited, mut counted) = (Vec::new(), scanned);
                     visit(prefix, &mut counted, &mut visited);
                     debug_assert_eq!(
-                        counted, scanned,
+                        counted - scanned,
+                        n,
                         "CEL index of `{}`: count under `{prefix}`",
                         rule.config.id
                     );
-                    if scanned <= CEL_SCAN_PATHS_MAX {
+                    if counted <= CEL_SCAN_PATHS_MAX {
                         debug_assert_eq!(
                             &base[from..],
                             &visited[..],
@@ -846,8 +821,9 @@ fn eval_cel<'r>(
                         );
                     }
                 }
+                scanned += n;
             }
-            None => visit(prefix, &mut scanned, &mut base),
+            _ => visit(prefix, &mut scanned, &mut base),
         }
         if scanned > CEL_SCAN_PATHS_MAX {
             return RuleResult {

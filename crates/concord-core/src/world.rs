@@ -531,12 +531,9 @@ impl<'w> Base<'w> {
 
     /// The same base, reading what CEL rules read of the world from `cel`,
     /// which must be the index of this base's world (debug builds check it
-    /// at every use). An index not built is not used.
+    /// at every use). Rules it holds nothing for are read from the world.
     pub fn with_cel(self, cel: &'w CelIndex) -> Self {
-        Base {
-            cel: cel.is_built().then_some(cel),
-            ..self
-        }
+        Base { cel: Some(cel), ..self }
     }
 
     /// The budget index of the world, if one was given.
@@ -638,12 +635,50 @@ impl<'w> Base<'w> {
     /// Calls `f` for every existing (path, value) whose path text starts with
     /// `prefix`, without copying: world entries first (those the overlay does
     /// not change), then the overlay's values, each run in path order.
-    pub fn visit_prefix(&self, prefix: &str, mut f: impl FnMut(&'w ResourcePath, &'w Value)) {
+    pub fn visit_prefix(&self, prefix: &str, f: impl FnMut(&'w ResourcePath, &'w Value)) {
         self.note_scanned(prefix);
+        self.over_overlay(prefix, self.world.scan_prefix(prefix), |_| true, f);
+    }
+
+    /// [`Base::visit_prefix`], for a reader that wants only the paths
+    /// `wanted` accepts, from what an index kept of the world under
+    /// `prefix`: `count` paths lie there, of which `kept` (in path order)
+    /// are the wanted ones. Calls `f` for the kept ones the overlay leaves,
+    /// then for the overlay's wanted values under the prefix, and returns
+    /// how many paths a visit would have come across.
+    pub(crate) fn visit_kept(
+        &self,
+        prefix: &str,
+        count: usize,
+        kept: &'w [(ResourcePath, Value)],
+        wanted: impl Fn(&ResourcePath) -> bool,
+        f: impl FnMut(&'w ResourcePath, &'w Value),
+    ) -> usize {
+        self.note_scanned(prefix);
+        // The overlay's paths replace the world's (a `None` removes one).
+        let under = self.overlay.map_or(count, |o| {
+            scan_prefix(o, prefix).fold(count, |n, (p, v)| {
+                n - usize::from(self.world.resources.contains_key(p)) + usize::from(v.is_some())
+            })
+        });
+        self.over_overlay(prefix, kept.iter().map(|(p, v)| (p, v)), wanted, f);
+        under
+    }
+
+    /// Calls `f` for the world's `run` under `prefix` (in path order) but
+    /// the paths the overlay changes, then for the overlay's values there
+    /// that `wanted` accepts.
+    fn over_overlay(
+        &self,
+        prefix: &str,
+        run: impl Iterator<Item = (&'w ResourcePath, &'w Value)>,
+        wanted: impl Fn(&ResourcePath) -> bool,
+        mut f: impl FnMut(&'w ResourcePath, &'w Value),
+    ) {
         // Both runs are in path order: walk the overlay's alongside the
         // world's instead of searching the overlay for every world path.
         let mut changed = self.overlay.map(|o| scan_prefix(o, prefix).peekable());
-        for (p, v) in self.world.scan_prefix(prefix) {
+        for (p, v) in run {
             let overridden = changed.as_mut().is_some_and(|o| {
                 while o.next_if(|(q, _)| q.as_str() < p.as_str()).is_some() {}
                 o.peek().is_some_and(|(q, _)| *q == p)
@@ -654,7 +689,7 @@ impl<'w> Base<'w> {
         }
         if let Some(o) = self.overlay {
             for (p, v) in scan_prefix(o, prefix) {
-                if let Some(v) = v {
+                if let Some(v) = v.as_ref().filter(|_| wanted(p)) {
                     f(p, v);
                 }
             }

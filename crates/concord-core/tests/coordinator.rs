@@ -1226,3 +1226,37 @@ fn a_policy_changed_and_changed_back_judges_the_world_as_it_is() {
     );
     assert_eq!(decision(&fx).verdict, Verdict::Reject, "{:?}", decision(&fx).reasons);
 }
+
+/// A CEL rule binds only what its `reads` match, from the world and from
+/// the plans in flight alike: a running plan's change to another path under
+/// the same prefix is not bound (debug builds check every binding against a
+/// visit of the projected world).
+#[test]
+fn a_cel_rule_binds_only_what_it_reads_of_the_plans_in_flight() {
+    let mut h = H::new();
+    let fx = h.propose(
+        "deploy",
+        plan("ver", 1, json!([set("s1", "svc/api/version", json!("v2"))])),
+    );
+    assert_eq!(decision(&fx).verdict, Verdict::Admit);
+    // Still running when the next plan is decided: its change is projected.
+    let fx = h.propose(
+        "resource",
+        plan("web", 1, json!([set("s1", "svc/web/pool_size", json!(30))])),
+    );
+    assert_eq!(decision(&fx).verdict, Verdict::Admit, "{:?}", decision(&fx).reasons);
+    // With the web pool at 30 (projected), 20 web replicas make 50 x 4 +
+    // 30 x 20 = 800 connections, the most the rule allows; 21 make 830.
+    let fx = h.propose(
+        "scaler",
+        plan("web-r", 1, json!([set("s1", "svc/web/replicas", json!(20))])),
+    );
+    assert_eq!(decision(&fx).verdict, Verdict::Admit, "{:?}", decision(&fx).reasons);
+    let fx = h.propose(
+        "scaler2",
+        plan("web-r2", 1, json!([set("s1", "svc/web/replicas", json!(21))])),
+    );
+    let d = decision(&fx);
+    assert_eq!(d.verdict, Verdict::Reject, "{:?}", d.reasons);
+    assert!(d.reasons.iter().any(|r| r.rule == "coupling.db"), "{:?}", d.reasons);
+}
