@@ -284,6 +284,15 @@ impl Verifier {
     /// `prev` with hash `hash`, without hashing or decoding it again. Refuses
     /// a gap, and a `prev` that is not the head.
     pub(crate) fn advance(&mut self, seq: u64, prev: &str, hash: String) -> Result<(), ChainError> {
+        self.next(seq)?;
+        self.links(seq, prev)?;
+        self.prev = hash;
+        self.prev_seq = seq;
+        Ok(())
+    }
+
+    /// Message `seq` is the one after the head.
+    fn next(&self, seq: u64) -> Result<(), ChainError> {
         if seq != self.prev_seq + 1 {
             return Err(ChainError::Gap {
                 seq: self.prev_seq + 1,
@@ -291,6 +300,11 @@ impl Verifier {
                 after: seq,
             });
         }
+        Ok(())
+    }
+
+    /// Message `seq`, naming `prev` as the hash before it, links to the head.
+    fn links(&self, seq: u64, prev: &str) -> Result<(), ChainError> {
         if prev != self.prev {
             return Err(ChainError::Broken {
                 seq,
@@ -298,33 +312,19 @@ impl Verifier {
                 expected: self.prev.clone(),
             });
         }
-        self.prev = hash;
-        self.prev_seq = seq;
         Ok(())
     }
 
     /// Checks message `seq` and returns it decoded.
     pub fn check(&mut self, seq: u64, payload: &[u8]) -> Result<Batch, ChainError> {
-        if seq != self.prev_seq + 1 {
-            return Err(ChainError::Gap {
-                seq: self.prev_seq + 1,
-                before: self.prev_seq,
-                after: seq,
-            });
-        }
+        self.next(seq)?;
         let malformed = |e: serde_json::Error| ChainError::Malformed {
             seq,
             detail: e.to_string(),
         };
         // The records are hashed as they were written, then decoded once.
         let raw: BatchRaw = serde_json::from_slice(payload).map_err(malformed)?;
-        if raw.prev != self.prev {
-            return Err(ChainError::Broken {
-                seq,
-                found: raw.prev.into_owned(),
-                expected: self.prev.clone(),
-            });
-        }
+        self.links(seq, &raw.prev)?;
         if chain_hash(&raw.prev, raw.records.get().as_bytes()) != raw.hash {
             return Err(ChainError::Tampered { seq });
         }
