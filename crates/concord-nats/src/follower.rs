@@ -120,6 +120,69 @@ impl Rebuilt {
         self.apply_records(seq, incarnation, records)
     }
 
+    /// Takes up one hand-over of the loop: batch `seq` with its records,
+    /// or `None` ("read the log"). Batches it was not handed come from the
+    /// log first: up to `seq`'s predecessor, or up to the log's end when
+    /// `seq` was not handed either (a "read the log" stands for every batch
+    /// after the last one handed).
+    fn take_up(
+        &mut self,
+        rt: &tokio::runtime::Runtime,
+        store: &Store,
+        seq: u64,
+        sealed: Option<Sealed>,
+        stopping: bool,
+    ) -> TakenUp {
+        let head = self.verifier.head().0;
+        // A batch handed over that is already applied (read from the log)
+        // is skipped.
+        if sealed.is_some() && seq <= head {
+            return TakenUp::Applied(0);
+        }
+        let mut n = 0;
+        let read_to = if sealed.is_some() { seq - 1 } else { u64::MAX };
+        if read_to > head {
+            // Stopping: no more of the log is read (a restore starts a
+            // follower of its own, which this one must not hold up or race),
+            // and what it was still handed would not link without the read.
+            if stopping {
+                return TakenUp::Stop;
+            }
+            match rt.block_on(store.read(head + 1, read_to, |s, payload| self.apply(s, payload).map(|k| n += k))) {
+                Ok(()) => {}
+                // A batch in the log that does not apply: the chain is
+                // broken, and no snapshot could be trusted.
+                Err(StoreError::Apply(e)) => {
+                    metrics::counter!("concord_snapshot_failures_total").increment(1);
+                    warn!(seq, "snapshots stop: a logged batch does not apply ({e})");
+                    return TakenUp::Stop;
+                }
+                // The server is away or electing: what was read is applied;
+                // the rest is read again at the next batch, and this one
+                // waits for that read.
+                Err(e) => {
+                    metrics::counter!("concord_snapshot_failures_total").increment(1);
+                    warn!(
+                        seq,
+                        "the snapshot follower could not read the log after {head}; trying again at the next batch ({e})"
+                    );
+                    return TakenUp::Later;
+                }
+            }
+        }
+        if let Some(sealed) = sealed {
+            match self.apply_appended(seq, sealed) {
+                Ok(k) => n += k,
+                Err(e) => {
+                    metrics::counter!("concord_snapshot_failures_total").increment(1);
+                    warn!(seq, "snapshots stop: a logged batch does not apply ({e})");
+                    return TakenUp::Stop;
+                }
+            }
+        }
+        TakenUp::Applied(n)
+    }
+
     fn apply_records(&mut self, seq: u64, incarnation: u64, records: Vec<Record>) -> Result<u64, String> {
         self.incarnation = self.incarnation.max(incarnation);
         let n = records.len() as u64;
@@ -159,6 +222,16 @@ impl Rebuilt {
         }
         Ok(n)
     }
+}
+
+/// What became of one hand-over to the follower.
+enum TakenUp {
+    /// Applied, with how many records (read from the log included).
+    Applied(u64),
+    /// The log could not be read: the next hand-over reads it again.
+    Later,
+    /// The follower ends: it is being stopped, or the log does not apply.
+    Stop,
 }
 
 /// A batch as the loop sealed it: its link in the chain and its records.
@@ -237,56 +310,10 @@ impl Follower {
                         // Before reading: a batch sealed from now on asks again.
                         behind_t.swap(false, Ordering::AcqRel);
                     }
-                    let head = r.verifier.head().0;
-                    // A batch handed over that is already applied (read from
-                    // the log) is skipped; "read the log" never is: it also
-                    // stands for batches after `seq`.
-                    if sealed.is_some() && seq <= head {
-                        continue;
-                    }
-                    // Batches it was not handed come from the log: up to this
-                    // one's predecessor, or up to the log's end when this one
-                    // was not handed either.
-                    let read_to = if sealed.is_some() { seq - 1 } else { u64::MAX };
-                    if read_to > head {
-                        // Stopping: it reads no more of the log (a restore
-                        // starts a follower of its own, which this one must
-                        // not hold up or race), so it ends here; what it was
-                        // still handed would not link without the read.
-                        if rx.is_closed() {
-                            break;
-                        }
-                        let read = rt.block_on(
-                            store.read(head + 1, read_to, |s, payload| r.apply(s, payload).map(|n| since += n)),
-                        );
-                        match read {
-                            Ok(()) => {}
-                            // A batch in the log that does not apply: the
-                            // chain is broken, and no snapshot could be trusted.
-                            Err(StoreError::Apply(e)) => {
-                                metrics::counter!("concord_snapshot_failures_total").increment(1);
-                                warn!(seq, "snapshots stop: a logged batch does not apply ({e})");
-                                return;
-                            }
-                            // The server is away or electing: what was read
-                            // is applied; the rest is read again at the next
-                            // batch, and this one waits for that read.
-                            Err(e) => {
-                                metrics::counter!("concord_snapshot_failures_total").increment(1);
-                                warn!(seq, "the snapshot follower could not read the log after {head}; trying again at the next batch ({e})");
-                                continue;
-                            }
-                        }
-                    }
-                    if let Some(sealed) = sealed {
-                        match r.apply_appended(seq, sealed) {
-                            Ok(n) => since += n,
-                            Err(e) => {
-                                metrics::counter!("concord_snapshot_failures_total").increment(1);
-                                warn!(seq, "snapshots stop: a logged batch does not apply ({e})");
-                                return;
-                            }
-                        }
+                    match r.take_up(&rt, &store, seq, sealed, rx.is_closed()) {
+                        TakenUp::Applied(n) => since += n,
+                        TakenUp::Later => continue,
+                        TakenUp::Stop => return,
                     }
                     // Behind the loop: catch up first, snapshot after (but
                     // not forever, should it never quite catch up).
