@@ -10,6 +10,9 @@
 //! - `admit-and-run`: a 5-step plan on three services is decided (admitted),
 //!   then its 5 steps are dispatched and succeed, so the paths are free for
 //!   the next iteration: one decision plus 5 outcomes.
+//! - `admit`: the same, with only the decision timed (the `handle` call that
+//!   admits the plan and dispatches its first step); its 5 outcomes run
+//!   after the timed call, outside the measurement.
 //! - `decide-conflict`: while one such plan runs, a new lineage on the same
 //!   paths is decided in full (both previews, conflicts, compounding) and
 //!   rejected for the conflict.
@@ -74,6 +77,27 @@ fn bench(c: &mut Criterion) {
                         |(now, n, intent)| admit_and_run(&mut coord, now, n, intent),
                         BatchSize::SmallInput,
                     )
+                },
+            );
+            group.bench_with_input(
+                BenchmarkId::new(format!("{variant}admit"), inflight),
+                &inflight,
+                |b, _| {
+                    b.iter_custom(|iters| {
+                        let mut timed = std::time::Duration::ZERO;
+                        for _ in 0..iters {
+                            n += 1;
+                            now += DAY_MS;
+                            let intent = admit_intent(n);
+                            // The bench times; the core it times reads no clock.
+                        #[allow(clippy::disallowed_methods)]
+                        let start = std::time::Instant::now();
+                            let fx = black_box(admit(&mut coord, now, n, intent));
+                            timed += start.elapsed();
+                            run_to_end(&mut coord, now, fx);
+                        }
+                        timed
+                    })
                 },
             );
             now += DAY_MS;

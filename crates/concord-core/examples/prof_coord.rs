@@ -1,8 +1,8 @@
 //! Instruction counts for the coordinator bench's workload, under
 //! callgrind: the world, policy and plans of `benches/coordinator.rs`
-//! (its workload file), `K` plans in flight, then `N` admit-and-run
-//! iterations and `N` conflicting decisions, each in a function callgrind
-//! can isolate. Also prints the memory per in-flight plan.
+//! (its workload file), `K` plans in flight, then `N` admissions (each
+//! plan's outcomes then run unmeasured) and `N` conflicting decisions, each
+//! in a function callgrind can isolate. Also prints the memory per in-flight plan.
 //!
 //! ```text
 //! cargo build --release --example prof_coord -p concord-core
@@ -33,7 +33,7 @@
 
 use std::hint::black_box;
 
-use concord_core::coordinator::Coordinator;
+use concord_core::coordinator::{Coordinator, Effect};
 use concord_proto::Intent;
 
 #[path = "../benches/workload/coordinator.rs"]
@@ -52,7 +52,8 @@ fn main() {
     let mut now = 10u64;
     for n in 0..iters {
         now += DAY_MS;
-        measured_admit_and_run(&mut coord, now, n, admit_intent(n));
+        let fx = measured_admit(&mut coord, now, n, admit_intent(n));
+        run_to_end(&mut coord, now, fx);
     }
     now += DAY_MS;
     hold_services(&mut coord, now);
@@ -62,10 +63,11 @@ fn main() {
     }
 }
 
-/// One `admit_and_run`, in a function of its own for callgrind.
+/// One `admit` (the decision of `admit_and_run`; its outcomes are not
+/// measured), in a function of its own for callgrind.
 #[inline(never)]
-fn measured_admit_and_run(coord: &mut Coordinator, now: u64, n: u64, intent: Intent) {
-    admit_and_run(coord, now, n, intent);
+fn measured_admit(coord: &mut Coordinator, now: u64, n: u64, intent: Intent) -> Vec<Effect> {
+    admit(coord, now, n, intent)
 }
 
 /// One `decide_conflict`, in a function of its own for callgrind.

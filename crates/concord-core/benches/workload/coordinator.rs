@@ -189,8 +189,21 @@ pub fn conflict_intent(n: u64) -> Intent {
 /// `admit-and-run`: a 5-step service plan is admitted, then every dispatch
 /// succeeds (one decision plus 5 outcomes), freeing its paths.
 pub fn admit_and_run(coord: &mut Coordinator, now: u64, n: u64, intent: Intent) {
-    let mut fx = propose(coord, now, n, intent);
+    let fx = admit(coord, now, n, intent);
+    run_to_end(coord, now, fx);
+}
+
+/// `admit`: the decision alone of `admit-and-run` (the plan is admitted and
+/// its first step dispatched); returns its effects for [`run_to_end`].
+pub fn admit(coord: &mut Coordinator, now: u64, n: u64, intent: Intent) -> Vec<Effect> {
+    let fx = propose(coord, now, n, intent);
     assert_eq!(verdict(&fx), Verdict::Admit);
+    fx
+}
+
+/// Reports every dispatch in `fx`, and each next one, as succeeded, until
+/// the saga has ended and its paths are free.
+pub fn run_to_end(coord: &mut Coordinator, now: u64, mut fx: Vec<Effect>) {
     while let Some(key) = fx.iter().find_map(|e| match e {
         Effect::Dispatch(d) => Some(d.key.clone()),
         _ => None,
