@@ -371,6 +371,60 @@ fn a_plan_admissible_only_if_an_in_flight_saga_finishes_is_rejected() {
 }
 
 #[test]
+fn a_plan_rejected_for_a_conflict_is_not_judged_on_the_world_a_compensation_would_leave() {
+    // The in-flight plan lowers api's pool and sets web's timeout. The new
+    // plan raises web's pool (which fits only if the first plan finishes)
+    // and sets web's timeout too: a conflict.
+    let steps = || {
+        json!([
+            set("s1", "svc/web/timeout_ms", json!(600)),
+            set("s2", "svc/web/pool_size", json!(350)),
+        ])
+    };
+    let mut h = H::new();
+    h.propose(
+        "a",
+        plan(
+            "pa",
+            1,
+            json!([
+                set("s1", "svc/api/pool_size", json!(10)),
+                set("s2", "svc/web/timeout_ms", json!(500)),
+            ]),
+        ),
+    );
+    // It does not wait: rejected for the conflict, and for nothing the
+    // in-flight plan's compensation would cause.
+    let d = decision(&h.propose("b", plan("pb", 1, steps()))).clone();
+    assert_eq!(d.verdict, Verdict::Reject);
+    assert!(
+        d.reasons.iter().any(|r| r.rule == "conflict.inflight"),
+        "{:#?}",
+        d.reasons
+    );
+    assert!(
+        !d.reasons
+            .iter()
+            .any(|r| r.message.starts_with("if the in-flight plans compensate")),
+        "{:#?}",
+        d.reasons
+    );
+    // Asked to queue, it would be admitted once the conflict ends, so the
+    // world a compensation would leave is judged: it breaks the budget
+    // there, and the plan is rejected instead of queued.
+    let fx = h.propose("b", plan_with("pq", 1, steps(), json!({ "on_conflict": "queue" })));
+    let d = decision(&fx);
+    assert_eq!(d.verdict, Verdict::Reject);
+    assert!(!d.queued);
+    let r = d.reasons.iter().find(|r| r.rule == "coupling.db").unwrap();
+    assert!(
+        r.message.starts_with("if the in-flight plans compensate"),
+        "{}",
+        r.message
+    );
+}
+
+#[test]
 fn approval_binds_the_plan_and_the_material_preview() {
     let mut h = H::new();
     let fx = h.propose(

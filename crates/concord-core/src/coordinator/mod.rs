@@ -1479,12 +1479,21 @@ impl Coordinator {
             crate::plandiff::plan_diff_hashed(p, known.unwrap_or_else(|| p.content_hash()), intent)
         });
         let mut preview = preview_of_run(input, run, Some(hash), plan_diff.clone());
+        let conflicts = self.conflicts(lineage, agent, intent, touched);
+        // A plan that conflicts with one in flight and does not wait for it
+        // is rejected for the conflict whatever the in-flight plans' end:
+        // the look at the world they would leave by compensating decides
+        // nothing, and is not taken.
+        let rejected_for_conflict = !conflicts.is_empty() && intent.on_conflict != OnConflict::Queue;
         // The world as it is differs from the projected one only at the paths
         // the in-flight plans change: if the projected preview read none of
         // them (nor anything under a prefix it scanned), the preview on the
         // world as it is would read the same values and reach the same
         // results, so it adds no reason and is not computed.
-        if !self.projected.is_empty() && memo.read_any(Keyed::new(&self.projected, &self.inflight_keys)) {
+        if !rejected_for_conflict
+            && !self.projected.is_empty()
+            && memo.read_any(Keyed::new(&self.projected, &self.inflight_keys))
+        {
             let current_memo = Memo::default();
             let current_run = crate::preview::Run::simulate(
                 Base::current(&self.world)
@@ -1539,7 +1548,6 @@ impl Coordinator {
             }
             preview.invariants.push(f);
         }
-        let conflicts = self.conflicts(lineage, agent, intent, touched);
         let queued = !conflicts.is_empty()
             && intent.on_conflict == OnConflict::Queue
             && extra.is_empty()
