@@ -90,8 +90,8 @@ fn bench(c: &mut Criterion) {
                             now += DAY_MS;
                             let intent = admit_intent(n);
                             // The bench times; the core it times reads no clock.
-                        #[allow(clippy::disallowed_methods)]
-                        let start = std::time::Instant::now();
+                            #[allow(clippy::disallowed_methods)]
+                            let start = std::time::Instant::now();
                             let fx = black_box(admit(&mut coord, now, n, intent));
                             timed += start.elapsed();
                             run_to_end(&mut coord, now, fx);

@@ -638,6 +638,10 @@ pub struct Coordinator {
     /// are at paths it touches).
     #[serde(skip)]
     inflight_keys: PathKeys,
+    /// The content hash of each intent in `ended` (derived: a restored
+    /// coordinator has none, and hashes an ended intent when it needs to).
+    #[serde(skip)]
+    ended_hashes: BTreeMap<Id, String>,
 }
 
 /// A recently decided plan, for re-plan recognition.
@@ -752,6 +756,7 @@ impl Coordinator {
             observations: BTreeMap::new(),
             ended: BTreeMap::new(),
             ended_order: VecDeque::new(),
+            ended_hashes: BTreeMap::new(),
             history: VecDeque::new(),
             breakers: Vec::new(),
             per_agent: BTreeMap::new(),
@@ -1382,7 +1387,7 @@ impl Coordinator {
             }
         }
         if verdict == Verdict::Reject && !queued && !self.plans.contains_key(&lineage) {
-            self.remember_ended(&intent);
+            self.remember_ended(&intent, &eval.plan_hash);
         }
         let decision = Decision {
             verdict,
@@ -1467,14 +1472,18 @@ impl Coordinator {
             policy: &self.policy,
             previous,
         };
-        // The plan diff, once for both previews; a live previous version's
-        // hash is known.
+        // The plan diff, once for both previews; the hash of a previous
+        // version that is live, or that ended since this coordinator started,
+        // is known.
         let plan_diff = previous.map(|p| {
-            let known = self
-                .plans
-                .get(&p.lineage)
-                .filter(|live| live.intent == *p)
-                .map(|live| live.hash.clone());
+            let known = match self.plans.get(&p.lineage) {
+                Some(live) => Some(&live.hash).filter(|_| live.intent == *p),
+                None => self
+                    .ended_hashes
+                    .get(&p.lineage)
+                    .filter(|_| self.ended.get(&p.lineage) == Some(p)),
+            }
+            .cloned();
             debug_assert!(known.as_ref().is_none_or(|h| *h == p.content_hash()));
             crate::plandiff::plan_diff_hashed(p, known.unwrap_or_else(|| p.content_hash()), intent)
         });
@@ -1622,14 +1631,16 @@ impl Coordinator {
 
     /// Remembers the last version of a lineage that ended or was rejected,
     /// so the next version is diffed against it.
-    fn remember_ended(&mut self, intent: &Intent) {
+    fn remember_ended(&mut self, intent: &Intent, hash: &str) {
         let lineage = intent.lineage.clone();
+        self.ended_hashes.insert(lineage.clone(), hash.to_string());
         if self.ended.insert(lineage.clone(), intent.clone()).is_none() {
             self.ended_order.push_back(lineage);
         }
         while self.ended_order.len() > self.config.ended_lineages_max {
             if let Some(old) = self.ended_order.pop_front() {
                 self.ended.remove(&old);
+                self.ended_hashes.remove(&old);
             }
         }
     }
@@ -2111,7 +2122,7 @@ impl Coordinator {
     /// Ends a saga: frees its leases and re-decides queued plans.
     fn end(&mut self, now: u64, lineage: &Id, fx: &mut Vec<Effect>) {
         let Some(plan) = self.remove_plan(lineage) else { return };
-        self.remember_ended(&plan.intent);
+        self.remember_ended(&plan.intent, &plan.hash);
         for p in &plan.touched {
             if let Some(set) = self.inflight.get_mut(p) {
                 set.retain(|l| l != lineage);
