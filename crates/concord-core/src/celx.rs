@@ -137,6 +137,10 @@ fn build_node<'v>(m: &BTreeMap<&'v str, Node<'v>>) -> Val<'v> {
 ///
 /// Entries are in path order, values live only at leaves, and every entry
 /// of a node starts with the node's path: `at` is where its keys begin.
+///
+/// A projection that only changes values of the rule's base is read as a
+/// [`Patch`] of that base: the base's entries, with the changed values
+/// looked up in the patch; no projection is built.
 #[derive(Debug)]
 pub struct Tree<'v> {
     entries: &'v [(&'v ResourcePath, &'v Value)],
@@ -144,6 +148,147 @@ pub struct Tree<'v> {
     /// The keys and their runs of entries, once asked for (to iterate or
     /// count): then also used to look keys up.
     keys: std::sync::OnceLock<Vec<Child<'v>>>,
+    /// Where `entries` begin in the whole projection.
+    origin: usize,
+    /// The projection as a patch of a shared base, if it is one.
+    patch: Option<&'v Patch<'v>>,
+}
+
+/// The paths a CEL rule reads of the base its projections are layered on,
+/// shared by those projections so that `sum_product` runs over the base
+/// once: a projection with the base's paths (values changed, none added or
+/// removed) takes the product of each key it did not change from the base.
+#[derive(Debug)]
+pub struct Sums<'v> {
+    base: &'v [(&'v ResourcePath, &'v Value)],
+    /// Per node and fields summed: each key's run and what it adds.
+    memo: std::sync::Mutex<Vec<SumMemo>>,
+}
+
+/// One node's `sum_product` over the base, key by key.
+#[derive(Debug)]
+struct SumMemo {
+    origin: usize,
+    len: usize,
+    at: usize,
+    fields: Vec<Box<str>>,
+    /// Per key in order: its text's length, its run, what it adds.
+    keys: Vec<(usize, usize, usize, Factor)>,
+}
+
+/// A projection that is [`Sums`]'s base with the values at `changed`
+/// (indexes into the base, ascending) replaced by `values`: read through
+/// the base's entries, never built.
+#[derive(Debug)]
+pub struct Patch<'v> {
+    sums: &'v Sums<'v>,
+    changed: Vec<usize>,
+    values: Vec<&'v Value>,
+}
+
+impl<'v> Sums<'v> {
+    /// The base, in path order.
+    pub fn new(base: &'v [(&'v ResourcePath, &'v Value)]) -> Self {
+        Sums {
+            base,
+            memo: std::sync::Mutex::new(Vec::new()),
+        }
+    }
+
+    /// The base with `changes` (path order) applied, as a patch: `None`
+    /// when a change adds or removes a path.
+    pub fn patch(
+        &'v self,
+        changes: impl IntoIterator<Item = (&'v ResourcePath, &'v Option<Value>)>,
+    ) -> Option<Patch<'v>> {
+        let (mut changed, mut values) = (Vec::new(), Vec::new());
+        for (p, v) in changes {
+            values.push(v.as_ref()?);
+            changed.push(self.base.binary_search_by(|e| e.0.cmp(p)).ok()?);
+        }
+        Some(Patch {
+            sums: self,
+            changed,
+            values,
+        })
+    }
+}
+
+/// What one key of a map adds to a `sum_product`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Factor {
+    /// Nothing: not a map, or a field is missing.
+    Skip,
+    /// The product of its fields.
+    Product(Number),
+    /// Only the general path can tell (a field that is a subtree or not a
+    /// number, a map value, an overflow).
+    General,
+}
+
+/// The sum of what the keys add, in key order, as [`Total`] adds.
+fn sum_of(factors: impl Iterator<Item = Factor>) -> Option<Number> {
+    let mut total = Total::default();
+    for f in factors {
+        match f {
+            Factor::Skip => {}
+            Factor::Product(p) => total.add(p, "sum_product").ok()?,
+            Factor::General => return None,
+        }
+    }
+    Some(total.number())
+}
+
+impl<'v> Patch<'v> {
+    /// `tree`'s [`Tree::sum_product`]: the keys with a changed entry are
+    /// worked out on `tree`, the others taken from the base.
+    fn sum_product(&self, tree: &Tree<'v>, fields: &[&str]) -> Option<Number> {
+        // A patched tree reads the base's entries: `tree.entries` are the
+        // base's, from `origin`.
+        let (origin, len, at) = (tree.origin, tree.entries.len(), tree.at);
+        // CEL values must be Sync; one rule's evaluation is single-threaded.
+        let mut memo = self.sums.memo.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let same = |m: &SumMemo| {
+            m.origin == origin && m.len == len && m.at == at && m.fields.iter().map(|f| &**f).eq(fields.iter().copied())
+        };
+        let i = match memo.iter().position(same) {
+            Some(i) => i,
+            None => {
+                let on_base = Tree {
+                    entries: tree.entries,
+                    at,
+                    keys: std::sync::OnceLock::new(),
+                    origin,
+                    patch: None,
+                };
+                let keys = on_base
+                    .keys()
+                    .iter()
+                    .map(|c| {
+                        let n = c.text.len();
+                        (n, c.from, c.to, on_base.factor(n, c.from, c.to, fields))
+                    })
+                    .collect();
+                memo.push(SumMemo {
+                    origin,
+                    len,
+                    at,
+                    fields: fields.iter().map(|f| Box::from(*f)).collect(),
+                    keys,
+                });
+                memo.len() - 1
+            }
+        };
+        let changed = &self.changed;
+        sum_of(memo[i].keys.iter().map(|&(n, from, to, base_factor)| {
+            let first = changed.partition_point(|&c| c < origin + from);
+            if changed.get(first).is_some_and(|&c| c < origin + to) {
+                tree.factor(n, from, to, fields)
+            } else {
+                base_factor
+            }
+        }))
+    }
 }
 
 /// A key of a [`Tree`] and its run of entries.
@@ -177,7 +322,27 @@ impl<'v> Tree<'v> {
             entries,
             at: 0,
             keys: std::sync::OnceLock::new(),
+            origin: 0,
+            patch: None,
         }
+    }
+
+    /// The whole projection that `patch` makes of its base.
+    pub fn patched(patch: &'v Patch<'v>) -> Self {
+        Tree {
+            patch: Some(patch),
+            ..Tree::new(patch.sums.base)
+        }
+    }
+
+    /// The value of entry `i`: the patch's where it changes it.
+    fn value(&self, i: usize) -> &'v Value {
+        if let Some(patch) = self.patch
+            && let Ok(k) = patch.changed.binary_search(&(self.origin + i))
+        {
+            return patch.values[k];
+        }
+        self.entries[i].1
     }
 
     fn rest(&self, i: usize) -> &'v str {
@@ -194,7 +359,7 @@ impl<'v> Tree<'v> {
         // A leaf: the entry whose rest is exactly `key`.
         let i = self.entries.partition_point(|e| &e.0.as_str()[self.at..] < key);
         if i < n && self.rest(i) == key {
-            return Some(to_val(self.entries[i].1));
+            return Some(to_val(self.value(i)));
         }
         // A subtree: the run of entries whose rest starts with `key/`.
         let lo = self
@@ -209,12 +374,14 @@ impl<'v> Tree<'v> {
     /// The value of key `key` whose run is `from..to`: a leaf, or a subtree.
     fn node(&self, key: &str, from: usize, to: usize) -> Box<dyn CelVal + 'v> {
         if to == from + 1 && self.rest(from).len() == key.len() {
-            return to_val(self.entries[from].1);
+            return to_val(self.value(from));
         }
         Box::new(Tree {
             entries: &self.entries[from..to],
             at: self.at + key.len() + 1,
             keys: std::sync::OnceLock::new(),
+            origin: self.origin + from,
+            patch: self.patch,
         })
     }
 
@@ -252,41 +419,57 @@ impl<'v> Tree<'v> {
     /// an entry that is a map value, an overflow): it gives the same answer
     /// or error, value by value, and only this common case is made fast.
     fn sum_product(&self, fields: &[&str]) -> Option<Number> {
-        let mut total = Total::default();
-        'entries: for c in self.keys() {
-            let at = self.at + c.text.len() + 1;
-            if c.to == c.from + 1 && self.rest(c.from).len() == c.text.len() {
-                // A leaf: not a map (skipped), unless it holds a map value.
-                match self.entries[c.from].1 {
-                    Value::Map(_) => return None,
-                    _ => continue,
-                }
-            }
-            let run = &self.entries[c.from..c.to];
-            let mut product = Number::Int(1);
-            for field in fields {
-                let found = run.iter().find_map(|e| {
-                    let rest = &e.0.as_str()[at..];
-                    let tail = rest.strip_prefix(*field)?;
-                    Some((tail.is_empty(), e.1))
-                });
-                let v = match found {
-                    None => continue 'entries,
-                    Some((true, v)) => v,
-                    // `field/...`, or a longer key sharing its start: the
-                    // general path tells a subtree from a missing field.
-                    Some((false, _)) => return None,
-                };
-                let factor = match v {
-                    Value::Int(i) => Number::Int(*i),
-                    Value::Float(f) => Number::Float(*f),
-                    _ => return None,
-                };
-                product = product.times(factor)?;
-            }
-            total.add(product, "sum_product").ok()?;
+        let plain = || {
+            sum_of(
+                self.keys()
+                    .iter()
+                    .map(|c| self.factor(c.text.len(), c.from, c.to, fields)),
+            )
+        };
+        let Some(patch) = self.patch else {
+            return plain();
+        };
+        let sum = patch.sum_product(self, fields);
+        debug_assert_eq!(sum, plain(), "a patched sum_product differs from the plain one");
+        sum
+    }
+
+    /// What the key whose text is `n` bytes long, with the run `from..to`,
+    /// adds to a [`sum_product`]: the product of its `fields`.
+    fn factor(&self, n: usize, from: usize, to: usize, fields: &[&str]) -> Factor {
+        if to == from + 1 && self.rest(from).len() == n {
+            // A leaf: not a map (skipped), unless it holds a map value.
+            return match self.value(from) {
+                Value::Map(_) => Factor::General,
+                _ => Factor::Skip,
+            };
         }
-        Some(total.number())
+        let at = self.at + n + 1;
+        let mut product = Number::Int(1);
+        for field in fields {
+            let found = (from..to).find_map(|i| {
+                let rest = &self.entries[i].0.as_str()[at..];
+                let tail = rest.strip_prefix(*field)?;
+                Some((tail.is_empty(), self.value(i)))
+            });
+            let v = match found {
+                None => return Factor::Skip,
+                Some((true, v)) => v,
+                // `field/...`, or a longer key sharing its start: the
+                // general path tells a subtree from a missing field.
+                Some((false, _)) => return Factor::General,
+            };
+            let factor = match v {
+                Value::Int(i) => Number::Int(*i),
+                Value::Float(f) => Number::Float(*f),
+                _ => return Factor::General,
+            };
+            product = match product.times(factor) {
+                Some(p) => p,
+                None => return Factor::General,
+            };
+        }
+        Factor::Product(product)
     }
 
     /// The same map, built: what the tests compare it with.
@@ -295,7 +478,10 @@ impl<'v> Tree<'v> {
         let mut root: BTreeMap<&'v str, Node<'v>> = BTreeMap::new();
         insert_all(
             &mut root,
-            self.entries.iter().map(|(p, v)| (&p.as_str()[self.at..], *v)),
+            self.entries
+                .iter()
+                .enumerate()
+                .map(|(i, (p, _))| (&p.as_str()[self.at..], self.value(i))),
         );
         build_node(&root)
     }
@@ -357,6 +543,8 @@ impl<'v> CelVal for Tree<'v> {
             entries: self.entries,
             at: self.at,
             keys: self.keys.clone(),
+            origin: self.origin,
+            patch: self.patch,
         })
     }
 }
@@ -1070,11 +1258,16 @@ mod tests {
 
         /// `sum_product` over a tree read in place (summed by the tree
         /// itself) gives what it gives over the same map built (entry by
-        /// entry, field by field): value, type and error.
+        /// entry, field by field): value, type and error. So does a tree
+        /// that is a patch of a base (two patches sharing the base's sums).
         #[test]
         fn a_tree_sums_as_the_built_map(
             shapes in proptest::collection::vec((0u8..4, proptest::collection::vec((0u8..4, 0u8..5), 0..4)), 0..5),
             fields in proptest::sample::subsequence(vec!["x", "y", "x_max"], 1..3),
+            patches in proptest::collection::vec(
+                proptest::collection::vec((proptest::prelude::any::<proptest::sample::Index>(), 0u8..5), 0..3),
+                2,
+            ),
         ) {
             let p = |s: String| ResourcePath::parse(&s).unwrap();
             let value = |v: u8| match v {
@@ -1118,8 +1311,40 @@ mod tests {
                     continue;
                 }
                 proptest::prop_assert_eq!(run(Box::new(Tree::new(&sorted))), run(tree.built()), "{}", e);
+                // Each patch: values replaced at some of the base's paths.
+                let sums = Sums::new(&sorted);
+                for changes in &patches {
+                    let mut projected = paths.clone();
+                    for (at, v) in changes {
+                        let path = at.get(&sorted).0.clone();
+                        projected.insert(path, value(*v));
+                    }
+                    let changed: Vec<(ResourcePath, Option<Value>)> =
+                        projected.iter().map(|(p, v)| (p.clone(), Some(v.clone()))).filter(|(p, v)| paths.get(p) != v.as_ref()).collect();
+                    let patch = sums.patch(changed.iter().map(|(p, v)| (p, v))).unwrap();
+                    let entries: Vec<(&ResourcePath, &Value)> = projected.iter().collect();
+                    let patched = Tree::patched(&patch);
+                    proptest::prop_assert_eq!(run(Box::new(patched)), run(Tree::new(&entries).built()), "{} patched", e);
+                }
             }
         }
+    }
+
+    /// A patch is a base with values changed: one that adds or removes a
+    /// path is none.
+    #[test]
+    fn a_patch_changes_values_at_the_base_paths_only() {
+        let p = |s: &str| ResourcePath::parse(s).unwrap();
+        let (a, b) = (p("s/a/x"), p("s/b/x"));
+        let one = Value::Int(1);
+        let base = [(&a, &one)];
+        let sums = Sums::new(&base);
+        assert_eq!(
+            sums.patch([(&a, &Some(Value::Int(2)))]).map(|p| p.changed),
+            Some(vec![0])
+        );
+        assert!(sums.patch([(&a, &None)]).is_none());
+        assert!(sums.patch([(&b, &Some(Value::Int(2)))]).is_none());
     }
 
     /// Helpers check their arguments themselves: a wrong count or type gets

@@ -863,14 +863,42 @@ fn eval_cel<'r>(
             seen.push(restricted);
         }
     }
-    let projections: Vec<Vec<(&'r ResourcePath, &'r Value)>> =
-        seen.iter().map(|changes| merge(&base, changes).collect()).collect();
     // The world the plan ends in: its figures, if the rule holds.
-    let end_projection: Vec<(&'r ResourcePath, &'r Value)> = if rule.figures.is_empty() {
+    let end_changes: Restricted<'r> = if rule.figures.is_empty() {
         Vec::new()
     } else {
-        merge(&base, &restrict(&run.final_changes)).collect()
+        restrict(&run.final_changes)
     };
+    // Each projection (and the base itself) as a patch of the base where it
+    // is one (values changed, no path added or removed): read through the
+    // base, with sums over the base worked out once for them all. Built
+    // only where it is not one.
+    let sums = celx::Sums::new(&base);
+    let patches: Vec<Option<celx::Patch<'_>>> = seen.iter().map(|r| sums.patch(r.iter().copied())).collect();
+    let (base_patch, end_patch) = (sums.patch([]), sums.patch(end_changes.iter().copied()));
+    let built = |changes: &Restricted<'r>, patch: &Option<celx::Patch<'_>>| -> Vec<(&'r ResourcePath, &'r Value)> {
+        match patch {
+            Some(_) => Vec::new(),
+            None => merge(&base, changes).collect(),
+        }
+    };
+    let projections: Vec<Vec<(&'r ResourcePath, &'r Value)>> = seen
+        .iter()
+        .zip(&patches)
+        .map(|(changes, patch)| built(changes, patch))
+        .collect();
+    let end_projection = if rule.figures.is_empty() {
+        Vec::new()
+    } else {
+        built(&end_changes, &end_patch)
+    };
+    /// The projection `after` as a tree, or read through `patch` if it is one.
+    fn tree<'t>(after: &'t [(&'t ResourcePath, &'t Value)], patch: Option<&'t celx::Patch<'t>>) -> celx::Tree<'t> {
+        match patch {
+            Some(patch) => celx::Tree::patched(patch),
+            None => celx::Tree::new(after),
+        }
+    }
     let bindings = celx::Bindings {
         plan: plan.filter(|_| rule.vars.plan),
         agent: agent.filter(|_| rule.vars.agent),
@@ -879,26 +907,30 @@ fn eval_cel<'r>(
     root.set_variable_resolver(&bindings);
     // `before` is the base: bound (read in place) only if the rule reads it.
     if rule.vars.before {
-        root.add_variable_as_val("before", Box::new(celx::Tree::new(&base)));
+        root.add_variable_as_val("before", Box::new(tree(&base, base_patch.as_ref())));
     }
-    let run_program = |program: &cel::Program, after: &[(&ResourcePath, &Value)]| -> Result<CelValue, String> {
+    let run_program = |program: &cel::Program, after: &[(&ResourcePath, &Value)], patch: Option<&celx::Patch<'_>>| {
         let mut ctx = root.new_inner_scope();
         if rule.vars.after {
-            ctx.add_variable_as_val("after", Box::new(celx::Tree::new(after)));
+            ctx.add_variable_as_val("after", Box::new(tree(after, patch)));
         }
         program.execute(&ctx).map_err(|e| e.to_string())
     };
-    let eval = |after: &[(&ResourcePath, &Value)]| match run_program(&rule.program, after) {
+    let eval = |after: &[(&ResourcePath, &Value)], patch: Option<&celx::Patch<'_>>| match run_program(
+        &rule.program,
+        after,
+        patch,
+    ) {
         Ok(CelValue::Bool(true)) => Eval::Pass,
         Ok(CelValue::Bool(false)) => Eval::Fail,
         Ok(other) => Eval::Error(format!("the rule must give a bool, it gave {other:?}")),
         Err(e) => Eval::Error(e),
     };
-    let figures = |after: &[(&ResourcePath, &Value)]| -> BTreeMap<String, Value> {
+    let figures = |after: &[(&ResourcePath, &Value)], patch: Option<&celx::Patch<'_>>| -> BTreeMap<String, Value> {
         rule.figures
             .iter()
             .map(|(name, p)| {
-                let v = match run_program(p, after) {
+                let v = match run_program(p, after, patch) {
                     Ok(v) => celx::from_cel(&v),
                     Err(e) => Value::Str(format!("error: {e}")),
                 };
@@ -909,11 +941,11 @@ fn eval_cel<'r>(
     // Evaluate each distinct projection once, in the order the states occur.
     for (state, at) in run.states.iter().zip(&first_at) {
         let Some(i) = *at else { continue };
-        let (restricted, after) = (&seen[i], &projections[i]);
-        match eval(after) {
+        let (restricted, after, patch) = (&seen[i], &projections[i], patches[i].as_ref());
+        match eval(after, patch) {
             Eval::Pass => {}
             Eval::Fail => {
-                let figs = figures(after);
+                let figs = figures(after, patch);
                 let shown = if figs.is_empty() {
                     String::new()
                 } else {
@@ -923,8 +955,8 @@ fn eval_cel<'r>(
                 // A rule that reads the plan or the agent fails because of the
                 // plan itself; only a rule over the world alone can already be
                 // failing before the plan.
-                let pre_existing =
-                    !rule.reads_plan_or_agent && (restricted.is_empty() || matches!(eval(&base), Eval::Fail));
+                let pre_existing = !rule.reads_plan_or_agent
+                    && (restricted.is_empty() || matches!(eval(&base, base_patch.as_ref()), Eval::Fail));
                 return RuleResult {
                     id: rule.config.id.clone(),
                     status: RuleStatus::Fail,
@@ -975,7 +1007,7 @@ fn eval_cel<'r>(
         figures: if rule.figures.is_empty() {
             BTreeMap::new()
         } else {
-            figures(&end_projection)
+            figures(&end_projection, end_patch.as_ref())
         },
         message: format!("holds in every state: {}", describe(rule)),
     }
