@@ -366,6 +366,8 @@ pub type Overlay = BTreeMap<ResourcePath, Option<Value>>;
 pub struct Base<'w> {
     world: &'w World,
     overlay: Option<&'w Overlay>,
+    /// Keys that filter the overlay's (see [`Base::with_overlay_keys`]).
+    overlay_keys: Option<&'w PathKeys>,
     memo: Option<&'w Memo<'w>>,
     index: Option<&'w BudgetIndex>,
     paths: Option<&'w PathIndex>,
@@ -475,6 +477,7 @@ impl<'w> Base<'w> {
         Base {
             world,
             overlay: None,
+            overlay_keys: None,
             memo: None,
             index: None,
             paths: None,
@@ -487,6 +490,7 @@ impl<'w> Base<'w> {
         Base {
             world,
             overlay: Some(overlay),
+            overlay_keys: None,
             memo: None,
             index: None,
             paths: None,
@@ -502,6 +506,7 @@ impl<'w> Base<'w> {
         Base {
             world: self.world,
             overlay: self.overlay,
+            overlay_keys: self.overlay_keys,
             memo: Some(memo),
             index: self.index,
             paths: self.paths,
@@ -527,6 +532,25 @@ impl<'w> Base<'w> {
             paths: paths.is_built().then_some(paths),
             ..self
         }
+    }
+
+    /// The same base, asking `keys` whether the overlay may hold a path
+    /// before looking it up: `keys` must be those of a map whose keys
+    /// include the overlay's (debug builds check every "no" against the
+    /// overlay). Keys not built are not used.
+    pub(crate) fn with_overlay_keys(self, keys: &'w PathKeys) -> Self {
+        Base {
+            overlay_keys: keys.is_built().then_some(keys),
+            ..self
+        }
+    }
+
+    /// The overlay, with its keys if they were given.
+    fn overlay_keyed(&self) -> Option<Keyed<'w, Option<Value>>> {
+        self.overlay.map(|map| Keyed {
+            map,
+            keys: self.overlay_keys,
+        })
     }
 
     /// The same base, reading what CEL rules read of the world from `cel`,
@@ -584,7 +608,7 @@ impl<'w> Base<'w> {
     }
 
     fn lookup(&self, path: &str) -> Option<&'w Value> {
-        match self.overlay.and_then(|o| o.get(path)) {
+        match self.overlay_keyed().and_then(|o| o.get_key_value(path)).map(|(_, v)| v) {
             Some(v) => v.as_ref(),
             None => self.world_get(path),
         }
@@ -615,7 +639,7 @@ impl<'w> Base<'w> {
         let look = || {
             (
                 self.world_holds_under(prefix),
-                self.overlay.is_some_and(|o| scan_prefix(o, prefix).next().is_some()),
+                self.overlay_keyed().is_some_and(|o| o.any_under(prefix)),
             )
         };
         let Some(memo) = self.memo else {

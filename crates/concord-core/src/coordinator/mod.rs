@@ -1296,6 +1296,7 @@ impl Coordinator {
         let memo = Memo::default();
         let mut run = crate::preview::Run::simulate(
             Base::projected(&self.world, &self.projected)
+                .with_overlay_keys(&self.inflight_keys)
                 .with_index(&self.budget_index)
                 .with_paths(&self.path_index)
                 .with_cel(&self.cel_index)
