@@ -710,14 +710,45 @@ fn reason(rule: &str, message: String) -> Reason {
 /// failing rules, conflicts, assumptions held and the before-values of the
 /// touched paths. Observations that change nothing here do not invalidate an approval.
 fn material_hash(p: &Preview, conflicts: &[Conflict]) -> String {
-    let material = serde_json::json!({
-        "verdict": p.verdict,
-        "failing": p.reasons.iter().map(|r| &r.rule).collect::<Vec<_>>(),
-        "conflicts": conflicts,
-        "assumptions": p.assumptions.iter().map(|a| (&a.path, a.held)).collect::<Vec<_>>(),
-        "before": p.diff.iter().map(|c| (&c.path, &c.before)).collect::<Vec<_>>(),
-    });
-    blake3::hash(material.to_string().as_bytes()).to_hex().to_string()
+    // Written straight to bytes: a JSON object with its keys in order (and
+    // a conflict's), as JSON values (maps with sorted keys) wrote them when
+    // hashes were first made: a hash is bound by approvals and logged.
+    #[derive(Serialize)]
+    struct Material<'a> {
+        assumptions: Vec<(&'a ResourcePath, bool)>,
+        before: Vec<(&'a ResourcePath, &'a Option<Value>)>,
+        conflicts: Vec<MaterialConflict<'a>>,
+        failing: Vec<&'a str>,
+        verdict: Verdict,
+    }
+    #[derive(Serialize)]
+    struct MaterialConflict<'a> {
+        agent: &'a str,
+        kind: &'a str,
+        other: &'a str,
+        path: &'a ResourcePath,
+        version: u32,
+    }
+    let material = Material {
+        assumptions: p.assumptions.iter().map(|a| (&a.path, a.held)).collect(),
+        before: p.diff.iter().map(|c| (&c.path, &c.before)).collect(),
+        conflicts: conflicts
+            .iter()
+            .map(|c| MaterialConflict {
+                agent: &c.agent,
+                kind: &c.kind,
+                other: &c.other,
+                path: &c.path,
+                version: c.version,
+            })
+            .collect(),
+        failing: p.reasons.iter().map(|r| r.rule.as_str()).collect(),
+        verdict: p.verdict,
+    };
+    // Serializing these types to memory cannot fail (string keys, no
+    // non-finite number is written as anything but null).
+    let bytes = serde_json::to_vec(&material).unwrap_or_default();
+    blake3::hash(&bytes).to_hex().to_string()
 }
 
 impl Coordinator {
@@ -2907,5 +2938,80 @@ mod pairs {
         D: Deserializer<'de>,
     {
         Ok(Vec::<(K, V)>::deserialize(d)?.into_iter().collect())
+    }
+}
+
+#[cfg(test)]
+mod material_tests {
+    use super::*;
+
+    /// The material hash is what it was when it was hashed from a JSON
+    /// value: an approval binds it, and logs hold it.
+    #[test]
+    fn the_material_hash_is_the_hash_of_the_material_as_a_json_value() {
+        let world = World::from_toml_str(
+            r#"
+[resources]
+"svc/api/pool_size" = 50
+"svc/api/ratio" = 0.5
+"svc/api/labels" = { tier = "gold", zone = "b" }
+"#,
+        )
+        .unwrap();
+        let intent = concord_proto::decode_intent(
+            serde_json::json!({
+                "protocol": 1, "lineage": "l", "version": 1, "goal": "g",
+                "assumptions": [
+                    { "path": "svc/api/pool_size", "op": "eq", "value": 50 },
+                    { "path": "svc/api/ratio", "op": "gt", "value": 1.5 }
+                ],
+                "steps": [
+                    { "id": "s1", "kind": "set", "path": "svc/api/pool_size", "args": { "value": 60 },
+                      "confidence": 0.9, "compensation": { "mode": "restore" } },
+                    { "id": "s2", "kind": "set", "path": "svc/api/ratio", "args": { "value": 0.75 },
+                      "confidence": 0.9, "compensation": { "mode": "restore" } },
+                    { "id": "s3", "kind": "set", "path": "svc/api/labels", "args": { "value": "none" },
+                      "confidence": 0.9, "compensation": { "mode": "restore" } },
+                    { "id": "s4", "kind": "set", "path": "svc/api/new", "args": { "value": true },
+                      "confidence": 0.9, "compensation": { "mode": "restore" } }
+                ]
+            })
+            .to_string()
+            .as_bytes(),
+        )
+        .unwrap();
+        let policy = Policy::from_toml_str("[defaults]\nautonomy = \"bounded\"\n").unwrap();
+        let p = crate::preview::preview(PreviewInput {
+            world: &world,
+            intent: &intent,
+            agent: "a",
+            policy: &policy,
+            previous: None,
+        });
+        assert!(
+            !p.reasons.is_empty() && p.assumptions.len() == 2 && p.diff.len() == 4,
+            "{p:#?}"
+        );
+        let conflict = |other: &str, kind: &str| Conflict {
+            other: other.into(),
+            version: 3,
+            agent: "b\"q".into(),
+            path: ResourcePath::parse("svc/api/pool_size").unwrap(),
+            kind: kind.into(),
+        };
+        for conflicts in [
+            vec![],
+            vec![conflict("x", "writes_overlap"), conflict("lease:7", "reserved")],
+        ] {
+            let material = serde_json::json!({
+                "verdict": p.verdict,
+                "failing": p.reasons.iter().map(|r| &r.rule).collect::<Vec<_>>(),
+                "conflicts": conflicts,
+                "assumptions": p.assumptions.iter().map(|a| (&a.path, a.held)).collect::<Vec<_>>(),
+                "before": p.diff.iter().map(|c| (&c.path, &c.before)).collect::<Vec<_>>(),
+            });
+            let as_value = blake3::hash(material.to_string().as_bytes()).to_hex().to_string();
+            assert_eq!(material_hash(&p, &conflicts), as_value, "{material}");
+        }
     }
 }
