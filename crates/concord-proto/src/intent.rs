@@ -678,27 +678,100 @@ impl<'de> Deserialize<'de> for RawCompensation {
     }
 }
 
+/// A step as written: [`RawStep`]'s fields, borrowed.
+#[derive(Serialize)]
+struct StepOut<'a> {
+    id: &'a Id,
+    kind: StepKind,
+    path: &'a ResourcePath,
+    args: ArgsOut<'a>,
+    confidence: f64,
+    compensation: CompensationOut<'a>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    timeout_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    verification: Option<&'a Verification>,
+}
+
+/// A compensation as written: [`RawCompensation`], borrowed.
+#[derive(Serialize)]
+#[serde(tag = "mode", rename_all = "snake_case")]
+enum CompensationOut<'a> {
+    Restore,
+    Undo {
+        kind: StepKind,
+        path: &'a ResourcePath,
+        args: ArgsOut<'a>,
+    },
+    Irreversible {
+        reason: &'a Short,
+    },
+}
+
+/// An op's arguments as written: their fields in key order, as a JSON
+/// value (whose maps sort their keys) wrote them when plan hashes were
+/// first made, since the content hash encodes them. The kinds whose
+/// arguments are declared in key order are written as they are; the others,
+/// and a value holding a float that is not finite (which a JSON value
+/// writes as null), through a JSON value.
+enum ArgsOut<'a> {
+    Direct(&'a Op),
+    Json(serde_json::Value),
+}
+
+impl<'a> ArgsOut<'a> {
+    fn of(op: &'a Op) -> Result<Self, serde_json::Error> {
+        fn finite(v: &Value) -> bool {
+            match v {
+                Value::Float(f) => f.is_finite(),
+                Value::List(items) => items.iter().all(finite),
+                Value::Map(m) => m.values().all(finite),
+                Value::Bool(_) | Value::Int(_) | Value::Str(_) => true,
+            }
+        }
+        let in_key_order = match op {
+            Op::Set(a) => finite(&a.value),
+            Op::Scale(_) | Op::Restart(_) | Op::Delete(_) | Op::Grant(_) | Op::Revoke(_) => true,
+            Op::Deploy(_) | Op::Exec(_) | Op::Network(_) => false,
+        };
+        if in_key_order {
+            Ok(ArgsOut::Direct(op))
+        } else {
+            serde_json::to_value(op).map(ArgsOut::Json)
+        }
+    }
+}
+
+impl Serialize for ArgsOut<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            ArgsOut::Direct(op) => op.serialize(s),
+            ArgsOut::Json(v) => v.serialize(s),
+        }
+    }
+}
+
 impl Serialize for Step {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let args = |op: &Op| serde_json::to_value(op).map_err(serde::ser::Error::custom);
+        let args = |op| ArgsOut::of(op).map_err(serde::ser::Error::custom);
         let compensation = match &self.compensation {
-            Compensation::Restore => RawCompensation::Restore,
-            Compensation::Undo(spec) => RawCompensation::Undo {
+            Compensation::Restore => CompensationOut::Restore,
+            Compensation::Undo(spec) => CompensationOut::Undo {
                 kind: spec.op.kind(),
-                path: spec.path.clone(),
+                path: &spec.path,
                 args: args(&spec.op)?,
             },
-            Compensation::Irreversible { reason } => RawCompensation::Irreversible { reason: reason.clone() },
+            Compensation::Irreversible { reason } => CompensationOut::Irreversible { reason },
         };
-        RawStep {
-            id: self.id.clone(),
+        StepOut {
+            id: &self.id,
             kind: self.kind(),
-            path: self.path.clone(),
+            path: &self.path,
             args: args(&self.op)?,
             confidence: self.confidence,
             compensation,
             timeout_ms: self.timeout_ms,
-            verification: self.verification.clone(),
+            verification: self.verification.as_ref(),
         }
         .serialize(s)
     }
@@ -1055,5 +1128,95 @@ fn check_condition(field: &str, op: CmpOp, value: Option<&Value>) -> Result<(), 
         (_, Some(v)) => v
             .check()
             .map_err(|(r, d)| DecodeError::new(format!("{field}.value"), r, d)),
+    }
+}
+
+#[cfg(test)]
+mod step_out_tests {
+    use super::*;
+
+    /// A step as it was written before: [`RawStep`] owned, its arguments
+    /// (and its compensation's) converted to a JSON value.
+    fn through_json_value(step: &Step) -> RawStep {
+        let args = |op: &Op| serde_json::to_value(op).unwrap();
+        RawStep {
+            id: step.id.clone(),
+            kind: step.kind(),
+            path: step.path.clone(),
+            args: args(&step.op),
+            confidence: step.confidence,
+            compensation: match &step.compensation {
+                Compensation::Restore => RawCompensation::Restore,
+                Compensation::Undo(spec) => RawCompensation::Undo {
+                    kind: spec.op.kind(),
+                    path: spec.path.clone(),
+                    args: args(&spec.op),
+                },
+                Compensation::Irreversible { reason } => RawCompensation::Irreversible { reason: reason.clone() },
+            },
+            timeout_ms: step.timeout_ms,
+            verification: step.verification.clone(),
+        }
+    }
+
+    /// Every kind of step, every compensation, values of every type: the
+    /// JSON and the CBOR (what the content hash encodes) are byte for byte
+    /// what they were through a JSON value.
+    #[test]
+    fn a_step_is_written_as_it_was_through_a_json_value() {
+        let restore = serde_json::json!({ "mode": "restore" });
+        let set = |value: serde_json::Value| {
+            serde_json::json!({ "id": "s", "kind": "set", "path": "a/b", "args": { "value": value },
+                "confidence": 0.5, "compensation": restore })
+        };
+        let steps = [
+            set(serde_json::json!(-7)),
+            set(serde_json::json!(2.5)),
+            set(serde_json::json!(1e15)),
+            set(serde_json::json!({ "z": [1, 2.0, "x", true], "a": { "m": -1.25, "b": false } })),
+            serde_json::json!({ "id": "s2", "kind": "deploy", "path": "svc/api",
+                "args": { "version": "v2", "artifact": "reg/api:v2" }, "confidence": 0.9,
+                "compensation": { "mode": "undo", "kind": "deploy", "path": "svc/api",
+                    "args": { "version": "v1", "artifact": "reg/api:v1" } },
+                "timeout_ms": 600000,
+                "verification": { "path": "svc/api/health/app", "op": "eq", "value": "ok",
+                    "bake_ms": 300000, "fresh_ms": 30000 } }),
+            serde_json::json!({ "id": "s3", "kind": "scale", "path": "svc/api", "args": { "replicas": 6 },
+                "confidence": 0.8, "compensation": restore }),
+            serde_json::json!({ "id": "s4", "kind": "restart", "path": "svc/w", "confidence": 0.6,
+                "compensation": { "mode": "irreversible", "reason": "cannot" } }),
+            serde_json::json!({ "id": "s5", "kind": "delete", "path": "db/r",
+                "args": { "confirm": { "path": "db/r", "reason": "gone" } }, "confidence": 1.0,
+                "compensation": { "mode": "irreversible", "reason": "data" } }),
+            serde_json::json!({ "id": "s6", "kind": "exec", "path": "db/p",
+                "args": { "program": "/usr/bin/vacuumdb", "args": ["--all"] }, "confidence": 0.5,
+                "compensation": { "mode": "irreversible", "reason": "no" } }),
+            serde_json::json!({ "id": "s7", "kind": "grant", "path": "db/p",
+                "args": { "principal": "agent:t", "role": "reader" }, "confidence": 0.9,
+                "compensation": { "mode": "undo", "kind": "revoke", "path": "db/p",
+                    "args": { "principal": "agent:t", "role": "reader" } } }),
+            serde_json::json!({ "id": "s9", "kind": "network", "path": "net/api",
+                "args": { "direction": "egress", "change": "add",
+                    "rule": { "protocol": "tcp", "port_from": 5432, "port_to": 5432, "cidr": "10.1.0.0/16" },
+                    "preflight": { "check": "tcp connect", "result": "passed" } },
+                "confidence": 0.8, "compensation": restore }),
+        ];
+        for json in steps {
+            let step: Step = serde_json::from_value(json.clone()).unwrap();
+            let before = through_json_value(&step);
+            assert_eq!(
+                String::from_utf8(serde_json::to_vec(&step).unwrap()).unwrap(),
+                String::from_utf8(serde_json::to_vec(&before).unwrap()).unwrap(),
+                "{json}"
+            );
+            assert_eq!(cbor(&step), cbor(&before), "{json}");
+        }
+    }
+
+    /// CBOR bytes of a value, as the content hash encodes it.
+    fn cbor<T: Serialize>(v: &T) -> Vec<u8> {
+        let mut out = Vec::new();
+        ciborium::into_writer(v, &mut out).unwrap();
+        out
     }
 }
