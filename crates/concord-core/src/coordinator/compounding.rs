@@ -2,7 +2,7 @@
 //! with its figures and the plan ids involved, mapped to an outcome by the
 //! policy (`[[rules.drift]]`, `[rules.masking]`, `[rules.loop]`).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
 
 use concord_proto::preview::{RuleResult, RuleStatus};
@@ -85,35 +85,35 @@ fn plans_value(plans: &BTreeSet<String>) -> Value {
     Value::List(plans.iter().map(|p| Value::Str(p.clone())).collect())
 }
 
-impl Coordinator {
-    /// Remembers an admitted plan's steps.
-    pub(super) fn remember_history(
-        &mut self,
-        now: u64,
-        agent: &str,
-        intent: &Intent,
-        step_changes: &[Vec<crate::apply::PathChange>],
-    ) {
-        let plan: Arc<str> = Arc::from(format!("{} v{}", intent.lineage, intent.version));
-        let agent: Arc<str> = Arc::from(agent);
-        for (step, changes) in intent.steps.iter().zip(step_changes) {
-            self.history.push_back(HistoryEntry {
-                at_ms: now,
-                plan: plan.clone(),
-                agent: agent.clone(),
-                kind: step.kind(),
-                path: step.path.clone(),
-                changes: changes
-                    .iter()
-                    .map(|c| (c.path.clone(), c.before.clone(), c.after.clone()))
-                    .collect(),
-            });
-        }
-        while self.history.len() > HISTORY_MAX {
-            self.history.pop_front();
-        }
+/// Remembers an admitted plan's steps.
+pub(super) fn remember_history(
+    history: &mut VecDeque<HistoryEntry>,
+    now: u64,
+    agent: &str,
+    intent: &Intent,
+    step_changes: &[Vec<crate::apply::PathChange>],
+) {
+    let plan: Arc<str> = Arc::from(format!("{} v{}", intent.lineage, intent.version));
+    let agent: Arc<str> = Arc::from(agent);
+    for (step, changes) in intent.steps.iter().zip(step_changes) {
+        history.push_back(HistoryEntry {
+            at_ms: now,
+            plan: plan.clone(),
+            agent: agent.clone(),
+            kind: step.kind(),
+            path: step.path.clone(),
+            changes: changes
+                .iter()
+                .map(|c| (c.path.clone(), c.before.clone(), c.after.clone()))
+                .collect(),
+        });
     }
+    while history.len() > HISTORY_MAX {
+        history.pop_front();
+    }
+}
 
+impl Coordinator {
     fn recent(&self, now: u64, window_ms: u64) -> impl Iterator<Item = &HistoryEntry> {
         let from = now.saturating_sub(window_ms);
         // History is in admission order: walk back from the newest.

@@ -1369,8 +1369,12 @@ impl Coordinator {
         }));
         let (verdict, queued) = (eval.verdict, eval.queued);
         // The simulated run borrows the world; keep what the plan needs and let it go.
-        let (final_changes, step_changes) = (run.final_changes.clone(), run.step_changes.clone());
+        let (final_changes, step_changes) = (
+            std::mem::take(&mut run.final_changes),
+            std::mem::take(&mut run.step_changes),
+        );
         drop(run);
+        let (version, key) = (intent.version, dedupe_key(&intent, &eval.plan_hash));
         if verdict != Verdict::Reject || queued {
             if let Some(v) = withdraw {
                 self.remove_plan(&lineage);
@@ -1390,7 +1394,7 @@ impl Coordinator {
                 status: Status::Queued,
                 queued_request: None,
                 previous: previous.clone(),
-                intent: intent.clone(),
+                intent,
             };
             self.insert_plan(lineage.clone(), plan);
             if queued {
@@ -1410,15 +1414,14 @@ impl Coordinator {
                     expires_at_ms,
                     Timer::ApprovalExpiry {
                         lineage: lineage.clone(),
-                        version: intent.version,
+                        version,
                     },
                     fx,
                 );
             } else {
                 self.start_saga(now, &lineage, fx);
             }
-        }
-        if verdict == Verdict::Reject && !queued && !self.plans.contains_key(&lineage) {
+        } else if !self.plans.contains_key(&lineage) {
             self.remember_ended(&intent, &eval.plan_hash);
         }
         let decision = Decision {
@@ -1431,7 +1434,7 @@ impl Coordinator {
             duplicate: false,
             preview: eval.preview,
         };
-        self.remember(agent, &dedupe_key(&intent, &decision.plan_hash), &decision);
+        self.remember(agent, &key, &decision);
         if queued { None } else { Some(decision) }
     }
 
@@ -1766,7 +1769,7 @@ impl Coordinator {
                 attempts: BTreeMap::new(),
             }),
         );
-        let Some(plan) = self.plans.get_mut(lineage) else {
+        let Some(plan) = self.plans.get(lineage) else {
             return;
         };
         for p in &plan.touched {
@@ -1781,13 +1784,12 @@ impl Coordinator {
         for (p, v) in &plan.effects {
             self.projected.insert(p.clone(), v.clone());
         }
-        let (agent, intent, changes) = (plan.agent.clone(), plan.intent.clone(), plan.step_changes.clone());
+        compounding::remember_history(&mut self.history, now, &plan.agent, &plan.intent, &plan.step_changes);
+        let version = plan.intent.version;
         self.check_inflight_keys();
-        self.remember_history(now, &agent, &intent, &changes);
-        let Some(plan) = self.plans.get(lineage) else { return };
         fx.push(Effect::Event(Event::Admitted {
             lineage: lineage.clone(),
-            version: plan.intent.version,
+            version,
         }));
         self.advance(now, lineage, fx);
     }
