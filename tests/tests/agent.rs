@@ -1604,6 +1604,47 @@ async fn an_agent_back_before_the_coordinator_catches_up_once_the_coordinator_is
     assert!(matches!(decision, HumanDecision::Approved { .. }), "{decision:?}");
 }
 
+/// A coordinator just back may answer the agent's catch-up with an error
+/// reply (busy, unavailable): the agent asks again instead of taking it for
+/// an answer. Here a stand-in answers on the coordinator's query subject:
+/// `busy` first, then the notices.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_agents_catch_up_answered_busy_is_asked_again() {
+    use futures::StreamExt;
+    let server = concord_testkit::NatsServer::start();
+    let relay = Relay::to(server.port()).await;
+    let away = agent_at(&relay.url(), "resource").await;
+    let stand_in = async_nats::connect(server.url()).await.unwrap();
+    let mut queries = stand_in.subscribe("concord.v1.default.query.resource").await.unwrap();
+    stand_in.flush().await.unwrap();
+    let asked = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = asked.clone();
+    let answering = tokio::spawn(async move {
+        while let Some(m) = queries.next().await {
+            let Some(reply) = m.reply else { continue };
+            let answer = if counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
+                json!({ "error": { "code": "busy", "message": "the coordinator's inbound queue is full",
+                                   "retry_after_ms": 50 } })
+            } else {
+                json!({ "notices": [{ "event": "approved", "lineage": "held", "version": 1,
+                                      "operator": "alice", "reason": "ok" }] })
+            };
+            stand_in.publish(reply, answer.to_string().into()).await.unwrap();
+        }
+    });
+    relay.cut();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while away.nats().connection_state() == async_nats::connection::State::Connected {
+        assert!(tokio::time::Instant::now() < deadline, "the agent never saw the cut");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    relay.heal();
+    let decision = away.await_decision(&Id::parse("held").unwrap(), 1, WAIT).await.unwrap();
+    assert!(matches!(decision, HumanDecision::Approved { .. }), "{decision:?}");
+    assert!(asked.load(std::sync::atomic::Ordering::SeqCst) >= 2);
+    answering.abort();
+}
+
 /// The log stream's last sequence now.
 async fn log_last_seq(js: &async_nats::jetstream::Context, live: &Live) -> u64 {
     js.get_stream(&live.cfg.log.stream)

@@ -188,13 +188,24 @@ fn valid_token(name: &str) -> bool {
 
 /// Fetches the agent's latest notices from the coordinator and merges them.
 /// Returns whether the coordinator answered (if not, the caller asks again).
+/// An error reply (busy, unavailable, rate limited: a coordinator just back
+/// may say so) is no answer.
 async fn catch_up_notices(client: &async_nats::Client, query: &str, shared: &std::sync::Weak<Shared>) -> bool {
     #[derive(Deserialize)]
     struct Answer {
         notices: Vec<Notice>,
     }
     let answer = match client.request(query.to_string(), r#"{"op":"notices"}"#.into()).await {
-        Ok(m) => serde_json::from_slice::<Answer>(&m.payload),
+        Ok(m) => match serde_json::from_slice::<ErrorReply>(&m.payload) {
+            Ok(err) => {
+                debug!(
+                    code = err.error.code,
+                    "catching up on notices: {}; asking again", err.error.message
+                );
+                return false;
+            }
+            Err(_) => serde_json::from_slice::<Answer>(&m.payload),
+        },
         Err(e) => {
             debug!("catching up on notices: {e}; asking again");
             return false;
