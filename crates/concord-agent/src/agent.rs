@@ -4,6 +4,7 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -186,32 +187,47 @@ fn valid_token(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-'))
 }
 
+/// What became of a notice catch-up.
+enum CatchUp {
+    /// The coordinator answered (or refused for good): done.
+    Done,
+    /// Nobody answered: ask again after the caller's backoff.
+    Again,
+    /// The coordinator asked to be asked again after this long (busy,
+    /// unavailable, rate limited: a coordinator just back may say so).
+    After(Duration),
+}
+
 /// Fetches the agent's latest notices from the coordinator and merges them.
-/// Returns whether the coordinator answered (if not, the caller asks again).
-/// An error reply (busy, unavailable, rate limited: a coordinator just back
-/// may say so) is no answer.
-async fn catch_up_notices(client: &async_nats::Client, query: &str, shared: &std::sync::Weak<Shared>) -> bool {
+async fn catch_up_notices(client: &async_nats::Client, query: &str, shared: &std::sync::Weak<Shared>) -> CatchUp {
     #[derive(Deserialize)]
     struct Answer {
         notices: Vec<Notice>,
     }
     let answer = match client.request(query.to_string(), r#"{"op":"notices"}"#.into()).await {
         Ok(m) => match serde_json::from_slice::<ErrorReply>(&m.payload) {
-            Ok(err) => {
-                debug!(
-                    code = err.error.code,
-                    "catching up on notices: {}; asking again", err.error.message
-                );
-                return false;
+            Ok(ErrorReply { error: e }) => {
+                return match e.code.as_str() {
+                    "busy" | "unavailable" | "rate_limited" => {
+                        debug!(code = e.code, "catching up on notices: {}; asking again", e.message);
+                        CatchUp::After(Duration::from_millis(e.retry_after_ms.unwrap_or(100)))
+                    }
+                    _ => {
+                        warn!(code = e.code, "catching up on notices: refused: {}", e.message);
+                        CatchUp::Done
+                    }
+                };
             }
             Err(_) => serde_json::from_slice::<Answer>(&m.payload),
         },
         Err(e) => {
             debug!("catching up on notices: {e}; asking again");
-            return false;
+            return CatchUp::Again;
         }
     };
-    let Some(shared) = shared.upgrade() else { return true };
+    let Some(shared) = shared.upgrade() else {
+        return CatchUp::Done;
+    };
     match answer {
         Ok(a) => {
             let n = a.notices.len();
@@ -227,7 +243,7 @@ async fn catch_up_notices(client: &async_nats::Client, query: &str, shared: &std
         }
         Err(e) => warn!("catching up on notices: an answer that does not decode: {e}"),
     }
-    true
+    CatchUp::Done
 }
 
 /// A decision and the coordinator's span that made it.
@@ -240,13 +256,31 @@ pub struct Traced {
     pub traceparent: Option<String>,
 }
 
-/// Connects to NATS as `name`: its credentials, its inbox prefix `_INBOX_<name>`.
-pub(crate) async fn connect_nats(url: &str, name: &str, seed: Option<&PathBuf>) -> Result<async_nats::Client, String> {
+/// Connects to NATS as `name`: its credentials, its inbox prefix
+/// `_INBOX_<name>`. Counts every loss of the connection in `disconnects`,
+/// if given: a reconnect faster than anyone polls the connection's state
+/// is still seen.
+pub(crate) async fn connect_nats(
+    url: &str,
+    name: &str,
+    seed: Option<&PathBuf>,
+    disconnects: Option<Arc<AtomicU64>>,
+) -> Result<async_nats::Client, String> {
     let mut opts = async_nats::ConnectOptions::new()
         .name(format!("concord-agent-{name}"))
         .custom_inbox_prefix(format!("_INBOX_{name}"))
         .retry_on_initial_connect()
         .connection_timeout(Duration::from_secs(5));
+    if let Some(count) = disconnects {
+        opts = opts.event_callback(move |event| {
+            let count = count.clone();
+            async move {
+                if matches!(event, async_nats::Event::Disconnected) {
+                    count.fetch_add(1, Ordering::SeqCst);
+                }
+            }
+        });
+    }
     if let Some(p) = seed {
         let seed = std::fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display()))?;
         opts = opts.nkey(seed.trim().to_string());
@@ -271,9 +305,15 @@ impl Agent {
                 cfg.domain
             )));
         }
-        let nats = connect_nats(&cfg.url, &cfg.name, cfg.nkey_seed_file.as_ref())
-            .await
-            .map_err(AgentError::Disconnected)?;
+        let disconnects = Arc::new(AtomicU64::new(0));
+        let nats = connect_nats(
+            &cfg.url,
+            &cfg.name,
+            cfg.nkey_seed_file.as_ref(),
+            Some(disconnects.clone()),
+        )
+        .await
+        .map_err(AgentError::Disconnected)?;
         let prefix = format!("concord.v1.{}", cfg.domain);
         let (leases, _) = broadcast::channel(LEASE_NOTICES_MAX);
         let shared = Arc::new(Shared {
@@ -309,9 +349,10 @@ impl Agent {
         let client = nats.clone();
         let query = format!("{prefix}.query.{}", cfg.name);
         // The coordinator may not answer at once (it may be restarting too):
-        // the catch-up is asked again, backing off up to 2 s, until it does.
+        // the catch-up is asked again, backing off up to 2 s, until it does;
+        // one that answers busy is asked again when it says.
         tokio::spawn(async move {
-            let mut was_connected = true;
+            let mut seen_disconnects = 0;
             let mut owed = false;
             let mut backoff = Duration::from_millis(100);
             let mut next_try = tokio::time::Instant::now();
@@ -322,18 +363,22 @@ impl Agent {
                     return;
                 }
                 let connected = client.connection_state() == async_nats::connection::State::Connected;
-                if connected && !was_connected {
+                // Connected again after a loss (however short): catch up.
+                let lost = disconnects.load(Ordering::SeqCst);
+                if connected && lost != seen_disconnects {
+                    seen_disconnects = lost;
                     owed = true;
                     backoff = Duration::from_millis(100);
                     next_try = tokio::time::Instant::now();
                 }
-                was_connected = connected;
                 if connected && owed && tokio::time::Instant::now() >= next_try {
-                    if catch_up_notices(&client, &query, &s).await {
-                        owed = false;
-                    } else {
-                        next_try = tokio::time::Instant::now() + backoff;
-                        backoff = (backoff * 2).min(Duration::from_secs(2));
+                    match catch_up_notices(&client, &query, &s).await {
+                        CatchUp::Done => owed = false,
+                        CatchUp::Again => {
+                            next_try = tokio::time::Instant::now() + backoff;
+                            backoff = (backoff * 2).min(Duration::from_secs(2));
+                        }
+                        CatchUp::After(wait) => next_try = tokio::time::Instant::now() + wait,
                     }
                 }
             }

@@ -257,7 +257,7 @@ impl Executor {
     /// queue group `exec.<name>` and serves until the returned handle drops.
     pub async fn start(self) -> Result<Running, ExecutorError> {
         let name = self.cfg.name.clone();
-        let nats = crate::agent::connect_nats(&self.cfg.url, &name, self.cfg.nkey_seed_file.as_ref())
+        let nats = crate::agent::connect_nats(&self.cfg.url, &name, self.cfg.nkey_seed_file.as_ref(), None)
             .await
             .map_err(ExecutorError::Nats)?;
         let js = jetstream::new(nats.clone());
