@@ -6,7 +6,7 @@
 //! services plus bulk `fleet/...` paths, 100k paths in all. Each background
 //! plan is 5 steps on its own fleet node (distinct paths: none conflict) and
 //! stays in flight, holding its leases; they come from 100 agents, since one
-//! agent may run at most 1,024 plans at once. Two measured cases:
+//! agent may run at most 1,024 plans at once. Measured cases:
 //! - `admit-and-run`: a 5-step plan on three services is decided (admitted),
 //!   then its 5 steps are dispatched and succeed, so the paths are free for
 //!   the next iteration: one decision plus 5 outcomes.
@@ -14,8 +14,8 @@
 //!   admits the plan and dispatches its first step); its 5 outcomes run
 //!   after the timed call, outside the measurement.
 //! - `decide-conflict`: while one such plan runs, a new lineage on the same
-//!   paths is decided in full (both previews, conflicts, compounding) and
-//!   rejected for the conflict.
+//!   paths is decided (its preview, conflicts, compounding) and rejected for
+//!   the conflict.
 //!
 //! Each iteration moves the clock past the compounding windows, and each
 //! iteration's plan changes the values it sets (a plan equal to the world

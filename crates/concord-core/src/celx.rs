@@ -1325,6 +1325,29 @@ mod tests {
                     let entries: Vec<(&ResourcePath, &Value)> = projected.iter().collect();
                     let patched = Tree::patched(&patch);
                     proptest::prop_assert_eq!(run(Box::new(patched)), run(Tree::new(&entries).built()), "{} patched", e);
+                    // The patch reads in every other way as the projection
+                    // it stands for, read in place.
+                    for read in [
+                        "keys(after.a)",
+                        "size(after.a)",
+                        "'k' in after.a",
+                        "after.a.k",
+                        "after.a['k-b'].x",
+                        "after.a == after.a",
+                        "keys(after.a).map(k, after.a[k])",
+                    ] {
+                        let program = Program::compile(read).unwrap();
+                        let run = |after: Val<'_>| -> Result<CelValue, String> {
+                            let mut ctx = Context::with_env(std::sync::Arc::new(env()));
+                            ctx.add_variable_as_val("after", after);
+                            program.execute(&ctx).map_err(|e| e.to_string())
+                        };
+                        proptest::prop_assert_eq!(
+                            run(Box::new(Tree::patched(&patch))),
+                            run(Box::new(Tree::new(&entries))),
+                            "{} patched", read
+                        );
+                    }
                 }
             }
         }

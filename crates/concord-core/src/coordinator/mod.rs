@@ -10,7 +10,8 @@
 //! - **decided**: previewed against the *projected* world (the world plus
 //!   every admitted, unfinished plan's effects) and, when plans are in
 //!   flight, against the world as it is (an in-flight saga may compensate
-//!   instead of finishing); checked for conflicts with in-flight plans and
+//!   instead of finishing; skipped for a plan rejected for a conflict it
+//!   does not wait out); checked for conflicts with in-flight plans and
 //!   other agents' leases; then admitted, held for a human, queued or rejected.
 //! - **pending**: waits for an operator; holds no lease; expires. An approval
 //!   binds the plan hash and the material-preview hash; if the material
@@ -734,20 +735,33 @@ fn material_hash(p: &Preview, conflicts: &[Conflict]) -> String {
         before: p.diff.iter().map(|c| (&c.path, &c.before)).collect(),
         conflicts: conflicts
             .iter()
-            .map(|c| MaterialConflict {
-                agent: &c.agent,
-                kind: &c.kind,
-                other: &c.other,
-                path: &c.path,
-                version: c.version,
+            .map(|c| {
+                // Every field, named without `..`: a field added to
+                // `Conflict` does not compile here until it is hashed too.
+                let Conflict {
+                    other,
+                    version,
+                    agent,
+                    path,
+                    kind,
+                } = c;
+                MaterialConflict {
+                    agent,
+                    kind,
+                    other,
+                    path,
+                    version: *version,
+                }
             })
             .collect(),
         failing: p.reasons.iter().map(|r| r.rule.as_str()).collect(),
         verdict: p.verdict,
     };
     // Serializing these types to memory cannot fail (string keys, no
-    // non-finite number is written as anything but null).
-    let bytes = serde_json::to_vec(&material).unwrap_or_default();
+    // non-finite number is written as anything but null); if it did, the
+    // error's text is hashed rather than nothing (which every failure
+    // would share).
+    let bytes = serde_json::to_vec(&material).unwrap_or_else(|e| format!("unserializable material: {e}").into_bytes());
     blake3::hash(&bytes).to_hex().to_string()
 }
 
@@ -1668,7 +1682,13 @@ impl Coordinator {
     /// so the next version is diffed against it.
     fn remember_ended(&mut self, intent: &Intent, hash: &str) {
         let lineage = intent.lineage.clone();
-        self.ended_hashes.insert(lineage.clone(), hash.to_string());
+        // Only hashes this process made: while recovering, `hash` is the
+        // record's, which another build may have computed otherwise.
+        if self.recorded.is_some() {
+            self.ended_hashes.remove(&lineage);
+        } else {
+            self.ended_hashes.insert(lineage.clone(), hash.to_string());
+        }
         if self.ended.insert(lineage.clone(), intent.clone()).is_none() {
             self.ended_order.push_back(lineage);
         }
