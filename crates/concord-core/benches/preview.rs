@@ -46,10 +46,9 @@
 use std::hint::black_box;
 use std::time::Duration;
 
-use concord_core::budget::BudgetIndex;
-use concord_core::celindex::CelIndex;
+use concord_core::indexes::WorldIndexes;
 use concord_core::preview::{PreviewInput, preview, preview_on};
-use concord_core::world::{Base, PathIndex};
+use concord_core::world::Base;
 use concord_proto::Verdict;
 use criterion::{BenchmarkId, Criterion, SamplingMode, criterion_group, criterion_main};
 
@@ -121,13 +120,8 @@ fn bench_preview(c: &mut Criterion) {
                     b.iter(|| preview(black_box(input)))
                 });
                 if indexed {
-                    let index = BudgetIndex::build(policy, &world);
-                    let paths = PathIndex::build(&world);
-                    let cel = CelIndex::build(policy, &world);
-                    let base = Base::current(&world)
-                        .with_index(&index)
-                        .with_paths(&paths)
-                        .with_cel(&cel);
+                    let indexes = WorldIndexes::build(policy, &world);
+                    let base = Base::current(&world).with_indexes(&indexes);
                     assert_eq!(preview_on(input, base), preview(input), "an index changes no report");
                     group.bench_function(BenchmarkId::new(format!("{}-indexed", case.name), label), |b| {
                         b.iter(|| preview_on(black_box(input), base))

@@ -42,6 +42,7 @@ pub mod budget;
 pub mod celindex;
 mod celx;
 pub mod coordinator;
+pub mod indexes;
 pub mod plandiff;
 pub mod policy;
 pub mod preview;

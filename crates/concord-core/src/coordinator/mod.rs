@@ -41,11 +41,10 @@ use concord_proto::{
 use serde::{Deserialize, Serialize};
 
 use crate::apply::{PathChange, apply};
-use crate::budget::BudgetIndex;
-use crate::celindex::CelIndex;
+use crate::indexes::WorldIndexes;
 use crate::policy::Policy;
 use crate::preview::{PreviewInput, preview_of_run};
-use crate::world::{Base, Keyed, Memo, Overlay, PathIndex, PathKeys, State, World};
+use crate::world::{Base, Keyed, Memo, Overlay, PathKeys, State, World};
 pub use crate::worlddoc::ObservationRecord;
 use crate::worlddoc::{Identity, Provenance, WorldDoc, WorldDocConfig, WorldDocError, needs_write};
 pub use compounding::{Breaker, HISTORY_MAX, HistoryEntry};
@@ -622,17 +621,10 @@ pub struct Coordinator {
     /// in order. Not state: empty outside [`Coordinator::recover_input`].
     #[serde(skip)]
     recorded: Option<VecDeque<Event>>,
-    /// The budget rules' values of `world`, kept with it; derived, so not
-    /// in a snapshot: built again when missing or when the policy changes.
+    /// The indexes of `world` (derived: built again when missing or when
+    /// the policy changes).
     #[serde(skip)]
-    budget_index: BudgetIndex,
-    /// Point lookups into `world` (derived from it, rebuilt when missing).
-    #[serde(skip)]
-    path_index: PathIndex,
-    /// What the CEL rules read of `world` (derived, rebuilt when missing or
-    /// when the policy changes).
-    #[serde(skip)]
-    cel_index: CelIndex,
+    indexes: WorldIndexes,
     /// The keys of `inflight` by hash (derived, rebuilt when missing): most
     /// lookups there find nothing, and say so at once. They filter
     /// `projected` too, whose keys are among them (a running plan's effects
@@ -780,9 +772,7 @@ impl Coordinator {
         let doc = WorldDoc::new(identity, config.world_doc.clone(), &world, now_ms);
         // The world's indexes are built here, with the world (a restored
         // coordinator builds them at its first decision).
-        let budget_index = BudgetIndex::build(&policy, &world);
-        let path_index = PathIndex::build(&world);
-        let cel_index = CelIndex::build(&policy, &world);
+        let indexes = WorldIndexes::build(&policy, &world);
         Coordinator {
             doc,
             config,
@@ -808,9 +798,7 @@ impl Coordinator {
             queued: BTreeSet::new(),
             recent: BTreeMap::new(),
             recorded: None,
-            budget_index,
-            path_index,
-            cel_index,
+            indexes,
             inflight_keys: PathKeys::empty(),
         }
     }
@@ -829,15 +817,7 @@ impl Coordinator {
     /// decided keep their decisions. Log it as a [`Record::Policy`].
     pub fn set_policy(&mut self, policy: Policy) {
         self.policy = policy;
-        // An index built for another policy is dropped, not kept aside: it is
-        // not updated while this policy holds, so a later change back to its
-        // policy must build it again, not use it as it was.
-        if !self.budget_index.built_for(&self.policy) {
-            self.budget_index = BudgetIndex::default();
-        }
-        if !self.cel_index.built_for(&self.policy) {
-            self.cel_index = CelIndex::default();
-        }
+        self.indexes.forget_other_policy(&self.policy);
     }
 
     /// The tripped circuit breakers.
@@ -1342,9 +1322,7 @@ impl Coordinator {
         let mut run = crate::preview::Run::simulate(
             Base::projected(&self.world, &self.projected)
                 .with_overlay_keys(&self.inflight_keys)
-                .with_index(&self.budget_index)
-                .with_paths(&self.path_index)
-                .with_cel(&self.cel_index)
+                .with_indexes(&self.indexes)
                 .with_memo(&memo),
             &intent,
         );
@@ -1555,9 +1533,7 @@ impl Coordinator {
             let current_memo = Memo::default();
             let current_run = crate::preview::Run::simulate(
                 Base::current(&self.world)
-                    .with_index(&self.budget_index)
-                    .with_paths(&self.path_index)
-                    .with_cel(&self.cel_index)
+                    .with_indexes(&self.indexes)
                     .with_memo(&current_memo),
                 intent,
             );
@@ -2065,19 +2041,12 @@ impl Coordinator {
                 message: format!("world document: step {} not written: {e}", key.text()),
             });
         }
-        let indexed = self.budget_index.built_for(&self.policy);
-        let cel_indexed = self.cel_index.built_for(&self.policy);
+        self.indexes.apply(
+            &self.policy,
+            &self.world,
+            changes.iter().map(|c| (&c.path, c.after.as_ref())),
+        );
         for c in changes {
-            if indexed {
-                self.budget_index.set(&self.policy, &c.path, c.after.as_ref());
-            }
-            if cel_indexed {
-                let existed = self.world.resources.contains_key(&c.path);
-                self.cel_index.set(&self.policy, &c.path, existed, c.after.as_ref());
-            }
-            if self.path_index.is_built() {
-                self.path_index.set(&c.path, c.after.as_ref());
-            }
             match &c.after {
                 Some(v) => self.world.resources.insert(c.path.clone(), v.clone()),
                 None => self.world.resources.remove(&c.path),
@@ -2087,17 +2056,10 @@ impl Coordinator {
     }
 
     /// Builds the world's indexes if they are missing (a new or restored
-    /// coordinator), the budget index also if it was built for another policy.
+    /// coordinator) or were built for another policy, and the in-flight keys
+    /// if they are missing.
     fn index_world(&mut self) {
-        if !self.budget_index.built_for(&self.policy) {
-            self.budget_index = BudgetIndex::build(&self.policy, &self.world);
-        }
-        if !self.path_index.is_built() {
-            self.path_index = PathIndex::build(&self.world);
-        }
-        if !self.cel_index.built_for(&self.policy) {
-            self.cel_index = CelIndex::build(&self.policy, &self.world);
-        }
+        self.indexes.ensure(&self.policy, &self.world);
         if !self.inflight_keys.is_built() {
             self.inflight_keys = PathKeys::build(&self.inflight);
         }
