@@ -12,7 +12,12 @@
 //!   the next iteration: one decision plus 5 outcomes.
 //! - `admit`: the same, with only the decision timed (the `handle` call that
 //!   admits the plan and dispatches its first step); its 5 outcomes run
-//!   after the timed call, outside the measurement.
+//!   after the timed call, outside the measurement. Its plans differ in the
+//!   values they set, not in their steps' ids, kinds and confidences, so the
+//!   CEL rule over the plan alone (`confidence.destructive`) is answered
+//!   from what it gave before (`celmemo`).
+//! - `admit-new-shape`: `admit` with step ids new in every iteration, so
+//!   that rule is evaluated every time.
 //! - `decide-conflict`: while one such plan runs, a new lineage on the same
 //!   paths is decided (its preview, conflicts, compounding) and rejected for
 //!   the conflict.
@@ -35,10 +40,13 @@ fn bench(c: &mut Criterion) {
     let w = world(100_000);
     let p = policy();
     eprintln!(
-        "policy: {} rules (config/policy.toml), world: {} paths",
+        "policy: {} rules and {} compounding rules (config/policy.toml), world: {} paths",
         p.rule_count(),
+        p.compounding_rule_count(),
         w.resources.len()
     );
+    // The workload the admission target names: 20 rules.
+    assert_eq!(p.rule_count() + p.compounding_rule_count(), 20);
     // What the coordinator keeps beside its world: the world itself, and its
     // path index (the budget index is a few values per service).
     let before = LIVE.load(std::sync::atomic::Ordering::Relaxed);
@@ -79,27 +87,32 @@ fn bench(c: &mut Criterion) {
                     )
                 },
             );
-            group.bench_with_input(
-                BenchmarkId::new(format!("{variant}admit"), inflight),
-                &inflight,
-                |b, _| {
-                    b.iter_custom(|iters| {
-                        let mut timed = std::time::Duration::ZERO;
-                        for _ in 0..iters {
-                            n += 1;
-                            now += DAY_MS;
-                            let intent = admit_intent(n);
-                            // The bench times; the core it times reads no clock.
-                            #[allow(clippy::disallowed_methods)]
-                            let start = std::time::Instant::now();
-                            let fx = black_box(admit(&mut coord, now, n, intent));
-                            timed += start.elapsed();
-                            run_to_end(&mut coord, now, fx);
-                        }
-                        timed
-                    })
-                },
-            );
+            type MakeIntent = fn(u64) -> concord_proto::Intent;
+            let admits: [(&str, MakeIntent); 2] =
+                [("admit", admit_intent), ("admit-new-shape", admit_intent_new_shape)];
+            for (case, make_intent) in admits {
+                group.bench_with_input(
+                    BenchmarkId::new(format!("{variant}{case}"), inflight),
+                    &inflight,
+                    |b, _| {
+                        b.iter_custom(|iters| {
+                            let mut timed = std::time::Duration::ZERO;
+                            for _ in 0..iters {
+                                n += 1;
+                                now += DAY_MS;
+                                let intent = make_intent(n);
+                                // The bench times; the core it times reads no clock.
+                                #[allow(clippy::disallowed_methods)]
+                                let start = std::time::Instant::now();
+                                let fx = black_box(admit(&mut coord, now, n, intent));
+                                timed += start.elapsed();
+                                run_to_end(&mut coord, now, fx);
+                            }
+                            timed
+                        })
+                    },
+                );
+            }
             now += DAY_MS;
             hold_services(&mut coord, now);
             group.bench_with_input(

@@ -7,7 +7,7 @@
 //! ```text
 //! cargo build --release --example prof_coord -p concord-core
 //! valgrind --tool=callgrind --toggle-collect='*measured_*' \
-//!     target/release/examples/prof_coord 1000 50 [cel|native]
+//!     target/release/examples/prof_coord 1000 50 [cel|native] [new-shape]
 //! callgrind_annotate --inclusive=yes callgrind.out.<pid> | grep 'Coordinator::handle'
 //! ```
 
@@ -49,11 +49,17 @@ fn main() {
         Some("native") => policy_native_budget(),
         _ => policy(),
     };
+    // `new-shape`: admissions as the bench's `admit-new-shape` (step ids new
+    // in every plan, so no CEL result is remembered).
+    let make_intent: fn(u64) -> Intent = match args.get(4).map(String::as_str) {
+        Some("new-shape") => admit_intent_new_shape,
+        _ => admit_intent,
+    };
     let mut coord = with_inflight(world(100_000), inflight, policy);
     let mut now = 10u64;
     for n in 0..iters {
         now += DAY_MS;
-        let fx = measured_admit(&mut coord, now, n, admit_intent(n));
+        let fx = measured_admit(&mut coord, now, n, make_intent(n));
         run_to_end(&mut coord, now, fx);
     }
     now += DAY_MS;

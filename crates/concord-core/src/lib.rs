@@ -40,6 +40,7 @@
 pub mod apply;
 pub mod budget;
 pub mod celindex;
+mod celmemo;
 mod celx;
 pub mod coordinator;
 pub mod indexes;

@@ -598,6 +598,9 @@ pub struct CelRule {
     pub reads_plan_or_agent: bool,
     /// Which variables the expression and figures reference: only those are bound.
     pub vars: CelVars,
+    /// Results remembered by what of the plan they read, if the rule reads
+    /// neither `before` nor `after` and its expressions allow it.
+    pub(crate) memo: Option<crate::celmemo::Memo>,
 }
 
 /// The variables a CEL rule references.
@@ -754,6 +757,11 @@ impl Policy {
                 vars.agent |= refs.has_variable("agent");
             }
             let reads_plan_or_agent = vars.plan || vars.agent;
+            let memo = (!vars.before && !vars.after)
+                .then(|| {
+                    crate::celmemo::Memo::for_programs(std::iter::once(&program).chain(figures.iter().map(|(_, p)| p)))
+                })
+                .flatten();
             cel_rules.push(CelRule {
                 config: c.clone(),
                 reads: Globs::new(&c.id, &c.reads)?,
@@ -761,6 +769,7 @@ impl Policy {
                 figures,
                 reads_plan_or_agent,
                 vars,
+                memo,
             });
         }
         Ok(Policy {
@@ -841,6 +850,14 @@ impl Policy {
             + self.rates.len()
             + self.budgets.len()
             + self.cel.len()
+    }
+
+    /// The compounding rules the coordinator applies besides: drift rules,
+    /// the masking rule and the remediation-loop breaker, as configured.
+    pub fn compounding_rule_count(&self) -> usize {
+        self.drifts.len()
+            + usize::from(self.config.rules.masking.is_some())
+            + usize::from(self.config.rules.loops.is_some())
     }
 }
 

@@ -62,11 +62,18 @@ pub fn node_plan(i: usize) -> Intent {
 /// uses 0, the measured ones 1 to 7 and never the same twice running): a plan
 /// equal to the world would change nothing and be judged in one state.
 pub fn service_plan(lineage: &str, bump: i64) -> Intent {
+    service_plan_named(lineage, bump, "")
+}
+
+/// [`service_plan`] with `suffix` after each step id.
+pub fn service_plan_named(lineage: &str, bump: i64, suffix: &str) -> Intent {
     let set = |id: &str, path: &str, v: i64| {
+        let id = format!("{id}{suffix}");
         json!({ "id": id, "kind": "set", "path": path, "args": { "value": v }, "confidence": 0.9,
                 "compensation": { "mode": "restore" } })
     };
     let scale = |id: &str, path: &str, r: u32| {
+        let id = format!("{id}{suffix}");
         json!({ "id": id, "kind": "scale", "path": path, "args": { "replicas": r }, "confidence": 0.9,
                 "compensation": { "mode": "restore" } })
     };
@@ -179,6 +186,13 @@ fn bump(n: u64) -> i64 {
 /// to the bus, not to `Coordinator::handle`).
 pub fn admit_intent(n: u64) -> Intent {
     service_plan(&format!("admit-{n}"), bump(n))
+}
+
+/// The intent of `admit-new-shape` in iteration `n`: [`admit_intent`] with
+/// step ids of its own, so no CEL rule's result is remembered for it (the
+/// shipped confidence rule's figure reads step ids).
+pub fn admit_intent_new_shape(n: u64) -> Intent {
+    service_plan_named(&format!("admit-{n}"), bump(n), &format!("-{n}"))
 }
 
 /// The intent `decide_conflict` proposes in iteration `n`.

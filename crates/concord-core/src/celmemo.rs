@@ -1,0 +1,453 @@
+//! Results of CEL rules over the plan alone, remembered by what they read.
+//!
+//! A rule that reads neither `before` nor `after` is a function of the plan
+//! (and the agent) only, and most such rules read a few fields of each step:
+//! `plan.steps.all(s, !(s.kind in [...]) || s.confidence >= 0.9)` reads each
+//! step's kind and confidence, never a value the step sets. An agent's plans
+//! mostly repeat those fields while the values change, so the rule's verdict
+//! and figures are remembered under the fields it can read, found by reading
+//! the compiled expressions once: if every use of `plan` and of a step is one
+//! of the forms below, nothing else of the plan can reach the result.
+//!
+//! - `plan.lineage`, `plan.version`, `plan.goal` (and `has(plan.x)`);
+//! - `plan.steps`, or a `filter` of it, as the range of a macro (`all`,
+//!   `exists`, `exists_one`, `filter`, `map`) or in `size(..)`;
+//! - inside such a macro, its step variable only as `s.id`, `s.kind`,
+//!   `s.path` or `s.confidence` (and `has(s.x)`).
+//!
+//! `agent` may be used in any way: its whole value (id, autonomy) is part of
+//! the key. Anything else (a step or `plan` as a whole, `plan.steps[0]`, a
+//! step's `args`, a two-variable comprehension) leaves the rule unremembered.
+//! A remembered result is the one a fresh evaluation gives: debug builds
+//! evaluate again on every hit and compare.
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+
+use cel::common::ast::{EntryExpr, Expr, IdedExpr};
+use concord_proto::{Intent, Value};
+
+/// The step fields a rule may read and be remembered: in key order.
+const STEP_FIELDS: [&str; 4] = ["id", "kind", "path", "confidence"];
+/// The plan fields a rule may read and be remembered: in key order.
+const PLAN_FIELDS: [&str; 3] = ["lineage", "version", "goal"];
+/// The most keys a rule remembers; past it, it starts over (results do not
+/// depend on what is remembered, only the time to find them does).
+pub(crate) const MEMO_ENTRIES_MAX: usize = 256;
+
+/// What of the plan and the agent a rule's expressions can read.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Reads {
+    plan: [bool; PLAN_FIELDS.len()],
+    step: [bool; STEP_FIELDS.len()],
+    agent: bool,
+}
+
+/// A rule's remembered results.
+#[derive(Debug)]
+pub(crate) struct Memo {
+    reads: Reads,
+    entries: Mutex<BTreeMap<Box<[u8]>, Remembered>>,
+}
+
+/// What one key gave: the verdict and the figures, each once asked for.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Remembered {
+    pub(crate) eval: Option<crate::preview::Eval>,
+    pub(crate) figures: Option<BTreeMap<String, Value>>,
+}
+
+impl Memo {
+    /// A memo for a rule whose expression and figures are `programs`, if
+    /// they read only what a key holds.
+    pub(crate) fn for_programs<'p>(programs: impl IntoIterator<Item = &'p cel::Program>) -> Option<Memo> {
+        let mut reads = Reads::default();
+        for p in programs {
+            walk(p.expression(), &mut Vec::new(), &mut reads).ok()?;
+        }
+        Some(Memo {
+            reads,
+            entries: Mutex::new(BTreeMap::new()),
+        })
+    }
+
+    /// The key of `intent` from `agent` (with `autonomy`): the fields the
+    /// rule can read, each length-prefixed, and the number of steps.
+    pub(crate) fn key(&self, intent: &Intent, agent: &str, autonomy: &str) -> Box<[u8]> {
+        let mut key = Vec::with_capacity(64);
+        let text = |key: &mut Vec<u8>, s: &str| {
+            key.extend_from_slice(&(s.len() as u64).to_le_bytes());
+            key.extend_from_slice(s.as_bytes());
+        };
+        if self.reads.agent {
+            text(&mut key, agent);
+            text(&mut key, autonomy);
+        }
+        for (field, read) in PLAN_FIELDS.iter().zip(self.reads.plan) {
+            match (*field, read) {
+                (_, false) => {}
+                ("lineage", true) => text(&mut key, intent.lineage.as_str()),
+                ("version", true) => key.extend_from_slice(&intent.version.to_le_bytes()),
+                (_, true) => text(&mut key, intent.goal.as_str()),
+            }
+        }
+        key.extend_from_slice(&(intent.steps.len() as u64).to_le_bytes());
+        for step in &intent.steps {
+            for (field, read) in STEP_FIELDS.iter().zip(self.reads.step) {
+                match (*field, read) {
+                    (_, false) => {}
+                    ("id", true) => text(&mut key, step.id.as_str()),
+                    ("kind", true) => text(&mut key, step.kind().name()),
+                    ("path", true) => text(&mut key, step.path.as_str()),
+                    // The bits: equal bits are the same number (a NaN too).
+                    (_, true) => key.extend_from_slice(&step.confidence.to_bits().to_le_bytes()),
+                }
+            }
+        }
+        key.into_boxed_slice()
+    }
+
+    /// What `key` gave, read by `part`, if it was asked for.
+    pub(crate) fn remembered<T>(&self, key: &[u8], part: impl FnOnce(&Remembered) -> Option<&T>) -> Option<T>
+    where
+        T: Clone,
+    {
+        self.lock().get(key).and_then(part).cloned()
+    }
+
+    /// Remembers what `key` gave, written by `part`.
+    pub(crate) fn remember(&self, key: &[u8], part: impl FnOnce(&mut Remembered)) {
+        let mut entries = self.lock();
+        if entries.len() >= MEMO_ENTRIES_MAX && !entries.contains_key(key) {
+            entries.clear();
+        }
+        part(entries.entry(key.into()).or_default());
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<Box<[u8]>, Remembered>> {
+        // A panic while holding it cannot leave an entry half written.
+        self.entries.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    #[cfg(test)]
+    pub(crate) fn reads(&self) -> Reads {
+        self.reads
+    }
+}
+
+/// What a name is bound to inside an expression.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Bound {
+    /// A macro's variable over `plan.steps`.
+    Step,
+    /// Any other macro variable or accumulator.
+    Other,
+}
+
+/// An expression that reads more than a key holds.
+struct Unkeyed;
+
+fn lookup(scope: &[(&str, Bound)], name: &str) -> Option<Bound> {
+    scope.iter().rev().find(|(n, _)| *n == name).map(|(_, b)| *b)
+}
+
+/// Whether `e` is `plan.steps`, `plan` being the variable.
+fn is_plan_steps(e: &IdedExpr, scope: &[(&str, Bound)]) -> bool {
+    matches!(&e.expr, Expr::Select(s)
+        if !s.test && s.field == "steps"
+            && matches!(&s.operand.expr, Expr::Ident(n) if n == "plan" && lookup(scope, n).is_none()))
+}
+
+/// The condition of `c` if it is the `filter` macro's expansion: `[]`
+/// accumulates `[v]` for each `v` the condition holds for.
+fn filter_condition(c: &cel::common::ast::ComprehensionExpr) -> Option<&IdedExpr> {
+    let is_accu = |e: &IdedExpr| matches!(&e.expr, Expr::Ident(n) if *n == c.accu_var);
+    let Expr::Call(step) = &c.loop_step.expr else {
+        return None;
+    };
+    let [cond, then, otherwise] = step.args.as_slice() else {
+        return None;
+    };
+    let Expr::Call(add) = &then.expr else { return None };
+    let appends_var = matches!(add.args.as_slice(), [accu, one]
+        if is_accu(accu) && matches!(&one.expr, Expr::List(l)
+            if l.optional_indices.is_empty()
+                && matches!(l.elements.as_slice(), [v] if matches!(&v.expr, Expr::Ident(n) if *n == c.iter_var))));
+    let filters = step.func_name == "_?_:_"
+        && step.target.is_none()
+        && add.func_name == "_+_"
+        && add.target.is_none()
+        && appends_var
+        && is_accu(otherwise)
+        && is_accu(&c.result)
+        && c.iter_var2.is_none()
+        && c.iter_var != c.accu_var
+        && matches!(&c.accu_init.expr, Expr::List(l) if l.elements.is_empty());
+    filters.then_some(cond)
+}
+
+/// Whether `e` is a list of the plan's steps: `plan.steps`, or a `filter`
+/// of one (its loop, which reads steps, is walked here).
+fn step_list<'e>(e: &'e IdedExpr, scope: &mut Vec<(&'e str, Bound)>, reads: &mut Reads) -> Result<bool, Unkeyed> {
+    if is_plan_steps(e, scope) {
+        return Ok(true);
+    }
+    let Expr::Comprehension(c) = &e.expr else {
+        return Ok(false);
+    };
+    if filter_condition(c).is_none() || !step_list(&c.iter_range, scope, reads)? {
+        return Ok(false);
+    }
+    let depth = scope.len();
+    scope.push((c.accu_var.as_str(), Bound::Other));
+    scope.push((c.iter_var.as_str(), Bound::Step));
+    // The step's append (`[v]`) is the list's element, not a read: only
+    // the condition and the loop's own condition read the step.
+    let walked = filter_condition(c)
+        .map_or(Ok(()), |cond| walk(cond, scope, reads))
+        .and_then(|()| walk(&c.loop_cond, scope, reads));
+    scope.truncate(depth);
+    walked.map(|()| true)
+}
+
+fn walk<'e>(e: &'e IdedExpr, scope: &mut Vec<(&'e str, Bound)>, reads: &mut Reads) -> Result<(), Unkeyed> {
+    match &e.expr {
+        Expr::Unspecified | Expr::Literal(_) => Ok(()),
+        Expr::Ident(name) => match (lookup(scope, name), name.as_str()) {
+            (Some(Bound::Step), _) => Err(Unkeyed),
+            (Some(Bound::Other), _) => Ok(()),
+            (None, "plan" | "before" | "after") => Err(Unkeyed),
+            (None, "agent") => {
+                reads.agent = true;
+                Ok(())
+            }
+            // Any other name is no variable a rule is given: an error, the
+            // same for every plan.
+            (None, _) => Ok(()),
+        },
+        Expr::Select(s) => {
+            if let Expr::Ident(name) = &s.operand.expr {
+                match (lookup(scope, name), name.as_str()) {
+                    (Some(Bound::Step), _) => {
+                        let i = STEP_FIELDS.iter().position(|f| *f == s.field).ok_or(Unkeyed)?;
+                        // `has(s.x)` is the same for every step.
+                        reads.step[i] |= !s.test;
+                        return Ok(());
+                    }
+                    (None, "plan") => {
+                        if s.test {
+                            return Ok(());
+                        }
+                        if let Some(i) = PLAN_FIELDS.iter().position(|f| *f == s.field) {
+                            reads.plan[i] = true;
+                            return Ok(());
+                        }
+                        // `plan.steps` outside a range, or a field a plan
+                        // does not have (the error could name it: unkeyed).
+                        return Err(Unkeyed);
+                    }
+                    _ => {}
+                }
+            }
+            walk(&s.operand, scope, reads)
+        }
+        Expr::Call(c) => {
+            if c.func_name == "size" {
+                let list = match (&c.target, c.args.as_slice()) {
+                    (None, [arg]) => Some(arg),
+                    (Some(target), []) => Some(&**target),
+                    _ => None,
+                };
+                if let Some(list) = list
+                    && step_list(list, scope, reads)?
+                {
+                    return Ok(());
+                }
+            }
+            if let Some(target) = &c.target {
+                walk(target, scope, reads)?;
+            }
+            c.args.iter().try_for_each(|a| walk(a, scope, reads))
+        }
+        Expr::Comprehension(c) => {
+            if c.iter_var2.is_some() {
+                return Err(Unkeyed);
+            }
+            let over_steps = step_list(&c.iter_range, scope, reads)?;
+            if !over_steps {
+                walk(&c.iter_range, scope, reads)?;
+            }
+            walk(&c.accu_init, scope, reads)?;
+            let depth = scope.len();
+            scope.push((c.accu_var.as_str(), Bound::Other));
+            scope.push((c.iter_var.as_str(), if over_steps { Bound::Step } else { Bound::Other }));
+            let looped = walk(&c.loop_cond, scope, reads).and_then(|()| walk(&c.loop_step, scope, reads));
+            scope.pop();
+            let result = looped.and_then(|()| walk(&c.result, scope, reads));
+            scope.truncate(depth);
+            result
+        }
+        Expr::List(l) => l.elements.iter().try_for_each(|x| walk(x, scope, reads)),
+        Expr::Map(m) => m.entries.iter().try_for_each(|entry| match &entry.expr {
+            EntryExpr::MapEntry(me) => walk(&me.key, scope, reads).and_then(|()| walk(&me.value, scope, reads)),
+            EntryExpr::StructField(f) => walk(&f.value, scope, reads),
+        }),
+        Expr::Struct(s) => s.entries.iter().try_for_each(|entry| match &entry.expr {
+            EntryExpr::MapEntry(me) => walk(&me.key, scope, reads).and_then(|()| walk(&me.value, scope, reads)),
+            EntryExpr::StructField(f) => walk(&f.value, scope, reads),
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reads(exprs: &[&str]) -> Option<Reads> {
+        let env = crate::celx::env();
+        let programs: Vec<cel::Program> = exprs.iter().map(|e| env.compile(e).unwrap()).collect();
+        Memo::for_programs(&programs).map(|m| m.reads())
+    }
+
+    fn step(fields: &[&str]) -> [bool; 4] {
+        STEP_FIELDS.map(|f| fields.contains(&f))
+    }
+
+    #[test]
+    fn a_rule_over_step_kinds_and_confidences_is_keyed_on_them() {
+        let r = reads(&[
+            "plan.steps.all(s, !(s.kind in ['delete', 'exec']) || s.confidence >= 0.9)",
+            "plan.steps.filter(s, s.kind in ['delete']).map(s, s.id + '=' + string(s.confidence))",
+        ])
+        .expect("keyed");
+        assert_eq!(r.step, step(&["id", "kind", "confidence"]));
+        assert_eq!(r.plan, [false; 3]);
+        assert!(!r.agent);
+        let r = reads(&["size(plan.steps) < 10 && plan.version > 1 && agent.autonomy == 'bounded'"]).expect("keyed");
+        assert_eq!(r.step, step(&[]));
+        assert_eq!(r.plan, [false, true, false]);
+        assert!(r.agent);
+        // `has` reads no value; a macro variable over another list is not a step.
+        let r = reads(&["plan.steps.exists(s, has(s.path)) && [1, 2].all(s, s > 0)"]).expect("keyed");
+        assert_eq!(r.step, step(&[]));
+        // Filters of filters, counted or ranged over.
+        let r = reads(&["size(plan.steps.filter(s, s.path == 'a').filter(t, t.id != 'x')) == 0"]).expect("keyed");
+        assert_eq!(r.step, step(&["id", "path"]));
+    }
+
+    #[test]
+    fn a_rule_that_can_read_more_than_the_key_is_not_remembered() {
+        for expr in [
+            // The world.
+            "after.db.primary.max_connections > 0",
+            "before == after",
+            // A step's arguments, a whole step, a step by index, the plan whole.
+            "plan.steps.all(s, s.args.value < 100)",
+            "plan.steps.map(s, s).size() > 0",
+            "plan.steps[0].kind == 'set'",
+            "plan.steps == []",
+            "plan != null",
+            "plan.targets == 1",
+            // A step variable that escapes into a nested macro's range.
+            "plan.steps.all(s, [s].all(t, t.kind == 'set'))",
+            // Two-variable comprehensions.
+            "plan.steps.all(i, s, s.kind == 'set')",
+        ] {
+            assert_eq!(reads(&[expr]), None, "{expr}");
+        }
+        // A name bound by an inner macro shadows the step variable: `s.value`
+        // there is the inner list's element, not the step's field.
+        let r = reads(&["plan.steps.all(s, [{'value': 1}].all(s, s.value == 1))"]).expect("keyed");
+        assert_eq!(r.step, step(&[]));
+        // And a macro variable named `plan` shadows the plan.
+        assert!(reads(&["[{'steps': [1]}].all(plan, size(plan.steps) == 1)"]).is_some());
+    }
+
+    /// A policy whose CEL rules are all remembered: the shipped confidence
+    /// rule and its figure, and one over the plan's version and the agent.
+    fn remembered_policy() -> crate::policy::Policy {
+        let p = crate::policy::Policy::from_toml_str(
+            r#"
+            [defaults]
+            autonomy = "bounded"
+            [[rules.cel]]
+            id = "confidence.destructive"
+            reads = []
+            expr = "plan.steps.all(s, !(s.kind in ['delete', 'restart']) || s.confidence >= 0.9)"
+            outcome = "needs_approval"
+            [rules.cel.figures]
+            destructive_confidence = "plan.steps.filter(s, s.kind in ['delete', 'restart']).map(s, s.id + '=' + string(s.confidence))"
+            [[rules.cel]]
+            id = "versions"
+            reads = []
+            expr = "plan.version < 3 || agent.id == 'b' || size(plan.steps.filter(s, s.path == 'svc/a')) == 0"
+            outcome = "reject"
+            "#,
+        )
+        .unwrap();
+        assert!(p.cel.iter().all(|r| r.memo.is_some()));
+        p
+    }
+
+    fn intent(version: u32, steps: &[(usize, usize, u8)]) -> concord_proto::Intent {
+        let steps: Vec<serde_json::Value> = steps
+            .iter()
+            .enumerate()
+            .map(|(i, &(kind, id, confidence))| {
+                let confidence = f64::from(confidence) / 10.0;
+                let id = format!("s{id}-{i}");
+                match kind {
+                    0 => serde_json::json!({"id": id, "kind": "set", "path": "svc/a/pool_size",
+                        "args": {"value": 10 + i}, "confidence": confidence, "compensation": {"mode": "restore"}}),
+                    1 => serde_json::json!({"id": id, "kind": "restart", "path": "svc/a",
+                        "args": {}, "confidence": confidence, "compensation": {"mode": "irreversible", "reason": "a restart"}}),
+                    _ => serde_json::json!({"id": id, "kind": "delete", "path": "svc/b/cache",
+                        "args": {"confirm": {"path": "svc/b/cache", "reason": "stale"}}, "confidence": confidence,
+                        "compensation": {"mode": "irreversible", "reason": "a cache"}}),
+                }
+            })
+            .collect();
+        let json = serde_json::json!({"protocol": 1, "lineage": "l", "version": version, "goal": "g", "steps": steps});
+        concord_proto::decode_intent(json.to_string().as_bytes()).unwrap()
+    }
+
+    proptest::proptest! {
+        /// Previews with a policy that remembers, one plan after another,
+        /// are those of a policy that has seen nothing.
+        #[test]
+        fn remembered_results_are_fresh_ones(
+            plans in proptest::collection::vec(
+                (1u32..5, 0usize..2, proptest::collection::vec((0usize..3, 0usize..2, 5u8..11), 1..4)),
+                1..12,
+            ),
+        ) {
+            let world = crate::world::World::from_toml_str(
+                "[resources]\n\"svc/a/pool_size\" = 5\n\"svc/b/cache\" = 1\n",
+            )
+            .unwrap();
+            let remembering = remembered_policy();
+            for (version, agent, steps) in &plans {
+                let intent = intent(*version, steps);
+                let agent = ["a", "b"][*agent];
+                let input = |policy| crate::preview::PreviewInput { world: &world, intent: &intent, agent, policy, previous: None };
+                let fresh = remembered_policy();
+                proptest::prop_assert_eq!(
+                    serde_json::to_string(&crate::preview::preview(input(&remembering))).unwrap(),
+                    serde_json::to_string(&crate::preview::preview(input(&fresh))).unwrap()
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_memo_starts_over_past_its_bound() {
+        let m = Memo::for_programs(&[crate::celx::env().compile("true").unwrap()]).unwrap();
+        for i in 0..=MEMO_ENTRIES_MAX {
+            m.remember(&(i as u64).to_le_bytes(), |r| r.figures = Some(BTreeMap::new()));
+        }
+        assert_eq!(m.lock().len(), 1);
+        let figures = |i: usize| m.remembered(&(i as u64).to_le_bytes(), |r| r.figures.as_ref());
+        assert!(figures(MEMO_ENTRIES_MAX).is_some());
+        assert!(figures(0).is_none());
+    }
+}
