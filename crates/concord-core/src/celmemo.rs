@@ -1,13 +1,16 @@
 //! Results of CEL rules over the plan alone, remembered by what they read.
 //!
-//! A rule that reads neither `before` nor `after` is a function of the plan
-//! (and the agent) only, and most such rules read a few fields of each step:
+//! A rule's expression or figure that reads neither `before` nor `after` is
+//! a function of the plan (and the agent) only, and most read a few fields
+//! of each step:
 //! `plan.steps.all(s, !(s.kind in [...]) || s.confidence >= 0.9)` reads each
 //! step's kind and confidence, never a value the step sets. An agent's plans
 //! mostly repeat those fields while the values change, so the rule's verdict
-//! and figures are remembered under the fields it can read, found by reading
-//! the compiled expressions once: if every use of `plan` and of a step is one
-//! of the forms below, nothing else of the plan can reach the result.
+//! and each figure are remembered under the fields each can read, found by
+//! reading the compiled expressions once: if every use of `plan` and of a
+//! step is one of the forms below, nothing else of the plan can reach the
+//! result. The verdict of the shipped confidence rule reads kinds and
+//! confidences; its figure reads step ids besides.
 //!
 //! - `plan.lineage`, `plan.version`, `plan.goal` (and `has(plan.x)`);
 //! - `plan.steps`, or a `filter` of it, as the range of a macro (`all`,
@@ -17,7 +20,8 @@
 //!
 //! `agent` may be used in any way: its whole value (id, autonomy) is part of
 //! the key. Anything else (a step or `plan` as a whole, `plan.steps[0]`, a
-//! step's `args`, a two-variable comprehension) leaves the rule unremembered.
+//! step's `args`, a two-variable comprehension, `before` or `after`) leaves
+//! that expression unremembered.
 //! A remembered result is the one a fresh evaluation gives: debug builds
 //! evaluate again on every hit and compare.
 
@@ -43,47 +47,113 @@ pub(crate) struct Reads {
     agent: bool,
 }
 
-/// A rule's remembered results.
+/// A rule's remembered results: for its expression and each figure that
+/// can be keyed, what it gave under each key.
 #[derive(Debug)]
 pub(crate) struct Memo {
-    reads: Reads,
+    /// What each program reads, if it can be keyed: the rule's expression
+    /// first, then each figure's, in the rule's figure order.
+    reads: Vec<Option<Reads>>,
     entries: Mutex<BTreeMap<Box<[u8]>, Remembered>>,
 }
 
-/// What one key gave: the verdict and the figures, each once asked for.
-#[derive(Clone, Debug, Default)]
-pub(crate) struct Remembered {
-    pub(crate) eval: Option<crate::preview::Eval>,
-    pub(crate) figures: Option<BTreeMap<String, Value>>,
+/// What one program gave for one key.
+#[derive(Clone, Debug)]
+pub(crate) enum Remembered {
+    /// The rule's verdict.
+    Verdict(crate::preview::Eval),
+    /// A figure's value.
+    Figure(Value),
+}
+
+/// A plan as a memo keys it: the intent, and the agent with its autonomy.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Keyed<'a> {
+    pub(crate) intent: &'a Intent,
+    pub(crate) agent: &'a str,
+    pub(crate) autonomy: &'a str,
 }
 
 impl Memo {
     /// A memo for a rule whose expression and figures are `programs`, if
-    /// they read only what a key holds.
+    /// any of them reads only what a key holds.
     pub(crate) fn for_programs<'p>(programs: impl IntoIterator<Item = &'p cel::Program>) -> Option<Memo> {
-        let mut reads = Reads::default();
-        for p in programs {
-            walk(p.expression(), &mut Vec::new(), &mut reads).ok()?;
-        }
-        Some(Memo {
+        let reads: Vec<Option<Reads>> = programs
+            .into_iter()
+            .map(|p| {
+                let mut reads = Reads::default();
+                walk(p.expression(), &mut Vec::new(), &mut reads).ok().map(|()| reads)
+            })
+            .collect();
+        reads.iter().any(Option::is_some).then(|| Memo {
             reads,
             entries: Mutex::new(BTreeMap::new()),
         })
     }
 
-    /// The key of `intent` from `agent` (with `autonomy`): the fields the
-    /// rule can read, each length-prefixed, and the number of steps.
-    pub(crate) fn key(&self, intent: &Intent, agent: &str, autonomy: &str) -> Box<[u8]> {
+    /// The rule's verdict on `plan`: remembered, or `compute`d and
+    /// remembered. Debug builds compute it on a hit too, and compare.
+    pub(crate) fn verdict(&self, plan: Keyed<'_>, compute: impl Fn() -> crate::preview::Eval) -> crate::preview::Eval {
+        self.get_or(0, plan, compute, Remembered::Verdict, |r| match r {
+            Remembered::Verdict(e) => Some(e),
+            Remembered::Figure(_) => None,
+        })
+    }
+
+    /// Figure `i`'s value on `plan`, as [`Memo::verdict`].
+    pub(crate) fn figure(&self, i: usize, plan: Keyed<'_>, compute: impl Fn() -> Value) -> Value {
+        self.get_or(1 + i, plan, compute, Remembered::Figure, |r| match r {
+            Remembered::Figure(v) => Some(v),
+            Remembered::Verdict(_) => None,
+        })
+    }
+
+    fn get_or<T: Clone + std::fmt::Debug>(
+        &self,
+        program: usize,
+        plan: Keyed<'_>,
+        compute: impl Fn() -> T,
+        wrap: fn(T) -> Remembered,
+        unwrap: fn(&Remembered) -> Option<&T>,
+    ) -> T {
+        let Some(key) = self.key(program, plan) else {
+            return compute();
+        };
+        if let Some(v) = self.lock().get(&key).and_then(unwrap).cloned() {
+            // Compared as printed: a NaN figure is remembered as itself.
+            debug_assert_eq!(format!("{v:?}"), format!("{:?}", compute()), "a remembered CEL result");
+            return v;
+        }
+        let v = compute();
+        let mut entries = self.lock();
+        if entries.len() >= MEMO_ENTRIES_MAX {
+            entries.clear();
+        }
+        entries.insert(key, wrap(v.clone()));
+        v
+    }
+
+    /// The key of `plan` for `program`, if it can be keyed: the program's
+    /// number, then the fields it can read, each length-prefixed, with the
+    /// number of steps.
+    fn key(&self, program: usize, plan: Keyed<'_>) -> Option<Box<[u8]>> {
+        let reads = (*self.reads.get(program)?)?;
+        let Keyed {
+            intent,
+            agent,
+            autonomy,
+        } = plan;
         let mut key = Vec::with_capacity(64);
         let text = |key: &mut Vec<u8>, s: &str| {
             key.extend_from_slice(&(s.len() as u64).to_le_bytes());
             key.extend_from_slice(s.as_bytes());
         };
-        if self.reads.agent {
+        key.extend_from_slice(&(program as u64).to_le_bytes());
+        if reads.agent {
             text(&mut key, agent);
             text(&mut key, autonomy);
         }
-        for (field, read) in PLAN_FIELDS.iter().zip(self.reads.plan) {
+        for (field, read) in PLAN_FIELDS.iter().zip(reads.plan) {
             match (*field, read) {
                 (_, false) => {}
                 ("lineage", true) => text(&mut key, intent.lineage.as_str()),
@@ -93,7 +163,7 @@ impl Memo {
         }
         key.extend_from_slice(&(intent.steps.len() as u64).to_le_bytes());
         for step in &intent.steps {
-            for (field, read) in STEP_FIELDS.iter().zip(self.reads.step) {
+            for (field, read) in STEP_FIELDS.iter().zip(reads.step) {
                 match (*field, read) {
                     (_, false) => {}
                     ("id", true) => text(&mut key, step.id.as_str()),
@@ -104,24 +174,7 @@ impl Memo {
                 }
             }
         }
-        key.into_boxed_slice()
-    }
-
-    /// What `key` gave, read by `part`, if it was asked for.
-    pub(crate) fn remembered<T>(&self, key: &[u8], part: impl FnOnce(&Remembered) -> Option<&T>) -> Option<T>
-    where
-        T: Clone,
-    {
-        self.lock().get(key).and_then(part).cloned()
-    }
-
-    /// Remembers what `key` gave, written by `part`.
-    pub(crate) fn remember(&self, key: &[u8], part: impl FnOnce(&mut Remembered)) {
-        let mut entries = self.lock();
-        if entries.len() >= MEMO_ENTRIES_MAX && !entries.contains_key(key) {
-            entries.clear();
-        }
-        part(entries.entry(key.into()).or_default());
+        Some(key.into_boxed_slice())
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<Box<[u8]>, Remembered>> {
@@ -130,8 +183,8 @@ impl Memo {
     }
 
     #[cfg(test)]
-    pub(crate) fn reads(&self) -> Reads {
-        self.reads
+    fn reads(&self) -> &[Option<Reads>] {
+        &self.reads
     }
 }
 
@@ -303,10 +356,10 @@ fn walk<'e>(e: &'e IdedExpr, scope: &mut Vec<(&'e str, Bound)>, reads: &mut Read
 mod tests {
     use super::*;
 
-    fn reads(exprs: &[&str]) -> Option<Reads> {
-        let env = crate::celx::env();
-        let programs: Vec<cel::Program> = exprs.iter().map(|e| env.compile(e).unwrap()).collect();
-        Memo::for_programs(&programs).map(|m| m.reads())
+    /// What `expr` reads, if it can be keyed.
+    fn reads(expr: &str) -> Option<Reads> {
+        let program = crate::celx::env().compile(expr).unwrap();
+        Memo::for_programs([&program]).map(|m| m.reads()[0].expect("the only program"))
     }
 
     fn step(fields: &[&str]) -> [bool; 4] {
@@ -315,23 +368,22 @@ mod tests {
 
     #[test]
     fn a_rule_over_step_kinds_and_confidences_is_keyed_on_them() {
-        let r = reads(&[
-            "plan.steps.all(s, !(s.kind in ['delete', 'exec']) || s.confidence >= 0.9)",
-            "plan.steps.filter(s, s.kind in ['delete']).map(s, s.id + '=' + string(s.confidence))",
-        ])
-        .expect("keyed");
+        let r = reads("plan.steps.all(s, !(s.kind in ['delete', 'exec']) || s.confidence >= 0.9)").expect("keyed");
+        assert_eq!(r.step, step(&["kind", "confidence"]));
+        let r = reads("plan.steps.filter(s, s.kind in ['delete']).map(s, s.id + '=' + string(s.confidence))")
+            .expect("keyed");
         assert_eq!(r.step, step(&["id", "kind", "confidence"]));
         assert_eq!(r.plan, [false; 3]);
         assert!(!r.agent);
-        let r = reads(&["size(plan.steps) < 10 && plan.version > 1 && agent.autonomy == 'bounded'"]).expect("keyed");
+        let r = reads("size(plan.steps) < 10 && plan.version > 1 && agent.autonomy == 'bounded'").expect("keyed");
         assert_eq!(r.step, step(&[]));
         assert_eq!(r.plan, [false, true, false]);
         assert!(r.agent);
         // `has` reads no value; a macro variable over another list is not a step.
-        let r = reads(&["plan.steps.exists(s, has(s.path)) && [1, 2].all(s, s > 0)"]).expect("keyed");
+        let r = reads("plan.steps.exists(s, has(s.path)) && [1, 2].all(s, s > 0)").expect("keyed");
         assert_eq!(r.step, step(&[]));
         // Filters of filters, counted or ranged over.
-        let r = reads(&["size(plan.steps.filter(s, s.path == 'a').filter(t, t.id != 'x')) == 0"]).expect("keyed");
+        let r = reads("size(plan.steps.filter(s, s.path == 'a').filter(t, t.id != 'x')) == 0").expect("keyed");
         assert_eq!(r.step, step(&["id", "path"]));
     }
 
@@ -348,23 +400,33 @@ mod tests {
             "plan.steps == []",
             "plan != null",
             "plan.targets == 1",
-            // A step variable that escapes into a nested macro's range.
+            // A step variable that escapes into a nested macro's range, or a
+            // list of steps kept whole.
             "plan.steps.all(s, [s].all(t, t.kind == 'set'))",
+            "plan.steps.filter(s, s.kind == 'set') == []",
+            "plan.steps.filter(s, s.kind == 'set').map(s, s)[0] != null",
+            "plan.steps.map(s, s).filter(s, true).all(s, s.kind == 'set')",
             // Two-variable comprehensions.
             "plan.steps.all(i, s, s.kind == 'set')",
         ] {
-            assert_eq!(reads(&[expr]), None, "{expr}");
+            assert_eq!(reads(expr), None, "{expr}");
         }
         // A name bound by an inner macro shadows the step variable: `s.value`
         // there is the inner list's element, not the step's field.
-        let r = reads(&["plan.steps.all(s, [{'value': 1}].all(s, s.value == 1))"]).expect("keyed");
+        let r = reads("plan.steps.all(s, [{'value': 1}].all(s, s.value == 1))").expect("keyed");
         assert_eq!(r.step, step(&[]));
         // And a macro variable named `plan` shadows the plan.
-        assert!(reads(&["[{'steps': [1]}].all(plan, size(plan.steps) == 1)"]).is_some());
+        assert!(reads("[{'steps': [1]}].all(plan, size(plan.steps) == 1)").is_some());
+        // A rule is remembered in the parts that can be keyed.
+        let env = crate::celx::env();
+        let programs = ["plan.steps.size() < 3", "after.x"].map(|e| env.compile(e).unwrap());
+        let memo = Memo::for_programs(&programs).expect("the verdict can be keyed");
+        assert!(memo.reads()[0].is_some() && memo.reads()[1].is_none());
     }
 
-    /// A policy whose CEL rules are all remembered: the shipped confidence
-    /// rule and its figure, and one over the plan's version and the agent.
+    /// A policy whose CEL rules are remembered: the shipped confidence rule
+    /// and its figure, and one over the plan's version and the agent whose
+    /// figure reads the world.
     fn remembered_policy() -> crate::policy::Policy {
         let p = crate::policy::Policy::from_toml_str(
             r#"
@@ -382,10 +444,22 @@ mod tests {
             reads = []
             expr = "plan.version < 3 || agent.id == 'b' || size(plan.steps.filter(s, s.path == 'svc/a')) == 0"
             outcome = "reject"
+            [rules.cel.figures]
+            pool = "after.svc.a.pool_size"
             "#,
         )
         .unwrap();
-        assert!(p.cel.iter().all(|r| r.memo.is_some()));
+        let keyed: Vec<Vec<bool>> = p
+            .cel
+            .iter()
+            .map(|r| {
+                r.memo
+                    .as_ref()
+                    .map_or(Vec::new(), |m| m.reads.iter().map(Option::is_some).collect())
+            })
+            .collect();
+        // The second rule's figure reads the world: only its verdict is remembered.
+        assert_eq!(keyed, [vec![true, true], vec![true, false]]);
         p
     }
 
@@ -441,13 +515,21 @@ mod tests {
 
     #[test]
     fn a_memo_starts_over_past_its_bound() {
-        let m = Memo::for_programs(&[crate::celx::env().compile("true").unwrap()]).unwrap();
-        for i in 0..=MEMO_ENTRIES_MAX {
-            m.remember(&(i as u64).to_le_bytes(), |r| r.figures = Some(BTreeMap::new()));
+        let m = Memo::for_programs(&[crate::celx::env().compile("plan.version > 0").unwrap()]).unwrap();
+        let intents: Vec<concord_proto::Intent> = (1..=MEMO_ENTRIES_MAX as u32 + 1)
+            .map(|v| intent(v, &[(0, 0, 9)]))
+            .collect();
+        let keyed = |i: usize| Keyed {
+            intent: &intents[i],
+            agent: "a",
+            autonomy: "bounded",
+        };
+        for i in 0..intents.len() {
+            m.verdict(keyed(i), || crate::preview::Eval::Pass);
         }
         assert_eq!(m.lock().len(), 1);
-        let figures = |i: usize| m.remembered(&(i as u64).to_le_bytes(), |r| r.figures.as_ref());
-        assert!(figures(MEMO_ENTRIES_MAX).is_some());
-        assert!(figures(0).is_none());
+        let held = |i: usize| m.lock().contains_key(&m.key(0, keyed(i)).unwrap());
+        assert!(held(MEMO_ENTRIES_MAX));
+        assert!(!held(0));
     }
 }

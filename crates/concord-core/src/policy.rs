@@ -598,8 +598,8 @@ pub struct CelRule {
     pub reads_plan_or_agent: bool,
     /// Which variables the expression and figures reference: only those are bound.
     pub vars: CelVars,
-    /// Results remembered by what of the plan they read, if the rule reads
-    /// neither `before` nor `after` and its expressions allow it.
+    /// Results of its expression and figures remembered by what of the plan
+    /// they read, for those that read neither `before` nor `after` and allow it.
     pub(crate) memo: Option<crate::celmemo::Memo>,
 }
 
@@ -757,11 +757,8 @@ impl Policy {
                 vars.agent |= refs.has_variable("agent");
             }
             let reads_plan_or_agent = vars.plan || vars.agent;
-            let memo = (!vars.before && !vars.after)
-                .then(|| {
-                    crate::celmemo::Memo::for_programs(std::iter::once(&program).chain(figures.iter().map(|(_, p)| p)))
-                })
-                .flatten();
+            let memo =
+                crate::celmemo::Memo::for_programs(std::iter::once(&program).chain(figures.iter().map(|(_, p)| p)));
             cel_rules.push(CelRule {
                 config: c.clone(),
                 reads: Globs::new(&c.id, &c.reads)?,

@@ -535,7 +535,16 @@ pub(crate) fn judge(
             ])
         });
         for (position, rule) in cel {
-            let memo = rule.memo.as_ref().map(|memo| (memo, memo.key(intent, agent, autonomy)));
+            let memo = rule.memo.as_ref().map(|memo| {
+                (
+                    memo,
+                    crate::celmemo::Keyed {
+                        intent,
+                        agent,
+                        autonomy,
+                    },
+                )
+            });
             invariants.push(eval_cel(
                 rule,
                 position,
@@ -543,7 +552,7 @@ pub(crate) fn judge(
                 run,
                 plan_val.as_ref(),
                 agent_val.as_ref(),
-                memo.as_ref().map(|(m, k)| (*m, &k[..])),
+                memo,
             ));
         }
     }
@@ -763,7 +772,7 @@ fn eval_cel<'r>(
     run: &'r Run<'_>,
     plan: Option<&celx::Val<'_>>,
     agent: Option<&celx::Val<'_>>,
-    memo: Option<(&crate::celmemo::Memo, &[u8])>,
+    memo: Option<(&crate::celmemo::Memo, crate::celmemo::Keyed<'_>)>,
 ) -> RuleResult {
     let outcome = rule.config.outcome.verdict();
     let affected = run.touched.iter().any(|p| rule.reads.matches(p.as_str()));
@@ -931,50 +940,28 @@ fn eval_cel<'r>(
         Ok(other) => Eval::Error(format!("the rule must give a bool, it gave {other:?}")),
         Err(e) => Eval::Error(e),
     };
-    let compute_figures =
-        |after: &[(&ResourcePath, &Value)], patch: Option<&celx::Patch<'_>>| -> BTreeMap<String, Value> {
-            rule.figures
-                .iter()
-                .map(|(name, p)| {
-                    let v = match run_program(p, after, patch) {
-                        Ok(v) => celx::from_cel(&v),
-                        Err(e) => Value::Str(format!("error: {e}")),
-                    };
-                    (name.clone(), v)
-                })
-                .collect()
-        };
-    // A rule over the plan alone gives the same in every projection: what
-    // its key gave before, if it was asked (`celmemo`).
-    let eval = |after: &[(&ResourcePath, &Value)], patch: Option<&celx::Patch<'_>>| {
-        let Some((memo, key)) = memo else {
-            return evaluate(after, patch);
-        };
-        if let Some(e) = memo.remembered(key, |r| r.eval.as_ref()) {
-            debug_assert_eq!(e, evaluate(after, patch), "remembered verdict of `{}`", rule.config.id);
-            return e;
-        }
-        let e = evaluate(after, patch);
-        memo.remember(key, |r| r.eval = Some(e.clone()));
-        e
+    // What of the rule reads the plan alone gives the same in every
+    // projection: what it gave before under the plan's key (`celmemo`).
+    let eval = |after: &[(&ResourcePath, &Value)], patch: Option<&celx::Patch<'_>>| match memo {
+        Some((memo, plan)) => memo.verdict(plan, || evaluate(after, patch)),
+        None => evaluate(after, patch),
     };
-    let figures = |after: &[(&ResourcePath, &Value)], patch: Option<&celx::Patch<'_>>| {
-        let Some((memo, key)) = memo else {
-            return compute_figures(after, patch);
-        };
-        if let Some(f) = memo.remembered(key, |r| r.figures.as_ref()) {
-            // Compared as printed: a NaN figure is remembered as itself.
-            debug_assert_eq!(
-                format!("{f:?}"),
-                format!("{:?}", compute_figures(after, patch)),
-                "remembered figures of `{}`",
-                rule.config.id
-            );
-            return f;
-        }
-        let f = compute_figures(after, patch);
-        memo.remember(key, |r| r.figures = Some(f.clone()));
-        f
+    let figures = |after: &[(&ResourcePath, &Value)], patch: Option<&celx::Patch<'_>>| -> BTreeMap<String, Value> {
+        rule.figures
+            .iter()
+            .enumerate()
+            .map(|(i, (name, p))| {
+                let compute = || match run_program(p, after, patch) {
+                    Ok(v) => celx::from_cel(&v),
+                    Err(e) => Value::Str(format!("error: {e}")),
+                };
+                let v = match memo {
+                    Some((memo, plan)) => memo.figure(i, plan, compute),
+                    None => compute(),
+                };
+                (name.clone(), v)
+            })
+            .collect()
     };
     // Evaluate each distinct projection once, in the order the states occur.
     for (state, at) in run.states.iter().zip(&first_at) {
