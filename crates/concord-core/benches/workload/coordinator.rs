@@ -161,6 +161,13 @@ pub fn with_inflight(w: World, inflight: usize, policy: Policy) -> Coordinator {
     }
     if let Some(per) = (LIVE.load(Ordering::Relaxed) - before).checked_div(inflight) {
         eprintln!("memory per in-flight 5-step plan at {inflight} in flight: {per} bytes");
+        // The target, held wherever this runs (`cargo test` runs the bench
+        // once, at 1k in flight): bytes counted, not timed, so the same on
+        // every machine and build.
+        assert!(
+            per <= 8 * 1024,
+            "memory per in-flight plan: {per} bytes, over the 8 KiB target"
+        );
     }
     coord
 }

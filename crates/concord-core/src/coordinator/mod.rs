@@ -1376,6 +1376,11 @@ impl Coordinator {
                     by_version: intent.version,
                 }));
             }
+            // Kept while the plan lives: without the spare room the decoder
+            // and the simulation grew them with (memory per plan is a target).
+            let (mut intent, mut step_changes) = (intent, step_changes);
+            intent.steps.shrink_to_fit();
+            step_changes.shrink_to_fit();
             let plan = Plan {
                 agent: agent.to_string(),
                 hash: eval.plan_hash.clone(),
