@@ -20,8 +20,8 @@
 //!
 //! `agent` may be used in any way: its whole value (id, autonomy) is part of
 //! the key. Anything else (a step or `plan` as a whole, `plan.steps[0]`, a
-//! step's `args`, a two-variable comprehension, `before` or `after`) leaves
-//! that expression unremembered.
+//! step's `args`, a two-variable comprehension, `before` or `after`, a name
+//! with a leading dot, a map literal) leaves that expression unremembered.
 //! A remembered result is the one a fresh evaluation gives: debug builds
 //! evaluate again on every hit and compare.
 
@@ -266,6 +266,9 @@ fn step_list<'e>(e: &'e IdedExpr, scope: &mut Vec<(&'e str, Bound)>, reads: &mut
 fn walk<'e>(e: &'e IdedExpr, scope: &mut Vec<(&'e str, Bound)>, reads: &mut Reads) -> Result<(), Unkeyed> {
     match &e.expr {
         Expr::Unspecified | Expr::Literal(_) => Ok(()),
+        // `.plan` names the root scope's `plan` whatever shadows it: not
+        // worth telling apart.
+        Expr::Ident(name) if name.starts_with('.') => Err(Unkeyed),
         Expr::Ident(name) => match (lookup(scope, name), name.as_str()) {
             (Some(Bound::Step), _) => Err(Unkeyed),
             (Some(Bound::Other), _) => Ok(()),
@@ -341,10 +344,9 @@ fn walk<'e>(e: &'e IdedExpr, scope: &mut Vec<(&'e str, Bound)>, reads: &mut Read
             result
         }
         Expr::List(l) => l.elements.iter().try_for_each(|x| walk(x, scope, reads)),
-        Expr::Map(m) => m.entries.iter().try_for_each(|entry| match &entry.expr {
-            EntryExpr::MapEntry(me) => walk(&me.key, scope, reads).and_then(|()| walk(&me.value, scope, reads)),
-            EntryExpr::StructField(f) => walk(&f.value, scope, reads),
-        }),
+        // cel's map literals are std hash maps, iterated in a random order:
+        // a result that depends on it is not the same twice, remembered or not.
+        Expr::Map(_) => Err(Unkeyed),
         Expr::Struct(s) => s.entries.iter().try_for_each(|entry| match &entry.expr {
             EntryExpr::MapEntry(me) => walk(&me.key, scope, reads).and_then(|()| walk(&me.value, scope, reads)),
             EntryExpr::StructField(f) => walk(&f.value, scope, reads),
@@ -408,15 +410,24 @@ mod tests {
             "plan.steps.map(s, s).filter(s, true).all(s, s.kind == 'set')",
             // Two-variable comprehensions.
             "plan.steps.all(i, s, s.kind == 'set')",
+            // Root-scope names: `.plan` is the plan, `.before` the world.
+            ".plan.steps[0].path == 'svc/a'",
+            "plan.version > 0 && .plan.steps.all(s, s.args.value < 100)",
+            ".before.svc.a.pool_size < 10",
+            ".agent.id == 'a'",
+            "plan.steps.all(s, .s.kind == 'set')",
+            // A map literal, iterated in a random order.
+            "{'a': 1, 'b': 2}.map(k, k)",
+            "plan.steps.all(s, {'set': true}[s.kind])",
         ] {
             assert_eq!(reads(expr), None, "{expr}");
         }
-        // A name bound by an inner macro shadows the step variable: `s.value`
-        // there is the inner list's element, not the step's field.
-        let r = reads("plan.steps.all(s, [{'value': 1}].all(s, s.value == 1))").expect("keyed");
+        // A name bound by an inner macro shadows the step variable: `s` there
+        // is the inner list's element (used whole), not a step.
+        let r = reads("plan.steps.all(s, [[1]].all(s, size(s) == 1))").expect("keyed");
         assert_eq!(r.step, step(&[]));
         // And a macro variable named `plan` shadows the plan.
-        assert!(reads("[{'steps': [1]}].all(plan, size(plan.steps) == 1)").is_some());
+        assert!(reads("[[1]].all(plan, size(plan) == 1)").is_some());
         // A rule is remembered in the parts that can be keyed.
         let env = crate::celx::env();
         let programs = ["plan.steps.size() < 3", "after.x"].map(|e| env.compile(e).unwrap());

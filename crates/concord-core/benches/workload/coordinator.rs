@@ -161,11 +161,12 @@ pub fn with_inflight(w: World, inflight: usize, policy: Policy) -> Coordinator {
     }
     if let Some(per) = (LIVE.load(Ordering::Relaxed) - before).checked_div(inflight) {
         eprintln!("memory per in-flight 5-step plan at {inflight} in flight: {per} bytes");
-        // The target, held wherever this runs (`cargo test` runs the bench
-        // once, at 1k in flight): bytes counted, not timed, so the same on
-        // every machine and build.
+        // The target, held wherever this runs at the bench's sizes (`cargo
+        // test` runs the bench once, at 1k in flight): bytes counted, not
+        // timed, so the same on every machine and build. Fewer plans share
+        // the fixed costs among fewer.
         assert!(
-            per <= 8 * 1024,
+            inflight < 1_000 || per <= 8 * 1024,
             "memory per in-flight plan: {per} bytes, over the 8 KiB target"
         );
     }
