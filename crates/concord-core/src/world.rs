@@ -131,7 +131,7 @@ fn first_descendant<V>(map: &BTreeMap<ResourcePath, V>, path: &ResourcePath) -> 
 pub(crate) fn overlapping<'a, V>(map: Keyed<'a, V>, path: &ResourcePath) -> Vec<(&'a ResourcePath, &'a V)> {
     let text = path.as_str();
     let mut out: Vec<(&ResourcePath, &V)> = std::iter::once(text.len())
-        .chain(text.rmatch_indices('/').map(|(i, _)| i))
+        .chain(slashes_back(text))
         .filter_map(|end| map.get_key_value(&text[..end]))
         .collect();
     let prefix = path.descendant_prefix();
@@ -225,11 +225,21 @@ impl PathKeys {
     /// Whether the map may hold the key whose text is `text`: only if its
     /// parent holds something.
     fn may_hold(&self, text: &str) -> bool {
-        match text.rfind('/') {
+        match slashes_back(text).next() {
             Some(i) => self.may_hold_under(&text[..=i]),
             None => self.top > 0,
         }
     }
+}
+
+/// The offsets of the `/`s in `text`, the last first: a plain scan (paths
+/// are short, and `str::rfind` calls `memrchr`, whose setup costs more
+/// than scanning them).
+fn slashes_back(text: &str) -> impl Iterator<Item = usize> + '_ {
+    text.bytes()
+        .enumerate()
+        .rev()
+        .filter_map(|(i, b)| (b == b'/').then_some(i))
 }
 
 /// The hash [`PathKeys`] keeps of a text: fixed, seedless.
@@ -822,9 +832,7 @@ impl<'w> State<'w> {
         // Ancestors are prefixes of the path's text: look them up by slice
         // and build a path only for the one found.
         let text = path.as_str();
-        let mut end = text.len();
-        while let Some(i) = text[..end].rfind('/') {
-            end = i;
+        for end in slashes_back(text) {
             if self.get_str(&text[..end]).is_some() {
                 return ResourcePath::parse(&text[..end]).ok();
             }
