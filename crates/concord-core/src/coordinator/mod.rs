@@ -757,6 +757,48 @@ fn material_hash(p: &Preview, conflicts: &[Conflict]) -> String {
     blake3::hash(&bytes).to_hex().to_string()
 }
 
+/// What a plan's status counts towards: an agent's running or other plans,
+/// and the queued set.
+#[derive(Clone, Copy)]
+struct Counted {
+    running: bool,
+    queued: bool,
+}
+
+impl Counted {
+    fn of(status: &Status) -> Counted {
+        Counted {
+            running: matches!(status, Status::Running(_)),
+            queued: matches!(status, Status::Queued),
+        }
+    }
+}
+
+/// Adds `delta` to what a plan of `agent` in a status `counted` counts
+/// towards.
+fn count(
+    per_agent: &mut BTreeMap<String, (usize, usize)>,
+    queued: &mut BTreeSet<Id>,
+    agent: &str,
+    lineage: &Id,
+    counted: Counted,
+    delta: isize,
+) {
+    let c = per_agent.entry(agent.to_string()).or_insert((0, 0));
+    let slot = if counted.running { &mut c.1 } else { &mut c.0 };
+    *slot = slot.saturating_add_signed(delta);
+    if *c == (0, 0) {
+        per_agent.remove(agent);
+    }
+    if counted.queued {
+        if delta > 0 {
+            queued.insert(lineage.clone());
+        } else {
+            queued.remove(lineage);
+        }
+    }
+}
+
 impl Coordinator {
     /// A coordinator over `world` under `policy`, with the default identity
     /// (coordinator `concord`, incarnation 1) and its world document created
@@ -829,22 +871,14 @@ impl Coordinator {
     /// (`+1`) or leaving (`-1`) a status, so that limits and re-queueing cost
     /// nothing per plan in flight. Every status change goes through here.
     fn count(&mut self, agent: &str, lineage: &Id, status: &Status, delta: isize) {
-        let c = self.per_agent.entry(agent.to_string()).or_insert((0, 0));
-        let slot = match status {
-            Status::Running(_) => &mut c.1,
-            _ => &mut c.0,
-        };
-        *slot = slot.saturating_add_signed(delta);
-        if *c == (0, 0) {
-            self.per_agent.remove(agent);
-        }
-        if matches!(status, Status::Queued) {
-            if delta > 0 {
-                self.queued.insert(lineage.clone());
-            } else {
-                self.queued.remove(lineage);
-            }
-        }
+        count(
+            &mut self.per_agent,
+            &mut self.queued,
+            agent,
+            lineage,
+            Counted::of(status),
+            delta,
+        );
     }
 
     /// Inserts a plan, keeping the counters.
@@ -865,13 +899,11 @@ impl Coordinator {
 
     /// Changes a plan's status, keeping the counters.
     fn set_status(&mut self, lineage: &Id, status: Status) {
-        let Some(p) = self.plans.get(lineage) else { return };
-        let (agent, old) = (p.agent.clone(), p.status.clone());
-        self.count(&agent, lineage, &old, -1);
-        self.count(&agent, lineage, &status, 1);
-        if let Some(p) = self.plans.get_mut(lineage) {
-            p.status = status;
-        }
+        let Some(p) = self.plans.get_mut(lineage) else { return };
+        let (per_agent, queued) = (&mut self.per_agent, &mut self.queued);
+        count(per_agent, queued, &p.agent, lineage, Counted::of(&p.status), -1);
+        count(per_agent, queued, &p.agent, lineage, Counted::of(&status), 1);
+        p.status = status;
     }
 
     /// The world as it is (steps applied so far).
