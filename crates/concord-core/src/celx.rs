@@ -807,6 +807,86 @@ impl VariableResolver for Bindings<'_, '_> {
     }
 }
 
+/// Whether a compiled expression may iterate a map literal: a macro
+/// (`all`, `exists`, `map`, ..) whose range is not a list literal and may
+/// hold one. cel builds map literals as std hash maps, seeded at random, so
+/// their order differs from process to process: a preview that depends on
+/// it would not replay. Maps concord gives a rule (`before`, `after`,
+/// `plan`, `agent`) iterate in key order. Conservative: a variable bound
+/// to anything that may hold a map literal counts as one.
+pub(crate) fn iterates_map_literal(e: &cel::common::ast::IdedExpr) -> bool {
+    use cel::common::ast::{EntryExpr, Expr, IdedExpr};
+    /// Whether `e` may evaluate to, or contain, a map literal.
+    fn may_hold(e: &IdedExpr, tainted: &[(&str, bool)]) -> bool {
+        let holds = |x: &IdedExpr| may_hold(x, tainted);
+        match &e.expr {
+            Expr::Map(_) => true,
+            Expr::Ident(name) => {
+                let name = name.strip_prefix('.').unwrap_or(name);
+                tainted.iter().rev().find(|(n, _)| *n == name).is_some_and(|(_, t)| *t)
+            }
+            Expr::Unspecified | Expr::Literal(_) => false,
+            Expr::Select(s) => holds(&s.operand),
+            // `keys` gives a sorted list of the map's keys, never a map.
+            Expr::Call(c) if c.func_name == "keys" && c.target.is_none() => false,
+            Expr::Call(c) => c.target.as_deref().is_some_and(holds) || c.args.iter().any(holds),
+            Expr::List(l) => l.elements.iter().any(holds),
+            Expr::Struct(s) => s.entries.iter().any(|entry| match &entry.expr {
+                EntryExpr::MapEntry(me) => holds(&me.key) || holds(&me.value),
+                EntryExpr::StructField(f) => holds(&f.value),
+            }),
+            Expr::Comprehension(c) => {
+                holds(&c.iter_range) || holds(&c.accu_init) || holds(&c.loop_step) || holds(&c.result)
+            }
+        }
+    }
+    /// Whether a macro in `e` may iterate a map literal.
+    fn walk<'e>(e: &'e IdedExpr, tainted: &mut Vec<(&'e str, bool)>) -> bool {
+        match &e.expr {
+            Expr::Unspecified | Expr::Literal(_) | Expr::Ident(_) => false,
+            Expr::Select(s) => walk(&s.operand, tainted),
+            Expr::Call(c) => {
+                c.target.as_deref().is_some_and(|t| walk(t, tainted)) || c.args.iter().any(|a| walk(a, tainted))
+            }
+            Expr::List(l) => l.elements.iter().any(|x| walk(x, tainted)),
+            Expr::Map(m) => m.entries.iter().any(|entry| match &entry.expr {
+                EntryExpr::MapEntry(me) => walk(&me.key, tainted) || walk(&me.value, tainted),
+                EntryExpr::StructField(f) => walk(&f.value, tainted),
+            }),
+            Expr::Struct(s) => s.entries.iter().any(|entry| match &entry.expr {
+                EntryExpr::MapEntry(me) => walk(&me.key, tainted) || walk(&me.value, tainted),
+                EntryExpr::StructField(f) => walk(&f.value, tainted),
+            }),
+            Expr::Comprehension(c) => {
+                let range_holds = may_hold(&c.iter_range, tainted);
+                if range_holds && !matches!(c.iter_range.expr, Expr::List(_)) {
+                    return true;
+                }
+                if walk(&c.iter_range, tainted) || walk(&c.accu_init, tainted) {
+                    return true;
+                }
+                let depth = tainted.len();
+                // The accumulator may hold what its start or any step puts in it.
+                let accu_holds = may_hold(&c.accu_init, tainted) || range_holds;
+                tainted.push((c.accu_var.as_str(), accu_holds));
+                tainted.push((c.iter_var.as_str(), range_holds));
+                if let Some(v2) = &c.iter_var2 {
+                    tainted.push((v2.as_str(), range_holds));
+                }
+                if may_hold(&c.loop_step, tainted) {
+                    tainted[depth].1 = true;
+                }
+                let found = walk(&c.loop_cond, tainted) || walk(&c.loop_step, tainted);
+                tainted.truncate(depth + 1);
+                let found = found || walk(&c.result, tainted);
+                tainted.truncate(depth);
+                found
+            }
+        }
+    }
+    walk(e, &mut Vec::new())
+}
+
 /// The environment rules compile and run in: CEL's standard library and
 /// concord's helpers `sum`, `keys` and `sum_product`, declared once as
 /// overloads (a helper added to each evaluation's context cost more than
@@ -1112,6 +1192,53 @@ mod tests {
     use cel::{Context, Program};
 
     use super::*;
+
+    #[test]
+    fn a_policy_whose_rule_iterates_a_map_literal_is_refused() {
+        let err = crate::policy::Policy::from_toml_str(
+            r#"
+            [[rules.cel]]
+            id = "x"
+            reads = []
+            expr = "true"
+            outcome = "reject"
+            [rules.cel.figures]
+            order = "{'b': 1, 'a': 2}.map(k, k)"
+            "#,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("rule `x`") && err.contains("map literal"), "{err}");
+    }
+
+    /// Macros over a map literal (or anything that may hold one) are found;
+    /// over lists, concord's maps and sorted keys they are not.
+    #[test]
+    fn a_macro_over_a_map_literal_is_found() {
+        let finds = |e: &str| iterates_map_literal(env().compile(e).unwrap().expression());
+        for e in [
+            "{'a': 1, 'b': 2}.map(k, k)",
+            "{'a': 1}.all(k, k == 'a')",
+            "size({'a': {'b': 1}}.a.filter(k, true)) == 1",
+            "[{'a': 1}].all(m, m.exists(k, k == 'a'))",
+            "[1].map(x, {'a': x}).all(m, m.all(k, true))",
+            "[1].map(x, {'a': x})[0].all(k, true)",
+            "true ? {'a': 1}.map(k, k) == ['a'] : false",
+        ] {
+            assert!(finds(e), "{e}");
+        }
+        for e in [
+            "[1, 2].all(x, x > 0)",
+            "plan.steps.all(s, {'set': true}[s.kind])",
+            "[{'a': 1}].all(m, m.a == 1)",
+            "keys({'b': 1, 'a': 2}).map(k, k) == ['a', 'b']",
+            "keys(after.svc).all(s, after.svc[s].replicas > 0)",
+            "after.svc.all(s, true)",
+            "[1].map(x, {'a': x}).size() == 1",
+        ] {
+            assert!(!finds(e), "{e}");
+        }
+    }
 
     /// Every expression gives the same result on the tree read in place as
     /// on the same map built.

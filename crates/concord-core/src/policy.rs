@@ -736,11 +736,21 @@ impl Policy {
                         detail: format!("expression is {} bytes; at most {CEL_EXPR_BYTES_MAX}", expr.len()),
                     });
                 }
-                env.compile(expr).map_err(|e| PolicyError::Cel {
+                let program = env.compile(expr).map_err(|e| PolicyError::Cel {
                     rule: c.id.clone(),
                     expr: expr.to_string(),
                     detail: e.to_string(),
-                })
+                })?;
+                if crate::celx::iterates_map_literal(program.expression()) {
+                    return Err(PolicyError::Cel {
+                        rule: c.id.clone(),
+                        expr: expr.to_string(),
+                        detail: "a macro may iterate a map literal, whose order differs from process to process \
+                                 (previews would not replay); iterate a list, or `keys(..)` of the map, which is sorted"
+                            .into(),
+                    });
+                }
+                Ok(program)
             };
             let program = compile(&c.expr)?;
             let figures = c
