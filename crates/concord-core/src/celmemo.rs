@@ -28,7 +28,7 @@
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 
-use cel::common::ast::{EntryExpr, Expr, IdedExpr};
+use cel::common::ast::{Expr, IdedExpr};
 use concord_proto::{Intent, Value};
 
 /// The step fields a rule may read and be remembered: in key order.
@@ -347,10 +347,11 @@ fn walk<'e>(e: &'e IdedExpr, scope: &mut Vec<(&'e str, Bound)>, reads: &mut Read
         // cel's map literals are std hash maps, iterated in a random order:
         // a result that depends on it is not the same twice, remembered or not.
         Expr::Map(_) => Err(Unkeyed),
-        Expr::Struct(s) => s.entries.iter().try_for_each(|entry| match &entry.expr {
-            EntryExpr::MapEntry(me) => walk(&me.key, scope, reads).and_then(|()| walk(&me.value, scope, reads)),
-            EntryExpr::StructField(f) => walk(&f.value, scope, reads),
-        }),
+        Expr::Struct(s) => s
+            .entries
+            .iter()
+            .flat_map(crate::celx::entry_parts)
+            .try_for_each(|x| walk(x, scope, reads)),
     }
 }
 

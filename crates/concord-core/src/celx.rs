@@ -815,7 +815,7 @@ impl VariableResolver for Bindings<'_, '_> {
 /// `plan`, `agent`) iterate in key order. Conservative: a variable bound
 /// to anything that may hold a map literal counts as one.
 pub(crate) fn iterates_map_literal(e: &cel::common::ast::IdedExpr) -> bool {
-    use cel::common::ast::{EntryExpr, Expr, IdedExpr};
+    use cel::common::ast::{Expr, IdedExpr, MapExpr, StructExpr};
     /// Whether `e` may evaluate to, or contain, a map literal.
     fn may_hold(e: &IdedExpr, tainted: &[(&str, bool)]) -> bool {
         let holds = |x: &IdedExpr| may_hold(x, tainted);
@@ -831,10 +831,7 @@ pub(crate) fn iterates_map_literal(e: &cel::common::ast::IdedExpr) -> bool {
             Expr::Call(c) if c.func_name == "keys" && c.target.is_none() => false,
             Expr::Call(c) => c.target.as_deref().is_some_and(holds) || c.args.iter().any(holds),
             Expr::List(l) => l.elements.iter().any(holds),
-            Expr::Struct(s) => s.entries.iter().any(|entry| match &entry.expr {
-                EntryExpr::MapEntry(me) => holds(&me.key) || holds(&me.value),
-                EntryExpr::StructField(f) => holds(&f.value),
-            }),
+            Expr::Struct(s) => s.entries.iter().flat_map(entry_parts).any(holds),
             Expr::Comprehension(c) => {
                 holds(&c.iter_range) || holds(&c.accu_init) || holds(&c.loop_step) || holds(&c.result)
             }
@@ -849,14 +846,9 @@ pub(crate) fn iterates_map_literal(e: &cel::common::ast::IdedExpr) -> bool {
                 c.target.as_deref().is_some_and(|t| walk(t, tainted)) || c.args.iter().any(|a| walk(a, tainted))
             }
             Expr::List(l) => l.elements.iter().any(|x| walk(x, tainted)),
-            Expr::Map(m) => m.entries.iter().any(|entry| match &entry.expr {
-                EntryExpr::MapEntry(me) => walk(&me.key, tainted) || walk(&me.value, tainted),
-                EntryExpr::StructField(f) => walk(&f.value, tainted),
-            }),
-            Expr::Struct(s) => s.entries.iter().any(|entry| match &entry.expr {
-                EntryExpr::MapEntry(me) => walk(&me.key, tainted) || walk(&me.value, tainted),
-                EntryExpr::StructField(f) => walk(&f.value, tainted),
-            }),
+            Expr::Map(MapExpr { entries }) | Expr::Struct(StructExpr { entries, .. }) => {
+                entries.iter().flat_map(entry_parts).any(|x| walk(x, tainted))
+            }
             Expr::Comprehension(c) => {
                 let range_holds = may_hold(&c.iter_range, tainted);
                 if range_holds && !matches!(c.iter_range.expr, Expr::List(_)) {
@@ -885,6 +877,19 @@ pub(crate) fn iterates_map_literal(e: &cel::common::ast::IdedExpr) -> bool {
         }
     }
     walk(e, &mut Vec::new())
+}
+
+/// The expressions an entry of a map or message literal holds: its key and
+/// value, or its value.
+pub(crate) fn entry_parts(
+    entry: &cel::common::ast::IdedEntryExpr,
+) -> impl Iterator<Item = &cel::common::ast::IdedExpr> {
+    use cel::common::ast::EntryExpr;
+    let (key, value) = match &entry.expr {
+        EntryExpr::MapEntry(e) => (Some(&e.key), &e.value),
+        EntryExpr::StructField(f) => (None, &f.value),
+    };
+    key.into_iter().chain(std::iter::once(value))
 }
 
 /// The environment rules compile and run in: CEL's standard library and
