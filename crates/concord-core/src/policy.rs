@@ -758,8 +758,11 @@ impl Policy {
                 .iter()
                 .map(|(name, expr)| Ok((name.clone(), compile(expr)?)))
                 .collect::<Result<Vec<_>, PolicyError>>()?;
+            let programs: Vec<&cel::Program> = std::iter::once(&program)
+                .chain(figures.iter().map(|(_, p)| p))
+                .collect();
             let mut vars = CelVars::default();
-            for p in std::iter::once(&program).chain(figures.iter().map(|(_, p)| p)) {
+            for p in &programs {
                 let refs = p.references();
                 vars.before |= refs.has_variable("before");
                 vars.after |= refs.has_variable("after");
@@ -767,8 +770,7 @@ impl Policy {
                 vars.agent |= refs.has_variable("agent");
             }
             let reads_plan_or_agent = vars.plan || vars.agent;
-            let memo =
-                crate::celmemo::Memo::for_programs(std::iter::once(&program).chain(figures.iter().map(|(_, p)| p)));
+            let memo = crate::celmemo::Memo::for_programs(programs);
             cel_rules.push(CelRule {
                 config: c.clone(),
                 reads: Globs::new(&c.id, &c.reads)?,

@@ -534,17 +534,13 @@ pub(crate) fn judge(
                 ("autonomy", celx::str_val(autonomy)),
             ])
         });
+        // The plan as a rule's remembered results are keyed.
+        let keyed = crate::celmemo::Keyed {
+            intent,
+            agent,
+            autonomy,
+        };
         for (position, rule) in cel {
-            let memo = rule.memo.as_ref().map(|memo| {
-                (
-                    memo,
-                    crate::celmemo::Keyed {
-                        intent,
-                        agent,
-                        autonomy,
-                    },
-                )
-            });
             invariants.push(eval_cel(
                 rule,
                 position,
@@ -552,7 +548,7 @@ pub(crate) fn judge(
                 run,
                 plan_val.as_ref(),
                 agent_val.as_ref(),
-                memo,
+                keyed,
             ));
         }
     }
@@ -772,7 +768,7 @@ fn eval_cel<'r>(
     run: &'r Run<'_>,
     plan: Option<&celx::Val<'_>>,
     agent: Option<&celx::Val<'_>>,
-    memo: Option<(&crate::celmemo::Memo, crate::celmemo::Keyed<'_>)>,
+    keyed: crate::celmemo::Keyed<'_>,
 ) -> RuleResult {
     let outcome = rule.config.outcome.verdict();
     let affected = run.touched.iter().any(|p| rule.reads.matches(p.as_str()));
@@ -942,8 +938,8 @@ fn eval_cel<'r>(
     };
     // What of the rule reads the plan alone gives the same in every
     // projection: what it gave before under the plan's key (`celmemo`).
-    let eval = |after: &[(&ResourcePath, &Value)], patch: Option<&celx::Patch<'_>>| match memo {
-        Some((memo, plan)) => memo.verdict(plan, || evaluate(after, patch)),
+    let eval = |after: &[(&ResourcePath, &Value)], patch: Option<&celx::Patch<'_>>| match &rule.memo {
+        Some(memo) => memo.verdict(keyed, || evaluate(after, patch)),
         None => evaluate(after, patch),
     };
     let figures = |after: &[(&ResourcePath, &Value)], patch: Option<&celx::Patch<'_>>| -> BTreeMap<String, Value> {
@@ -955,8 +951,8 @@ fn eval_cel<'r>(
                     Ok(v) => celx::from_cel(&v),
                     Err(e) => Value::Str(format!("error: {e}")),
                 };
-                let v = match memo {
-                    Some((memo, plan)) => memo.figure(i, plan, compute),
+                let v = match &rule.memo {
+                    Some(memo) => memo.figure(i, keyed, compute),
                     None => compute(),
                 };
                 (name.clone(), v)
