@@ -7,10 +7,10 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-/// mimalloc: decisions and previews make many short-lived allocations, and
-/// glibc's malloc spent a third of their time.
+/// mimalloc (`concord_alloc`): decisions and previews make many short-lived
+/// allocations, and glibc's malloc spent a third of their time.
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: concord_alloc::Alloc = concord_alloc::Alloc;
 
 /// concord: a coordination bus for autonomous agents that operate production systems.
 #[derive(Debug, Parser)]

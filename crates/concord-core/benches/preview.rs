@@ -58,7 +58,7 @@ use workload::*;
 
 /// The binaries' allocator (see `concord-cli`'s main).
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: concord_alloc::Alloc = concord_alloc::Alloc;
 
 /// Modest timing so the whole run fits in a few minutes on a shared 2-core
 /// machine. Flat sampling: while a world-size dependence is present, one

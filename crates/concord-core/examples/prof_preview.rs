@@ -61,7 +61,7 @@ use workload::*;
 
 /// The binaries' allocator (see `concord-cli`'s main).
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: concord_alloc::Alloc = concord_alloc::Alloc;
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();

@@ -26,7 +26,7 @@ use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 
 /// The binaries' allocator (see `concord-cli`'s main).
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: concord_alloc::Alloc = concord_alloc::Alloc;
 use serde_json::json;
 
 fn root() -> &'static Path {

@@ -10,10 +10,10 @@ use anyhow::{Context, Result, bail};
 use concord_demo::agents::UptimeChecks;
 use concord_demo::{Options, run};
 
-/// mimalloc: decisions and previews make many short-lived allocations, and
-/// glibc's malloc spent a third of their time.
+/// mimalloc (`concord_alloc`): decisions and previews make many short-lived
+/// allocations, and glibc's malloc spent a third of their time.
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: concord_alloc::Alloc = concord_alloc::Alloc;
 
 const USAGE: &str =
     "usage: concord-demo [--uncoordinated] [--tick-ms N] [--time-limit-s N] [--uptime-checks heartbeats|app-health]";
