@@ -14,8 +14,9 @@ pub struct Counting;
 /// Live heap bytes now.
 pub static LIVE: AtomicUsize = AtomicUsize::new(0);
 
-// SAFETY: forwards every call to concord's allocator unchanged and only counts sizes;
-// the one `unsafe` in the workspace, allowed for the benches.
+// SAFETY: forwards every call to concord's allocator unchanged and only
+// counts sizes (`unsafe` is allowed here, in the benches, and in
+// `concord-alloc` alone).
 #[allow(unsafe_code)]
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, l: Layout) -> *mut u8 {
