@@ -51,6 +51,29 @@ fn plain(align: usize, size: usize) -> bool {
     align <= MIN_ALIGN && align <= size
 }
 
+/// A new block for `layout` from the plain mimalloc call or the aligned
+/// one (`mi_malloc` or `mi_zalloc`, and their `_aligned` forms).
+///
+/// # Safety
+/// `plain_call` and `aligned_call` are a mimalloc allocation call and its aligned form.
+#[inline]
+unsafe fn new_block(
+    layout: Layout,
+    plain_call: unsafe extern "C" fn(usize) -> *mut c_void,
+    aligned_call: unsafe extern "C" fn(usize, usize) -> *mut c_void,
+) -> *mut u8 {
+    let (size, align) = (layout.size(), layout.align());
+    // SAFETY: mimalloc calls, each for a layout it serves aligned (see
+    // `GlobalAlloc for Alloc`).
+    unsafe {
+        if plain(align, size) {
+            plain_call(size).cast()
+        } else {
+            aligned_call(size, align).cast()
+        }
+    }
+}
+
 // SAFETY: each method forwards to the mimalloc call for its layout; mimalloc
 // returns null or a block of at least `size` bytes aligned to `align` (the
 // plain calls only where `align` is at most `MIN_ALIGN` and at most `size`,
@@ -59,28 +82,14 @@ fn plain(align: usize, size: usize) -> bool {
 unsafe impl GlobalAlloc for Alloc {
     #[inline]
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        let (size, align) = (layout.size(), layout.align());
         // SAFETY: as above.
-        unsafe {
-            if plain(align, size) {
-                ffi::mi_malloc(size).cast()
-            } else {
-                ffi::mi_malloc_aligned(size, align).cast()
-            }
-        }
+        unsafe { new_block(layout, ffi::mi_malloc, ffi::mi_malloc_aligned) }
     }
 
     #[inline]
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        let (size, align) = (layout.size(), layout.align());
         // SAFETY: as above.
-        unsafe {
-            if plain(align, size) {
-                ffi::mi_zalloc(size).cast()
-            } else {
-                ffi::mi_zalloc_aligned(size, align).cast()
-            }
-        }
+        unsafe { new_block(layout, ffi::mi_zalloc, ffi::mi_zalloc_aligned) }
     }
 
     #[inline]
